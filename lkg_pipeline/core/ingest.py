@@ -1,0 +1,310 @@
+"""Readers that turn each dataset's native files into one raw schema.
+
+Every dataset ends up as the same frames (`RAW_SCHEMAS`), so preparation and the knowledge
+graph never branch on the source format. Ids keep their native type: integers for MovieLens,
+strings (ASINs, reviewer ids) for Amazon; everything else is typed identically.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from lkg_pipeline.core.parsing import (
+    LINE,
+    Column,
+    MalformedInputError,
+    ParseIssue,
+    ParseReport,
+    iter_literal_lines,
+    read_delimited,
+)
+from lkg_pipeline.core.sources import RawFile, SourceTree, require
+
+# GroupLens ML-100K `u.item`: the 19 genre flags, in file order.
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+    "Sci-Fi", "Thriller", "War", "Western",
+)
+
+STR_LIST = pl.List(pl.String)
+ITEM_COLUMNS: dict[str, pl.DataType] = {
+    "title": pl.String,
+    "year": pl.Int32,
+    "genres": STR_LIST,
+    "brand": pl.String,
+    "categories": pl.List(STR_LIST),  # Amazon: several category paths, root first
+    "also_bought": STR_LIST,
+    "also_viewed": STR_LIST,
+    "bought_together": STR_LIST,
+    "sales_rank_category": pl.String,
+    "sales_rank": pl.Int64,
+    "price": pl.Float64,
+}
+USER_COLUMNS: dict[str, pl.DataType] = {
+    "age": pl.Int32, "gender": pl.String, "occupation": pl.String, "zip_code": pl.String,
+}
+
+
+def raw_schemas(id_type: pl.DataType) -> dict[str, dict[str, pl.DataType]]:
+    """The schema of every raw frame for a dataset whose native ids have type `id_type`."""
+    return {
+        "interactions": {
+            "user_id": id_type, "item_id": id_type, "rating": pl.Float32, "timestamp": pl.Int64,
+        },
+        "items": {"item_id": id_type, **ITEM_COLUMNS},
+        "users": {"user_id": id_type, **USER_COLUMNS},
+        "tags": {"user_id": id_type, "item_id": id_type, "tag": pl.String, "timestamp": pl.Int64},
+        "entity_links": {"item_id": id_type, "entity_id": pl.String},
+        "entity_triples": {"head": pl.String, "relation": pl.String, "tail": pl.String},
+    }
+
+
+@dataclass
+class RawDataset:
+    """One dataset's raw frames, where they came from, and what the parsers skipped."""
+
+    dataset: str
+    layout: str
+    source: str
+    frames: dict[str, pl.DataFrame]
+    reports: list[ParseReport] = field(default_factory=list)
+
+    @property
+    def skipped_lines(self) -> int:
+        return sum(len(r.issues) for r in self.reports)
+
+
+def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """`frame` with exactly `schema`'s columns, in order; absent ones become typed nulls."""
+    return frame.select(
+        (pl.col(n) if n in frame.columns else pl.lit(None)).cast(t).alias(n)
+        for n, t in schema.items()
+    )
+
+
+def _finish(
+    dataset: str, layout: str, tree: SourceTree, id_type: pl.DataType,
+    frames: dict[str, pl.DataFrame], reports: list[ParseReport],
+) -> RawDataset:
+    schemas = raw_schemas(id_type)
+    out = {
+        name: conform(frames[name], schema) if name in frames else pl.DataFrame(schema=schema)
+        for name, schema in schemas.items()
+    }
+    return RawDataset(dataset, layout, tree.label, out, reports)
+
+
+# --- MovieLens-100K -------------------------------------------------------------------------
+
+
+def read_ml_100k(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
+    """ML-100K from RecBole's atomic files if present, else from GroupLens' `u.*` files."""
+    if tree.find("ml-100k.inter") is not None:
+        return _read_ml_100k_recbole(tree, max_bad_lines)
+    if tree.find("u.data") is not None:
+        return _read_ml_100k_grouplens(tree, max_bad_lines)
+    require(tree, "ml-100k", ["ml-100k.inter", "u.data"])  # raises, naming both layouts
+    raise AssertionError("unreachable")
+
+
+def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
+    files = require(tree, "ml-100k", ["ml-100k.inter", "ml-100k.item", "ml-100k.user"])
+    tsv = {"separator": "\t", "header": True, "max_bad_lines": max_bad_lines}
+    inter, r1 = read_delimited(files["ml-100k.inter"], [
+        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
+        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
+    ], **tsv)
+    items, r2 = read_delimited(files["ml-100k.item"], [
+        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
+        Column("year", pl.String, required=False), Column("genres", pl.String, required=False),
+    ], **tsv)
+    users, r3 = read_delimited(files["ml-100k.user"], [
+        Column("user_id", pl.Int64), Column("age", pl.Int32), Column("gender", pl.String),
+        Column("occupation", pl.String), Column("zip_code", pl.String, required=False),
+    ], **tsv)
+    items = items.with_columns(
+        # RecBole writes its placeholder row as "unkonwn" in every field: a missing value.
+        pl.col("year").cast(pl.Int32, strict=False),
+        pl.col("genres").str.split(" ").list.filter(pl.element() != ""),
+    )
+    frames = {"interactions": inter, "items": items, "users": users}
+    reports = [r1, r2, r3]
+    links, kg = tree.find("ml-100k.link"), tree.find("ml-100k.kg")
+    if links is not None and kg is not None:
+        frames["entity_links"], r4 = read_delimited(links, [
+            Column("item_id", pl.Int64), Column("entity_id", pl.String),
+        ], **tsv)
+        frames["entity_triples"], r5 = read_delimited(kg, [
+            Column("head", pl.String), Column("relation", pl.String), Column("tail", pl.String),
+        ], **tsv)
+        reports += [r4, r5]
+    return _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports)
+
+
+def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
+    files = require(tree, "ml-100k", ["u.data", "u.item", "u.user"])
+    inter, r1 = read_delimited(files["u.data"], [
+        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
+        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
+    ], separator="\t", max_bad_lines=max_bad_lines)
+    item_columns = [
+        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
+        Column("release_date", pl.String, required=False),
+        Column("video_release_date", pl.String, required=False),
+        Column("imdb_url", pl.String, required=False),
+        *(Column(f"g{i}", pl.Int8) for i in range(len(ML100K_GENRES))),
+    ]
+    items, r2 = read_delimited(
+        files["u.item"], item_columns, separator="|", encoding="latin-1",
+        max_bad_lines=max_bad_lines,
+    )
+    users, r3 = read_delimited(files["u.user"], [
+        Column("user_id", pl.Int64), Column("age", pl.Int32), Column("gender", pl.String),
+        Column("occupation", pl.String), Column("zip_code", pl.String, required=False),
+    ], separator="|", max_bad_lines=max_bad_lines)
+    flags = pl.concat_list(
+        pl.when(pl.col(f"g{i}") == 1).then(pl.lit(g)) for i, g in enumerate(ML100K_GENRES)
+    ).list.drop_nulls()
+    items = items.with_columns(
+        genres=flags,
+        # "01-Jan-1995" → 1995; the title's own "(1995)" is split off later with the title.
+        year=pl.col("release_date").str.slice(-4).cast(pl.Int32, strict=False),
+    )
+    items = _split_title_year(items)
+    return _finish("ml-100k", "grouplens", tree, pl.Int64, {
+        "interactions": inter, "items": items, "users": users,
+    }, [r1, r2, r3])
+
+
+YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
+
+
+def _split_title_year(items: pl.DataFrame) -> pl.DataFrame:
+    """Move a trailing "(1995)" from the title to `year`, preferring it over other sources.
+
+    GroupLens titles carry the year and RecBole's do not; splitting it off here is what makes
+    both layouts clean to the same text.
+    """
+    title_year = pl.col("title").str.extract(YEAR_SUFFIX.pattern, 1).cast(pl.Int32)
+    year = pl.coalesce(title_year, pl.col("year")) if "year" in items.columns else title_year
+    return items.with_columns(
+        year=year,
+        title=pl.col("title").str.replace(YEAR_SUFFIX.pattern, "").str.strip_chars(),
+    )
+
+
+# --- MovieLens latest-small -----------------------------------------------------------------
+
+
+def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
+    files = require(tree, "ml-latest-small", ["ratings.csv", "movies.csv"])
+    csv_opts = {"separator": ",", "header": True, "quoted": True, "max_bad_lines": max_bad_lines}
+    inter, r1 = read_delimited(files["ratings.csv"], [
+        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
+        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
+    ], **csv_opts)
+    items, r2 = read_delimited(files["movies.csv"], [
+        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
+        Column("genres", pl.String, required=False),
+    ], **csv_opts)
+    items = _split_title_year(items.with_columns(
+        genres=pl.col("genres").str.split("|").list.filter(
+            (pl.element() != "") & (pl.element() != "(no genres listed)")
+        ),
+    ))
+    frames, reports = {"interactions": inter, "items": items}, [r1, r2]
+    tags_file = tree.find("tags.csv")
+    if tags_file is not None:
+        frames["tags"], r3 = read_delimited(tags_file, [
+            Column("user_id", pl.Int64), Column("item_id", pl.Int64),
+            Column("tag", pl.String), Column("timestamp", pl.Int64),
+        ], **csv_opts)
+        reports.append(r3)
+    return _finish("ml-latest-small", "grouplens-csv", tree, pl.Int64, frames, reports)
+
+
+# --- Amazon 2014 Beauty ---------------------------------------------------------------------
+
+
+def read_beauty(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
+    files = require(tree, "beauty", ["ratings_Beauty.csv", "meta_Beauty.json.gz"])
+    inter, r1 = read_delimited(files["ratings_Beauty.csv"], [
+        Column("user_id", pl.String), Column("item_id", pl.String),
+        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
+    ], separator=",", quoted=True, max_bad_lines=max_bad_lines)
+    items, r2 = read_amazon_meta(files["meta_Beauty.json.gz"], max_bad_lines)
+    return _finish("beauty", "amazon-2014", tree, pl.String, {
+        "interactions": inter, "items": items,
+    }, [r1, r2])
+
+
+def read_amazon_meta(raw: RawFile, max_bad_lines: int = 0) -> tuple[pl.DataFrame, ParseReport]:
+    """Amazon 2014 product metadata: one Python dict literal per line, parsed safely."""
+    report = ParseReport(raw.label)
+    rows = []
+    for number, record in iter_literal_lines(raw, report):
+        row, problem = _amazon_row(record)
+        if problem:
+            report.issues.append(ParseIssue(number, problem))
+        else:
+            rows.append(row | {LINE: number})
+    if len(report.issues) > max_bad_lines:
+        raise MalformedInputError(report, max_bad_lines)
+    schema = {"item_id": pl.String, **ITEM_COLUMNS, LINE: pl.Int64}
+    frame = pl.DataFrame(rows, schema=schema, orient="row" if not rows else None)
+    report.rows_kept = frame.height
+    return frame, report
+
+
+def _amazon_row(record: dict) -> tuple[dict, str | None]:
+    asin = record.get("asin")
+    if not isinstance(asin, str) or not asin.strip():
+        return {}, "no 'asin'"
+    related = record.get("related") or {}
+    rank = record.get("salesRank") or {}
+    categories = record.get("categories") or []
+    price = record.get("price")
+    if not isinstance(related, dict) or not isinstance(rank, dict) or not isinstance(categories, list):
+        return {}, "'related', 'salesRank' or 'categories' has the wrong type"
+    try:
+        rank_category, rank_value = next(iter(rank.items())) if rank else (None, None)
+        row = {
+            "item_id": asin.strip(),
+            "title": _text(record.get("title")),
+            "year": None,
+            "genres": None,
+            "brand": _text(record.get("brand")),
+            "categories": [[str(c) for c in path] for path in categories],
+            "also_bought": [str(a) for a in related.get("also_bought", [])],
+            "also_viewed": [str(a) for a in related.get("also_viewed", [])],
+            "bought_together": [str(a) for a in related.get("bought_together", [])],
+            "sales_rank_category": _text(rank_category),
+            "sales_rank": int(rank_value) if rank_value is not None else None,
+            "price": float(price) if price is not None else None,
+        }
+    except (TypeError, ValueError) as exc:
+        return {}, f"bad field value ({exc})"
+    return row, None
+
+
+def _text(value: object) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+READERS: dict[str, Callable[[SourceTree, int], RawDataset]] = {
+    "ml-100k": read_ml_100k,
+    "ml-latest-small": read_ml_latest_small,
+    "beauty": read_beauty,
+}
+
+
+def read_dataset(dataset: str, tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
+    if dataset not in READERS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
+    return READERS[dataset](tree, max_bad_lines)
+

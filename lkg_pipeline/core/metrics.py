@@ -1,0 +1,71 @@
+"""Ranking metrics for next-item recommendation with exactly one relevant item per user.
+
+Every stage (retriever, LLM ranker, baselines) reduces its output to the 1-based rank of the
+true item, so one implementation of the formulas serves them all and the figures stay
+comparable. A user whose true item was never ranked (e.g. not among the LLM's 20 candidates)
+gets rank `math.inf` and counts as a miss at every cutoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
+NOT_RANKED = np.inf  # rank of an item the system never returned
+
+TieBreak = Literal["optimistic", "index"]
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """MRR@k, NDCG@k and Recall@k averaged over users, from the rank of each user's true item.
+
+    With one relevant item the ideal DCG is 1, so NDCG@k = 1[r≤k]/log2(r+1) needs no
+    normalisation; Recall@k = 1[r≤k] and MRR@k = 1[r≤k]/r.
+    """
+    r = np.asarray(ranks, dtype=np.float64).reshape(-1)  # (U,)
+    assert r.size > 0, "ranking_metrics needs at least one rank"
+    assert not np.isnan(r).any(), "ranks contain NaN: use np.inf for 'not retrieved'"
+    assert (r >= 1).all(), f"ranks are 1-based, got min {r.min()}"
+    out: dict[str, float] = {}
+    for k in ks:
+        assert int(k) >= 1, f"cutoff k must be >= 1, got {k}"
+        hit = r <= k  # (U,) bool; inf never hits
+        safe = np.where(hit, r, 1.0)  # avoid 1/inf and log2(inf) warnings on misses
+        out[f"MRR@{k}"] = float(np.mean(np.where(hit, 1.0 / safe, 0.0)))
+        out[f"NDCG@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)))
+        out[f"Recall@{k}"] = float(np.mean(hit))
+    return out
+
+
+def rank_of_target(
+    scores: torch.Tensor, target: torch.Tensor, tie_break: TieBreak = "optimistic"
+) -> torch.Tensor:
+    """1-based rank of `target[u]` among `scores[u]` (higher score = better), for each row u.
+
+    tie_break:
+      - "optimistic" (default): rank = 1 + #items with a strictly greater score, i.e. the
+        target wins every tie. Model scores are continuous so ties are rare; note that this
+        flatters scorers with many ties (e.g. integer popularity counts).
+      - "index": ties are broken by lower item index first, so the rank is exactly the
+        target's position in a stable descending sort. Use it wherever ranks must agree with
+        an emitted top-k list (retrieval candidates, coverage).
+    Masked items should carry -inf; a masked target then ranks after every unmasked item.
+    """
+    assert scores.dim() == 2, f"scores must be (U, I), got shape {tuple(scores.shape)}"
+    target = target.to(device=scores.device, dtype=torch.long).reshape(-1)  # (U,)
+    assert target.shape[0] == scores.shape[0], (
+        f"{target.shape[0]} targets for {scores.shape[0]} score rows"
+    )
+    assert bool(((target >= 0) & (target < scores.shape[1])).all()), "target index out of range"
+    t = scores.gather(1, target[:, None])  # (U, 1)
+    rank = 1 + (scores > t).sum(dim=1)  # (U,)
+    if tie_break == "index":
+        lower = torch.arange(scores.shape[1], device=scores.device)[None, :] < target[:, None]
+        rank = rank + ((scores == t) & lower).sum(dim=1)
+    elif tie_break != "optimistic":
+        raise ValueError(f"unknown tie_break {tie_break!r}; choose 'optimistic' or 'index'")
+    return rank

@@ -1,0 +1,444 @@
+"""Train the LRURec retriever, score users, and emit candidates for the LLM ranker.
+
+Inputs are plain frames and lists, outputs are polars frames: the Dagster layer only loads,
+calls and writes. All item ids here are the external dense 0-based `item_idx`.
+
+Leave-one-out protocol: the model trains on each user's train sequence; validation input =
+train sequence (target = val item), test input = train + val item (target = test item).
+Items in the input are masked out of the ranking (-inf), as the candidates must be new items.
+Ranks break score ties by lower item index (`tie_break="index"`), so a target's rank is
+exactly its position in the emitted top-k list and coverage equals Recall@k.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import numpy as np
+import polars as pl
+import torch
+from torch.nn import functional as F
+
+from lkg_pipeline.core.lrurec import LRURec, LRURecConfig, left_pad
+from lkg_pipeline.core.metrics import DEFAULT_KS, rank_of_target, ranking_metrics
+
+SPLITS = ("train", "val", "test")
+EvalSplit = Literal["val", "test"]
+CandidatePolicy = Literal["random", "retriever"]
+SELECTION_METRIC = "Recall@10"  # early stopping key (NDCG@10 breaks ties)
+
+
+@dataclass(frozen=True)
+class UserSequences:
+    """Per-user leave-one-out sequences; list index = user_idx."""
+
+    train: list[list[int]]  # item_idx in position order, >= 1 per user
+    val: np.ndarray  # (U,) the val item of each user
+    test: np.ndarray  # (U,) the test item of each user
+    n_items: int
+
+    @property
+    def n_users(self) -> int:
+        return len(self.train)
+
+    def inputs(self, split: EvalSplit) -> tuple[list[list[int]], np.ndarray]:
+        """(input sequences, target items) for evaluating `split`."""
+        if split == "val":
+            return self.train, self.val
+        if split == "test":
+            return [s + [int(v)] for s, v in zip(self.train, self.val, strict=True)], self.test
+        raise ValueError(f"unknown split {split!r}; choose 'val' or 'test'")
+
+
+def user_sequences(sequences: pl.DataFrame, n_items: int | None = None) -> UserSequences:
+    """Validate the `sequences` contract and group it per user.
+
+    Fails loudly instead of silently evaluating on a malformed split: each user needs >= 1
+    train row and exactly one val and one test row at the last two positions.
+    """
+    need = {"user_idx", "item_idx", "position", "split"}
+    missing = need - set(sequences.columns)
+    assert not missing, f"sequences lacks columns {sorted(missing)}"
+    bad = set(sequences["split"].unique().to_list()) - set(SPLITS)
+    assert not bad, f"unknown split values {sorted(bad)}; expected {SPLITS}"
+    split = pl.col("split")
+    per_user = (
+        sequences.sort("user_idx", "position")
+        .group_by("user_idx", maintain_order=True)
+        .agg(
+            n=pl.len(),
+            first_pos=pl.col("position").min(),
+            last_pos=pl.col("position").max(),
+            n_unique_pos=pl.col("position").n_unique(),
+            last=split.last(),
+            second_last=split.slice(-2, 1).first(),
+            n_val=(split == "val").sum(),
+            n_test=(split == "test").sum(),
+            train=pl.col("item_idx").filter(split == "train"),
+            val=pl.col("item_idx").filter(split == "val").first(),
+            test=pl.col("item_idx").filter(split == "test").first(),
+        )
+    )
+    u = per_user["user_idx"].to_numpy()
+    assert (u == np.arange(len(u))).all(), "user_idx must be dense 0..U-1"
+    n = per_user["n"].to_numpy()
+    assert (per_user["n_val"].to_numpy() == 1).all(), "every user needs exactly one val row"
+    assert (per_user["n_test"].to_numpy() == 1).all(), "every user needs exactly one test row"
+    assert (n >= 3).all(), "every user needs >= 1 train row plus val and test"
+    ok_pos = (per_user["first_pos"].to_numpy() == 0) & (per_user["last_pos"].to_numpy() == n - 1)
+    ok_pos &= per_user["n_unique_pos"].to_numpy() == n
+    assert ok_pos.all(), "positions must be 0..n-1 per user without gaps or duplicates"
+    assert (per_user["last"] == "test").all() and (per_user["second_last"] == "val").all(), (
+        "val and test must be each user's last two positions"
+    )
+    max_item = int(sequences["item_idx"].max())
+    n_items = max_item + 1 if n_items is None else n_items
+    assert max_item < n_items and int(sequences["item_idx"].min()) >= 0, "item_idx out of range"
+    return UserSequences(
+        train=[list(map(int, s)) for s in per_user["train"].to_list()],
+        val=per_user["val"].to_numpy().astype(np.int64),
+        test=per_user["test"].to_numpy().astype(np.int64),
+        n_items=n_items,
+    )
+
+
+@dataclass
+class TrainResult:
+    model: LRURec  # best validation state, in eval mode
+    config: LRURecConfig
+    history: list[dict[str, float]]  # one dict per epoch, as passed to on_log
+    best_epoch: int
+    best_val: dict[str, float]  # validation metrics of the best epoch
+    wall_time_s: float
+    n_steps: int = field(default=0)
+
+
+def _training_windows(train: list[list[int]], max_len: int, step: int) -> list[list[int]]:
+    """Windows of <= max_len + 1 items (max_len inputs, as many next-item targets).
+
+    The window ending at the last item always exists; longer sequences add earlier windows
+    every `step` items, so with step == max_len every target is trained exactly once.
+    """
+    windows: list[list[int]] = []
+    for seq in train:
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            windows.append(seq[start:end])
+            if start == 0:
+                break
+            end -= step
+    return windows
+
+
+def _bucketed_batches(
+    lengths: np.ndarray, batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Shuffled batches of similar lengths: sorting inside groups of 8 batches roughly halves
+    the padding (hence the compute) while keeping the epoch order random."""
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    batches: list[list[int]] = []
+    group = 8 * batch_size
+    for g in range(0, len(order), group):
+        chunk = order[g : g + group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def _param_groups(model: LRURec, weight_decay: float) -> list[dict]:
+    """Decay weight matrices and embeddings only: decaying biases, LayerNorm gains or the
+    LRU log-parameters would pull them to arbitrary values rather than regularise."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.dim() < 2 or name.endswith("params_log")
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def train_lrurec(
+    data: UserSequences,
+    config: LRURecConfig,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """AdamW with full-softmax next-item loss; keep the epoch with the best val Recall@10."""
+    assert config.n_items == data.n_items, f"config {config.n_items} vs data {data.n_items} items"
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)  # init and dropout
+    generator = torch.Generator().manual_seed(config.seed)  # batch order
+    model = LRURec(config)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    windows = _training_windows(data.train, config.max_len, config.sliding_step)
+    assert windows, "no user has >= 2 train items: nothing to train on"
+    lengths = np.array([len(w) for w in windows])
+    val_inputs, val_targets = data.inputs("val")
+
+    history: list[dict[str, float]] = []
+    best_key: tuple[float, float] | None = None
+    best_state, best_epoch, best_val, stale, step = None, 0, {}, 0, 0
+    for epoch in range(1, config.max_epochs + 1):
+        model.train()
+        loss_sum, n_targets = 0.0, 0
+        for idx in _bucketed_batches(lengths, config.batch_size, generator):
+            batch = left_pad([windows[i] for i in idx], config.max_len + 1)  # (B, L+1)
+            inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, L) each
+            mask = inp > 0  # (B, L): a real input always has a real next item
+            hidden = model.encode(inp)[mask]  # (N, d)
+            loss = F.cross_entropy(model.item_scores(hidden), tgt[mask] - 1)  # over (N, I)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss) * int(mask.sum())
+            n_targets += int(mask.sum())
+
+        val = evaluate_scores(score_users(model, val_inputs, config.eval_batch_size), val_targets)
+        record = {"epoch": epoch, "step": step, "loss": loss_sum / n_targets}
+        record |= {f"val_{k}": v for k, v in val.items()}
+        key = (val[SELECTION_METRIC], val["NDCG@10"])
+        improved = best_key is None or key > best_key
+        record["best"] = float(improved)
+        history.append(record)
+        if on_log is not None:
+            on_log(record)
+        if improved:
+            best_key, best_epoch, best_val, stale = key, epoch, val, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+
+    assert best_state is not None, "max_epochs must be >= 1"
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        config=config,
+        history=history,
+        best_epoch=best_epoch,
+        best_val=best_val,
+        wall_time_s=time.perf_counter() - started,
+        n_steps=step,
+    )
+
+
+def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Set each row's history items to -inf in place: candidates must be new items."""
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=len(rows))
+    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
+    return scores
+
+
+@torch.inference_mode()
+def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+    """(U, I) next-item scores for each input sequence, input items masked to -inf.
+
+    Only the last max_len items feed the model, but every input item is masked.
+    """
+    assert all(len(s) > 0 for s in inputs), "every input sequence needs >= 1 item"
+    was_training = model.training
+    model.eval()
+    out = torch.empty((len(inputs), model.config.n_items))  # (U, I)
+    order = np.argsort([len(s) for s in inputs], kind="stable")  # similar lengths: less padding
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        out[torch.from_numpy(chunk)] = model(left_pad([inputs[j] for j in chunk], model.config.max_len))
+    model.train(was_training)
+    return _mask_history(out, inputs)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, indices) per row, ties to the lower index (matches tie_break='index')."""
+    assert k <= scores.shape[1], f"k={k} exceeds {scores.shape[1]} items"
+    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+def evaluate_scores(
+    scores: torch.Tensor, targets: np.ndarray, ks: Sequence[int] = DEFAULT_KS, k: int = 20
+) -> dict[str, float]:
+    """Full-ranking metrics of masked (U, I) scores plus coverage@k (target in the top k)."""
+    ranks = rank_of_target(scores, torch.as_tensor(targets), tie_break="index").numpy()
+    out = ranking_metrics(ranks, ks)
+    out[f"coverage@{k}"] = float(np.mean(ranks <= k))
+    return out
+
+
+@dataclass(frozen=True)
+class Candidates:
+    top_k: pl.DataFrame  # user_idx, split, rank (1..k), item_idx, score
+    targets: pl.DataFrame  # user_idx, split, target_item_idx, target_rank, in_candidates
+
+
+def retrieve_candidates(
+    model: LRURec, data: UserSequences, k: int = 20, batch_size: int = 256
+) -> Candidates:
+    """Top-k new items per user for val and test, and where each true item ranks overall."""
+    tops, targets = [], []
+    users = np.arange(data.n_users, dtype=np.int32)
+    for split in ("val", "test"):
+        inputs, target = data.inputs(split)
+        scores = score_users(model, inputs, batch_size)  # (U, I)
+        values, items = _top_k(scores, k)  # (U, k) each
+        ranks = rank_of_target(scores, torch.as_tensor(target), tie_break="index").numpy()
+        tops.append(
+            pl.DataFrame(
+                {
+                    "user_idx": np.repeat(users, k),
+                    "split": [split] * (len(users) * k),
+                    "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+                    "item_idx": items.numpy().reshape(-1).astype(np.int32),
+                    "score": values.numpy().reshape(-1).astype(np.float32),
+                }
+            )
+        )
+        targets.append(
+            pl.DataFrame(
+                {
+                    "user_idx": users,
+                    "split": [split] * len(users),
+                    "target_item_idx": target.astype(np.int32),
+                    "target_rank": ranks.astype(np.int64),
+                    "in_candidates": ranks <= k,
+                }
+            )
+        )
+    return Candidates(top_k=pl.concat(tops), targets=pl.concat(targets))
+
+
+def popularity_scores(data: UserSequences, inputs: list[list[int]]) -> torch.Tensor:
+    """(U, I) train-interaction counts, history masked: the baseline any retriever must beat."""
+    counts = np.bincount(np.concatenate(data.train), minlength=data.n_items).astype(np.float32)
+    scores = torch.from_numpy(counts)[None, :].repeat(len(inputs), 1)  # (U, I)
+    return _mask_history(scores, inputs)
+
+
+def retriever_report(
+    model: LRURec, data: UserSequences, ks: Sequence[int] = DEFAULT_KS, k: int = 20
+) -> dict[str, dict[str, float]]:
+    """{"val": metrics, "test": metrics} with full ranking and coverage@k."""
+    return {
+        split: evaluate_scores(score_users(model, inputs, model.config.eval_batch_size), t, ks, k)
+        for split in ("val", "test")
+        for inputs, t in [data.inputs(split)]
+    }
+
+
+def popularity_report(
+    data: UserSequences, ks: Sequence[int] = DEFAULT_KS, k: int = 20
+) -> dict[str, dict[str, float]]:
+    """Same report as `retriever_report` for the popularity baseline (ties: lower index)."""
+    return {
+        split: evaluate_scores(popularity_scores(data, inputs), t, ks, k)
+        for split in ("val", "test")
+        for inputs, t in [data.inputs(split)]
+    }
+
+
+@torch.inference_mode()
+def _prefix_scores(
+    model: LRURec, train: list[list[int]], users: np.ndarray, prefix_lens: np.ndarray,
+    batch_size: int,
+) -> torch.Tensor:
+    """(N, I) scores after train[u][:p] for each (u, p), history masked; equals score_users.
+
+    The model is causal, so one pass over a user's first max_len items yields every prefix
+    up to max_len at once; only longer prefixes need their own truncated window.
+    """
+    max_len = model.config.max_len
+    jobs: list[tuple[list[int], list[int], list[int]]] = []  # (window, positions, rows)
+    for u in np.unique(users):
+        rows = np.flatnonzero(users == u)
+        short = rows[prefix_lens[rows] <= max_len]
+        if len(short):
+            end = int(prefix_lens[short].max())
+            jobs.append((train[u][:end], (prefix_lens[short] - 1).tolist(), short.tolist()))
+        for r in rows[prefix_lens[rows] > max_len]:
+            p = int(prefix_lens[r])
+            jobs.append((train[u][p - max_len : p], [max_len - 1], [int(r)]))
+    was_training = model.training
+    model.eval()
+    hidden = torch.empty((len(users), model.config.d_model))  # (N, d)
+    jobs.sort(key=lambda j: len(j[0]))
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        x = left_pad([j[0] for j in chunk], max_len)  # (b, L)
+        h = model.encode(x)  # (b, L, d)
+        for b, (window, positions, rows) in enumerate(chunk):
+            hidden[rows] = h[b, x.shape[1] - len(window) + np.asarray(positions)]
+    model.train(was_training)
+    scores = model.item_scores(hidden)  # (N, I)
+    return _mask_history(scores, [train[u][:p] for u, p in zip(users, prefix_lens, strict=True)])
+
+
+def training_candidates(
+    data: UserSequences,
+    policy: CandidatePolicy,
+    model: LRURec | None = None,
+    n_candidates: int = 20,
+    examples_per_user: int | None = None,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> pl.DataFrame:
+    """Ranker training examples from train prefixes only (val/test never leak into training).
+
+    Each row: the first `prefix_len` train items are the history, train[prefix_len] is the
+    target, and `candidate_item_idxs` holds n_candidates distinct items with the target
+    exactly once, in seeded random order (the ranker must not learn a position).
+      - "random": target + uniform negatives the user never interacted with in train (its
+        whole train sequence, so later positives are never negatives; val/test items are
+        allowed, being unknown at training time).
+      - "retriever": the model's top items for that prefix (prefix masked), the target
+        replacing the last one when the retriever missed it: ranker inputs look like test.
+    examples_per_user: the last k prefixes per user; None = every prefix of length >= 1.
+    """
+    if policy not in get_args(CandidatePolicy):
+        raise ValueError(f"unknown policy {policy!r}; choose one of {get_args(CandidatePolicy)}")
+    assert n_candidates <= data.n_items, f"{n_candidates} candidates > {data.n_items} items"
+    rng = np.random.default_rng(seed)
+    first = [1 if examples_per_user is None else max(1, len(s) - examples_per_user) for s in data.train]
+    users = np.concatenate([np.full(len(s) - f, u) for u, (s, f) in enumerate(zip(data.train, first))])
+    prefix_lens = np.concatenate([np.arange(f, len(s)) for s, f in zip(data.train, first)])
+    assert len(users) > 0, "no user has >= 2 train items: no training examples"
+    targets = np.array([data.train[u][p] for u, p in zip(users, prefix_lens)], dtype=np.int64)
+
+    if policy == "random":
+        cands = np.empty((len(users), n_candidates), dtype=np.int64)
+        cands[:, 0] = targets
+        all_items = np.arange(data.n_items)
+        for u in np.unique(users):
+            rows = np.flatnonzero(users == u)
+            pool = np.setdiff1d(all_items, data.train[u])  # never-seen items
+            assert len(pool) >= n_candidates - 1, f"user {u} has seen too many items"
+            keys = rng.random((len(rows), len(pool)))  # uniform subset via random keys
+            pick = np.argpartition(keys, n_candidates - 2, axis=1)[:, : n_candidates - 1]
+            cands[rows, 1:] = pool[pick]
+    else:
+        assert model is not None, "policy 'retriever' needs a model"
+        cands = np.empty((len(users), n_candidates), dtype=np.int64)
+        for i in range(0, len(users), batch_size):
+            sl = slice(i, i + batch_size)
+            scores = _prefix_scores(model, data.train, users[sl], prefix_lens[sl], 256)
+            cands[sl] = _top_k(scores, n_candidates)[1].numpy()
+        missed = ~(cands == targets[:, None]).any(axis=1)
+        cands[missed, -1] = targets[missed]
+    cands = rng.permuted(cands, axis=1)
+    return pl.DataFrame(
+        {
+            "user_idx": users.astype(np.int32),
+            "prefix_len": prefix_lens.astype(np.int32),
+            "target_item_idx": targets.astype(np.int32),
+            "candidate_item_idxs": pl.Series(cands.astype(np.int32)).cast(pl.List(pl.Int32)),
+        }
+    )

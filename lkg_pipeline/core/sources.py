@@ -1,0 +1,238 @@
+"""Where each dataset's raw files come from, and how they are fetched.
+
+A *source* is a folder, a zip archive (a RecBole wheel is one), or an http(s) URL to either.
+Files are looked up by name at any depth, so `ml-100k/u.data` inside GroupLens' zip and
+`recbole/dataset_example/ml-100k/ml-100k.inter` inside the wheel are both found without the
+caller knowing the layout. Everything fetched lands in a cache folder under the data lake and is
+written to a temporary name first, so an interrupted download never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+DATASETS: tuple[str, ...] = ("ml-100k", "ml-latest-small", "beauty")
+
+# The offline default for ml-100k: MovieLens-100K as RecBole 1.2.1 bundles it. The hash is the
+# one PyPI publishes for this wheel, so a tampered or truncated cache is refused, not parsed.
+RECBOLE_REQUIREMENT = "recbole==1.2.1"
+RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
+RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+
+# Official downloads, used when a partition has no local files and the network allows.
+DEFAULT_URLS: dict[str, tuple[str, ...]] = {
+    "ml-latest-small": ("https://files.grouplens.org/datasets/movielens/ml-latest-small.zip",),
+    "beauty": (
+        "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/ratings_Beauty.csv",
+        "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz",
+    ),
+}
+
+# What a user must provide for each dataset, quoted in every "files are missing" error.
+EXPECTED_FILES: dict[str, str] = {
+    "ml-100k": (
+        "RecBole layout (ml-100k.inter, ml-100k.item, ml-100k.user; optional ml-100k.kg, "
+        "ml-100k.link) or GroupLens layout (u.data, u.item, u.user)"
+    ),
+    "ml-latest-small": "ratings.csv and movies.csv (tags.csv optional), as in GroupLens' zip",
+    "beauty": "ratings_Beauty.csv and meta_Beauty.json.gz (Amazon 2014 product data)",
+}
+
+
+class SourceUnavailableError(RuntimeError):
+    """A dataset's files could not be found or fetched; the message says what to provide."""
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file's bytes and a location that a person can find again (`archive.zip!inner/path`)."""
+
+    label: str
+    data: bytes
+
+
+class SourceTree(Protocol):
+    """A place files are looked up in by base name."""
+
+    label: str
+
+    def find(self, name: str) -> RawFile | None: ...
+
+
+@dataclass(frozen=True)
+class FolderTree:
+    root: Path
+
+    @property
+    def label(self) -> str:
+        return str(self.root)
+
+    def find(self, name: str) -> RawFile | None:
+        # Shortest path first, so `x/u.data` wins over a copy nested deeper.
+        hits = sorted(self.root.rglob(name), key=lambda p: (len(p.parts), str(p)))
+        hits = [p for p in hits if p.is_file()]
+        return RawFile(str(hits[0]), hits[0].read_bytes()) if hits else None
+
+
+@dataclass(frozen=True)
+class ZipTree:
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def find(self, name: str) -> RawFile | None:
+        with zipfile.ZipFile(self.path) as archive:
+            members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == name]
+            if not members:
+                return None
+            member = min(members, key=lambda m: (m.count("/"), m))
+            return RawFile(f"{self.path}!{member}", archive.read(member))
+
+
+@dataclass(frozen=True)
+class MultiTree:
+    """Several trees searched in order (a drop folder over a downloaded default, say)."""
+
+    trees: tuple[SourceTree, ...]
+
+    @property
+    def label(self) -> str:
+        return " + ".join(t.label for t in self.trees)
+
+    def find(self, name: str) -> RawFile | None:
+        for tree in self.trees:
+            found = tree.find(name)
+            if found is not None:
+                return found
+        return None
+
+
+def open_tree(path: Path) -> SourceTree:
+    """A folder or a zip archive as a tree; anything else is an error naming the path."""
+    if path.is_dir():
+        return FolderTree(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        return ZipTree(path)
+    if path.is_file():
+        return FolderTree(path.parent)  # a single file: look beside it
+    raise SourceUnavailableError(f"Source path {path} does not exist.")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_recbole_wheel(cache_dir: Path) -> Path:
+    """The RecBole wheel in `cache_dir`, fetched once with `pip download --no-deps`.
+
+    Only the wheel is downloaded, never installed: RecBole's own dependencies (ray and many more)
+    are of no use here. The file is verified against its published hash.
+    """
+    target = cache_dir / RECBOLE_WHEEL
+    if target.exists() and sha256_of(target) == RECBOLE_WHEEL_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                   RECBOLE_REQUIREMENT, "-d", tmp]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        fetched = Path(tmp) / RECBOLE_WHEEL
+        if proc.returncode != 0 or not fetched.exists():
+            raise SourceUnavailableError(
+                f"Could not fetch the ml-100k default ({RECBOLE_REQUIREMENT}) with "
+                f"`{' '.join(command[1:])}`: {proc.stderr.strip()[-500:]}\n"
+                f"Either make PyPI reachable, place {RECBOLE_WHEEL} in {cache_dir}, or provide "
+                f"the files yourself: {EXPECTED_FILES['ml-100k']} (run config `source`)."
+            )
+        digest = sha256_of(fetched)
+        if digest != RECBOLE_WHEEL_SHA256:
+            raise SourceUnavailableError(
+                f"{RECBOLE_WHEEL} from pip has sha256 {digest}, expected {RECBOLE_WHEEL_SHA256}."
+            )
+        os.replace(fetched, target)
+    return target
+
+
+def download(url: str, cache_dir: Path, timeout_s: float = 60.0) -> Path:
+    """`url` saved once into `cache_dir` under its base name; a partial file is never kept."""
+    target = cache_dir / url.rstrip("/").rsplit("/", 1)[-1]
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            shutil.copyfileobj(resp, out, length=1 << 20)
+        os.replace(tmp_name, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise SourceUnavailableError(f"Download of {url} failed: {exc}") from exc
+    return target
+
+
+def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
+    """The tree a dataset is read from.
+
+    `source` is `"default"`, a local folder / zip / file, or an http(s) URL. The default looks
+    first in the drop folder `data_lake/sources/<dataset>/` (files a person or a sensor put
+    there), then falls back to the built-in source: the RecBole wheel for ml-100k, the official
+    downloads for the others.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
+    cache_dir = lake_root / "cache" / dataset
+    if source.startswith(("http://", "https://")):
+        return open_tree(_downloaded(dataset, (source,), cache_dir))
+    if source != "default":
+        return open_tree(Path(source).expanduser())
+    drop = lake_root / "sources" / dataset
+    trees: list[SourceTree] = []
+    if drop.is_dir() and any(drop.iterdir()):
+        trees.append(FolderTree(drop))
+    if dataset == "ml-100k":
+        trees.append(ZipTree(fetch_recbole_wheel(lake_root / "cache")))
+    elif not trees:
+        trees.append(open_tree(_downloaded(dataset, DEFAULT_URLS[dataset], cache_dir)))
+    return trees[0] if len(trees) == 1 else MultiTree(tuple(trees))
+
+
+def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path) -> Path:
+    try:
+        paths = [download(url, cache_dir) for url in urls]
+    except SourceUnavailableError as exc:
+        raise SourceUnavailableError(
+            f"{exc}\nNo local files for {dataset!r}. Provide {EXPECTED_FILES[dataset]}: put them "
+            f"in {cache_dir.parent.parent / 'sources' / dataset} or pass a folder or zip as the "
+            f"ingest config `source`."
+        ) from exc
+    return paths[0] if len(paths) == 1 and zipfile.is_zipfile(paths[0]) else cache_dir
+
+
+def require(tree: SourceTree, dataset: str, names: Iterable[str]) -> dict[str, RawFile]:
+    """All of `names` from `tree`, or an error listing what is missing and what is expected."""
+    found = {name: tree.find(name) for name in names}
+    missing = [name for name, f in found.items() if f is None]
+    if missing:
+        raise SourceUnavailableError(
+            f"{dataset}: {', '.join(missing)} not found in {tree.label}. "
+            f"Expected {EXPECTED_FILES[dataset]}."
+        )
+    return {name: f for name, f in found.items() if f is not None}

@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks and resources that wrap `lkg_pipeline.core`."""

@@ -1,0 +1,7 @@
+"""Partition definitions shared by every stage."""
+
+import dagster as dg
+
+from lkg_pipeline.core.sources import DATASETS
+
+dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))

@@ -1,0 +1,71 @@
+"""Where the pipeline keeps what it makes: the data lake root and a Parquet IO manager."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from upath import UPath
+
+from lkg_pipeline.core.storage import write_parquet_atomic
+
+# The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
+DEFAULT_LAKE = Path(__file__).resolve().parents[2] / "data_lake"
+
+def default_lake_root() -> str:
+    return os.environ.get("LKG_DATA_LAKE", str(DEFAULT_LAKE))
+
+class DataLake(dg.ConfigurableResource):
+    """The root every stage writes under; one place to point the whole pipeline elsewhere."""
+
+    root: str = default_lake_root()
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+class ParquetIOManager(dg.UPathIOManager):
+    """Polars frames as `<root>/<group>/<asset>/<partition>.parquet`, written atomically.
+
+    Hand-written because `dagster-polars` 0.27 still calls a polars 1.x API (shared DESIGN.md,
+    known traps). A failed run leaves the previous file intact: the new one is written beside it
+    and renamed over it only when complete.
+    """
+
+    extension: str = ".parquet"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
+        if not isinstance(obj, pl.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()}: expected a polars DataFrame, "
+                            f"got {type(obj).__name__}")
+        write_parquet_atomic(obj, Path(path.path))
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
+        return pl.read_parquet(Path(path.path))
+
+    def get_asset_relative_path(self, context: dg.InputContext | dg.OutputContext) -> UPath:
+        output = context if isinstance(context, dg.OutputContext) else context.upstream_output
+        group = output.asset_spec.group_name if output is not None else None
+        return UPath(group or "default", *context.asset_key.path)
+
+    def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, dg.MetadataValue]:
+        if not isinstance(obj, pl.DataFrame):
+            return {}
+        return {
+            "dagster/row_count": dg.MetadataValue.int(obj.height),
+            "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(obj)),
+        }
+
+def table_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
+    )
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    lake = DataLake()
+    return dg.Definitions(resources={
+        "lake": lake,
+        "io_manager": ParquetIOManager(base_path=UPath(lake.path)),
+    })
