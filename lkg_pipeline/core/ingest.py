@@ -127,11 +127,11 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         Column("user_id", pl.Int64), Column("age", pl.Int32), Column("gender", pl.String),
         Column("occupation", pl.String), Column("zip_code", pl.String, required=False),
     ], **tsv)
-    items = items.with_columns(
+    items = _split_title_year(items.with_columns(
         # RecBole writes its placeholder row as "unkonwn" in every field: a missing value.
         pl.col("year").cast(pl.Int32, strict=False),
         pl.col("genres").str.split(" ").list.filter(pl.element() != ""),
-    )
+    ))
     frames = {"interactions": inter, "items": items, "users": users}
     reports = [r1, r2, r3]
     links, kg = tree.find("ml-100k.link"), tree.find("ml-100k.kg")
@@ -181,20 +181,23 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     }, [r1, r2, r3])
 
 
-YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
+# "(1995)" or "(1995-1998)" anywhere in a title; GroupLens has "… (1995) (V)" for video releases.
+TITLE_YEAR = r"\s*\((\d{4})(?:[-–]\d{0,4})?\)"
 
 
 def _split_title_year(items: pl.DataFrame) -> pl.DataFrame:
-    """Move a trailing "(1995)" from the title to `year`, preferring it over other sources.
+    """Move the title's "(1995)" to `year`, preferring it over any other source of the year.
 
-    GroupLens titles carry the year and RecBole's do not; splitting it off here is what makes
-    both layouts clean to the same text.
+    GroupLens titles carry the year and RecBole's mostly do not (RecBole split it off itself,
+    and got "(1995) (V)" wrong); taking it out here is what makes both layouts clean to the
+    same text. The last year in the title wins.
     """
-    title_year = pl.col("title").str.extract(YEAR_SUFFIX.pattern, 1).cast(pl.Int32)
+    title_year = pl.col("title").str.extract_all(TITLE_YEAR).list.last()
+    title_year = title_year.str.extract(r"(\d{4})", 1).cast(pl.Int32)
     year = pl.coalesce(title_year, pl.col("year")) if "year" in items.columns else title_year
     return items.with_columns(
         year=year,
-        title=pl.col("title").str.replace(YEAR_SUFFIX.pattern, "").str.strip_chars(),
+        title=pl.col("title").str.replace_all(TITLE_YEAR, "").str.strip_chars(),
     )
 
 

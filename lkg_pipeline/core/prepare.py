@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from lkg_pipeline.core.ingest import ITEM_COLUMNS
+from lkg_pipeline.core.ingest import ITEM_COLUMNS, conform
 
 # RecBole writes the ML-100K placeholder item as "unkonwn", GroupLens as "unknown": not a title.
 PLACEHOLDER_TITLES = frozenset({"unknown", "unkonwn"})
@@ -106,6 +106,7 @@ def prepare(
     - A user's items are ordered by timestamp, ties broken by original item id ascending; the last
       is test, the second-to-last val, the rest train.
     """
+    raw_items = conform(raw_items, {"item_id": raw_items.schema["item_id"], **ITEM_COLUMNS})
     titles = [
         clean_title(t, y, config.drop_placeholder_titles) for t, y in zip(raw_items["title"].to_list(), raw_items["year"].to_list())
     ]

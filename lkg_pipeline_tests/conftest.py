@@ -1,0 +1,28 @@
+"""Shared fixtures: the real ML-100K wheel (fetched once) and a throw-away data lake."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lkg_pipeline.core.sources import RECBOLE_WHEEL, fetch_recbole_wheel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def recbole_wheel() -> Path:
+    """RecBole's wheel in the repo's cache (the same file `make run` uses), fetched if absent."""
+    return fetch_recbole_wheel(Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache")))
+
+
+@pytest.fixture
+def lake(tmp_path: Path, recbole_wheel: Path) -> Path:
+    """An empty data lake whose cache already holds the wheel (no second download)."""
+    root = tmp_path / "lake"
+    (root / "cache").mkdir(parents=True)
+    shutil.copy(recbole_wheel, root / "cache" / RECBOLE_WHEEL)
+    return root
