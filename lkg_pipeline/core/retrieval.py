@@ -198,8 +198,9 @@ def train_lrurec(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            loss_sum += float(loss) * int(mask.sum())
-            n_targets += int(mask.sum())
+            n = int(mask.sum())
+            loss_sum += loss.detach().item() * n
+            n_targets += n
 
         val = evaluate_scores(score_users(model, val_inputs, config.eval_batch_size), val_targets)
         record = {"epoch": epoch, "step": step, "loss": loss_sum / n_targets}

@@ -22,6 +22,7 @@ def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o644)  # mkstemp creates 0600; published files are readable like any other
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -80,3 +80,75 @@ def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
     return Outcome(ok, f"{bad.height} of {users} users break the leave-one-out split",
                    {"inconsistent_users": bad.height, **{f"{s}_rows": n for s, n in counts.items()},
                     "examples": _examples(bad)})
+
+
+# --- knowledge graph ------------------------------------------------------------------------
+
+
+def no_dangling_ids(entities: pl.DataFrame, triples: pl.DataFrame) -> Outcome:
+    ids = entities["entity_id"].implode()
+    dangling = triples.filter(~pl.col("head").is_in(ids) | ~pl.col("tail").is_in(ids))
+    return Outcome(dangling.is_empty(), f"{dangling.height} triples point at unknown entities",
+                   {"dangling_triples": dangling.height, "examples": _examples(dangling)})
+
+
+def inverses_complete(triples: pl.DataFrame, inverse_of: dict[str, str]) -> Outcome:
+    """Every (h, r, t) has (t, inverse(r), h), so any path can be walked both ways."""
+    unknown = set(triples["relation"].unique()) - set(inverse_of)
+    expected = triples.select(
+        head=pl.col("tail"), relation=pl.col("relation").replace(inverse_of), tail=pl.col("head"))
+    missing = expected.join(triples.select("head", "relation", "tail"),
+                            on=["head", "relation", "tail"], how="anti")
+    ok = missing.is_empty() and not unknown
+    return Outcome(ok, f"{missing.height} triples lack their inverse; unknown relations: "
+                   f"{sorted(unknown) or 'none'}",
+                   {"missing_inverses": missing.height, "examples": _examples(missing)})
+
+
+def no_held_out_leakage(
+    triples: pl.DataFrame, sequences: pl.DataFrame, n_items: int
+) -> Outcome:
+    """No val/test interaction in `rated` edges, and co_rated weights count training pairs only.
+
+    The co-rating counts are recomputed here from the training split, independently of the
+    builder's SQL: a weight above the training count can only come from held-out interactions.
+    """
+    train = sequences.filter(pl.col("split") == "train").select("user_idx", "item_idx")
+    held = sequences.filter(pl.col("split") != "train").select("user_idx", "item_idx")
+    rated = triples.filter(pl.col("relation") == "rated").select(
+        user_idx=(pl.col("head") - n_items).cast(pl.Int32), item_idx=pl.col("tail").cast(pl.Int32))
+    leaked = rated.join(held, on=["user_idx", "item_idx"], how="semi")
+    not_train = rated.join(train, on=["user_idx", "item_idx"], how="anti")
+    co = triples.filter(pl.col("relation") == "co_rated").select(
+        a=pl.col("head").cast(pl.Int32), b=pl.col("tail").cast(pl.Int32), weight="weight")
+    counted = (
+        co.join(train.rename({"item_idx": "a"}), on="a")
+        .join(train.rename({"item_idx": "b"}), on=["b", "user_idx"], how="semi")
+        .group_by("a", "b").agg(train_count=pl.len())
+    )
+    co = co.join(counted, on=["a", "b"], how="left").with_columns(pl.col("train_count").fill_null(0))
+    inflated = co.filter(pl.col("weight") > pl.col("train_count"))
+    bad = leaked.height + not_train.height + inflated.height
+    return Outcome(
+        bad == 0,
+        f"{leaked.height} held-out interactions in rated edges, {not_train.height} rated edges "
+        f"not in train, {inflated.height} co_rated weights above their training count",
+        {"held_out_rated_edges": leaked.height, "non_train_rated_edges": not_train.height,
+         "inflated_co_rated": inflated.height, "examples": _examples(pl.concat(
+             [leaked, not_train], how="vertical_relaxed")) + _examples(inflated)},
+    )
+
+
+def item_metadata_coverage(entities: pl.DataFrame, triples: pl.DataFrame,
+                           behaviour_relations: set[str]) -> Outcome:
+    """Share of catalogue items with at least one non-behaviour edge (warn when not all)."""
+    items = entities.filter(pl.col("type") == "item")
+    covered = triples.filter(~pl.col("relation").is_in(list(behaviour_relations))).filter(
+        pl.col("head").is_in(items["entity_id"].implode()))["head"].n_unique()
+    share = covered / items.height if items.height else 1.0
+    uncovered = items.filter(~pl.col("entity_id").is_in(
+        triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))["head"].implode()))
+    return Outcome(share == 1.0, f"{covered} of {items.height} items ({share:.1%}) have a "
+                   "non-behaviour edge", {"items_covered": covered, "share_covered": share,
+                                          "examples": _examples(uncovered.select("entity_id",
+                                                                                 "name"))})

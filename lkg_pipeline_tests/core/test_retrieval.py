@@ -1,0 +1,185 @@
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from lkg_pipeline.core.lrurec import LRURec, LRURecConfig
+from lkg_pipeline.core.retrieval import (
+    UserSequences,
+    evaluate_scores,
+    popularity_report,
+    retrieve_candidates,
+    retriever_report,
+    score_users,
+    train_lrurec,
+    training_candidates,
+    user_sequences,
+)
+
+
+def long_frame(seqs: list[list[int]]) -> pl.DataFrame:
+    """The `sequences` contract from per-user item lists (last two items = val, test)."""
+    rows = [
+        (u, item, 1000 * u + pos, pos, "test" if pos == len(s) - 1 else "val" if pos == len(s) - 2 else "train")
+        for u, s in enumerate(seqs)
+        for pos, item in enumerate(s)
+    ]
+    return pl.DataFrame(
+        rows,
+        schema={"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64,
+                "position": pl.Int32, "split": pl.String},
+        orient="row",
+    )
+
+
+def random_data(n_users: int = 12, n_items: int = 60, seed: int = 0) -> UserSequences:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.choice(n_items, size=int(rng.integers(5, 26)), replace=False).tolist()
+            for _ in range(n_users)]
+    return user_sequences(long_frame(seqs), n_items=n_items)
+
+
+def random_model(n_items: int = 60, max_len: int = 8, seed: int = 0) -> LRURec:
+    torch.manual_seed(seed)
+    return LRURec(LRURecConfig(n_items=n_items, d_model=16, max_len=max_len)).eval()
+
+
+def test_user_sequences_groups_by_position() -> None:
+    frame = long_frame([[4, 2, 9, 1], [0, 3, 5]]).sample(fraction=1.0, shuffle=True, seed=1)
+    data = user_sequences(frame)
+    assert data.train == [[4, 2], [0]]
+    assert data.val.tolist() == [9, 3] and data.test.tolist() == [1, 5]
+    assert data.n_items == 10
+    inputs, targets = data.inputs("test")
+    assert inputs == [[4, 2, 9], [0, 3]] and targets.tolist() == [1, 5]
+
+
+def test_user_sequences_rejects_a_user_without_test_row() -> None:
+    frame = long_frame([[4, 2, 9, 1], [0, 3, 5]]).filter(
+        ~((pl.col("user_idx") == 1) & (pl.col("split") == "test"))
+    )
+    with pytest.raises(AssertionError, match="test"):
+        user_sequences(frame)
+
+
+def test_no_history_item_is_ever_a_candidate() -> None:
+    data, model = random_data(), random_model()
+    scores = score_users(model, data.train)
+    for u, seq in enumerate(data.train):
+        assert torch.isinf(scores[u, seq]).all()
+        assert torch.isfinite(scores[u]).sum() == data.n_items - len(set(seq))
+    top = retrieve_candidates(model, data, k=20).top_k
+    for (u, split), group in top.group_by("user_idx", "split"):
+        history = set(data.train[u]) | ({int(data.val[u])} if split == "test" else set())
+        assert not history & set(group["item_idx"].to_list())
+        assert sorted(group["rank"].to_list()) == list(range(1, 21))
+
+
+def test_candidates_contain_the_target_exactly_as_often_as_coverage_says() -> None:
+    data, model = random_data(n_users=40, n_items=45), random_model(n_items=45)
+    cands = retrieve_candidates(model, data, k=20)
+    report = retriever_report(model, data)
+    hits = cands.top_k.join(
+        cands.targets, left_on=["user_idx", "split", "item_idx"],
+        right_on=["user_idx", "split", "target_item_idx"],
+    )
+    for split in ("val", "test"):
+        targets = cands.targets.filter(pl.col("split") == split)
+        found = hits.filter(pl.col("split") == split)
+        assert 0 < len(found) < len(targets), "fixture should have hits and misses"
+        assert len(found) / len(targets) == pytest.approx(report[split]["coverage@20"])
+        assert report[split]["coverage@20"] == pytest.approx(report[split]["Recall@20"])
+        assert targets["in_candidates"].sum() == len(found)
+        # Where the target was retrieved, its full-ranking rank is its place in the list.
+        assert (found["rank"] == found["target_rank"]).all()
+        assert (targets.filter(~pl.col("in_candidates"))["target_rank"] > 20).all()
+
+
+def test_popularity_baseline_counts_train_items_and_breaks_ties_by_index() -> None:
+    seqs = [[0, 1, 5, 6], [0, 1, 2, 3], [0, 2, 4, 7], [1, 2, 3, 0]]
+    data = user_sequences(long_frame(seqs), n_items=8)
+    # Train counts: item 0 x3, item 1 x3, item 2 x2, the rest 0 (ties -> lower index first).
+    # val ranks: user 0 (seen 0,1): 2, 3, 4, [5] -> 4; user 1 (seen 0,1): [2] -> 1;
+    # user 2 (seen 0,2): 1, 3, [4] -> 3; user 3 (seen 1,2): 0, [3] -> 2.
+    report = popularity_report(data, ks=(1, 5), k=2)
+    assert report["val"]["Recall@1"] == pytest.approx(1 / 4)
+    assert report["val"]["MRR@5"] == pytest.approx((1 / 4 + 1 + 1 / 3 + 1 / 2) / 4)
+    assert report["val"]["coverage@2"] == pytest.approx(2 / 4)
+
+
+def test_tiny_model_overfits_a_tiny_dataset() -> None:
+    # Every user walks the same cycle 0 -> 1 -> ... -> 11 from a different start: the next
+    # item is a pure function of the current one.
+    seqs = [[(start + t) % 12 for t in range(10)] for start in range(8)]
+    data = user_sequences(long_frame(seqs), n_items=12)
+    config = LRURecConfig(
+        n_items=12, d_model=32, n_layers=1, dropout=0.0, lr=1e-2, batch_size=8,
+        max_epochs=80, patience=80, seed=0,
+    )
+    result = train_lrurec(data, config)
+    prefixes = [s[:p] for s in data.train for p in range(1, len(s))]
+    targets = np.array([s[p] for s in data.train for p in range(1, len(s))])
+    train_fit = evaluate_scores(score_users(result.model, prefixes), targets, ks=(1,), k=1)
+    assert train_fit["Recall@1"] >= 0.95
+    assert result.best_val["Recall@10"] == 1.0
+    assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
+    assert not result.model.training
+
+
+def test_training_is_deterministic_on_cpu() -> None:
+    data = random_data(n_users=16, n_items=40)
+    config = LRURecConfig(n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=3,
+                          patience=3, seed=7)
+    logged: list[dict[str, float]] = []
+    first = train_lrurec(data, config, on_log=logged.append)
+    second = train_lrurec(data, config)
+    assert first.history == second.history == logged
+    assert len(first.history) == 3 and first.history[-1]["step"] == first.n_steps
+    best = max(first.history, key=lambda r: (r["val_Recall@10"], r["val_NDCG@10"]))
+    assert first.best_epoch == best["epoch"]
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    other = train_lrurec(data, dataclasses.replace(config, seed=8))
+    assert other.history != first.history
+
+
+@pytest.mark.parametrize("policy", ["random", "retriever"])
+def test_training_candidates_shape(policy: str) -> None:
+    data, model = random_data(), random_model(max_len=8)
+    frame = training_candidates(data, policy, model=model, seed=3)  # type: ignore[arg-type]
+    n_expected = sum(len(s) - 1 for s in data.train)
+    assert len(frame) == n_expected
+    for row in frame.iter_rows(named=True):
+        cands, target = row["candidate_item_idxs"], row["target_item_idx"]
+        assert len(cands) == 20 and len(set(cands)) == 20
+        assert cands.count(target) == 1
+        assert target == data.train[row["user_idx"]][row["prefix_len"]]
+        seen = set(data.train[row["user_idx"]])
+        if policy == "random":
+            assert set(cands) & seen == {target}
+        else:
+            assert not set(cands) & set(data.train[row["user_idx"]][: row["prefix_len"]])
+    again = training_candidates(data, policy, model=model, seed=3)  # type: ignore[arg-type]
+    assert frame.equals(again)
+    assert not frame.equals(training_candidates(data, policy, model=model, seed=4))  # type: ignore[arg-type]
+
+
+def test_retriever_candidates_are_the_retrievers_top_items() -> None:
+    data, model = random_data(), random_model(max_len=8)  # prefixes up to 23 > max_len
+    frame = training_candidates(data, "retriever", model=model, examples_per_user=6)
+    assert frame.group_by("user_idx").len()["len"].max() == 6
+    prefixes = [data.train[u][:p] for u, p in zip(frame["user_idx"], frame["prefix_len"])]
+    assert max(map(len, prefixes)) > 8
+    top = torch.sort(score_users(model, prefixes), dim=1, descending=True, stable=True).indices
+    for i, row in enumerate(frame.iter_rows(named=True)):
+        expected = set(top[i, :20].tolist())
+        if row["target_item_idx"] not in expected:
+            expected = (expected - {top[i, 19].item()}) | {row["target_item_idx"]}
+        assert set(row["candidate_item_idxs"]) == expected
+
+
+def test_training_candidates_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="random"):
+        training_candidates(random_data(), "popular")  # type: ignore[arg-type]
