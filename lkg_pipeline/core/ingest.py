@@ -7,7 +7,6 @@ strings (ASINs, reviewer ids) for Amazon; everything else is typed identically.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,9 +25,25 @@ from lkg_pipeline.core.sources import RawFile, SourceTree, require
 
 # GroupLens ML-100K `u.item`: the 19 genre flags, in file order.
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 STR_LIST = pl.List(pl.String)
@@ -46,7 +61,10 @@ ITEM_COLUMNS: dict[str, pl.DataType] = {
     "price": pl.Float64,
 }
 USER_COLUMNS: dict[str, pl.DataType] = {
-    "age": pl.Int32, "gender": pl.String, "occupation": pl.String, "zip_code": pl.String,
+    "age": pl.Int32,
+    "gender": pl.String,
+    "occupation": pl.String,
+    "zip_code": pl.String,
 }
 
 
@@ -54,7 +72,10 @@ def raw_schemas(id_type: pl.DataType) -> dict[str, dict[str, pl.DataType]]:
     """The schema of every raw frame for a dataset whose native ids have type `id_type`."""
     return {
         "interactions": {
-            "user_id": id_type, "item_id": id_type, "rating": pl.Float32, "timestamp": pl.Int64,
+            "user_id": id_type,
+            "item_id": id_type,
+            "rating": pl.Float32,
+            "timestamp": pl.Int64,
         },
         "items": {"item_id": id_type, **ITEM_COLUMNS},
         "users": {"user_id": id_type, **USER_COLUMNS},
@@ -88,8 +109,12 @@ def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame
 
 
 def _finish(
-    dataset: str, layout: str, tree: SourceTree, id_type: pl.DataType,
-    frames: dict[str, pl.DataFrame], reports: list[ParseReport],
+    dataset: str,
+    layout: str,
+    tree: SourceTree,
+    id_type: pl.DataType,
+    frames: dict[str, pl.DataFrame],
+    reports: list[ParseReport],
 ) -> RawDataset:
     schemas = raw_schemas(id_type)
     out = {
@@ -115,58 +140,109 @@ def read_ml_100k(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
 def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     files = require(tree, "ml-100k", ["ml-100k.inter", "ml-100k.item", "ml-100k.user"])
     tsv = {"separator": "\t", "header": True, "max_bad_lines": max_bad_lines}
-    inter, r1 = read_delimited(files["ml-100k.inter"], [
-        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
-        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
-    ], **tsv)
-    items, r2 = read_delimited(files["ml-100k.item"], [
-        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
-        Column("year", pl.String, required=False), Column("genres", pl.String, required=False),
-    ], **tsv)
-    users, r3 = read_delimited(files["ml-100k.user"], [
-        Column("user_id", pl.Int64), Column("age", pl.Int32), Column("gender", pl.String),
-        Column("occupation", pl.String), Column("zip_code", pl.String, required=False),
-    ], **tsv)
-    items = _split_title_year(items.with_columns(
-        # RecBole writes its placeholder row as "unkonwn" in every field: a missing value.
-        pl.col("year").cast(pl.Int32, strict=False),
-        pl.col("genres").str.split(" ").list.filter(pl.element() != ""),
-    ))
+    inter, r1 = read_delimited(
+        files["ml-100k.inter"],
+        [
+            Column("user_id", pl.Int64),
+            Column("item_id", pl.Int64),
+            Column("rating", pl.Float32),
+            Column("timestamp", pl.Int64),
+        ],
+        **tsv,
+    )
+    items, r2 = read_delimited(
+        files["ml-100k.item"],
+        [
+            Column("item_id", pl.Int64),
+            Column("title", pl.String, required=False),
+            Column("year", pl.String, required=False),
+            Column("genres", pl.String, required=False),
+        ],
+        **tsv,
+    )
+    users, r3 = read_delimited(
+        files["ml-100k.user"],
+        [
+            Column("user_id", pl.Int64),
+            Column("age", pl.Int32),
+            Column("gender", pl.String),
+            Column("occupation", pl.String),
+            Column("zip_code", pl.String, required=False),
+        ],
+        **tsv,
+    )
+    items = _split_title_year(
+        items.with_columns(
+            # RecBole writes its placeholder row as "unkonwn" in every field: a missing value.
+            pl.col("year").cast(pl.Int32, strict=False),
+            pl.col("genres").str.split(" ").list.filter(pl.element() != ""),
+        )
+    )
     frames = {"interactions": inter, "items": items, "users": users}
     reports = [r1, r2, r3]
     links, kg = tree.find("ml-100k.link"), tree.find("ml-100k.kg")
     if links is not None and kg is not None:
-        frames["entity_links"], r4 = read_delimited(links, [
-            Column("item_id", pl.Int64), Column("entity_id", pl.String),
-        ], **tsv)
-        frames["entity_triples"], r5 = read_delimited(kg, [
-            Column("head", pl.String), Column("relation", pl.String), Column("tail", pl.String),
-        ], **tsv)
+        frames["entity_links"], r4 = read_delimited(
+            links,
+            [
+                Column("item_id", pl.Int64),
+                Column("entity_id", pl.String),
+            ],
+            **tsv,
+        )
+        frames["entity_triples"], r5 = read_delimited(
+            kg,
+            [
+                Column("head", pl.String),
+                Column("relation", pl.String),
+                Column("tail", pl.String),
+            ],
+            **tsv,
+        )
         reports += [r4, r5]
     return _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports)
 
 
 def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     files = require(tree, "ml-100k", ["u.data", "u.item", "u.user"])
-    inter, r1 = read_delimited(files["u.data"], [
-        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
-        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
-    ], separator="\t", max_bad_lines=max_bad_lines)
+    inter, r1 = read_delimited(
+        files["u.data"],
+        [
+            Column("user_id", pl.Int64),
+            Column("item_id", pl.Int64),
+            Column("rating", pl.Float32),
+            Column("timestamp", pl.Int64),
+        ],
+        separator="\t",
+        max_bad_lines=max_bad_lines,
+    )
     item_columns = [
-        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
+        Column("item_id", pl.Int64),
+        Column("title", pl.String, required=False),
         Column("release_date", pl.String, required=False),
         Column("video_release_date", pl.String, required=False),
         Column("imdb_url", pl.String, required=False),
         *(Column(f"g{i}", pl.Int8) for i in range(len(ML100K_GENRES))),
     ]
     items, r2 = read_delimited(
-        files["u.item"], item_columns, separator="|", encoding="latin-1",
+        files["u.item"],
+        item_columns,
+        separator="|",
+        encoding="latin-1",
         max_bad_lines=max_bad_lines,
     )
-    users, r3 = read_delimited(files["u.user"], [
-        Column("user_id", pl.Int64), Column("age", pl.Int32), Column("gender", pl.String),
-        Column("occupation", pl.String), Column("zip_code", pl.String, required=False),
-    ], separator="|", max_bad_lines=max_bad_lines)
+    users, r3 = read_delimited(
+        files["u.user"],
+        [
+            Column("user_id", pl.Int64),
+            Column("age", pl.Int32),
+            Column("gender", pl.String),
+            Column("occupation", pl.String),
+            Column("zip_code", pl.String, required=False),
+        ],
+        separator="|",
+        max_bad_lines=max_bad_lines,
+    )
     flags = pl.concat_list(
         pl.when(pl.col(f"g{i}") == 1).then(pl.lit(g)) for i, g in enumerate(ML100K_GENRES)
     ).list.drop_nulls()
@@ -176,9 +252,18 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         year=pl.col("release_date").str.slice(-4).cast(pl.Int32, strict=False),
     )
     items = _split_title_year(items)
-    return _finish("ml-100k", "grouplens", tree, pl.Int64, {
-        "interactions": inter, "items": items, "users": users,
-    }, [r1, r2, r3])
+    return _finish(
+        "ml-100k",
+        "grouplens",
+        tree,
+        pl.Int64,
+        {
+            "interactions": inter,
+            "items": items,
+            "users": users,
+        },
+        [r1, r2, r3],
+    )
 
 
 # "(1995)" or "(1995-1998)" anywhere in a title; GroupLens has "… (1995) (V)" for video releases.
@@ -207,26 +292,45 @@ def _split_title_year(items: pl.DataFrame) -> pl.DataFrame:
 def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
     files = require(tree, "ml-latest-small", ["ratings.csv", "movies.csv"])
     csv_opts = {"separator": ",", "header": True, "quoted": True, "max_bad_lines": max_bad_lines}
-    inter, r1 = read_delimited(files["ratings.csv"], [
-        Column("user_id", pl.Int64), Column("item_id", pl.Int64),
-        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
-    ], **csv_opts)
-    items, r2 = read_delimited(files["movies.csv"], [
-        Column("item_id", pl.Int64), Column("title", pl.String, required=False),
-        Column("genres", pl.String, required=False),
-    ], **csv_opts)
-    items = _split_title_year(items.with_columns(
-        genres=pl.col("genres").str.split("|").list.filter(
-            (pl.element() != "") & (pl.element() != "(no genres listed)")
-        ),
-    ))
+    inter, r1 = read_delimited(
+        files["ratings.csv"],
+        [
+            Column("user_id", pl.Int64),
+            Column("item_id", pl.Int64),
+            Column("rating", pl.Float32),
+            Column("timestamp", pl.Int64),
+        ],
+        **csv_opts,
+    )
+    items, r2 = read_delimited(
+        files["movies.csv"],
+        [
+            Column("item_id", pl.Int64),
+            Column("title", pl.String, required=False),
+            Column("genres", pl.String, required=False),
+        ],
+        **csv_opts,
+    )
+    items = _split_title_year(
+        items.with_columns(
+            genres=pl.col("genres")
+            .str.split("|")
+            .list.filter((pl.element() != "") & (pl.element() != "(no genres listed)")),
+        )
+    )
     frames, reports = {"interactions": inter, "items": items}, [r1, r2]
     tags_file = tree.find("tags.csv")
     if tags_file is not None:
-        frames["tags"], r3 = read_delimited(tags_file, [
-            Column("user_id", pl.Int64), Column("item_id", pl.Int64),
-            Column("tag", pl.String), Column("timestamp", pl.Int64),
-        ], **csv_opts)
+        frames["tags"], r3 = read_delimited(
+            tags_file,
+            [
+                Column("user_id", pl.Int64),
+                Column("item_id", pl.Int64),
+                Column("tag", pl.String),
+                Column("timestamp", pl.Int64),
+            ],
+            **csv_opts,
+        )
         reports.append(r3)
     return _finish("ml-latest-small", "grouplens-csv", tree, pl.Int64, frames, reports)
 
@@ -236,14 +340,30 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
 
 def read_beauty(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
     files = require(tree, "beauty", ["ratings_Beauty.csv", "meta_Beauty.json.gz"])
-    inter, r1 = read_delimited(files["ratings_Beauty.csv"], [
-        Column("user_id", pl.String), Column("item_id", pl.String),
-        Column("rating", pl.Float32), Column("timestamp", pl.Int64),
-    ], separator=",", quoted=True, max_bad_lines=max_bad_lines)
+    inter, r1 = read_delimited(
+        files["ratings_Beauty.csv"],
+        [
+            Column("user_id", pl.String),
+            Column("item_id", pl.String),
+            Column("rating", pl.Float32),
+            Column("timestamp", pl.Int64),
+        ],
+        separator=",",
+        quoted=True,
+        max_bad_lines=max_bad_lines,
+    )
     items, r2 = read_amazon_meta(files["meta_Beauty.json.gz"], max_bad_lines)
-    return _finish("beauty", "amazon-2014", tree, pl.String, {
-        "interactions": inter, "items": items,
-    }, [r1, r2])
+    return _finish(
+        "beauty",
+        "amazon-2014",
+        tree,
+        pl.String,
+        {
+            "interactions": inter,
+            "items": items,
+        },
+        [r1, r2],
+    )
 
 
 def read_amazon_meta(raw: RawFile, max_bad_lines: int = 0) -> tuple[pl.DataFrame, ParseReport]:
@@ -272,7 +392,11 @@ def _amazon_row(record: dict) -> tuple[dict, str | None]:
     rank = record.get("salesRank") or {}
     categories = record.get("categories") or []
     price = record.get("price")
-    if not isinstance(related, dict) or not isinstance(rank, dict) or not isinstance(categories, list):
+    if (
+        not isinstance(related, dict)
+        or not isinstance(rank, dict)
+        or not isinstance(categories, list)
+    ):
         return {}, "'related', 'salesRank' or 'categories' has the wrong type"
     try:
         rank_category, rank_value = next(iter(rank.items())) if rank else (None, None)
@@ -310,4 +434,3 @@ def read_dataset(dataset: str, tree: SourceTree, max_bad_lines: int = 0) -> RawD
     if dataset not in READERS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
     return READERS[dataset](tree, max_bad_lines)
-

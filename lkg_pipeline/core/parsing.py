@@ -177,9 +177,7 @@ def _enforce(
     return frame, report
 
 
-def iter_literal_lines(
-    raw: RawFile, report: ParseReport
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_literal_lines(raw: RawFile, report: ParseReport) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each line of a (gzipped) file of JSON or Python dict literals.
 
     Amazon's 2014 metadata is written with Python's repr, so JSON fails on most lines. It is
@@ -207,6 +205,8 @@ def iter_literal_lines(
                 report.issues.append(ParseIssue(number, f"not a literal ({reason[:120]})"))
                 continue
         if not isinstance(record, dict):
-            report.issues.append(ParseIssue(number, f"expected a dict, got {type(record).__name__}"))
+            report.issues.append(
+                ParseIssue(number, f"expected a dict, got {type(record).__name__}")
+            )
             continue
         yield number, record

@@ -18,8 +18,30 @@ from lkg_pipeline.core.ingest import ITEM_COLUMNS, conform
 PLACEHOLDER_TITLES = frozenset({"unknown", "unkonwn"})
 # Articles that MovieLens moves to the end ("Usual Suspects, The"), in the languages it uses.
 ARTICLES = (
-    "The", "A", "An", "La", "Le", "Les", "L'", "Il", "Lo", "I", "Gli", "Die", "Der", "Das",
-    "El", "Los", "Las", "Det", "Den", "De", "Un", "Une", "O", "Os",
+    "The",
+    "A",
+    "An",
+    "La",
+    "Le",
+    "Les",
+    "L'",
+    "Il",
+    "Lo",
+    "I",
+    "Gli",
+    "Die",
+    "Der",
+    "Das",
+    "El",
+    "Los",
+    "Las",
+    "Det",
+    "Den",
+    "De",
+    "Un",
+    "Une",
+    "O",
+    "Os",
 )
 _YEAR_TAIL = re.compile(r"\s*\(\d{4}(?:[-–]\d{0,4})?\)\s*$")
 _PARENTHESISED = re.compile(r"\s*\([^()]*\)")
@@ -33,7 +55,7 @@ SPLITS = ("train", "val", "test")
 def clean_title(
     title: str | None, year: int | None = None, drop_placeholders: bool = True
 ) -> str | None:
-    """The readable title the prompts show: "Usual Suspects, The (1995)" → "The Usual Suspects (1995)".
+    """The title prompts show: "Usual Suspects, The (1995)" → "The Usual Suspects (1995)".
 
     Like the reference: the year and parenthesised alternates ("Seven (Se7en)") are removed and a
     trailing article is moved to the front; unlike it, every article MovieLens uses is handled,
@@ -108,7 +130,8 @@ def prepare(
     """
     raw_items = conform(raw_items, {"item_id": raw_items.schema["item_id"], **ITEM_COLUMNS})
     titles = [
-        clean_title(t, y, config.drop_placeholder_titles) for t, y in zip(raw_items["title"].to_list(), raw_items["year"].to_list())
+        clean_title(t, y, config.drop_placeholder_titles)
+        for t, y in zip(raw_items["title"].to_list(), raw_items["year"].to_list())
     ]
     items = (
         raw_items.with_columns(title=pl.Series(titles, dtype=pl.String), raw_title=pl.col("title"))
@@ -128,38 +151,58 @@ def prepare(
     user_map = _dense(inter["user_id"], "user_id", "user_idx")
     item_map = _dense(inter["item_id"], "item_id", "item_idx")
     sequences = (
-        inter.join(user_map, on="user_id").join(item_map, on="item_id")
+        inter.join(user_map, on="user_id")
+        .join(item_map, on="item_id")
         .sort("user_idx", "timestamp", "item_idx")  # item_idx order == original id order
         .with_columns(position=pl.int_range(pl.len()).over("user_idx").cast(pl.Int32))
         .with_columns(
-            split=pl.when(pl.col("position") == pl.len().over("user_idx") - 1).then(pl.lit("test"))
-            .when(pl.col("position") == pl.len().over("user_idx") - 2).then(pl.lit("val"))
+            split=pl.when(pl.col("position") == pl.len().over("user_idx") - 1)
+            .then(pl.lit("test"))
+            .when(pl.col("position") == pl.len().over("user_idx") - 2)
+            .then(pl.lit("val"))
             .otherwise(pl.lit("train"))
         )
-        .select("user_idx", "item_idx", "user_id", "item_id", "rating", "timestamp",
-                "position", "split")
+        .select(
+            "user_idx", "item_idx", "user_id", "item_id", "rating", "timestamp", "position", "split"
+        )
     )
     counts = sequences.group_by("item_idx").agg(
         n_interactions=pl.len().cast(pl.Int32),
         n_train_interactions=(pl.col("split") == "train").sum().cast(pl.Int32),
     )
     items = (
-        items.join(item_map, on="item_id").join(counts, on="item_idx").sort("item_idx")
-        .select("item_idx", "item_id", "title", "raw_title", *[c for c in ITEM_COLUMNS
-                if c != "title"], "n_interactions", "n_train_interactions")
+        items.join(item_map, on="item_id")
+        .join(counts, on="item_idx")
+        .sort("item_idx")
+        .select(
+            "item_idx",
+            "item_id",
+            "title",
+            "raw_title",
+            *[c for c in ITEM_COLUMNS if c != "title"],
+            "n_interactions",
+            "n_train_interactions",
+        )
     )
-    return Prepared(items, sequences, sequence_stats(sequences) | {
-        "raw_interactions": raw_interactions.height,
-        "raw_items": raw_items.height,
-        "items_without_title": sum(t is None for t in titles),
-        "duplicate_pairs_dropped": duplicates,
-        "k_core_rounds": rounds,
-    })
+    return Prepared(
+        items,
+        sequences,
+        sequence_stats(sequences)
+        | {
+            "raw_interactions": raw_interactions.height,
+            "raw_items": raw_items.height,
+            "items_without_title": sum(t is None for t in titles),
+            "duplicate_pairs_dropped": duplicates,
+            "k_core_rounds": rounds,
+        },
+    )
 
 
 def _dense(ids: pl.Series, name: str, index: str) -> pl.DataFrame:
     unique = ids.unique().sort()
-    return pl.DataFrame({name: unique, index: pl.int_range(len(unique), eager=True, dtype=pl.Int32)})
+    return pl.DataFrame(
+        {name: unique, index: pl.int_range(len(unique), eager=True, dtype=pl.Int32)}
+    )
 
 
 def sequence_stats(sequences: pl.DataFrame) -> dict[str, float | int]:
@@ -181,7 +224,9 @@ def sequence_stats(sequences: pl.DataFrame) -> dict[str, float | int]:
 
 def tied_last_two(sequences: pl.DataFrame) -> int:
     """Users whose val and test items share a timestamp: the tie-break decides their split."""
-    last = sequences.filter(pl.col("split") != "train").group_by("user_idx").agg(
-        pl.col("timestamp").n_unique().alias("distinct")
+    last = (
+        sequences.filter(pl.col("split") != "train")
+        .group_by("user_idx")
+        .agg(pl.col("timestamp").n_unique().alias("distinct"))
     )
     return int((last["distinct"] == 1).sum())

@@ -254,7 +254,8 @@ def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -
     order = np.argsort([len(s) for s in inputs], kind="stable")  # similar lengths: less padding
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
-        out[torch.from_numpy(chunk)] = model(left_pad([inputs[j] for j in chunk], model.config.max_len))
+        items = left_pad([inputs[j] for j in chunk], model.config.max_len)  # (b, L)
+        out[torch.from_numpy(chunk)] = model(items)  # (b, I)
     model.train(was_training)
     return _mask_history(out, inputs)
 
@@ -349,7 +350,10 @@ def popularity_report(
 
 @torch.inference_mode()
 def _prefix_scores(
-    model: LRURec, train: list[list[int]], users: np.ndarray, prefix_lens: np.ndarray,
+    model: LRURec,
+    train: list[list[int]],
+    users: np.ndarray,
+    prefix_lens: np.ndarray,
     batch_size: int,
 ) -> torch.Tensor:
     """(N, I) scores after train[u][:p] for each (u, p), history masked; equals score_users.
@@ -383,6 +387,22 @@ def _prefix_scores(
     return _mask_history(scores, [train[u][:p] for u, p in zip(users, prefix_lens, strict=True)])
 
 
+def _train_prefixes(
+    train: list[list[int]], examples_per_user: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, prefix_len, target) of the last `examples_per_user` prefixes of each user."""
+    assert examples_per_user is None or examples_per_user >= 1, "examples_per_user >= 1"
+    users, prefix_lens = [], []
+    for u, seq in enumerate(train):
+        first = 1 if examples_per_user is None else max(1, len(seq) - examples_per_user)
+        prefix_lens.append(np.arange(first, len(seq)))
+        users.append(np.full(len(prefix_lens[-1]), u))
+    user_arr, len_arr = np.concatenate(users), np.concatenate(prefix_lens)
+    assert len(user_arr) > 0, "no user has >= 2 train items: no training examples"
+    targets = np.array([train[u][p] for u, p in zip(user_arr, len_arr, strict=True)])
+    return user_arr, len_arr, targets.astype(np.int64)
+
+
 def training_candidates(
     data: UserSequences,
     policy: CandidatePolicy,
@@ -408,11 +428,7 @@ def training_candidates(
         raise ValueError(f"unknown policy {policy!r}; choose one of {get_args(CandidatePolicy)}")
     assert n_candidates <= data.n_items, f"{n_candidates} candidates > {data.n_items} items"
     rng = np.random.default_rng(seed)
-    first = [1 if examples_per_user is None else max(1, len(s) - examples_per_user) for s in data.train]
-    users = np.concatenate([np.full(len(s) - f, u) for u, (s, f) in enumerate(zip(data.train, first))])
-    prefix_lens = np.concatenate([np.arange(f, len(s)) for s, f in zip(data.train, first)])
-    assert len(users) > 0, "no user has >= 2 train items: no training examples"
-    targets = np.array([data.train[u][p] for u, p in zip(users, prefix_lens)], dtype=np.int64)
+    users, prefix_lens, targets = _train_prefixes(data.train, examples_per_user)
 
     if policy == "random":
         cands = np.empty((len(users), n_candidates), dtype=np.int64)

@@ -133,8 +133,17 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                   RECBOLE_REQUIREMENT, "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            RECBOLE_REQUIREMENT,
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         fetched = Path(tmp) / RECBOLE_WHEEL
         if proc.returncode != 0 or not fetched.exists():
@@ -175,8 +184,8 @@ def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
 
     `source` is `"default"`, a local folder / zip / file, or an http(s) URL. The default looks
     first in the drop folder `data_lake/sources/<dataset>/` (files a person or a sensor put
-    there; if it has any file it is the whole source), then falls back to the built-in source: the RecBole wheel for ml-100k, the official
-    downloads for the others.
+    there; if it has any file it is the whole source), then falls back to the built-in source:
+    the RecBole wheel for ml-100k, the official downloads for the others.
     """
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")

@@ -28,7 +28,9 @@ def unique_ids(frame: pl.DataFrame, *columns: str) -> Outcome:
     bad = {c: n for c, n in dupes.items() if n}
     return Outcome(
         not bad,
-        f"duplicated ids: {bad}" if bad else f"{', '.join(columns)} unique over {frame.height} rows",
+        f"duplicated ids: {bad}"
+        if bad
+        else f"{', '.join(columns)} unique over {frame.height} rows",
         {f"duplicates_{c}": n for c, n in dupes.items()},
     )
 
@@ -38,21 +40,28 @@ def dense_ids(frame: pl.DataFrame, column: str) -> Outcome:
     values = frame[column].unique()
     n = len(values)
     ok = n == 0 or (int(values.min()) == 0 and int(values.max()) == n - 1)
-    return Outcome(ok, f"{column}: {n} distinct values in [{values.min()}, {values.max()}]",
-                   {"distinct": n})
+    return Outcome(
+        ok, f"{column}: {n} distinct values in [{values.min()}, {values.max()}]", {"distinct": n}
+    )
 
 
 def non_empty_titles(items: pl.DataFrame) -> Outcome:
     bad = items.filter(pl.col("title").is_null() | (pl.col("title").str.strip_chars() == ""))
-    return Outcome(bad.is_empty(), f"{bad.height} items without a title",
-                   {"items_without_title": bad.height, "examples": _examples(bad)})
+    return Outcome(
+        bad.is_empty(),
+        f"{bad.height} items without a title",
+        {"items_without_title": bad.height, "examples": _examples(bad)},
+    )
 
 
 def min_sequence_length(sequences: pl.DataFrame, minimum: int = 3) -> Outcome:
     lengths = sequences.group_by("user_idx").len()
     short = lengths.filter(pl.col("len") < minimum)
-    return Outcome(short.is_empty(), f"{short.height} users with fewer than {minimum} interactions",
-                   {"short_users": short.height, "min_length": int(lengths["len"].min() or 0)})
+    return Outcome(
+        short.is_empty(),
+        f"{short.height} users with fewer than {minimum} interactions",
+        {"short_users": short.height, "min_length": int(lengths["len"].min() or 0)},
+    )
 
 
 def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
@@ -69,17 +78,26 @@ def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
         positions_ok=(pl.col("position").sort() == pl.int_range(pl.len())).all(),
     )
     bad = per_user.filter(
-        (pl.col("val") != 1) | (pl.col("test") != 1)
-        | (pl.col("test_pos") != pl.col("n") - 1) | (pl.col("val_pos") != pl.col("n") - 2)
-        | (pl.col("max_train_ts") > pl.col("val_ts")) | (pl.col("val_ts") > pl.col("test_ts"))
+        (pl.col("val") != 1)
+        | (pl.col("test") != 1)
+        | (pl.col("test_pos") != pl.col("n") - 1)
+        | (pl.col("val_pos") != pl.col("n") - 2)
+        | (pl.col("max_train_ts") > pl.col("val_ts"))
+        | (pl.col("val_ts") > pl.col("test_ts"))
         | ~pl.col("positions_ok")
     )
     users = per_user.height
     counts = {s: int((sequences["split"] == s).sum()) for s in ("train", "val", "test")}
     ok = bad.is_empty() and counts["val"] == users and counts["test"] == users
-    return Outcome(ok, f"{bad.height} of {users} users break the leave-one-out split",
-                   {"inconsistent_users": bad.height, **{f"{s}_rows": n for s, n in counts.items()},
-                    "examples": _examples(bad)})
+    return Outcome(
+        ok,
+        f"{bad.height} of {users} users break the leave-one-out split",
+        {
+            "inconsistent_users": bad.height,
+            **{f"{s}_rows": n for s, n in counts.items()},
+            "examples": _examples(bad),
+        },
+    )
 
 
 # --- knowledge graph ------------------------------------------------------------------------
@@ -88,26 +106,32 @@ def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
 def no_dangling_ids(entities: pl.DataFrame, triples: pl.DataFrame) -> Outcome:
     ids = entities["entity_id"].implode()
     dangling = triples.filter(~pl.col("head").is_in(ids) | ~pl.col("tail").is_in(ids))
-    return Outcome(dangling.is_empty(), f"{dangling.height} triples point at unknown entities",
-                   {"dangling_triples": dangling.height, "examples": _examples(dangling)})
+    return Outcome(
+        dangling.is_empty(),
+        f"{dangling.height} triples point at unknown entities",
+        {"dangling_triples": dangling.height, "examples": _examples(dangling)},
+    )
 
 
 def inverses_complete(triples: pl.DataFrame, inverse_of: dict[str, str]) -> Outcome:
     """Every (h, r, t) has (t, inverse(r), h), so any path can be walked both ways."""
     unknown = set(triples["relation"].unique()) - set(inverse_of)
     expected = triples.select(
-        head=pl.col("tail"), relation=pl.col("relation").replace(inverse_of), tail=pl.col("head"))
-    missing = expected.join(triples.select("head", "relation", "tail"),
-                            on=["head", "relation", "tail"], how="anti")
+        head=pl.col("tail"), relation=pl.col("relation").replace(inverse_of), tail=pl.col("head")
+    )
+    missing = expected.join(
+        triples.select("head", "relation", "tail"), on=["head", "relation", "tail"], how="anti"
+    )
     ok = missing.is_empty() and not unknown
-    return Outcome(ok, f"{missing.height} triples lack their inverse; unknown relations: "
-                   f"{sorted(unknown) or 'none'}",
-                   {"missing_inverses": missing.height, "examples": _examples(missing)})
+    return Outcome(
+        ok,
+        f"{missing.height} triples lack their inverse; unknown relations: "
+        f"{sorted(unknown) or 'none'}",
+        {"missing_inverses": missing.height, "examples": _examples(missing)},
+    )
 
 
-def no_held_out_leakage(
-    triples: pl.DataFrame, sequences: pl.DataFrame, n_items: int
-) -> Outcome:
+def no_held_out_leakage(triples: pl.DataFrame, sequences: pl.DataFrame, n_items: int) -> Outcome:
     """No val/test interaction in `rated` edges, and co_rated weights count training pairs only.
 
     The co-rating counts are recomputed here from the training split, independently of the
@@ -116,39 +140,60 @@ def no_held_out_leakage(
     train = sequences.filter(pl.col("split") == "train").select("user_idx", "item_idx")
     held = sequences.filter(pl.col("split") != "train").select("user_idx", "item_idx")
     rated = triples.filter(pl.col("relation") == "rated").select(
-        user_idx=(pl.col("head") - n_items).cast(pl.Int32), item_idx=pl.col("tail").cast(pl.Int32))
+        user_idx=(pl.col("head") - n_items).cast(pl.Int32), item_idx=pl.col("tail").cast(pl.Int32)
+    )
     leaked = rated.join(held, on=["user_idx", "item_idx"], how="semi")
     not_train = rated.join(train, on=["user_idx", "item_idx"], how="anti")
     co = triples.filter(pl.col("relation") == "co_rated").select(
-        a=pl.col("head").cast(pl.Int32), b=pl.col("tail").cast(pl.Int32), weight="weight")
+        a=pl.col("head").cast(pl.Int32), b=pl.col("tail").cast(pl.Int32), weight="weight"
+    )
     counted = (
         co.join(train.rename({"item_idx": "a"}), on="a")
         .join(train.rename({"item_idx": "b"}), on=["b", "user_idx"], how="semi")
-        .group_by("a", "b").agg(train_count=pl.len())
+        .group_by("a", "b")
+        .agg(train_count=pl.len())
     )
-    co = co.join(counted, on=["a", "b"], how="left").with_columns(pl.col("train_count").fill_null(0))
+    co = co.join(counted, on=["a", "b"], how="left").with_columns(
+        pl.col("train_count").fill_null(0)
+    )
     inflated = co.filter(pl.col("weight") > pl.col("train_count"))
     bad = leaked.height + not_train.height + inflated.height
     return Outcome(
         bad == 0,
         f"{leaked.height} held-out interactions in rated edges, {not_train.height} rated edges "
         f"not in train, {inflated.height} co_rated weights above their training count",
-        {"held_out_rated_edges": leaked.height, "non_train_rated_edges": not_train.height,
-         "inflated_co_rated": inflated.height, "examples": _examples(pl.concat(
-             [leaked, not_train], how="vertical_relaxed")) + _examples(inflated)},
+        {
+            "held_out_rated_edges": leaked.height,
+            "non_train_rated_edges": not_train.height,
+            "inflated_co_rated": inflated.height,
+            "examples": _examples(pl.concat([leaked, not_train], how="vertical_relaxed"))
+            + _examples(inflated),
+        },
     )
 
 
-def item_metadata_coverage(entities: pl.DataFrame, triples: pl.DataFrame,
-                           behaviour_relations: set[str]) -> Outcome:
+def item_metadata_coverage(
+    entities: pl.DataFrame, triples: pl.DataFrame, behaviour_relations: set[str]
+) -> Outcome:
     """Share of catalogue items with at least one non-behaviour edge (warn when not all)."""
     items = entities.filter(pl.col("type") == "item")
-    covered = triples.filter(~pl.col("relation").is_in(list(behaviour_relations))).filter(
-        pl.col("head").is_in(items["entity_id"].implode()))["head"].n_unique()
+    covered = (
+        triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))
+        .filter(pl.col("head").is_in(items["entity_id"].implode()))["head"]
+        .n_unique()
+    )
     share = covered / items.height if items.height else 1.0
-    uncovered = items.filter(~pl.col("entity_id").is_in(
-        triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))["head"].implode()))
-    return Outcome(share == 1.0, f"{covered} of {items.height} items ({share:.1%}) have a "
-                   "non-behaviour edge", {"items_covered": covered, "share_covered": share,
-                                          "examples": _examples(uncovered.select("entity_id",
-                                                                                 "name"))})
+    uncovered = items.filter(
+        ~pl.col("entity_id").is_in(
+            triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))["head"].implode()
+        )
+    )
+    return Outcome(
+        share == 1.0,
+        f"{covered} of {items.height} items ({share:.1%}) have a non-behaviour edge",
+        {
+            "items_covered": covered,
+            "share_covered": share,
+            "examples": _examples(uncovered.select("entity_id", "name")),
+        },
+    )

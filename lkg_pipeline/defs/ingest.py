@@ -26,23 +26,31 @@ DESCRIPTIONS = {
     "raw_entity_triples": "Freebase triples about linked entities (RecBole's ml-100k.kg).",
 }
 
+
 class IngestConfig(dg.Config):
     source: str = Field(
         default="default",
         description=(
             "'default' (the drop folder data_lake/sources/<dataset>/ if it has files, else the "
             "RecBole wheel for ml-100k or the official download), a local folder or .zip, or an "
-            "http(s) URL. Expected files: " + "; ".join(f"{d}: {f}" for d, f in EXPECTED_FILES.items())
+            "http(s) URL. Expected files: "
+            + "; ".join(f"{d}: {f}" for d, f in EXPECTED_FILES.items())
         ),
     )
     max_bad_lines: int = Field(
         default=0, description="Malformed lines tolerated (and skipped) per file; 0 = strict."
     )
 
+
 @dg.multi_asset(
     outs={
-        name: dg.AssetOut(group_name="ingest", is_required=False, description=DESCRIPTIONS[name], code_version="1",
-                          kinds={"polars", "parquet"})
+        name: dg.AssetOut(
+            group_name="ingest",
+            is_required=False,
+            description=DESCRIPTIONS[name],
+            code_version="1",
+            kinds={"polars", "parquet"},
+        )
         for name in RAW_ASSETS
     },
     partitions_def=dataset_partitions,
@@ -60,6 +68,7 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: Da
     for asset_name in context.op_execution_context.selected_output_names:
         frame = raw.frames[RAW_ASSETS[asset_name]]
         yield dg.Output(frame, output_name=asset_name, metadata=_source_metadata(raw))
+
 
 def _source_metadata(raw: RawDataset) -> dict[str, dg.MetadataValue]:
     rows = "\n".join(

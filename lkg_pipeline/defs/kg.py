@@ -46,15 +46,31 @@ def warehouse_path(lake: Path, dataset: str) -> Path:
     partitions_def=dataset_partitions,
     code_version="1",
     kinds={"duckdb", "parquet"},
-    ins={name: dg.AssetIn() for name in (
-        "items", "sequences", "raw_users", "raw_tags", "raw_entity_links", "raw_entity_triples")},
+    ins={
+        name: dg.AssetIn()
+        for name in (
+            "items",
+            "sequences",
+            "raw_users",
+            "raw_tags",
+            "raw_entity_links",
+            "raw_entity_triples",
+        )
+    },
     check_specs=[
         dg.AssetCheckSpec("no_dangling_ids", asset="kg_triples", blocking=True),
         dg.AssetCheckSpec("inverses_complete", asset="kg_triples", blocking=True),
-        dg.AssetCheckSpec("no_held_out_leakage", asset="kg_triples", blocking=True,
-                          description="No val/test interaction in rated or derived edges."),
-        dg.AssetCheckSpec("item_metadata_coverage", asset="kg_triples",
-                          description="Warns when an item has no non-behaviour edge."),
+        dg.AssetCheckSpec(
+            "no_held_out_leakage",
+            asset="kg_triples",
+            blocking=True,
+            description="No val/test interaction in rated or derived edges.",
+        ),
+        dg.AssetCheckSpec(
+            "item_metadata_coverage",
+            asset="kg_triples",
+            description="Warns when an item has no non-behaviour edge.",
+        ),
     ],
 )
 def kg_triples(
@@ -71,64 +87,96 @@ def kg_triples(
     """Typed entities and triples (each with its inverse) from training interactions only."""
     dataset = context.partition_key
     start = time.perf_counter()
-    kg = build_kg(items, sequences, config.to_core(), users=raw_users, tags=raw_tags,
-                  entity_links=raw_entity_links, entity_triples=raw_entity_triples)
+    kg = build_kg(
+        items,
+        sequences,
+        config.to_core(),
+        users=raw_users,
+        tags=raw_tags,
+        entity_links=raw_entity_links,
+        entity_triples=raw_entity_triples,
+    )
     build_s = time.perf_counter() - start
     if kg.unmapped_relations:
         context.log.warning(f"Freebase relations not read: {kg.unmapped_relations}")
     write_duckdb(kg, warehouse_path(lake.path, dataset))
     paths = write_parquet(kg, kg_folder(lake.path, dataset))
-    context.log.info(f"{dataset}: {kg.entities.height} entities, {kg.triples.height} triples "
-                     f"built in {build_s:.1f}s")
+    context.log.info(
+        f"{dataset}: {kg.entities.height} entities, {kg.triples.height} triples "
+        f"built in {build_s:.1f}s"
+    )
     outcomes = {
         "no_dangling_ids": validate.no_dangling_ids(kg.entities, kg.triples),
         "inverses_complete": validate.inverses_complete(
-            kg.triples, {r.name: r.inverse for r in RELATIONS.values()}),
+            kg.triples, {r.name: r.inverse for r in RELATIONS.values()}
+        ),
         "no_held_out_leakage": validate.no_held_out_leakage(kg.triples, sequences, items.height),
         "item_metadata_coverage": validate.item_metadata_coverage(
-            kg.entities, kg.triples, BEHAVIOUR),
+            kg.entities, kg.triples, BEHAVIOUR
+        ),
     }
-    yield dg.MaterializeResult(metadata={
-        "entities": kg.entities.height,
-        "triples": kg.triples.height,
-        "build_seconds": round(build_s, 2),
-        "duckdb": dg.MetadataValue.path(str(warehouse_path(lake.path, dataset))),
-        "parquet": dg.MetadataValue.path(str(paths["triples"].parent)),
-        "nodes_by_type": dg.MetadataValue.md(markdown_table(
-            kg.entities.group_by("type").len("nodes").sort("type"))),
-        "edges_by_relation": dg.MetadataValue.md(markdown_table(_edges_by_relation(kg))),
-        "degree": dg.MetadataValue.md(markdown_table(_degree_stats(kg))),
-        "degree_distribution": dg.MetadataValue.md(_degree_plot(kg, dataset)),
-    })
+    yield dg.MaterializeResult(
+        metadata={
+            "entities": kg.entities.height,
+            "triples": kg.triples.height,
+            "build_seconds": round(build_s, 2),
+            "duckdb": dg.MetadataValue.path(str(warehouse_path(lake.path, dataset))),
+            "parquet": dg.MetadataValue.path(str(paths["triples"].parent)),
+            "nodes_by_type": dg.MetadataValue.md(
+                markdown_table(kg.entities.group_by("type").len("nodes").sort("type"))
+            ),
+            "edges_by_relation": dg.MetadataValue.md(markdown_table(_edges_by_relation(kg))),
+            "degree": dg.MetadataValue.md(markdown_table(_degree_stats(kg))),
+            "degree_distribution": dg.MetadataValue.md(_degree_plot(kg, dataset)),
+        }
+    )
     for name, outcome in outcomes.items():
-        severity = (dg.AssetCheckSeverity.WARN if name == "item_metadata_coverage"
-                    else dg.AssetCheckSeverity.ERROR)
-        yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, severity=severity,
-                                  description=outcome.description, metadata=outcome.metadata)
+        severity = (
+            dg.AssetCheckSeverity.WARN
+            if name == "item_metadata_coverage"
+            else dg.AssetCheckSeverity.ERROR
+        )
+        yield dg.AssetCheckResult(
+            check_name=name,
+            passed=outcome.passed,
+            severity=severity,
+            description=outcome.description,
+            metadata=outcome.metadata,
+        )
 
 
 def _edges_by_relation(kg: KnowledgeGraph) -> pl.DataFrame:
-    return (kg.triples.group_by("relation").len("edges")
-            .join(kg.relations.select("relation", "family", "head_type", "tail_type"),
-                  on="relation").sort("family", "relation"))
+    return (
+        kg.triples.group_by("relation")
+        .len("edges")
+        .join(kg.relations.select("relation", "family", "head_type", "tail_type"), on="relation")
+        .sort("family", "relation")
+    )
 
 
 def _degrees(kg: KnowledgeGraph) -> pl.DataFrame:
     out = kg.triples.group_by("head").len("degree")
-    return kg.entities.select("entity_id", "type").join(
-        out, left_on="entity_id", right_on="head", how="left").with_columns(
-        pl.col("degree").fill_null(0))
+    return (
+        kg.entities.select("entity_id", "type")
+        .join(out, left_on="entity_id", right_on="head", how="left")
+        .with_columns(pl.col("degree").fill_null(0))
+    )
 
 
 def _degree_stats(kg: KnowledgeGraph) -> pl.DataFrame:
-    return _degrees(kg).group_by("type").agg(
-        nodes=pl.len(),
-        mean=pl.col("degree").mean(),
-        median=pl.col("degree").median(),
-        p99=pl.col("degree").quantile(0.99),
-        max=pl.col("degree").max(),
-        isolated=(pl.col("degree") == 0).sum(),
-    ).sort("type")
+    return (
+        _degrees(kg)
+        .group_by("type")
+        .agg(
+            nodes=pl.len(),
+            mean=pl.col("degree").mean(),
+            median=pl.col("degree").median(),
+            p99=pl.col("degree").quantile(0.99),
+            max=pl.col("degree").max(),
+            isolated=(pl.col("degree") == 0).sum(),
+        )
+        .sort("type")
+    )
 
 
 def _degree_plot(kg: KnowledgeGraph, dataset: str) -> str:

@@ -19,6 +19,7 @@ SEQUENCE_CHECKS = {
     "leave_one_out_consistent": validate.leave_one_out_consistent,
 }
 
+
 class PrepareRunConfig(dg.Config):
     """Run configuration mirroring `PrepareConfig`; defaults are the paper's."""
 
@@ -30,15 +31,22 @@ class PrepareRunConfig(dg.Config):
     def to_core(self) -> PrepareConfig:
         return PrepareConfig(**self.model_dump())
 
+
 @dg.multi_asset(
     outs={
         "items": dg.AssetOut(
-            group_name="prepare", code_version="1", is_required=False, kinds={"polars", "parquet"},
-            description="Kept items with dense item_idx (sorted native id), cleaned title, metadata.",
+            group_name="prepare",
+            code_version="1",
+            is_required=False,
+            kinds={"polars", "parquet"},
+            description="Kept items: dense item_idx (by native id), cleaned title, metadata.",
         ),
         "sequences": dg.AssetOut(
-            group_name="prepare", code_version="1", is_required=False, kinds={"polars", "parquet"},
-            description="One row per kept interaction, in user order, with the leave-one-out split.",
+            group_name="prepare",
+            code_version="1",
+            is_required=False,
+            kinds={"polars", "parquet"},
+            description="One row per kept interaction, in user order, with its leave-one-out split.",
         ),
     },
     ins={"raw_interactions": dg.AssetIn(), "raw_items": dg.AssetIn()},
@@ -55,23 +63,33 @@ def prepared_tables(
     raw_interactions: pl.DataFrame,
     raw_items: pl.DataFrame,
 ):
-    """k-core, re-index and split the partition's interactions (one step: ids depend on the k-core)."""
+    """k-core, re-index and split (one step: the ids depend on what the k-core keeps)."""
     result = prepare(raw_interactions, raw_items, config.to_core())
     context.log.info(f"{context.partition_key}: {result.stats}")
     selected = context.op_execution_context.selected_output_names
     if "items" in selected:
-        yield dg.Output(result.items, output_name="items", metadata={
-            "items": result.items.height,
-            "items_without_title": result.stats["items_without_title"],
-            "sample": dg.MetadataValue.md(markdown_table(
-                result.items.head(10).select("item_idx", "item_id", "raw_title", "title")
-            )),
-        })
+        yield dg.Output(
+            result.items,
+            output_name="items",
+            metadata={
+                "items": result.items.height,
+                "items_without_title": result.stats["items_without_title"],
+                "sample": dg.MetadataValue.md(
+                    markdown_table(
+                        result.items.head(10).select("item_idx", "item_id", "raw_title", "title")
+                    )
+                ),
+            },
+        )
     if "sequences" in selected:
-        yield dg.Output(result.sequences, output_name="sequences", metadata={
-            "stats": dg.MetadataValue.md(_stats_markdown(context.partition_key, result.stats)),
-            **{k: v for k, v in result.stats.items() if isinstance(v, int | float)},
-        })
+        yield dg.Output(
+            result.sequences,
+            output_name="sequences",
+            metadata={
+                "stats": dg.MetadataValue.md(_stats_markdown(context.partition_key, result.stats)),
+                **{k: v for k, v in result.stats.items() if isinstance(v, int | float)},
+            },
+        )
     checks = {("items", n): c(result.items) for n, c in ITEM_CHECKS.items()}
     checks |= {("sequences", n): c(result.sequences) for n, c in SEQUENCE_CHECKS.items()}
     for check_key in context.selected_asset_check_keys:
@@ -81,19 +99,32 @@ def prepared_tables(
 
 def _result(asset: str, name: str, outcome: validate.Outcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        asset_key=asset, check_name=name, passed=outcome.passed,
-        description=outcome.description, metadata=outcome.metadata,
+        asset_key=asset,
+        check_name=name,
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=outcome.metadata,
     )
+
 
 def _stats_markdown(dataset: str, stats: dict[str, float | int]) -> str:
     shown = [
-        ("users", "{:,}"), ("items", "{:,}"), ("interactions", "{:,}"), ("density", "{:.4%}"),
-        ("mean_sequence_length", "{:.1f}"), ("median_sequence_length", "{:.1f}"),
-        ("min_sequence_length", "{}"), ("max_sequence_length", "{}"),
-        ("train_interactions", "{:,}"), ("val_interactions", "{:,}"),
-        ("test_interactions", "{:,}"), ("users_with_tied_last_two", "{:,}"),
-        ("raw_interactions", "{:,}"), ("items_without_title", "{:,}"),
-        ("duplicate_pairs_dropped", "{:,}"), ("k_core_rounds", "{}"),
+        ("users", "{:,}"),
+        ("items", "{:,}"),
+        ("interactions", "{:,}"),
+        ("density", "{:.4%}"),
+        ("mean_sequence_length", "{:.1f}"),
+        ("median_sequence_length", "{:.1f}"),
+        ("min_sequence_length", "{}"),
+        ("max_sequence_length", "{}"),
+        ("train_interactions", "{:,}"),
+        ("val_interactions", "{:,}"),
+        ("test_interactions", "{:,}"),
+        ("users_with_tied_last_two", "{:,}"),
+        ("raw_interactions", "{:,}"),
+        ("items_without_title", "{:,}"),
+        ("duplicate_pairs_dropped", "{:,}"),
+        ("k_core_rounds", "{}"),
     ]
     rows = "\n".join(f"| {name} | {fmt.format(stats[name])} |" for name, fmt in shown)
     return f"**{dataset}**\n\n| statistic | value |\n|---|---|\n{rows}"

@@ -13,8 +13,10 @@ from lkg_pipeline.core.storage import write_parquet_atomic
 # The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
 DEFAULT_LAKE = Path(__file__).resolve().parents[2] / "data_lake"
 
+
 def default_lake_root() -> str:
     return os.environ.get("LKG_DATA_LAKE", str(DEFAULT_LAKE))
+
 
 class DataLake(dg.ConfigurableResource):
     """The root every stage writes under; one place to point the whole pipeline elsewhere."""
@@ -24,6 +26,7 @@ class DataLake(dg.ConfigurableResource):
     @property
     def path(self) -> Path:
         return Path(self.root).expanduser().resolve()
+
 
 class ParquetIOManager(dg.UPathIOManager):
     """Polars frames as `<root>/<group>/<asset>/<partition>.parquet`, written atomically.
@@ -37,8 +40,10 @@ class ParquetIOManager(dg.UPathIOManager):
 
     def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if not isinstance(obj, pl.DataFrame):
-            raise TypeError(f"{context.asset_key.to_user_string()}: expected a polars DataFrame, "
-                            f"got {type(obj).__name__}")
+            raise TypeError(
+                f"{context.asset_key.to_user_string()}: expected a polars DataFrame, "
+                f"got {type(obj).__name__}"
+            )
         write_parquet_atomic(obj, Path(path.path))
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
@@ -57,15 +62,19 @@ class ParquetIOManager(dg.UPathIOManager):
             "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(obj)),
         }
 
+
 def table_schema(frame: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
     )
 
+
 @dg.definitions
 def resources() -> dg.Definitions:
     lake = DataLake()
-    return dg.Definitions(resources={
-        "lake": lake,
-        "io_manager": ParquetIOManager(base_path=UPath(lake.path)),
-    })
+    return dg.Definitions(
+        resources={
+            "lake": lake,
+            "io_manager": ParquetIOManager(base_path=UPath(lake.path)),
+        }
+    )

@@ -47,7 +47,9 @@ def test_grouplens_ml100k_folder_and_zip_read_the_same(tmp_path: Path) -> None:
     assert items["title"].to_list() == ["Toy Story", "Misérables, Les", "unknown"]
     assert items["year"].to_list() == [1995, 1995, None]
     assert items["genres"].to_list() == [
-        ["Animation", "Children's", "Comedy"], ["Drama", "Musical"], ["unknown"],
+        ["Animation", "Children's", "Comedy"],
+        ["Drama", "Musical"],
+        ["unknown"],
     ]
     assert a.frames["interactions"].schema == raw_schemas(pl.Int64)["interactions"]
     assert a.frames["users"]["occupation"].to_list() == ["technician", "other"]
@@ -93,7 +95,11 @@ def test_ml_latest_small_csv_with_tags(tmp_path: Path) -> None:
     assert inter["rating"].to_list() == [4.0, 3.5]
     assert items["title"].to_list() == ["Toy Story", "American President, The", "Babylon 5"]
     assert items["year"].to_list() == [1995, 1995, None]
-    assert items["genres"].to_list() == [["Adventure", "Animation"], ["Comedy", "Drama", "Romance"], []]
+    assert items["genres"].to_list() == [
+        ["Adventure", "Animation"],
+        ["Comedy", "Drama", "Romance"],
+        [],
+    ]
     assert raw.frames["tags"].rows() == [(2, 1, "pixar", 1445714994)]
 
 
@@ -125,7 +131,11 @@ def test_beauty_ratings_and_python_literal_meta(tmp_path: Path) -> None:
     assert item["brand"] == "Bio-Active" and item["categories"] == [["Beauty", "Skin Care", "Face"]]
     assert item["also_bought"] == ["B01", "B02"] and item["bought_together"] == ["B01"]
     assert item["also_viewed"] == []
-    assert (item["sales_rank_category"], item["sales_rank"], item["price"]) == ("Beauty", 402875, 12.5)
+    assert (item["sales_rank_category"], item["sales_rank"], item["price"]) == (
+        "Beauty",
+        402875,
+        12.5,
+    )
 
 
 def test_malicious_meta_line_fails_strict_and_is_skipped_when_tolerated(tmp_path: Path) -> None:
@@ -148,7 +158,9 @@ def test_meta_with_wrong_field_types_is_an_issue() -> None:
 
 def test_missing_files_say_what_to_provide(tmp_path: Path) -> None:
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
-    with pytest.raises(SourceUnavailableError, match=r"movies.csv not found in .*Expected ratings.csv"):
+    with pytest.raises(
+        SourceUnavailableError, match=r"movies.csv not found in .*Expected ratings.csv"
+    ):
         read_dataset("ml-latest-small", FolderTree(tmp_path))
     with pytest.raises(SourceUnavailableError, match="RecBole layout .* or GroupLens layout"):
         read_dataset("ml-100k", FolderTree(tmp_path))
@@ -161,7 +173,9 @@ def test_default_source_prefers_the_drop_folder(tmp_path: Path, lake: Path) -> N
 
 
 def test_unreachable_download_explains_what_to_provide(tmp_path: Path) -> None:
-    with pytest.raises(SourceUnavailableError, match=r"Download of http://127.0.0.1:9/x.zip failed"):
+    with pytest.raises(
+        SourceUnavailableError, match=r"Download of http://127.0.0.1:9/x.zip failed"
+    ):
         resolve_source("ml-latest-small", "http://127.0.0.1:9/x.zip", tmp_path)
     assert not list((tmp_path / "cache").rglob("*.part")), "a partial download was left behind"
 
@@ -169,6 +183,12 @@ def test_unreachable_download_explains_what_to_provide(tmp_path: Path) -> None:
 def test_real_ml100k_from_the_recbole_wheel(recbole_wheel: Path) -> None:
     raw = read_dataset("ml-100k", ZipTree(recbole_wheel))
     sizes = {name: frame.height for name, frame in raw.frames.items()}
-    assert sizes == {"interactions": 100_000, "items": 1682, "users": 943, "tags": 0,
-                     "entity_links": 1598, "entity_triples": 91_631}
+    assert sizes == {
+        "interactions": 100_000,
+        "items": 1682,
+        "users": 943,
+        "tags": 0,
+        "entity_links": 1598,
+        "entity_triples": 91_631,
+    }
     assert raw.skipped_lines == 0

@@ -20,8 +20,9 @@ def raw(text: str | bytes, label: str = "f.tsv") -> RawFile:
 
 
 def test_typed_columns_and_line_numbers() -> None:
-    frame, report = read_delimited(raw("u\ti\tr\n1\t10\t4\n2\t20\t3.5\n"), COLUMNS,
-                                   separator="\t", header=True)
+    frame, report = read_delimited(
+        raw("u\ti\tr\n1\t10\t4\n2\t20\t3.5\n"), COLUMNS, separator="\t", header=True
+    )
     assert frame.select("user", "item", "rating").rows() == [(1, 10, 4.0), (2, 20, 3.5)]
     assert frame["__line"].to_list() == [2, 3]
     assert frame.schema["user"] == pl.Int64 and frame.schema["rating"] == pl.Float32
@@ -42,9 +43,13 @@ def test_malformed_lines_are_reported_with_file_line_and_count() -> None:
         read_delimited(raw(text, "data/u.data"), COLUMNS, separator="\t")
     message = str(err.value)
     assert "data/u.data: 4 malformed line(s)" in message
-    for fragment in ("line 2: expected 3 fields, got 2", "line 3: column 'item'",
-                     "line 4: expected 3 fields, got 4", "line 5: column 'rating'",
-                     "max_bad_lines >= 4"):
+    for fragment in (
+        "line 2: expected 3 fields, got 2",
+        "line 3: column 'item'",
+        "line 4: expected 3 fields, got 4",
+        "line 5: column 'rating'",
+        "max_bad_lines >= 4",
+    ):
         assert fragment in message
     frame, report = read_delimited(raw(text), COLUMNS, separator="\t", max_bad_lines=4)
     assert frame["user"].to_list() == [1, 6]
@@ -53,7 +58,7 @@ def test_malformed_lines_are_reported_with_file_line_and_count() -> None:
 
 
 def test_undecodable_bytes_are_an_issue_on_their_line() -> None:
-    data = "1\t10\t4\n".encode() + b"2\t\xff\xfe\t3\n" + b"3\t30\t2\n"
+    data = b"1\t10\t4\n" + b"2\t\xff\xfe\t3\n" + b"3\t30\t2\n"
     with pytest.raises(MalformedInputError, match="line 2: not valid utf-8"):
         read_delimited(raw(data), COLUMNS, separator="\t")
     frame, report = read_delimited(raw(data), COLUMNS, separator="\t", max_bad_lines=1)
@@ -62,8 +67,12 @@ def test_undecodable_bytes_are_an_issue_on_their_line() -> None:
 
 def test_latin1_text_decodes_to_the_same_unicode() -> None:
     data = "1|Misérables, Les (1995)\n".encode("latin-1")
-    frame, _ = read_delimited(raw(data), [Column("id", pl.Int64), Column("t", pl.String)],
-                              separator="|", encoding="latin-1")
+    frame, _ = read_delimited(
+        raw(data),
+        [Column("id", pl.Int64), Column("t", pl.String)],
+        separator="|",
+        encoding="latin-1",
+    )
     assert frame["t"].to_list() == ["Misérables, Les (1995)"]
 
 

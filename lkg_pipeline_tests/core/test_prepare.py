@@ -9,41 +9,62 @@ from lkg_pipeline.core.prepare import PrepareConfig, clean_title, k_core, prepar
 from lkg_pipeline.core.sources import FolderTree, ZipTree
 
 
-@pytest.mark.parametrize(("raw", "year", "clean"), [
-    ("Usual Suspects, The (1995)", 1995, "The Usual Suspects (1995)"),
-    ("Usual Suspects, The", 1995, "The Usual Suspects (1995)"),
-    ("Seven (Se7en)", 1995, "Seven (1995)"),
-    ("Shanghai Triad (Yao a yao yao dao waipo qiao) (1995)", 1995, "Shanghai Triad (1995)"),
-    ("Misérables, Les", 1995, "Les Misérables (1995)"),
-    ("Double vie de Véronique, La (Double Life of Veronique, The)", 1991,
-     "La Double vie de Véronique (1991)"),
-    ("Eclisse, L'", 1962, "L'Eclisse (1962)"),
-    ("To Wong Foo, Thanks for Everything! Julie Newmar", 1995,
-     "To Wong Foo, Thanks for Everything! Julie Newmar (1995)"),
-    ("Babylon 5", None, "Babylon 5"),
-    ("Land Before Time III: The Time of the Great Giving (V)", 1995,
-     "Land Before Time III: The Time of the Great Giving (1995)"),
-    ("  ", 1990, None),
-    (None, 1990, None),
-    ("unkonwn", None, None),
-])
+@pytest.mark.parametrize(
+    ("raw", "year", "clean"),
+    [
+        ("Usual Suspects, The (1995)", 1995, "The Usual Suspects (1995)"),
+        ("Usual Suspects, The", 1995, "The Usual Suspects (1995)"),
+        ("Seven (Se7en)", 1995, "Seven (1995)"),
+        ("Shanghai Triad (Yao a yao yao dao waipo qiao) (1995)", 1995, "Shanghai Triad (1995)"),
+        ("Misérables, Les", 1995, "Les Misérables (1995)"),
+        (
+            "Double vie de Véronique, La (Double Life of Veronique, The)",
+            1991,
+            "La Double vie de Véronique (1991)",
+        ),
+        ("Eclisse, L'", 1962, "L'Eclisse (1962)"),
+        (
+            "To Wong Foo, Thanks for Everything! Julie Newmar",
+            1995,
+            "To Wong Foo, Thanks for Everything! Julie Newmar (1995)",
+        ),
+        ("Babylon 5", None, "Babylon 5"),
+        (
+            "Land Before Time III: The Time of the Great Giving (V)",
+            1995,
+            "Land Before Time III: The Time of the Great Giving (1995)",
+        ),
+        ("  ", 1990, None),
+        (None, 1990, None),
+        ("unkonwn", None, None),
+    ],
+)
 def test_clean_title(raw: str | None, year: int | None, clean: str | None) -> None:
     assert clean_title(raw, year) == clean
 
 
 def interactions(rows: list[tuple[int, int, int]]) -> pl.DataFrame:
     return pl.DataFrame(
-        {"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
-         "rating": [4.0] * len(rows), "timestamp": [r[2] for r in rows]},
-        schema={"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Float32,
-                "timestamp": pl.Int64},
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "rating": [4.0] * len(rows),
+            "timestamp": [r[2] for r in rows],
+        },
+        schema={
+            "user_id": pl.Int64,
+            "item_id": pl.Int64,
+            "rating": pl.Float32,
+            "timestamp": pl.Int64,
+        },
     )
 
 
 def items_for(ids: list[int]) -> pl.DataFrame:
-    return pl.DataFrame({"item_id": ids, "title": [f"Movie {i}" for i in ids],
-                         "year": [2000] * len(ids)},
-                        schema={"item_id": pl.Int64, "title": pl.String, "year": pl.Int32})
+    return pl.DataFrame(
+        {"item_id": ids, "title": [f"Movie {i}" for i in ids], "year": [2000] * len(ids)},
+        schema={"item_id": pl.Int64, "title": pl.String, "year": pl.Int32},
+    )
 
 
 def test_k_core_is_iterative() -> None:
@@ -59,9 +80,18 @@ def test_k_core_is_iterative() -> None:
 def tiny() -> tuple[pl.DataFrame, pl.DataFrame]:
     rows = [
         # user 7: items 30 and 10 at the same second at the end → 10 is val, 30 is test
-        (7, 20, 1), (7, 40, 2), (7, 30, 5), (7, 10, 5),
-        (5, 10, 1), (5, 20, 1), (5, 30, 2), (5, 40, 3),
-        (9, 40, 1), (9, 30, 2), (9, 20, 3), (9, 10, 4),
+        (7, 20, 1),
+        (7, 40, 2),
+        (7, 30, 5),
+        (7, 10, 5),
+        (5, 10, 1),
+        (5, 20, 1),
+        (5, 30, 2),
+        (5, 40, 3),
+        (9, 40, 1),
+        (9, 30, 2),
+        (9, 20, 3),
+        (9, 10, 4),
     ]
     return interactions(rows), items_for([10, 20, 30, 40, 50])
 
@@ -104,8 +134,11 @@ def test_validators_catch_broken_splits_and_ids() -> None:
     no_val = out.sequences.filter(~((pl.col("user_idx") == 0) & (pl.col("split") == "val")))
     assert not validate.leave_one_out_consistent(no_val).passed
     swapped = out.sequences.with_columns(
-        split=pl.when(pl.col("split") == "val").then(pl.lit("test"))
-        .when(pl.col("split") == "test").then(pl.lit("val")).otherwise(pl.col("split"))
+        split=pl.when(pl.col("split") == "val")
+        .then(pl.lit("test"))
+        .when(pl.col("split") == "test")
+        .then(pl.lit("val"))
+        .otherwise(pl.col("split"))
     )
     assert not validate.leave_one_out_consistent(swapped).passed
     assert not validate.dense_ids(out.items.filter(pl.col("item_idx") != 1), "item_idx").passed
@@ -119,11 +152,17 @@ def test_real_ml100k_figures(recbole_wheel: Path) -> None:
     raw = read_dataset("ml-100k", ZipTree(recbole_wheel))
     inter, items = raw.frames["interactions"], raw.frames["items"]
     kept_placeholder = prepare(inter, items, PrepareConfig(drop_placeholder_titles=False))
-    assert (kept_placeholder.stats["interactions"], kept_placeholder.stats["users"],
-            kept_placeholder.stats["items"]) == (99_287, 943, 1_349)
+    assert (
+        kept_placeholder.stats["interactions"],
+        kept_placeholder.stats["users"],
+        kept_placeholder.stats["items"],
+    ) == (99_287, 943, 1_349)
     default = prepare(inter, items, PrepareConfig())
     assert (default.stats["interactions"], default.stats["users"], default.stats["items"]) == (
-        99_278, 943, 1_348)
+        99_278,
+        943,
+        1_348,
+    )
     assert default.stats["users_with_tied_last_two"] == 416
     for outcome in (
         validate.leave_one_out_consistent(default.sequences),
@@ -138,8 +177,9 @@ def to_grouplens(raw_frames: dict[str, pl.DataFrame], folder: Path) -> None:
     """Write RecBole's ML-100K as GroupLens' u.data / u.item (Latin-1, flags) / u.user."""
     folder.mkdir()
     inter = raw_frames["interactions"]
-    (folder / "u.data").write_text("".join(
-        f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in inter.iter_rows()))
+    (folder / "u.data").write_text(
+        "".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in inter.iter_rows())
+    )
     lines = []
     for row in raw_frames["items"].iter_rows(named=True):
         year = row["year"]
@@ -149,8 +189,9 @@ def to_grouplens(raw_frames: dict[str, pl.DataFrame], folder: Path) -> None:
         flags = "|".join("1" if g in row["genres"] else "0" for g in ML100K_GENRES)
         lines.append(f"{row['item_id']}|{title}|{date}||http://imdb|{flags}\n")
     (folder / "u.item").write_bytes("".join(lines).encode("latin-1"))
-    (folder / "u.user").write_text("".join(
-        f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in raw_frames["users"].iter_rows()))
+    (folder / "u.user").write_text(
+        "".join(f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in raw_frames["users"].iter_rows())
+    )
 
 
 def test_grouplens_and_recbole_layouts_prepare_identically(recbole_wheel: Path, tmp_path: Path):
@@ -162,4 +203,5 @@ def test_grouplens_and_recbole_layouts_prepare_identically(recbole_wheel: Path, 
     b = prepare(grouplens.frames["interactions"], grouplens.frames["items"], PrepareConfig())
     assert a.sequences.equals(b.sequences)
     assert a.items.select("item_idx", "item_id", "title", "year", "genres").equals(
-        b.items.select("item_idx", "item_id", "title", "year", "genres"))
+        b.items.select("item_idx", "item_id", "title", "year", "genres")
+    )

@@ -21,23 +21,34 @@ from lkg_pipeline.core.retrieval import (
 
 def long_frame(seqs: list[list[int]]) -> pl.DataFrame:
     """The `sequences` contract from per-user item lists (last two items = val, test)."""
+
+    def split(pos: int, n: int) -> str:
+        return "test" if pos == n - 1 else "val" if pos == n - 2 else "train"
+
     rows = [
-        (u, item, 1000 * u + pos, pos, "test" if pos == len(s) - 1 else "val" if pos == len(s) - 2 else "train")
+        (u, item, 1000 * u + pos, pos, split(pos, len(s)))
         for u, s in enumerate(seqs)
         for pos, item in enumerate(s)
     ]
     return pl.DataFrame(
         rows,
-        schema={"user_idx": pl.Int32, "item_idx": pl.Int32, "timestamp": pl.Int64,
-                "position": pl.Int32, "split": pl.String},
+        schema={
+            "user_idx": pl.Int32,
+            "item_idx": pl.Int32,
+            "timestamp": pl.Int64,
+            "position": pl.Int32,
+            "split": pl.String,
+        },
         orient="row",
     )
 
 
 def random_data(n_users: int = 12, n_items: int = 60, seed: int = 0) -> UserSequences:
     rng = np.random.default_rng(seed)
-    seqs = [rng.choice(n_items, size=int(rng.integers(5, 26)), replace=False).tolist()
-            for _ in range(n_users)]
+    seqs = [
+        rng.choice(n_items, size=int(rng.integers(5, 26)), replace=False).tolist()
+        for _ in range(n_users)
+    ]
     return user_sequences(long_frame(seqs), n_items=n_items)
 
 
@@ -82,7 +93,8 @@ def test_candidates_contain_the_target_exactly_as_often_as_coverage_says() -> No
     cands = retrieve_candidates(model, data, k=20)
     report = retriever_report(model, data)
     hits = cands.top_k.join(
-        cands.targets, left_on=["user_idx", "split", "item_idx"],
+        cands.targets,
+        left_on=["user_idx", "split", "item_idx"],
         right_on=["user_idx", "split", "target_item_idx"],
     )
     for split in ("val", "test"):
@@ -110,28 +122,36 @@ def test_popularity_baseline_counts_train_items_and_breaks_ties_by_index() -> No
 
 
 def test_tiny_model_overfits_a_tiny_dataset() -> None:
-    # Every user walks the same cycle 0 -> 1 -> ... -> 11 from a different start: the next
-    # item is a pure function of the current one.
-    seqs = [[(start + t) % 12 for t in range(10)] for start in range(8)]
-    data = user_sequences(long_frame(seqs), n_items=12)
+    # Users walk the cycle 0 -> 1 -> ... -> 39 -> 0 from different starts: the next item is a
+    # pure function of the current one, and val/test (the next two steps) follow the rule.
+    seqs = [[(start + t) % 40 for t in range(12)] for start in range(0, 40, 5)]
+    data = user_sequences(long_frame(seqs), n_items=40)
     config = LRURecConfig(
-        n_items=12, d_model=32, n_layers=1, dropout=0.0, lr=1e-2, batch_size=8,
-        max_epochs=80, patience=80, seed=0,
+        n_items=40,
+        d_model=32,
+        n_layers=1,
+        dropout=0.0,
+        lr=1e-2,
+        batch_size=2,
+        max_epochs=15,
+        patience=15,
+        seed=0,
     )
     result = train_lrurec(data, config)
     prefixes = [s[:p] for s in data.train for p in range(1, len(s))]
     targets = np.array([s[p] for s in data.train for p in range(1, len(s))])
     train_fit = evaluate_scores(score_users(result.model, prefixes), targets, ks=(1,), k=1)
-    assert train_fit["Recall@1"] >= 0.95
-    assert result.best_val["Recall@10"] == 1.0
+    assert train_fit["Recall@1"] >= 0.9
+    assert result.best_val["Recall@1"] >= 0.9
     assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
     assert not result.model.training
 
 
 def test_training_is_deterministic_on_cpu() -> None:
     data = random_data(n_users=16, n_items=40)
-    config = LRURecConfig(n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=3,
-                          patience=3, seed=7)
+    config = LRURecConfig(
+        n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=3, patience=3, seed=7
+    )
     logged: list[dict[str, float]] = []
     first = train_lrurec(data, config, on_log=logged.append)
     second = train_lrurec(data, config)

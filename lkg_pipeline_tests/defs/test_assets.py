@@ -1,0 +1,162 @@
+"""ingest, prepare and kg materialised through Dagster, in-process and by the real CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+from upath import UPath
+
+from lkg_pipeline.defs.ingest import raw_tables
+from lkg_pipeline.defs.kg import kg_triples
+from lkg_pipeline.defs.prepare import prepared_tables
+from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def resources(lake: Path) -> dict:
+    return {"lake": DataLake(root=str(lake)), "io_manager": ParquetIOManager(base_path=UPath(lake))}
+
+
+def test_materialize_ml100k_ingest_prepare_and_kg(lake: Path) -> None:
+    result = dg.materialize(
+        [raw_tables, prepared_tables, kg_triples],
+        partition_key="ml-100k",
+        resources=resources(lake),
+    )
+    assert result.success
+    seqs = pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet")
+    items = pl.read_parquet(lake / "prepare" / "items" / "ml-100k.parquet")
+    assert (seqs.height, seqs["user_idx"].n_unique(), items.height) == (99_278, 943, 1_348)
+    assert (lake / "ingest" / "raw_entity_triples" / "ml-100k.parquet").exists()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert len(checks) == 10 and all(c.passed for c in checks.values()), [
+        (n, c.description) for n, c in checks.items() if not c.passed
+    ]
+    meta = result.asset_materializations_for_node("prepared_tables")[1].metadata
+    assert "| users | 943 |" in meta["stats"].value and meta["dagster/row_count"].value == 99_278
+
+    kg_meta = result.asset_materializations_for_node("kg_triples")[0].metadata
+    assert "| directed_by |" in kg_meta["edges_by_relation"].value
+    assert kg_meta["degree_distribution"].value.startswith("![degree distribution](data:image/png")
+    with duckdb.connect(str(lake / "warehouse" / "ml-100k.duckdb"), read_only=True) as con:
+        counts = dict(con.sql("select relation, count(*) from triples group by all").fetchall())
+        train_rows = int((seqs["split"] == "train").sum())
+        assert counts["rated"] == counts["rated_by"] == train_rows
+        assert counts["directed_by"] == counts["directed"] > 1000
+        n_entities = con.sql("select count(*) from entities").fetchall()[0][0]
+    triples = pl.read_parquet(lake / "kg" / "kg_triples" / "ml-100k" / "triples.parquet")
+    assert triples.height == sum(counts.values()) == kg_meta["triples"].value
+    assert n_entities == kg_meta["entities"].value
+    assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_path: Path) -> None:
+    src = tmp_path / "latest"
+    src.mkdir()
+    (src / "movies.csv").write_text("movieId,title,genres\n1,A (2000),Drama\n2,B (2001),Comedy\n")
+    good = "userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},4.0,{u * 10 + i}\n" for u in range(1, 6) for i in (1, 2)
+    )
+    (src / "ratings.csv").write_text(good)
+    config = {"ops": {"raw_tables": {"config": {"source": str(src)}}}}
+    assert dg.materialize(
+        [raw_tables], partition_key="ml-latest-small", run_config=config, resources=resources(lake)
+    ).success
+    target = lake / "ingest" / "raw_interactions" / "ml-latest-small.parquet"
+    before = target.read_bytes()
+
+    (src / "ratings.csv").write_text(good + "6,1,four,99\n")
+    with pytest.raises(Exception, match=r"ratings.csv: 1 malformed line.*line 12: column 'rating'"):
+        dg.materialize(
+            [raw_tables],
+            partition_key="ml-latest-small",
+            run_config=config,
+            resources=resources(lake),
+        )
+    assert target.read_bytes() == before
+
+    tolerant = {"ops": {"raw_tables": {"config": {"source": str(src), "max_bad_lines": 1}}}}
+    result = dg.materialize(
+        [raw_tables],
+        partition_key="ml-latest-small",
+        run_config=tolerant,
+        resources=resources(lake),
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("raw_tables")[0].metadata
+    assert meta["skipped_lines"].value == 1
+    assert pl.read_parquet(target).height == 10
+
+
+def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> None:
+    """The real `dagster asset materialize`, ml-100k and ml-latest-small concurrently."""
+    src = tmp_path / "latest"
+    src.mkdir()
+    (src / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        + "".join(f'{i},"Film {i}, The (199{i})",Drama\n' for i in range(6))
+    )
+    (src / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n"
+        + "".join(f"{u},{i},3.5,{1000 + u * 10 + i}\n" for u in range(8) for i in range(6))
+    )
+    config = tmp_path / "latest.yaml"
+    config.write_text(f"ops:\n  raw_tables:\n    config:\n      source: {src}\n")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(lake)}
+    # A new instance's SQLite schema is created on first use; two processes racing to create it
+    # fail, so set it up once, as a first `make run` would.
+    subprocess.run(
+        [sys.executable, "-m", "dagster", "instance", "migrate"],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    dagster = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "lkg_pipeline.definitions",
+        "--select",
+        "*items,*sequences,*kg_triples",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*dagster, "--partition", "ml-100k"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*dagster, "--partition", "ml-latest-small", "-c", str(config)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    assert pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet").height == 99_278
+    latest = pl.read_parquet(lake / "prepare" / "sequences" / "ml-latest-small.parquet")
+    assert latest.height == 48 and latest["user_idx"].n_unique() == 8
+    items = pl.read_parquet(lake / "prepare" / "items" / "ml-latest-small.parquet")
+    assert items["title"].to_list()[:2] == ["The Film 0 (1990)", "The Film 1 (1991)"]
+    for dataset in ("ml-100k", "ml-latest-small"):  # one database each, both complete
+        with duckdb.connect(str(lake / "warehouse" / f"{dataset}.duckdb"), read_only=True) as con:
+            assert con.sql("select count(*) from triples").fetchall()[0][0] > 0
