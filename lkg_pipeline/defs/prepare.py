@@ -46,7 +46,7 @@ class PrepareRunConfig(dg.Config):
             code_version="1",
             is_required=False,
             kinds={"polars", "parquet"},
-            description="One row per kept interaction, in user order, with its leave-one-out split.",
+            description="One row per kept interaction, in user order, with its split.",
         ),
     },
     ins={"raw_interactions": dg.AssetIn(), "raw_items": dg.AssetIn()},
