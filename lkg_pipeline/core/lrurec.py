@@ -33,15 +33,15 @@ class LRURecConfig:
     n_items: int  # number of real items; the embedding has one more row for padding
     d_model: int = 64  # embedding / hidden size (paper: 64)
     n_layers: int = 2  # LRU blocks (paper: 2)
-    dropout: float = 0.2  # embedding, LRU output and FFN dropout (paper: 0.2 on MovieLens)
-    max_len: int = 200  # longest input the model sees (paper: 200 MovieLens, 50 Amazon)
+    dropout: float = 0.2  # embedding, LRU output and FFN dropout (DESIGN.md)
+    max_len: int = 200  # longest input the model sees (200 MovieLens, 50 Amazon)
     r_min: float = 0.8  # smallest initial |λ|: the shortest memory
     r_max: float = 0.99  # largest initial |λ|: the longest memory (~100 steps)
-    lr: float = 1e-3  # AdamW learning rate (paper)
-    weight_decay: float = 0.01  # AdamW decay on weight matrices and embeddings only (paper)
-    grad_clip: float = 5.0  # max global grad norm (paper)
-    batch_size: int = 64  # training windows per step: ~15 steps/epoch on ML-100K
-    sliding_step: int = 200  # stride between training windows of sequences > max_len + 1
+    lr: float = 1e-3  # AdamW learning rate (DESIGN.md)
+    weight_decay: float = 0.01  # AdamW decay, on weight matrices and embeddings only
+    grad_clip: float = 5.0  # max global grad norm (DESIGN.md)
+    batch_size: int = 64  # training windows per step: 18 steps/epoch on ML-100K
+    sliding_step: int | None = None  # stride between windows of long sequences; None = max_len
     max_epochs: int = 100  # hard cap; early stopping normally ends training well before
     patience: int = 10  # epochs without a better validation Recall@10 before stopping
     eval_batch_size: int = 256  # users per forward pass when scoring
@@ -50,7 +50,8 @@ class LRURecConfig:
     def __post_init__(self) -> None:
         assert self.n_items >= 1, f"n_items must be >= 1, got {self.n_items}"
         assert 0.0 < self.r_min < self.r_max < 1.0, f"need 0 < r_min < r_max < 1, got {self}"
-        assert self.max_len >= 1 and self.sliding_step >= 1, "max_len and sliding_step >= 1"
+        assert self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"
+        assert self.sliding_step is None or self.sliding_step >= 1, "sliding_step must be >= 1"
 
 
 def _scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,7 @@ def train_lrurec(
     generator = torch.Generator().manual_seed(config.seed)  # batch order
     model = LRURec(config)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    windows = _training_windows(data.train, config.max_len, config.sliding_step)
+    windows = _training_windows(data.train, config.max_len, config.sliding_step or config.max_len)
     assert windows, "no user has >= 2 train items: nothing to train on"
     lengths = np.array([len(w) for w in windows])
     val_inputs, val_targets = data.inputs("val")
@@ -241,7 +241,7 @@ def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> t
     return scores
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -> torch.Tensor:
     """(U, I) next-item scores for each input sequence, input items masked to -inf.
 
@@ -264,7 +264,9 @@ def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (values, indices) per row, ties to the lower index (matches tie_break='index')."""
     assert k <= scores.shape[1], f"k={k} exceeds {scores.shape[1]} items"
     values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
-    return values[:, :k], indices[:, :k]
+    values, indices = values[:, :k], indices[:, :k]  # (U, k) each
+    assert bool(torch.isfinite(values).all()), f"a user has fewer than k={k} unseen items"
+    return values, indices
 
 
 def evaluate_scores(
@@ -348,7 +350,7 @@ def popularity_report(
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _prefix_scores(
     model: LRURec,
     train: list[list[int]],
@@ -426,7 +428,7 @@ def training_candidates(
     """
     if policy not in get_args(CandidatePolicy):
         raise ValueError(f"unknown policy {policy!r}; choose one of {get_args(CandidatePolicy)}")
-    assert n_candidates <= data.n_items, f"{n_candidates} candidates > {data.n_items} items"
+    assert 2 <= n_candidates <= data.n_items, f"need 2 <= n_candidates <= {data.n_items}"
     rng = np.random.default_rng(seed)
     users, prefix_lens, targets = _train_prefixes(data.train, examples_per_user)
 
