@@ -461,3 +461,50 @@ def training_candidates(
             "candidate_item_idxs": pl.Series(cands.astype(np.int32)).cast(pl.List(pl.Int32)),
         }
     )
+
+
+CANDIDATE_SCHEMA = {
+    "user_idx": pl.Int32,
+    "split": pl.String,
+    "prefix_len": pl.Int32,  # how many of the user's items (in order) form the input history
+    "target_item_idx": pl.Int32,
+    "candidate_item_idxs": pl.List(pl.Int32),
+    "candidate_scores": pl.List(pl.Float32),  # retriever scores (val/test; null for train)
+    "target_rank": pl.Int64,  # the target's full-ranking retriever rank (null for train)
+    "in_candidates": pl.Boolean,
+}
+
+
+def candidate_table(
+    candidates: Candidates, train_examples: pl.DataFrame, data: UserSequences
+) -> pl.DataFrame:
+    """One row per ranker example, train / val / test, in the shape prompts are built from.
+
+    Val/test candidates stay in retriever order (rank 1 first); train candidates keep the
+    seeded shuffle of `training_candidates`.
+    """
+    ranked = (
+        candidates.top_k.sort("user_idx", "split", "rank")
+        .group_by("user_idx", "split", maintain_order=True)
+        .agg(candidate_item_idxs=pl.col("item_idx"), candidate_scores=pl.col("score"))
+    )
+    train_len = pl.DataFrame(
+        {"user_idx": np.arange(data.n_users), "n_train": [len(s) for s in data.train]},
+        schema={"user_idx": pl.Int32, "n_train": pl.Int32},
+    )
+    evaluated = (
+        candidates.targets.join(ranked, on=["user_idx", "split"])
+        .join(train_len, on="user_idx")
+        .with_columns(prefix_len=pl.col("n_train") + (pl.col("split") == "test").cast(pl.Int32))
+    )
+    training = train_examples.with_columns(
+        split=pl.lit("train"),
+        candidate_scores=pl.lit(None, pl.List(pl.Float32)),
+        target_rank=pl.lit(None, pl.Int64),
+        in_candidates=pl.lit(True),
+    )
+    columns = [pl.col(name).cast(dtype) for name, dtype in CANDIDATE_SCHEMA.items()]
+    order = pl.col("split").replace_strict({"train": 0, "val": 1, "test": 2}, return_dtype=pl.Int8)
+    return pl.concat([training.select(columns), evaluated.select(columns)]).sort(
+        order, "user_idx", "prefix_len"
+    )

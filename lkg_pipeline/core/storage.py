@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,3 +31,29 @@ def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 def write_parquet_atomic(frame: pl.DataFrame, target: Path) -> None:
     replace_atomically(target, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
+
+
+def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh folder beside `target` with `write`, then swap it in for `target`.
+
+    A folder cannot be renamed over a non-empty one, so the old folder is first moved aside and
+    deleted only after the new one is in place: at every instant `target` is either the old
+    complete folder or the new complete one (or, for a moment, absent; never half-written).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            os.replace(target, old / target.name)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

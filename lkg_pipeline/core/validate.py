@@ -197,3 +197,40 @@ def item_metadata_coverage(
             "examples": _examples(uncovered.select("entity_id", "name")),
         },
     )
+
+
+# --- candidates -----------------------------------------------------------------------------
+
+
+def candidates_well_formed(table: pl.DataFrame, sequences: pl.DataFrame, k: int = 20) -> Outcome:
+    """Each example: k distinct candidates, none from its own input history, and the target
+    present exactly when `in_candidates` says so (always, for training examples)."""
+    rows = table.with_row_index("row")
+    sizes = rows.select(
+        "row",
+        n=pl.col("candidate_item_idxs").list.len(),
+        distinct=pl.col("candidate_item_idxs").list.n_unique(),
+        has_target=pl.col("candidate_item_idxs").list.contains(pl.col("target_item_idx")),
+        in_candidates="in_candidates",
+    )
+    bad_size = sizes.filter((pl.col("n") != k) | (pl.col("distinct") != k))
+    bad_target = sizes.filter(pl.col("has_target") != pl.col("in_candidates"))
+    positions = sequences.select("user_idx", "item_idx", "position")
+    from_history = (
+        rows.select("row", "user_idx", "prefix_len", item_idx="candidate_item_idxs")
+        .explode("item_idx")
+        .join(positions, on=["user_idx", "item_idx"])
+        .filter(pl.col("position") < pl.col("prefix_len"))
+    )
+    bad = bad_size.height + bad_target.height + from_history["row"].n_unique()
+    return Outcome(
+        bad == 0,
+        f"{bad_size.height} lists not {k} distinct items, {bad_target.height} with a wrong "
+        f"in_candidates flag, {from_history['row'].n_unique()} holding a history item",
+        {
+            "bad_size": bad_size.height,
+            "bad_target_flag": bad_target.height,
+            "history_in_candidates": from_history["row"].n_unique(),
+            "examples": _examples(from_history),
+        },
+    )

@@ -15,6 +15,7 @@ from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
+from lkg_pipeline.defs.retrieval import candidates, retriever
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,11 +24,12 @@ def resources(lake: Path) -> dict:
     return {"lake": DataLake(root=str(lake)), "io_manager": ParquetIOManager(base_path=UPath(lake))}
 
 
-def test_materialize_ml100k_ingest_prepare_and_kg(lake: Path) -> None:
+def test_materialize_ml100k_through_retrieval(lake: Path) -> None:
     result = dg.materialize(
-        [raw_tables, prepared_tables, kg_triples],
+        [raw_tables, prepared_tables, kg_triples, retriever, candidates],
         partition_key="ml-100k",
         resources=resources(lake),
+        run_config={"ops": {"retriever": {"config": {"max_epochs": 2}}}},
     )
     assert result.success
     seqs = pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet")
@@ -35,7 +37,7 @@ def test_materialize_ml100k_ingest_prepare_and_kg(lake: Path) -> None:
     assert (seqs.height, seqs["user_idx"].n_unique(), items.height) == (99_278, 943, 1_348)
     assert (lake / "ingest" / "raw_entity_triples" / "ml-100k.parquet").exists()
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert len(checks) == 10 and all(c.passed for c in checks.values()), [
+    assert len(checks) == 11 and all(c.passed for c in checks.values()), [
         (n, c.description) for n, c in checks.items() if not c.passed
     ]
     meta = result.asset_materializations_for_node("prepared_tables")[1].metadata
@@ -53,6 +55,26 @@ def test_materialize_ml100k_ingest_prepare_and_kg(lake: Path) -> None:
     triples = pl.read_parquet(lake / "kg" / "kg_triples" / "ml-100k" / "triples.parquet")
     assert triples.height == sum(counts.values()) == kg_meta["triples"].value
     assert n_entities == kg_meta["entities"].value
+
+    model_dir = lake / "models" / "retriever" / "ml-100k"
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "training.json",
+    ]
+    retriever_meta = result.asset_materializations_for_node("retriever")[0].metadata
+    assert retriever_meta["epochs_run"].value == 2
+    assert "| popularity | test |" in retriever_meta["metrics"].value
+    table = pl.read_parquet(lake / "retrieval" / "candidates" / "ml-100k.parquet")
+    assert dict(table.group_by("split").len().iter_rows()) == {
+        "train": 943,
+        "val": 943,
+        "test": 943,
+    }
+    test = table.filter(pl.col("split") == "test")
+    meta = result.asset_materializations_for_node("candidates")[0].metadata
+    assert meta["test_coverage"].value == test["in_candidates"].mean()
+    assert test["in_candidates"].sum() == (test["target_rank"] <= 20).sum()
     assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
 
 

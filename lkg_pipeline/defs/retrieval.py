@@ -1,0 +1,209 @@
+"""Group `retrieval`: the LRURec retriever per dataset and the candidates the ranker sees."""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import matplotlib
+import polars as pl
+
+from lkg_pipeline.core import validate
+from lkg_pipeline.core.lrurec import LRURecConfig, load_lrurec, save_lrurec
+from lkg_pipeline.core.retrieval import (
+    candidate_table,
+    popularity_report,
+    retrieve_candidates,
+    retriever_report,
+    train_lrurec,
+    training_candidates,
+    user_sequences,
+)
+from lkg_pipeline.core.storage import replace_dir_atomically
+from lkg_pipeline.defs.metadata import markdown_table, png_markdown
+from lkg_pipeline.defs.partitions import dataset_partitions
+from lkg_pipeline.defs.resources import DataLake
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# The published max_len: 200 for MovieLens, 50 for Amazon (shared DESIGN.md §1).
+DEFAULT_MAX_LEN = {"ml-100k": 200, "ml-latest-small": 200, "beauty": 50}
+REPORT_KS = (1, 5, 10, 20)
+
+
+class RetrieverRunConfig(dg.Config):
+    """LRURec hyperparameters (published defaults) and the seed that makes a CPU run repeat."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    dropout: float = 0.2
+    max_len: int | None = None  # None: 200 for MovieLens, 50 for Amazon
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    batch_size: int = 64
+    max_epochs: int = 100
+    patience: int = 10  # epochs without a better val Recall@10 before stopping
+    seed: int = 42
+
+    def to_core(self, dataset: str, n_items: int) -> LRURecConfig:
+        values = self.model_dump()
+        values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
+        return LRURecConfig(n_items=n_items, **values)
+
+
+class CandidatesRunConfig(dg.Config):
+    k: int = 20  # candidates per example (the ranker's letters A..T)
+    train_policy: Literal["random", "retriever"] = "retriever"
+    train_examples_per_user: int | None = 1  # last k train prefixes per user; None = all
+    seed: int = 42
+
+
+def retriever_dir(lake: Path, dataset: str) -> Path:
+    return lake / "models" / "retriever" / dataset
+
+
+@dg.asset(
+    group_name="retrieval",
+    partitions_def=dataset_partitions,
+    code_version="1",
+    kinds={"pytorch", "safetensors"},
+    ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},
+)
+def retriever(
+    context: dg.AssetExecutionContext,
+    config: RetrieverRunConfig,
+    lake: DataLake,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+) -> dg.MaterializeResult:
+    """LRURec trained on train sequences, early-stopped on validation Recall@10."""
+    dataset = context.partition_key
+    data = user_sequences(sequences, n_items=items.height)
+    core_config = config.to_core(dataset, items.height)
+
+    def log(record: dict) -> None:
+        shown = {
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in record.items()
+            if k in ("epoch", "step", "loss", "val_Recall@10", "val_NDCG@10", "best")
+        }
+        context.log.info(f"{dataset} LRURec {shown}")
+
+    result = train_lrurec(data, core_config, on_log=log)
+    report = {
+        "LRURec": retriever_report(result.model, data, REPORT_KS, 20),
+        "popularity": popularity_report(data, REPORT_KS, 20),
+    }
+
+    def write(folder: Path) -> None:
+        save_lrurec(result.model, core_config, folder)
+        (folder / "training.json").write_text(
+            json.dumps(
+                {
+                    "dataset": dataset,
+                    "config": dataclasses.asdict(core_config),
+                    "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+                    "best_epoch": result.best_epoch,
+                    "wall_time_s": result.wall_time_s,
+                    "history": result.history,
+                    "metrics": report,
+                },
+                indent=2,
+            )
+        )
+
+    target = retriever_dir(lake.path, dataset)
+    replace_dir_atomically(target, write)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "train_seconds": round(result.wall_time_s, 1),
+            "test_NDCG@10": report["LRURec"]["test"]["NDCG@10"],
+            "test_Recall@20": report["LRURec"]["test"]["Recall@20"],
+            "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
+            "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
+        }
+    )
+
+
+def _metrics_frame(report: dict) -> pl.DataFrame:
+    rows = []
+    for model, splits in report.items():
+        for split, metrics in splits.items():
+            rows.append({"model": model, "split": split, **metrics})
+    return pl.DataFrame(rows)
+
+
+def _curves(history: list[dict], dataset: str) -> str:
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    left.plot(epochs, [h["loss"] for h in history])
+    left.set(xlabel="epoch", ylabel="train loss", title=f"{dataset}: LRURec loss")
+    for key in ("val_Recall@10", "val_NDCG@10"):
+        right.plot(epochs, [h[key] for h in history], label=key)
+    right.set(xlabel="epoch", title="validation")
+    right.legend()
+    markdown = png_markdown(fig, "training curves")
+    plt.close(fig)
+    return markdown
+
+
+@dg.asset(
+    group_name="retrieval",
+    partitions_def=dataset_partitions,
+    code_version="1",
+    kinds={"polars", "parquet"},
+    deps=["retriever"],
+    ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},
+    check_specs=[dg.AssetCheckSpec("candidates_well_formed", asset="candidates", blocking=True)],
+)
+def candidates(
+    context: dg.AssetExecutionContext,
+    config: CandidatesRunConfig,
+    lake: DataLake,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+):
+    """Top-k retriever candidates for val/test and the ranker's training examples."""
+    dataset = context.partition_key
+    data = user_sequences(sequences, n_items=items.height)
+    model = load_lrurec(retriever_dir(lake.path, dataset))
+    evaluated = retrieve_candidates(model, data, k=config.k)
+    train = training_candidates(
+        data,
+        config.train_policy,
+        model,
+        n_candidates=config.k,
+        examples_per_user=config.train_examples_per_user,
+        seed=config.seed,
+    )
+    table = candidate_table(evaluated, train, data)
+    coverage = (
+        table.filter(pl.col("split") != "train")
+        .group_by("split")
+        .agg(users=pl.len(), coverage=pl.col("in_candidates").mean())
+        .sort("split")
+    )
+    yield dg.Output(
+        table,
+        metadata={
+            "train_policy": config.train_policy,
+            "examples": dg.MetadataValue.md(
+                markdown_table(table.group_by("split").len().sort("split"))
+            ),
+            "coverage": dg.MetadataValue.md(markdown_table(coverage)),
+            "test_coverage": float(coverage.filter(pl.col("split") == "test")["coverage"][0]),
+        },
+    )
+    outcome = validate.candidates_well_formed(table, sequences, config.k)
+    yield dg.AssetCheckResult(
+        check_name="candidates_well_formed",
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=outcome.metadata,
+    )
