@@ -463,7 +463,7 @@ def training_candidates(
     )
 
 
-CANDIDATE_SCHEMA = {
+CANDIDATE_SCHEMA = {  # (`candidate_table` puts an `example_id` row key in front)
     "user_idx": pl.Int32,
     "split": pl.String,
     "prefix_len": pl.Int32,  # how many of the user's items (in order) form the input history
@@ -505,6 +505,9 @@ def candidate_table(
     )
     columns = [pl.col(name).cast(dtype) for name, dtype in CANDIDATE_SCHEMA.items()]
     order = pl.col("split").replace_strict({"train": 0, "val": 1, "test": 2}, return_dtype=pl.Int8)
-    return pl.concat([training.select(columns), evaluated.select(columns)]).sort(
-        order, "user_idx", "prefix_len"
+    return (
+        pl.concat([training.select(columns), evaluated.select(columns)])
+        .sort(order, "user_idx", "prefix_len")
+        .with_row_index("example_id")  # stable: later stages key prompts and paths by it
+        .with_columns(pl.col("example_id").cast(pl.Int64))
     )

@@ -31,14 +31,23 @@ create index triples_tail on triples(tail);
 
 
 def write_duckdb(kg: KnowledgeGraph, target: Path) -> None:
+    write_tables(
+        {"entities_df": kg.entities, "relations_df": kg.relations, "triples_df": kg.triples},
+        DDL,
+        target,
+    )
+
+
+def write_tables(frames: dict[str, pl.DataFrame], ddl: str, target: Path) -> None:
+    """A DuckDB file made by running `ddl` over `frames` (registered by name), all-or-nothing."""
+
     def build(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)  # DuckDB refuses to open an empty placeholder file
         con = duckdb.connect(str(tmp))
         try:
-            con.register("entities_df", kg.entities)
-            con.register("relations_df", kg.relations)
-            con.register("triples_df", kg.triples)
-            con.execute(DDL)
+            for name, frame in frames.items():
+                con.register(name, frame)
+            con.execute(ddl)
             con.execute("checkpoint")
         finally:
             con.close()

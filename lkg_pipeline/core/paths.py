@@ -1,0 +1,316 @@
+"""Relation paths from a user's recent history to each candidate, for all users at once.
+
+The reference issues one Neo4j shortestPath query per (history item, candidate) pair, up to 420
+per prompt. Here every path is found by a handful of set-based joins in DuckDB: paths depend only
+on the (history item, candidate) *item pair*, so each distinct pair is solved once and the
+results are joined back to every example that needs it.
+
+Paths never pass through a user node (behaviour reaches items through `co_rated`), so a hub of
+raters cannot explode the output, and attribute hubs (a genre shared by hundreds of films) are
+kept in the per-type counts but sampled last as concrete paths: a shared director says more
+than a shared genre. Path types are the relation of the first edge ("directed_by",
+"co_rated", …); they are what the preference module weighs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import polars as pl
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    history_len: int = 20  # last H items of each example's input history (the reference's 20)
+    max_hops: int = 2  # 1: direct item–item relations; 2: also item → attribute → item
+    max_paths_per_pair: int = 3  # concrete paths kept per (example, history item, candidate)
+    max_attribute_degree: int | None = None  # ignore attribute nodes linking more items (None: all)
+
+    def __post_init__(self) -> None:
+        assert self.history_len >= 1, f"history_len={self.history_len} must be ≥ 1"
+        assert self.max_hops in (1, 2), (
+            f"max_hops={self.max_hops}: paths of 1 or 2 hops are implemented"
+        )
+        assert self.max_paths_per_pair >= 1, "max_paths_per_pair must be ≥ 1"
+
+
+@dataclass
+class Paths:
+    paths: pl.DataFrame  # concrete, capped: one row per kept path
+    pair_features: pl.DataFrame  # (example_id, candidate_item_idx, path_type, n_paths): all paths
+    history_profile: pl.DataFrame  # (user_idx, path_type, weight): types linking own history
+    stats: dict[str, float | int] = field(default_factory=dict)
+
+
+# Item pairs (h, c) → every path between them, computed once per distinct pair.
+PAIR_PATHS_SQL = """
+create temp table attr_edges as
+    select t.head as item, t.relation, t.tail as node, d.degree
+    from triples t
+    join node_degree d on d.node = t.tail
+    where t.head < $n_items and t.tail >= $n_items + $n_users
+      and ($max_degree is null or d.degree <= $max_degree);
+
+create temp table item_edges as
+    select head as item, relation, tail as other from triples
+    where head < $n_items and tail < $n_items and head <> tail;
+
+create temp table pair_paths as
+    select p.h, p.c, 1 as hops, e.relation as path_type, [e.relation] as relations,
+           null::bigint as via, 0::bigint as via_degree
+    from pairs p join item_edges e on e.item = p.h and e.other = p.c
+    union all
+    select p.h, p.c, 2 as hops, a.relation as path_type, [a.relation, b.inverse] as relations,
+           a.node as via, a.degree as via_degree
+    from pairs p
+    join attr_edges a on a.item = p.h
+    join (select x.*, r.inverse from attr_edges x join relations r using (relation)) b
+      on b.item = p.c and b.node = a.node
+    where $max_hops >= 2;
+"""
+
+NODE_DEGREE_SQL = """
+create temp table node_degree as
+    select tail as node, count(distinct head) as degree from triples
+    where head < $n_items and tail >= $n_items + $n_users group by tail;
+"""
+
+
+def _run_script(con: duckdb.DuckDBPyConnection, script: str, params: dict[str, Any]) -> None:
+    """Run `;`-separated statements, binding to each only the `$names` it uses (DuckDB binds
+    parameters to a single statement)."""
+    for statement in filter(str.strip, script.split(";")):
+        used = set(re.findall(r"\$(\w+)", statement))
+        con.execute(statement, {k: v for k, v in params.items() if k in used})
+
+
+def history_rows(examples: pl.DataFrame, sequences: pl.DataFrame, history_len: int) -> pl.DataFrame:
+    """(example_id, user_idx, history_position, item_idx): the last H items before each target."""
+    return (
+        examples.select("example_id", "user_idx", "prefix_len")
+        .join(sequences.select("user_idx", "position", "item_idx"), on="user_idx")
+        .filter(
+            (pl.col("position") < pl.col("prefix_len"))
+            & (pl.col("position") >= pl.col("prefix_len") - history_len)
+        )
+        .select("example_id", "user_idx", pl.col("position").alias("history_position"), "item_idx")
+    )
+
+
+def candidate_rows(examples: pl.DataFrame) -> pl.DataFrame:
+    return (
+        examples.select("example_id", "candidate_item_idxs")
+        .with_columns(candidate_position=pl.int_ranges(pl.col("candidate_item_idxs").list.len()))
+        .explode("candidate_item_idxs", "candidate_position")
+        .rename({"candidate_item_idxs": "candidate_item_idx"})
+    )
+
+
+def enumerate_paths(
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    entities: pl.DataFrame,
+    triples: pl.DataFrame,
+    relations: pl.DataFrame,
+    n_items: int,
+    config: PathConfig = PathConfig(),
+) -> Paths:
+    """All paths of every example, with per-type counts and a capped sample of concrete paths.
+
+    `examples` is the candidates table with an `example_id` column; the graph tables are those
+    of `lkg_pipeline.core.kg`.
+    """
+    start = time.perf_counter()
+    n_users = int((entities["type"] == "user").sum())
+    hist = history_rows(examples, sequences, config.history_len)
+    cand = candidate_rows(examples)
+    con = duckdb.connect()
+    try:
+        con.execute("set threads to 2")
+        for name, frame in {
+            "triples": triples,
+            "relations": relations,
+            "hist": hist,
+            "cand": cand,
+        }.items():
+            con.register(name, frame)
+        params = {"n_items": n_items, "n_users": n_users}
+        _run_script(con, NODE_DEGREE_SQL, params)
+        con.execute(
+            "create temp table pairs as select distinct h.item_idx as h, c.candidate_item_idx as c"
+            " from hist h join cand c using (example_id) where h.item_idx <> c.candidate_item_idx"
+        )
+        _run_script(
+            con,
+            PAIR_PATHS_SQL,
+            params | {"max_degree": config.max_attribute_degree, "max_hops": config.max_hops},
+        )
+        pair_features = con.sql("""
+            select c.example_id, c.candidate_item_idx, pp.path_type,
+                   count(*)::integer as n_paths
+            from cand c join hist h using (example_id)
+            join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
+            group by all order by all
+        """).pl()
+        kept = con.sql(
+            """
+            select * from (
+                select c.example_id, h.user_idx, h.history_position, h.item_idx as history_item_idx,
+                       c.candidate_position, c.candidate_item_idx, pp.hops, pp.path_type,
+                       pp.relations, pp.via, pp.via_degree,
+                       row_number() over (
+                           partition by c.example_id, h.item_idx, c.candidate_item_idx
+                           order by pp.hops, pp.via_degree, pp.path_type, pp.via
+                       ) as path_rank
+                from cand c join hist h using (example_id)
+                join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
+            ) where path_rank <= $cap
+            order by example_id, history_position desc, candidate_position, path_rank
+        """,
+            params={"cap": config.max_paths_per_pair},
+        ).pl()
+        pair_count = con.sql("select count(*) from pairs").fetchall()[0][0]
+        pair_path_count = con.sql("select count(*) from pair_paths").fetchall()[0][0]
+    finally:
+        con.close()
+    names = entities.select(pl.col("entity_id").alias("via"), pl.col("name").alias("via_name"))
+    paths = kept.join(names, on="via", how="left").drop("path_rank")
+    profile = _history_profile(examples, hist, paths)
+    elapsed = time.perf_counter() - start
+    return Paths(
+        paths,
+        pair_features,
+        profile,
+        {
+            "examples": examples.height,
+            "distinct_item_pairs": pair_count,
+            "item_pair_paths": pair_path_count,
+            "concrete_paths_kept": paths.height,
+            "seconds": round(elapsed, 2),
+            **coverage_stats(examples, pair_features),
+        },
+    )
+
+
+def _history_profile(
+    examples: pl.DataFrame,
+    hist: pl.DataFrame,
+    paths: pl.DataFrame,
+) -> pl.DataFrame:
+    """Per user, how often each path type links items of their own training history.
+
+    Read from the training examples' paths to their targets: which relations connected what the
+    user had seen to what they chose next. It feeds the history encoder of the preference
+    module, so it must come from training rows only.
+    """
+    train = examples.filter(pl.col("split") == "train").select("example_id", "target_item_idx")
+    to_target = paths.join(train, on="example_id").filter(
+        pl.col("candidate_item_idx") == pl.col("target_item_idx")
+    )
+    return (
+        to_target.group_by("user_idx", "path_type")
+        .agg(weight=pl.len().cast(pl.Float32))
+        .sort("user_idx", "path_type")
+    )
+
+
+def _flag_targets(examples: pl.DataFrame) -> pl.DataFrame:
+    return (
+        candidate_rows(examples)
+        .join(examples.select("example_id", "target_item_idx"), on="example_id")
+        .select(
+            "example_id",
+            "candidate_item_idx",
+            is_target=pl.col("candidate_item_idx") == pl.col("target_item_idx"),
+        )
+    )
+
+
+def coverage_stats(examples: pl.DataFrame, pair_features: pl.DataFrame) -> dict[str, float]:
+    """Targets vs other candidates: share with ≥1 path and mean number of paths.
+
+    Shared genres and years link almost every pair of films, so "has a path" alone says little;
+    the mean count, and `signal_by_type`, show whether the graph tells the true item apart.
+    """
+    totals = pair_features.group_by("example_id", "candidate_item_idx").agg(
+        n=pl.col("n_paths").sum()
+    )
+    flagged = (
+        _flag_targets(examples)
+        .join(totals, on=["example_id", "candidate_item_idx"], how="left")
+        .with_columns(pl.col("n").fill_null(0))
+    )
+    targets, others = flagged.filter("is_target"), flagged.filter(~pl.col("is_target"))
+
+    def share(frame: pl.DataFrame) -> float:
+        return float((frame["n"] > 0).mean()) if frame.height else 0.0
+
+    def mean(frame: pl.DataFrame) -> float:
+        return float(frame["n"].mean()) if frame.height else 0.0
+
+    return {
+        "share_candidates_with_path": share(flagged),
+        "share_targets_with_path": share(targets),
+        "share_non_targets_with_path": share(others),
+        "mean_paths_to_targets": mean(targets),
+        "mean_paths_to_non_targets": mean(others),
+    }
+
+
+def signal_by_type(examples: pl.DataFrame, pair_features: pl.DataFrame) -> pl.DataFrame:
+    """Per path type: share of true items and of other candidates reached by ≥1 such path."""
+    flagged = _flag_targets(examples)
+    n_targets = int(flagged["is_target"].sum())
+    n_others = flagged.height - n_targets
+    reached = pair_features.select("example_id", "candidate_item_idx", "path_type").join(
+        flagged, on=["example_id", "candidate_item_idx"]
+    )
+    return (
+        reached.group_by("path_type")
+        .agg(
+            targets=pl.col("is_target").sum() / max(n_targets, 1),
+            non_targets=(~pl.col("is_target")).sum() / max(n_others, 1),
+        )
+        .with_columns(lift=pl.col("targets") / pl.col("non_targets"))
+        .sort("lift", descending=True)
+    )
+
+
+def select_paths(
+    paths: pl.DataFrame,
+    preferences: pl.DataFrame | None,
+    per_history_item: int = 1,
+    max_paths: int = 20,
+) -> pl.DataFrame:
+    """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`.
+
+    With `preferences` (user_idx, path_type, pi) the user's most preferred path type wins
+    (`lkg_rag`); without, the fewest hops win, first enumerated on ties (`kg_rag`, the
+    reference's shortest path). Most recent history items come first, so the cap drops the
+    oldest.
+    """
+    ranked = paths
+    if preferences is not None:
+        ranked = paths.join(
+            preferences.select("user_idx", "path_type", "pi"),
+            on=["user_idx", "path_type"],
+            how="left",
+        ).with_columns(pl.col("pi").fill_null(0.0))
+        keys, descending = ["pi", "hops", "via_degree", "candidate_position"], [True] + [False] * 3
+    else:
+        keys, descending = ["hops", "candidate_position", "via_degree"], [False] * 3
+    chosen = (
+        ranked.sort(
+            ["example_id", "history_position", *keys], descending=[False, True, *descending]
+        )
+        .group_by("example_id", "history_item_idx", maintain_order=True)
+        .head(per_history_item)
+        .group_by("example_id", maintain_order=True)
+        .head(max_paths)
+        .with_columns(selection_rank=pl.int_range(1, pl.len() + 1).over("example_id"))
+    )
+    return chosen

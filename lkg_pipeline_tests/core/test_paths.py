@@ -1,0 +1,117 @@
+import polars as pl
+
+from lkg_pipeline.core.kg import build_kg
+from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths
+from lkg_pipeline_tests.core.test_kg import sequences_frame, tiny_graph_inputs
+
+
+def examples_frame(rows: list[tuple[int, int, str, int, int, list[int]]]) -> pl.DataFrame:
+    """rows: (example_id, user_idx, split, prefix_len, target, candidates)."""
+    return pl.DataFrame(
+        rows,
+        orient="row",
+        schema={
+            "example_id": pl.Int64,
+            "user_idx": pl.Int32,
+            "split": pl.String,
+            "prefix_len": pl.Int32,
+            "target_item_idx": pl.Int32,
+            "candidate_item_idxs": pl.List(pl.Int32),
+        },
+    )
+
+
+def run(examples: pl.DataFrame, config: PathConfig = PathConfig(), seqs=None):
+    items, default_seqs = tiny_graph_inputs()
+    seqs = default_seqs if seqs is None else seqs
+    kg = build_kg(items, seqs)
+    return enumerate_paths(
+        examples, seqs, kg.entities, kg.triples, kg.relations, items.height, config
+    )
+
+
+# The tiny graph (see test_kg): items A=0 (Drama, 2000), B=1 (Drama+Comedy, 2001),
+# C=2 (Comedy, 2000), D=3 (nothing); co_rated A–B and B–C; node ids Comedy=6, Drama=7,
+# year 2000=8, year 2001=9. Example 0: user 0 has seen A, B; candidates C and D.
+EXAMPLE = examples_frame([(0, 0, "train", 2, 2, [2, 3])])
+
+
+def test_paths_of_a_hand_made_graph() -> None:
+    out = run(EXAMPLE)
+    rows = out.paths.select(
+        "history_item_idx",
+        "candidate_item_idx",
+        "hops",
+        "path_type",
+        "relations",
+        "via",
+        "via_name",
+    ).rows()
+    assert rows == [
+        # most recent history item (B) first, then fewest hops, then rarer intermediate node
+        (1, 2, 1, "co_rated", ["co_rated"], None, None),
+        (1, 2, 2, "has_genre", ["has_genre", "genre_of"], 6, "Comedy"),
+        (0, 2, 2, "released_in", ["released_in", "release_year_of"], 8, "2000"),
+    ]
+    assert out.pair_features.rows() == [
+        (0, 2, "co_rated", 1),
+        (0, 2, "has_genre", 1),
+        (0, 2, "released_in", 1),
+    ]
+    assert out.stats["share_targets_with_path"] == 1.0
+    assert out.stats["share_non_targets_with_path"] == 0.0
+    assert out.history_profile.rows() == [
+        (0, "co_rated", 1.0),
+        (0, "has_genre", 1.0),
+        (0, "released_in", 1.0),
+    ]
+
+
+def test_hop_limit_hub_cap_and_pair_cap() -> None:
+    one_hop = run(EXAMPLE, PathConfig(max_hops=1))
+    assert one_hop.paths["path_type"].to_list() == ["co_rated"]
+    no_hubs = run(EXAMPLE, PathConfig(max_attribute_degree=1))  # every attribute links 2 items
+    assert no_hubs.pair_features["path_type"].to_list() == ["co_rated"]
+    capped = run(EXAMPLE, PathConfig(max_paths_per_pair=1))
+    assert capped.paths.select("history_item_idx", "path_type").rows() == [
+        (1, "co_rated"),
+        (0, "released_in"),
+    ]
+    assert capped.pair_features.height == 3  # counts keep every path, only samples are capped
+    short = run(EXAMPLE, PathConfig(history_len=1))  # only B, the most recent
+    assert set(short.paths["history_item_idx"]) == {1}
+
+
+def test_paths_never_use_a_held_out_interaction() -> None:
+    # User 2 watched B, C, D then (test) A. A–B are co-rated in training (user 0); were the
+    # test interaction in the graph, co_rated would also link C and D to A through user 2.
+    items, seqs = tiny_graph_inputs()
+    planted = pl.concat([seqs, sequences_frame({2: [1, 2, 3, 0]})])
+    examples = examples_frame([(7, 2, "test", 3, 0, [0])])
+    out = run(examples, seqs=planted)
+    co = out.paths.filter(pl.col("path_type") == "co_rated")
+    assert co["history_item_idx"].to_list() == [1]
+    assert not out.paths.filter(pl.col("history_item_idx") == 3).height  # D has no metadata
+
+
+def test_selection_by_fewest_hops_or_by_preference() -> None:
+    out = run(EXAMPLE)
+    shortest = select_paths(out.paths, None)
+    assert shortest.select("history_item_idx", "path_type", "selection_rank").rows() == [
+        (1, "co_rated", 1),
+        (0, "released_in", 2),
+    ]
+    likes_genres = pl.DataFrame(
+        {
+            "user_idx": [0, 0, 0],
+            "path_type": ["co_rated", "has_genre", "released_in"],
+            "pi": [0.1, 0.8, 0.1],
+        },
+        schema_overrides={"user_idx": pl.Int32},
+    )
+    chosen = select_paths(out.paths, likes_genres)
+    assert chosen.select("history_item_idx", "path_type").rows() == [
+        (1, "has_genre"),
+        (0, "released_in"),
+    ]
+    assert select_paths(out.paths, likes_genres, max_paths=1).height == 1
