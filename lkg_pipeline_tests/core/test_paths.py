@@ -21,8 +21,9 @@ def examples_frame(rows: list[tuple[int, int, str, int, int, list[int]]]) -> pl.
     )
 
 
-def run(examples: pl.DataFrame, config: PathConfig = PathConfig(), seqs=None):
+def run(examples: pl.DataFrame, config: PathConfig | None = None, seqs=None):
     items, default_seqs = tiny_graph_inputs()
+    config = config or PathConfig()
     seqs = default_seqs if seqs is None else seqs
     kg = build_kg(items, seqs)
     return enumerate_paths(
