@@ -42,7 +42,9 @@ class PathConfig:
 class Paths:
     paths: pl.DataFrame  # concrete, capped: one row per kept path
     pair_features: pl.DataFrame  # (example_id, candidate_item_idx, path_type, n_paths): all paths
-    history_profile: pl.DataFrame  # (user_idx, path_type, weight): types linking own history
+    # (user_idx, path_type, weight): path types linking consecutive items of the user's training
+    # histories, never a target, so the history encoder sees no answer
+    history_profile: pl.DataFrame
     stats: dict[str, float | int] = field(default_factory=dict)
 
 
@@ -73,6 +75,16 @@ create temp table pair_paths as
     where $max_hops >= 2;
 """
 
+# Consecutive items of each user's training histories: what led from one item to the next
+# before any target, the leak-free material of the history profile.
+STEPS_SQL = """
+create temp table steps as
+    select distinct a.user_idx, a.history_position, a.item_idx as h, b.item_idx as c
+    from hist a join hist b
+      on a.example_id = b.example_id and b.history_position = a.history_position + 1
+    where a.split = 'train'
+"""
+
 NODE_DEGREE_SQL = """
 create temp table node_degree as
     select tail as node, count(distinct head) as degree from triples
@@ -91,13 +103,19 @@ def _run_script(con: duckdb.DuckDBPyConnection, script: str, params: dict[str, A
 def history_rows(examples: pl.DataFrame, sequences: pl.DataFrame, history_len: int) -> pl.DataFrame:
     """(example_id, user_idx, history_position, item_idx): the last H items before each target."""
     return (
-        examples.select("example_id", "user_idx", "prefix_len")
+        examples.select("example_id", "user_idx", "split", "prefix_len")
         .join(sequences.select("user_idx", "position", "item_idx"), on="user_idx")
         .filter(
             (pl.col("position") < pl.col("prefix_len"))
             & (pl.col("position") >= pl.col("prefix_len") - history_len)
         )
-        .select("example_id", "user_idx", pl.col("position").alias("history_position"), "item_idx")
+        .select(
+            "example_id",
+            "user_idx",
+            "split",
+            pl.col("position").alias("history_position"),
+            "item_idx",
+        )
     )
 
 
@@ -140,9 +158,11 @@ def enumerate_paths(
             con.register(name, frame)
         params = {"n_items": n_items, "n_users": n_users}
         _run_script(con, NODE_DEGREE_SQL, params)
+        con.execute(STEPS_SQL)
         con.execute(
             "create temp table pairs as select distinct h.item_idx as h, c.candidate_item_idx as c"
             " from hist h join cand c using (example_id) where h.item_idx <> c.candidate_item_idx"
+            " union select h, c from steps where h <> c"
         )
         _run_script(
             con,
@@ -173,13 +193,17 @@ def enumerate_paths(
         """,
             params={"cap": config.max_paths_per_pair},
         ).pl()
+        profile = con.sql("""
+            select s.user_idx, pp.path_type, count(*)::float as weight
+            from steps s join pair_paths pp on pp.h = s.h and pp.c = s.c
+            group by all order by all
+        """).pl()
         pair_count = con.sql("select count(*) from pairs").fetchall()[0][0]
         pair_path_count = con.sql("select count(*) from pair_paths").fetchall()[0][0]
     finally:
         con.close()
     names = entities.select(pl.col("entity_id").alias("via"), pl.col("name").alias("via_name"))
     paths = kept.join(names, on="via", how="left").drop("path_rank")
-    profile = _history_profile(examples, hist, paths)
     elapsed = time.perf_counter() - start
     return Paths(
         paths,
@@ -193,28 +217,6 @@ def enumerate_paths(
             "seconds": round(elapsed, 2),
             **coverage_stats(examples, pair_features),
         },
-    )
-
-
-def _history_profile(
-    examples: pl.DataFrame,
-    hist: pl.DataFrame,
-    paths: pl.DataFrame,
-) -> pl.DataFrame:
-    """Per user, how often each path type links items of their own training history.
-
-    Read from the training examples' paths to their targets: which relations connected what the
-    user had seen to what they chose next. It feeds the history encoder of the preference
-    module, so it must come from training rows only.
-    """
-    train = examples.filter(pl.col("split") == "train").select("example_id", "target_item_idx")
-    to_target = paths.join(train, on="example_id").filter(
-        pl.col("candidate_item_idx") == pl.col("target_item_idx")
-    )
-    return (
-        to_target.group_by("user_idx", "path_type")
-        .agg(weight=pl.len().cast(pl.Float32))
-        .sort("user_idx", "path_type")
     )
 
 
@@ -288,19 +290,22 @@ def select_paths(
 ) -> pl.DataFrame:
     """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`.
 
-    With `preferences` (user_idx, path_type, pi) the user's most preferred path type wins
-    (`lkg_rag`); without, the fewest hops win, first enumerated on ties (`kg_rag`, the
-    reference's shortest path). Most recent history items come first, so the cap drops the
-    oldest.
+    With `preferences` (user_idx, path_type, weight) the path type that counts most for this
+    user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win,
+    first enumerated on ties (`kg_rag`, the reference's shortest path). Most recent history
+    items come first, so the cap drops the oldest.
     """
     ranked = paths
     if preferences is not None:
         ranked = paths.join(
-            preferences.select("user_idx", "path_type", "pi"),
+            preferences.select("user_idx", "path_type", "weight"),
             on=["user_idx", "path_type"],
             how="left",
-        ).with_columns(pl.col("pi").fill_null(0.0))
-        keys, descending = ["pi", "hops", "via_degree", "candidate_position"], [True] + [False] * 3
+        ).with_columns(pl.col("weight").fill_null(0.0))
+        keys, descending = (
+            ["weight", "via_degree", "hops", "candidate_position"],
+            [True] + [False] * 3,
+        )
     else:
         keys, descending = ["hops", "candidate_position", "via_degree"], [False] * 3
     chosen = (

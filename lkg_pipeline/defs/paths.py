@@ -1,17 +1,32 @@
 """Group `paths`: KG paths from each user's history to each candidate, and the preference module."""
 
+import json
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
+import matplotlib
 import polars as pl
 
-from lkg_pipeline.core.paths import PathConfig, enumerate_paths, signal_by_type
-from lkg_pipeline.core.storage import write_parquet_atomic
+from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths, signal_by_type
+from lkg_pipeline.core.preference import (
+    PreferenceConfig,
+    choose_encoder,
+    evaluate_rankings,
+    save_preference,
+    score_examples,
+    train_preference,
+    user_preferences,
+)
+from lkg_pipeline.core.storage import replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.kg import kg_folder
-from lkg_pipeline.defs.metadata import markdown_table
+from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 PATH_TABLES = ("paths", "pair_features", "history_profile")
 PATHS_DDL = """
@@ -133,3 +148,167 @@ def kg_paths(
         description=f"true items: {targets:.1f} paths on average, other candidates: {others:.1f}",
         metadata={"mean_paths_to_targets": targets, "mean_paths_to_non_targets": others},
     )
+
+
+class PreferenceRunConfig(dg.Config):
+    """The preference module (`PreferenceConfig`) and how prompts pick their paths."""
+
+    user_encoder: Literal["auto", "user_id", "history"] = "auto"  # auto: the better on val
+    hidden: int = 32
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    logit_l2: float = 1e-2
+    epochs: int = 50
+    batch_size: int | None = 512
+    seed: int = 42
+    paths_per_history_item: int = 1  # the reference: one relation line per history item
+    max_prompt_paths: int = 20
+
+    def to_core(self) -> PreferenceConfig:
+        fields = PreferenceConfig.__dataclass_fields__
+        values = {k: v for k, v in self.model_dump().items() if k in fields}
+        values["user_encoder"] = "user_id" if self.user_encoder == "auto" else self.user_encoder
+        return PreferenceConfig(**values)
+
+
+def preference_dir(lake: Path, dataset: str) -> Path:
+    return lake / "models" / "preference" / dataset
+
+
+def selected_paths_file(lake: Path, dataset: str) -> Path:
+    """The paths each prompt shows, for the `kg_rag` and `lkg_rag` variants."""
+    return lake / "paths" / "selected_paths" / f"{dataset}.parquet"
+
+
+@dg.asset(
+    group_name="paths",
+    partitions_def=dataset_partitions,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    deps=["kg_paths"],
+    ins={"candidates": dg.AssetIn()},
+)
+def preference_model(
+    context: dg.AssetExecutionContext,
+    config: PreferenceRunConfig,
+    lake: DataLake,
+    candidates: pl.DataFrame,
+) -> dg.MaterializeResult:
+    """Per-user preferences over path types, learned so that paths to the next item win."""
+    dataset = context.partition_key
+    tables = read_paths(lake.path, dataset)
+    features, history = tables["pair_features"], tables["history_profile"]
+    path_types = sorted(set(features["path_type"]) | set(history["path_type"]))
+    n_users = int(candidates["user_idx"].max()) + 1
+    core_config = config.to_core()
+    args = (candidates, features, history, path_types, n_users, core_config)
+    if config.user_encoder == "auto":
+        choice = choose_encoder(*args)
+        result, encoder, by_encoder = choice.best, choice.encoder, choice.val_ndcg10
+    else:
+        result = train_preference(*args)
+        encoder, by_encoder = config.user_encoder, {config.user_encoder: result.best_val_ndcg10}
+    context.log.info(
+        f"{dataset}: encoder {encoder} (val NDCG@10 {by_encoder}), "
+        f"best epoch {result.best_epoch}, π shift {result.pi_shift}"
+    )
+    scores = score_examples(result.model, candidates, features, history)
+    report = {
+        "preference": evaluate_rankings(candidates, scores),
+        "retriever order": evaluate_rankings(candidates, _retriever_order(candidates)),
+    }
+    preferences = user_preferences(result.model, None, history)
+    selected = pl.concat(
+        [
+            select_paths(
+                tables["paths"], None, config.paths_per_history_item, config.max_prompt_paths
+            ).with_columns(variant=pl.lit("kg_rag")),
+            select_paths(
+                tables["paths"], preferences, config.paths_per_history_item, config.max_prompt_paths
+            ).with_columns(variant=pl.lit("lkg_rag")),
+        ],
+        how="diagonal_relaxed",
+    ).drop("weight", strict=False)
+    write_parquet_atomic(selected, selected_paths_file(lake.path, dataset))
+
+    def write(folder: Path) -> None:
+        save_preference(result, result.model.config, path_types, folder)
+        (folder / "training.json").write_text(
+            json.dumps(
+                {
+                    "dataset": dataset,
+                    "encoder": encoder,
+                    "val_ndcg10_by_encoder": by_encoder,
+                    "best_epoch": result.best_epoch,
+                    "pi_shift": result.pi_shift,
+                    "history": result.loss_history,
+                    "metrics": report,
+                },
+                indent=2,
+                default=float,
+            )
+        )
+        write_parquet_atomic(preferences, folder / "preferences.parquet")
+
+    target = preference_dir(lake.path, dataset)
+    replace_dir_atomically(target, write)
+    mean_pi = (
+        preferences.group_by("path_type")
+        .agg(mean_pi=pl.col("pi").mean())
+        .sort("mean_pi", descending=True)
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "selected_paths": dg.MetadataValue.path(str(selected_paths_file(lake.path, dataset))),
+            "encoder": encoder,
+            "val_ndcg10_by_encoder": dg.MetadataValue.json(by_encoder),
+            "best_epoch": result.best_epoch,
+            "pi_shift": dg.MetadataValue.json(result.pi_shift),
+            "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
+            "mean_preference_by_type": dg.MetadataValue.md(markdown_table(mean_pi)),
+            "selected_paths_per_variant": dg.MetadataValue.md(
+                markdown_table(
+                    selected.group_by("variant", "path_type")
+                    .len()
+                    .sort("variant", "len", descending=[False, True])
+                )
+            ),
+            "loss_curve": dg.MetadataValue.md(_loss_plot(result.loss_history, dataset)),
+        }
+    )
+
+
+def _retriever_order(candidates: pl.DataFrame) -> pl.DataFrame:
+    """Scores that reproduce each list's own order: the retriever's ranking for val/test."""
+    return (
+        candidates.select(
+            "example_id",
+            candidate_item_idx=pl.col("candidate_item_idxs"),
+            score=pl.int_ranges(pl.col("candidate_item_idxs").list.len()).list.eval(-pl.element()),
+        )
+        .explode("candidate_item_idx", "score")
+        .with_columns(pl.col("score").cast(pl.Float32))
+    )
+
+
+def _metrics_frame(report: dict) -> pl.DataFrame:
+    rows = []
+    for ranker, splits in report.items():
+        for split, populations in splits.items():
+            for population, metrics in populations.items():
+                rows.append({"ranker": ranker, "split": split, "population": population, **metrics})
+    return pl.DataFrame(rows)
+
+
+def _loss_plot(history: list[dict], dataset: str) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["loss"] for h in history], label="train loss")
+    if "val_loss" in history[0]:
+        ax.plot(epochs, [h["val_loss"] for h in history], label="val loss")
+    ax.set(xlabel="epoch", title=f"{dataset}: preference module")
+    ax.legend()
+    markdown = png_markdown(fig, "preference loss")
+    plt.close(fig)
+    return markdown

@@ -61,16 +61,8 @@ def test_paths_of_a_hand_made_graph() -> None:
     ]
     assert out.stats["share_targets_with_path"] == 1.0
     assert out.stats["share_non_targets_with_path"] == 0.0
-    assert out.history_profile.rows() == [
-        (0, "co_rated", 1.0),
-        (0, "has_genre", 1.0),
-        (0, "released_in", 1.0),
-    ]
-
-
-def test_hop_limit_hub_cap_and_pair_cap() -> None:
-    one_hop = run(EXAMPLE, PathConfig(max_hops=1))
-    assert one_hop.paths["path_type"].to_list() == ["co_rated"]
+    # The profile reads the step A → B inside the history, never the target C.
+    assert out.history_profile.rows() == [(0, "co_rated", 1.0), (0, "has_genre", 1.0)]
     no_hubs = run(EXAMPLE, PathConfig(max_attribute_degree=1))  # every attribute links 2 items
     assert no_hubs.pair_features["path_type"].to_list() == ["co_rated"]
     capped = run(EXAMPLE, PathConfig(max_paths_per_pair=1))
@@ -106,7 +98,7 @@ def test_selection_by_fewest_hops_or_by_preference() -> None:
         {
             "user_idx": [0, 0, 0],
             "path_type": ["co_rated", "has_genre", "released_in"],
-            "pi": [0.1, 0.8, 0.1],
+            "weight": [0.1, 0.8, 0.1],
         },
         schema_overrides={"user_idx": pl.Int32},
     )

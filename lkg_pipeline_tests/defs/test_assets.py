@@ -13,6 +13,7 @@ from upath import UPath
 
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
+from lkg_pipeline.defs.paths import kg_paths, preference_model
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
 from lkg_pipeline.defs.retrieval import candidates, retriever
@@ -24,12 +25,25 @@ def resources(lake: Path) -> dict:
     return {"lake": DataLake(root=str(lake)), "io_manager": ParquetIOManager(base_path=UPath(lake))}
 
 
-def test_materialize_ml100k_through_retrieval(lake: Path) -> None:
+def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     result = dg.materialize(
-        [raw_tables, prepared_tables, kg_triples, retriever, candidates],
+        [
+            raw_tables,
+            prepared_tables,
+            kg_triples,
+            retriever,
+            candidates,
+            kg_paths,
+            preference_model,
+        ],
         partition_key="ml-100k",
         resources=resources(lake),
-        run_config={"ops": {"retriever": {"config": {"max_epochs": 2}}}},
+        run_config={
+            "ops": {
+                "retriever": {"config": {"max_epochs": 2}},
+                "preference_model": {"config": {"epochs": 3}},
+            }
+        },
     )
     assert result.success
     seqs = pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet")
@@ -37,9 +51,15 @@ def test_materialize_ml100k_through_retrieval(lake: Path) -> None:
     assert (seqs.height, seqs["user_idx"].n_unique(), items.height) == (99_278, 943, 1_348)
     assert (lake / "ingest" / "raw_entity_triples" / "ml-100k.parquet").exists()
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert len(checks) == 11 and all(c.passed for c in checks.values()), [
-        (n, c.description) for n, c in checks.items() if not c.passed
+    # Every blocking check passes; the warn-only ones (metadata coverage, graph signal) may not
+    # with a 2-epoch retriever, but they ran.
+    assert len(checks) == 12
+    failed = [
+        (n, c.description)
+        for n, c in checks.items()
+        if c.severity == dg.AssetCheckSeverity.ERROR and not c.passed
     ]
+    assert not failed, failed
     meta = result.asset_materializations_for_node("prepared_tables")[1].metadata
     assert "| users | 943 |" in meta["stats"].value and meta["dagster/row_count"].value == 99_278
 
@@ -75,6 +95,30 @@ def test_materialize_ml100k_through_retrieval(lake: Path) -> None:
     meta = result.asset_materializations_for_node("candidates")[0].metadata
     assert meta["test_coverage"].value == test["in_candidates"].mean()
     assert test["in_candidates"].sum() == (test["target_rank"] <= 20).sum()
+
+    paths_dir = lake / "paths" / "kg_paths" / "ml-100k"
+    features = pl.read_parquet(paths_dir / "pair_features.parquet")
+    assert set(features["example_id"]) <= set(table["example_id"])
+    assert features["n_paths"].min() >= 1
+    paths_meta = result.asset_materializations_for_node("kg_paths")[0].metadata
+    assert paths_meta["examples"].value == table.height
+    assert (lake / "warehouse" / "ml-100k_paths.duckdb").exists()
+    selected = pl.read_parquet(lake / "paths" / "selected_paths" / "ml-100k.parquet")
+    per_example = selected.group_by("variant", "example_id").agg(
+        n=pl.len(), items=pl.col("history_item_idx").n_unique()
+    )
+    assert set(selected["variant"]) == {"kg_rag", "lkg_rag"}
+    assert per_example["n"].max() <= 20 and (per_example["n"] == per_example["items"]).all()
+    pref_meta = result.asset_materializations_for_node("preference_model")[0].metadata
+    assert pref_meta["encoder"].value in ("user_id", "history")
+    assert "| preference | test | subset |" in pref_meta["metrics"].value
+    prefs = pl.read_parquet(lake / "models" / "preference" / "ml-100k" / "preferences.parquet")
+    assert (
+        prefs.group_by("user_idx")
+        .agg(total=pl.col("pi").sum())["total"]
+        .is_between(0.999, 1.001)
+        .all()
+    )
     assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
 
 

@@ -1,0 +1,236 @@
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from lkg_pipeline.core.preference import (
+    ENCODERS,
+    PreferenceConfig,
+    PreferenceResult,
+    choose_encoder,
+    evaluate_rankings,
+    load_preference,
+    save_preference,
+    score_examples,
+    train_preference,
+    user_preferences,
+)
+
+TYPES = ["also_bought", "co_rated", "directed_by", "has_genre", "starring"]
+N_USERS = 60
+CONFIG = PreferenceConfig(epochs=30, batch_size=128, seed=7)
+
+EXAMPLE_SCHEMA = {
+    "example_id": pl.Int64,
+    "user_idx": pl.Int32,
+    "split": pl.String,
+    "target_item_idx": pl.Int32,
+    "candidate_item_idxs": pl.List(pl.Int32),
+    "in_candidates": pl.Boolean,
+}
+FEATURE_SCHEMA = {
+    "example_id": pl.Int64,
+    "candidate_item_idx": pl.Int32,
+    "path_type": pl.String,
+    "n_paths": pl.Int32,
+}
+HISTORY_SCHEMA = {"user_idx": pl.Int32, "path_type": pl.String, "weight": pl.Float32}
+
+
+def planted_data(
+    users: range = range(N_USERS), n_items: int = 40, k: int = 20, n_train: int = 8, seed: int = 0
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """User u prefers type u % 5: the target always has 2–3 paths of it; negatives have many
+    paths of two other types (so a uniform π ranks them first) and sometimes 1 path of the
+    preferred type. The history profile points at the preferred type, with noise."""
+    rng = np.random.default_rng(seed)
+    examples, features, history = [], [], []
+    for u in users:
+        liked = u % len(TYPES)
+        others = [t for t in range(len(TYPES)) if t != liked]
+        for split in ["train"] * n_train + ["val", "test"]:
+            eid = len(examples)
+            candidates = [int(c) for c in rng.choice(n_items, size=k, replace=False)]
+            target = candidates[int(rng.integers(k))]
+            for c in candidates:
+                if c == target:
+                    features.append((eid, c, TYPES[liked], int(rng.integers(2, 4))))
+                    continue
+                if rng.random() < 0.15:
+                    features.append((eid, c, TYPES[liked], 1))
+                for t in rng.choice(others, size=2, replace=False):
+                    if rng.random() < 0.7:
+                        features.append((eid, c, TYPES[t], int(rng.integers(1, 7))))
+            examples.append((eid, u, split, target, candidates, True))
+        for t in range(len(TYPES)):
+            history.append((u, TYPES[t], 5.0 if t == liked else float(rng.integers(0, 2))))
+    return (
+        pl.DataFrame(examples, schema=EXAMPLE_SCHEMA, orient="row"),
+        pl.DataFrame(features, schema=FEATURE_SCHEMA, orient="row"),
+        pl.DataFrame(history, schema=HISTORY_SCHEMA, orient="row"),
+    )
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    return planted_data()
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> dict[str, PreferenceResult]:
+    return {
+        name: train_preference(
+            *data, TYPES, N_USERS, dataclasses.replace(CONFIG, user_encoder=name)
+        )
+        for name in ENCODERS
+    }
+
+
+def argmax_types(prefs: pl.DataFrame) -> dict[int, str]:
+    top = prefs.sort("user_idx", "pi", descending=[False, True]).group_by("user_idx").first()
+    return dict(zip(top["user_idx"].to_list(), top["path_type"].to_list(), strict=True))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_learns_planted_preference(data, trained, encoder: str) -> None:
+    examples, features, history = data
+    result = trained[encoder]
+    top = argmax_types(user_preferences(result.model, None, history))
+    share = np.mean([top[u] == TYPES[u % len(TYPES)] for u in range(N_USERS)])
+    assert share >= 0.9, f"π_u peaks on the planted type for only {share:.0%} of users"
+    assert result.pi_shift["kl_init"] < 1e-6 and result.pi_shift["kl_final"] > 0.5
+    assert result.pi_shift["tv_final"] > result.pi_shift["tv_init"]
+    assert result.best_epoch > 0 and result.best_val_ndcg10 >= 0.9
+    assert [e["epoch"] for e in result.loss_history] == list(range(CONFIG.epochs + 1))
+    assert result.loss_history[-1]["loss"] < result.loss_history[0]["loss"]
+
+    uniform = train_preference(
+        examples, features, history, TYPES, N_USERS, dataclasses.replace(CONFIG, epochs=0)
+    )
+    learned = evaluate_rankings(examples, score_examples(result.model, examples, features, history))
+    baseline = evaluate_rankings(
+        examples, score_examples(uniform.model, examples, features, history)
+    )
+    for split in ("val", "test"):
+        mrr1 = learned[split]["subset"]["MRR@1"]
+        assert mrr1 >= 0.9, f"{split} MRR@1 {mrr1}"
+        assert mrr1 - baseline[split]["subset"]["MRR@1"] >= 0.5, (learned[split], baseline[split])
+
+
+def test_scores_cover_every_candidate(data, trained) -> None:
+    examples, features, history = data
+    scores = score_examples(trained["user_id"].model, examples, features, history)
+    assert scores.height == int(examples["candidate_item_idxs"].list.len().sum())
+    pathless = scores.join(
+        features.select("example_id", "candidate_item_idx").unique(),
+        on=["example_id", "candidate_item_idx"],
+        how="anti",
+    )
+    assert pathless.height > 0 and (pathless["score"] == 0).all()
+
+
+def test_history_encoder_serves_unseen_user(data, trained) -> None:
+    _, _, history = data
+    new_user = N_USERS + 3  # beyond the user-id embedding; only a history profile is known
+    examples, features, new_history = planted_data(users=range(new_user, new_user + 1), seed=5)
+    liked = TYPES[new_user % len(TYPES)]
+    model = trained["history"].model
+    prefs = user_preferences(model, [new_user], new_history)
+    assert argmax_types(prefs) == {new_user: liked}
+    scores = score_examples(model, examples, features, new_history)
+    assert evaluate_rankings(examples, scores)["test"]["subset"]["MRR@1"] == 1.0
+
+    with pytest.raises(AssertionError, match="history encoder serves unseen users"):
+        user_preferences(trained["user_id"].model, [new_user])
+    empty = history.clear()  # no profile at all: the history encoder falls back to its prior
+    assert user_preferences(model, [new_user], empty)["pi"].sum() == pytest.approx(1.0)
+
+
+def test_same_seed_same_run(data, trained) -> None:
+    examples, features, history = data
+    config = dataclasses.replace(CONFIG, user_encoder="history")
+    again = train_preference(examples, features, history, TYPES, N_USERS, config)
+    first = trained["history"]
+    assert again.loss_history == first.loss_history
+    assert_frame_equal(
+        score_examples(again.model, examples, features, history),
+        score_examples(first.model, examples, features, history),
+    )
+    other = train_preference(
+        examples, features, history, TYPES, N_USERS, dataclasses.replace(config, seed=8)
+    )
+    assert other.loss_history != first.loss_history
+
+
+def test_save_load_round_trip(tmp_path: Path, data, trained) -> None:
+    examples, features, history = data
+    for name, result in trained.items():
+        directory = save_preference(result, result.model.config, TYPES, tmp_path / name)
+        loaded = load_preference(directory)
+        assert_frame_equal(
+            score_examples(loaded, examples, features, history),
+            score_examples(result.model, examples, features, history),
+        )
+
+
+def test_choose_encoder(data) -> None:
+    examples, features, history = data
+    config = dataclasses.replace(CONFIG, epochs=5)
+    choice = choose_encoder(examples, features, history, TYPES, N_USERS, config)
+    assert set(choice.val_ndcg10) == set(ENCODERS)
+    assert choice.val_ndcg10[choice.encoder] == max(choice.val_ndcg10.values())
+    assert choice.best.model.config.user_encoder == choice.encoder
+
+
+def test_evaluate_rankings_known_ranks() -> None:
+    examples = pl.DataFrame(
+        [
+            (1, 0, "val", 11, [10, 11, 12], True),  # rank 1
+            (2, 1, "val", 22, [20, 21, 22], True),  # all tied: rank 3 (candidate order)
+            (3, 2, "val", 99, [30, 31, 32], False),  # target not a candidate: miss
+            (4, 0, "test", 41, [40, 41], True),  # rank 2
+            (5, 0, "train", 50, [50, 51], True),  # ignored
+        ],
+        schema=EXAMPLE_SCHEMA,
+        orient="row",
+    )
+    scores = pl.DataFrame(
+        {
+            "example_id": [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5],
+            "candidate_item_idx": [10, 11, 12, 20, 21, 22, 30, 31, 32, 40, 41, 50, 51],
+            "score": [0.5, 0.9, 0.1, 0.3, 0.3, 0.3, 1.0, 2.0, 3.0, 0.7, 0.2, 0.0, 0.0],
+        }
+    )
+    out = evaluate_rankings(examples, scores, ks=(1, 5))
+    subset, overall = out["val"]["subset"], out["val"]["overall"]
+    assert subset["n_examples"] == 2 and overall["n_examples"] == 3
+    assert subset["MRR@1"] == pytest.approx(0.5)
+    assert subset["MRR@5"] == pytest.approx((1 + 1 / 3) / 2)
+    assert subset["NDCG@5"] == pytest.approx((1 + 1 / math.log2(4)) / 2)
+    assert overall["Recall@5"] == pytest.approx(2 / 3)
+    assert overall["NDCG@5"] == pytest.approx((1 + 0.5) / 3)
+    assert out["test"]["subset"]["MRR@5"] == pytest.approx(0.5)
+    assert out["test"]["overall"]["Recall@1"] == 0.0
+    with pytest.raises(AssertionError, match="misses"):
+        evaluate_rankings(examples, scores.filter(pl.col("candidate_item_idx") != 21))
+
+
+def test_contract_violations(data) -> None:
+    examples, features, history = data
+    bogus = features.head(3).with_columns(path_type=pl.lit("bogus_relation"))
+    with pytest.raises(ValueError, match="bogus_relation"):
+        train_preference(examples, pl.concat([features, bogus]), history, TYPES, N_USERS, CONFIG)
+    bad_history = history.head(1).with_columns(path_type=pl.lit("weird"))
+    with pytest.raises(ValueError, match="weird"):
+        score_examples(
+            train_preference(examples.head(20), features, history, TYPES, N_USERS, CONFIG).model,
+            examples,
+            features,
+            bad_history,
+        )
+    with pytest.raises(ValueError, match="user_id"):
+        PreferenceConfig(user_encoder="gnn")
