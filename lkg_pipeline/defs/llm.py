@@ -1,0 +1,164 @@
+"""Group `llm`: the base model, the prompt datasets and (later) the LoRA adapter."""
+
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
+from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
+from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
+from lkg_pipeline.defs.metadata import markdown_table
+from lkg_pipeline.defs.partitions import dataset_partitions
+from lkg_pipeline.defs.paths import selected_paths_file
+from lkg_pipeline.defs.resources import DataLake
+
+variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
+dataset_variant_partitions = dg.MultiPartitionsDefinition(
+    {"dataset": dataset_partitions, "variant": variant_partitions}
+)
+BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="dataset")
+# Amazon items are products people buy; MovieLens items are films people watch.
+ITEM_WORDS = {
+    "ml-100k": ("movie", "watch"),
+    "ml-latest-small": ("movie", "watch"),
+    "beauty": ("product", "buy"),
+}
+
+
+def base_model_root(lake: Path) -> Path:
+    return lake / "models" / "base_model"
+
+
+def current_base_model(lake: Path) -> Path:
+    """The checkpoint folder the last `base_model` materialisation published."""
+    pointer = base_model_root(lake) / "current.json"
+    if not pointer.exists():
+        raise FileNotFoundError(f"{pointer} is missing: materialise `base_model` first.")
+    return base_model_root(lake) / json.loads(pointer.read_text())["folder"]
+
+
+class BaseModelConfig(dg.Config):
+    source: str = "smollm2-135m"  # or "tiny-random", a Hugging Face id, a local folder
+    seed: int = 0  # initialisation of tiny-random
+
+
+@dg.asset(group_name="llm", code_version="1", kinds={"pytorch", "safetensors"})
+def base_model(
+    context: dg.AssetExecutionContext, config: BaseModelConfig, lake: DataLake
+) -> dg.MaterializeResult:
+    """A causal LM as a plain checkpoint folder (fp32 safetensors + tokenizer)."""
+    model, tokenizer, description = load_base(config.source, lake.path / "cache", config.seed)
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", config.source).strip("_")
+    target = base_model_root(lake.path) / folder
+    letters = letter_token_ids(tokenizer, "Candidate pool:\n(A) x\nAnswer:")
+    params = sum(p.numel() for p in model.parameters())
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "provenance.json").write_text(
+            json.dumps(
+                {
+                    "source": config.source,
+                    "description": description,
+                    "parameters": params,
+                    "letter_token_ids": letters,
+                },
+                indent=2,
+            )
+        )
+
+    replace_dir_atomically(target, write)
+    replace_atomically(
+        base_model_root(lake.path) / "current.json",
+        lambda tmp: tmp.write_text(json.dumps({"folder": folder})),
+    )
+    sample = sanity_generation(model, tokenizer)
+    context.log.info(f"{description}: 'The capital of France is' → {sample!r}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "source": description,
+            "parameters": params,
+            "vocab_size": len(tokenizer),
+            "letter_token_ids": dg.MetadataValue.json(dict(zip("ABCDEFGHIJKLMNOPQRST", letters))),
+            "sanity_generation": f"The capital of France is{sample}",
+        }
+    )
+
+
+class PromptRunConfig(dg.Config):
+    max_history: int = 20
+    max_title_tokens: int = 32
+    max_prompt_tokens: int = 1024
+
+
+@dg.asset(
+    group_name="llm",
+    partitions_def=dataset_variant_partitions,
+    code_version="1",
+    kinds={"polars", "parquet"},
+    ins={
+        name: dg.AssetIn(partition_mapping=BY_DATASET)
+        for name in ("candidates", "sequences", "items")
+    },
+    deps=["base_model", dg.AssetDep("preference_model", partition_mapping=BY_DATASET)],
+)
+def prompts(
+    context: dg.AssetExecutionContext,
+    config: PromptRunConfig,
+    lake: DataLake,
+    candidates: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    """One rendered prompt per example (train/val/test) for a dataset and a variant."""
+    from transformers import AutoTokenizer
+
+    keys = context.partition_key.keys_by_dimension
+    dataset, variant = keys["dataset"], keys["variant"]
+    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake.path))
+    noun, verb = ITEM_WORDS[dataset]
+    core = PromptConfig(item_noun=noun, item_verb=verb, **config.model_dump())
+    titles = truncate_titles(
+        dict(items.select("item_idx", "title").iter_rows()), tokenizer, core.max_title_tokens
+    )
+    selected = (
+        None if variant == "llamarec" else pl.read_parquet(selected_paths_file(lake.path, dataset))
+    )
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    table = build_prompts(candidates, sequences, titles, selected, variant, core, count)
+    letter_token_ids(tokenizer, table["prompt"][0])  # fails loudly if letters are not 1 token
+    lengths = table["n_tokens"].to_numpy()
+    stats = pl.DataFrame(
+        {
+            "split": ["all"],
+            "min": [int(lengths.min())],
+            "mean": [float(lengths.mean())],
+            "p95": [float(np.percentile(lengths, 95))],
+            "max": [int(lengths.max())],
+        }
+    )
+    samples = "\n\n".join(f"```\n{p}\n```" for p in table["prompt"].head(3))
+    return dg.Output(
+        table,
+        metadata={
+            "examples": dg.MetadataValue.md(
+                markdown_table(
+                    table.group_by("split")
+                    .agg(examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean())
+                    .sort("split")
+                )
+            ),
+            "token_lengths": dg.MetadataValue.md(markdown_table(stats)),
+            "samples": dg.MetadataValue.md(samples),
+            "max_tokens": int(lengths.max()),
+        },
+    )
