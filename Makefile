@@ -19,9 +19,14 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
-## Materialise every stage that exists for one dataset partition (default ml-100k).
+VARIANT ?= lkg_rag
+MATERIALIZE := $(BIN)/dagster asset materialize -m lkg_pipeline.definitions
+
+## Materialise every stage that exists for one dataset (default ml-100k, variant lkg_rag).
 run: venv $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m lkg_pipeline.definitions --select '*' --partition $(PARTITION)
+	$(MATERIALIZE) --select 'group:ingest or group:prepare or group:kg or group:retrieval or group:paths' --partition $(PARTITION)
+	$(MATERIALIZE) --select base_model
+	$(MATERIALIZE) --select prompts --partition '$(PARTITION)|$(VARIANT)'
 
 ## The test suite (what CI runs).
 test: venv $(DAGSTER_HOME)/dagster.yaml

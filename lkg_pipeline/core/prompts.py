@@ -100,8 +100,7 @@ def render(
 
     `relations` holds (history index into `history_titles`, candidate index, the path's
     relations, via name). Over budget, the oldest history item goes first, with its relation
-    lines, then
-    relation lines; the candidate pool is never cut: a pool that cannot fit is an error.
+    lines; the candidate pool is never cut: a pool that cannot fit is an error.
     """
     assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
     start = max(0, len(history_titles) - config.max_history)

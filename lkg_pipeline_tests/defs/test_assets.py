@@ -13,6 +13,7 @@ from upath import UPath
 
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
+from lkg_pipeline.defs.llm import base_model, prompts
 from lkg_pipeline.defs.paths import kg_paths, preference_model
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
@@ -226,3 +227,33 @@ def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> 
     for dataset in ("ml-100k", "ml-latest-small"):  # one database each, both complete
         with duckdb.connect(str(lake / "warehouse" / f"{dataset}.duckdb"), read_only=True) as con:
             assert con.sql("select count(*) from triples").fetchall()[0][0] > 0
+
+    # The llm group: a tiny random base model, then prompts for two variants of ml-100k.
+    everything = [
+        raw_tables,
+        prepared_tables,
+        kg_triples,
+        retriever,
+        candidates,
+        kg_paths,
+        preference_model,
+        base_model,
+        prompts,
+    ]
+    tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
+    assert dg.materialize(
+        everything, selection=[base_model], resources=resources(lake), run_config=tiny
+    ).success
+    for variant in ("llamarec", "lkg_rag"):
+        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        assert dg.materialize(
+            everything, selection=[prompts], partition_key=key, resources=resources(lake)
+        ).success
+    plain = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "llamarec.parquet")
+    with_kg = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")
+    assert plain.height == with_kg.height == table.height
+    assert plain["example_id"].to_list() == table["example_id"].to_list()
+    assert not plain["prompt"].str.contains("Relations:").any()
+    assert with_kg["prompt"].str.contains("Relations:").all()
+    assert (with_kg["target_index"] >= 0).sum() == table["in_candidates"].sum()
+    assert with_kg["n_tokens"].max() <= 1024
