@@ -122,6 +122,36 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     )
     assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
 
+    # The llm group: a tiny random base model, then prompts for two variants of ml-100k.
+    everything = [
+        raw_tables,
+        prepared_tables,
+        kg_triples,
+        retriever,
+        candidates,
+        kg_paths,
+        preference_model,
+        base_model,
+        prompts,
+    ]
+    tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
+    assert dg.materialize(
+        everything, selection=[base_model], resources=resources(lake), run_config=tiny
+    ).success
+    for variant in ("llamarec", "lkg_rag"):
+        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        assert dg.materialize(
+            everything, selection=[prompts], partition_key=key, resources=resources(lake)
+        ).success
+    plain = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "llamarec.parquet")
+    with_kg = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")
+    assert plain.height == with_kg.height == table.height
+    assert plain["example_id"].to_list() == table["example_id"].to_list()
+    assert not plain["prompt"].str.contains("Relations:").any()
+    assert with_kg["prompt"].str.contains("Relations:").all()
+    assert (with_kg["target_index"] >= 0).sum() == table["in_candidates"].sum()
+    assert with_kg["n_tokens"].max() <= 1024
+
 
 def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_path: Path) -> None:
     src = tmp_path / "latest"
@@ -227,33 +257,3 @@ def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> 
     for dataset in ("ml-100k", "ml-latest-small"):  # one database each, both complete
         with duckdb.connect(str(lake / "warehouse" / f"{dataset}.duckdb"), read_only=True) as con:
             assert con.sql("select count(*) from triples").fetchall()[0][0] > 0
-
-    # The llm group: a tiny random base model, then prompts for two variants of ml-100k.
-    everything = [
-        raw_tables,
-        prepared_tables,
-        kg_triples,
-        retriever,
-        candidates,
-        kg_paths,
-        preference_model,
-        base_model,
-        prompts,
-    ]
-    tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
-    assert dg.materialize(
-        everything, selection=[base_model], resources=resources(lake), run_config=tiny
-    ).success
-    for variant in ("llamarec", "lkg_rag"):
-        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
-        assert dg.materialize(
-            everything, selection=[prompts], partition_key=key, resources=resources(lake)
-        ).success
-    plain = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "llamarec.parquet")
-    with_kg = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")
-    assert plain.height == with_kg.height == table.height
-    assert plain["example_id"].to_list() == table["example_id"].to_list()
-    assert not plain["prompt"].str.contains("Relations:").any()
-    assert with_kg["prompt"].str.contains("Relations:").all()
-    assert (with_kg["target_index"] >= 0).sum() == table["in_candidates"].sum()
-    assert with_kg["n_tokens"].max() <= 1024
