@@ -26,14 +26,15 @@ import polars as pl
 @dataclass(frozen=True)
 class PathConfig:
     history_len: int = 20  # last H items of each example's input history (the reference's 20)
-    max_hops: int = 2  # 1: direct item–item relations; 2: also item → attribute → item
+    max_hops: int = 2  # 1: item–item relations; 2: + item → attribute → item; 3: + one item step
+    three_hop_max_degree: int = 20  # 3-hop paths only through attribute nodes this rare
     max_paths_per_pair: int = 3  # concrete paths kept per (example, history item, candidate)
     max_attribute_degree: int | None = None  # ignore attribute nodes linking more items (None: all)
 
     def __post_init__(self) -> None:
         assert self.history_len >= 1, f"history_len={self.history_len} must be ≥ 1"
-        assert self.max_hops in (1, 2), (
-            f"max_hops={self.max_hops}: paths of 1 or 2 hops are implemented"
+        assert self.max_hops in (1, 2, 3), (
+            f"max_hops={self.max_hops}: paths of 1, 2 or 3 hops are implemented"
         )
         assert self.max_paths_per_pair >= 1, "max_paths_per_pair must be ≥ 1"
 
@@ -73,6 +74,26 @@ create temp table pair_paths as
     join (select x.*, r.inverse from attr_edges x join relations r using (relation)) b
       on b.item = p.c and b.node = a.node
     where $max_hops >= 2;
+
+create temp table attr_with_inverse as
+    select x.*, r.inverse from attr_edges x join relations r using (relation)
+    where x.degree <= $three_hop_max_degree and $max_hops >= 3;
+
+-- 3 hops: a direct item–item step before or after a shared rare attribute, e.g.
+-- h -co_rated-> m -directed_by-> person <-directed_by- c. Hubs are excluded here: through a
+-- genre, one extra step would link nearly every pair.
+insert into pair_paths
+    select p.h, p.c, 3, e.relation, [e.relation, a.relation, b.inverse], a.node, a.degree
+    from pairs p
+    join item_edges e on e.item = p.h and e.other <> p.c
+    join attr_with_inverse a on a.item = e.other
+    join attr_with_inverse b on b.item = p.c and b.node = a.node
+    union all
+    select p.h, p.c, 3, a.relation, [a.relation, b.inverse, e.relation], a.node, a.degree
+    from pairs p
+    join attr_with_inverse a on a.item = p.h
+    join attr_with_inverse b on b.node = a.node and b.item <> p.h and b.item <> p.c
+    join item_edges e on e.item = b.item and e.other = p.c;
 """
 
 # Consecutive items of each user's training histories: what led from one item to the next
@@ -167,7 +188,12 @@ def enumerate_paths(
         _run_script(
             con,
             PAIR_PATHS_SQL,
-            params | {"max_degree": config.max_attribute_degree, "max_hops": config.max_hops},
+            params
+            | {
+                "max_degree": config.max_attribute_degree,
+                "max_hops": config.max_hops,
+                "three_hop_max_degree": config.three_hop_max_degree,
+            },
         )
         pair_features = con.sql("""
             select c.example_id, c.candidate_item_idx, pp.path_type,

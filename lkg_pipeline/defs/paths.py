@@ -43,6 +43,7 @@ class PathRunConfig(dg.Config):
     max_hops: int = 2
     max_paths_per_pair: int = 3
     max_attribute_degree: int | None = None
+    three_hop_max_degree: int = 20
 
     def to_core(self) -> PathConfig:
         return PathConfig(**self.model_dump())

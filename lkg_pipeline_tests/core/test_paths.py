@@ -71,6 +71,20 @@ def test_paths_of_a_hand_made_graph() -> None:
         (0, "released_in"),
     ]
     assert capped.pair_features.height == 3  # counts keep every path, only samples are capped
+    three = run(EXAMPLE, PathConfig(max_hops=3))
+    extra = three.paths.filter(pl.col("hops") == 3).sort("history_item_idx", "path_type")
+    # A -co_rated-> B -has_genre-> Comedy <- C; A -has_genre-> Drama <- B -co_rated-> C;
+    # B -co_rated-> A -released_in-> 2000 <- C
+    assert extra.select("history_item_idx", "path_type", "relations", "via_name").rows() == [
+        (0, "co_rated", ["co_rated", "has_genre", "genre_of"], "Comedy"),
+        (0, "has_genre", ["has_genre", "genre_of", "co_rated"], "Drama"),
+        (1, "co_rated", ["co_rated", "released_in", "release_year_of"], "2000"),
+    ]
+    assert (
+        run(EXAMPLE, PathConfig(max_hops=3, three_hop_max_degree=1))
+        .paths.filter(pl.col("hops") == 3)
+        .is_empty()
+    )
     short = run(EXAMPLE, PathConfig(history_len=1))  # only B, the most recent
     assert set(short.paths["history_item_idx"]) == {1}
 
