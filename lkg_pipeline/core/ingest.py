@@ -68,6 +68,25 @@ USER_COLUMNS: dict[str, pl.DataType] = {
 }
 
 
+def interaction_columns(id_type: pl.DataType) -> list[Column]:
+    """user, item, rating, timestamp: the field order of every ratings file we read."""
+    return [
+        Column("user_id", id_type),
+        Column("item_id", id_type),
+        Column("rating", pl.Float32),
+        Column("timestamp", pl.Int64),
+    ]
+
+
+ML100K_USER_COLUMNS = [
+    Column("user_id", pl.Int64),
+    Column("age", pl.Int32),
+    Column("gender", pl.String),
+    Column("occupation", pl.String),
+    Column("zip_code", pl.String, required=False),
+]
+
+
 def raw_schemas(id_type: pl.DataType) -> dict[str, dict[str, pl.DataType]]:
     """The schema of every raw frame for a dataset whose native ids have type `id_type`."""
     return {
@@ -142,12 +161,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     tsv = {"separator": "\t", "header": True, "max_bad_lines": max_bad_lines}
     inter, r1 = read_delimited(
         files["ml-100k.inter"],
-        [
-            Column("user_id", pl.Int64),
-            Column("item_id", pl.Int64),
-            Column("rating", pl.Float32),
-            Column("timestamp", pl.Int64),
-        ],
+        interaction_columns(pl.Int64),
         **tsv,
     )
     items, r2 = read_delimited(
@@ -162,13 +176,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     )
     users, r3 = read_delimited(
         files["ml-100k.user"],
-        [
-            Column("user_id", pl.Int64),
-            Column("age", pl.Int32),
-            Column("gender", pl.String),
-            Column("occupation", pl.String),
-            Column("zip_code", pl.String, required=False),
-        ],
+        ML100K_USER_COLUMNS,
         **tsv,
     )
     items = _split_title_year(
@@ -207,12 +215,7 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     files = require(tree, "ml-100k", ["u.data", "u.item", "u.user"])
     inter, r1 = read_delimited(
         files["u.data"],
-        [
-            Column("user_id", pl.Int64),
-            Column("item_id", pl.Int64),
-            Column("rating", pl.Float32),
-            Column("timestamp", pl.Int64),
-        ],
+        interaction_columns(pl.Int64),
         separator="\t",
         max_bad_lines=max_bad_lines,
     )
@@ -233,13 +236,7 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     )
     users, r3 = read_delimited(
         files["u.user"],
-        [
-            Column("user_id", pl.Int64),
-            Column("age", pl.Int32),
-            Column("gender", pl.String),
-            Column("occupation", pl.String),
-            Column("zip_code", pl.String, required=False),
-        ],
+        ML100K_USER_COLUMNS,
         separator="|",
         max_bad_lines=max_bad_lines,
     )
@@ -294,12 +291,7 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
     csv_opts = {"separator": ",", "header": True, "quoted": True, "max_bad_lines": max_bad_lines}
     inter, r1 = read_delimited(
         files["ratings.csv"],
-        [
-            Column("user_id", pl.Int64),
-            Column("item_id", pl.Int64),
-            Column("rating", pl.Float32),
-            Column("timestamp", pl.Int64),
-        ],
+        interaction_columns(pl.Int64),
         **csv_opts,
     )
     items, r2 = read_delimited(
@@ -342,12 +334,7 @@ def read_beauty(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
     files = require(tree, "beauty", ["ratings_Beauty.csv", "meta_Beauty.json.gz"])
     inter, r1 = read_delimited(
         files["ratings_Beauty.csv"],
-        [
-            Column("user_id", pl.String),
-            Column("item_id", pl.String),
-            Column("rating", pl.Float32),
-            Column("timestamp", pl.Int64),
-        ],
+        interaction_columns(pl.String),
         separator=",",
         quoted=True,
         max_bad_lines=max_bad_lines,
