@@ -1,8 +1,11 @@
 """Group `llm`: the base model, the prompt datasets and (later) the LoRA adapter."""
 
+import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -11,6 +14,7 @@ import polars as pl
 from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
 from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
+from lkg_pipeline.core.train_lora import TrainConfig
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import selected_paths_file
@@ -162,3 +166,100 @@ def prompts(
             "max_tokens": int(lengths.max()),
         },
     )
+
+
+def prompts_file(lake: Path, dataset: str, variant: str) -> Path:
+    """Where the IO manager keeps a `prompts` partition."""
+    return lake / "llm" / "prompts" / dataset / f"{variant}.parquet"
+
+
+def adapter_dir(lake: Path, dataset: str, variant: str) -> Path:
+    return lake / "models" / "lora_adapter" / dataset / variant
+
+
+class LoraRunConfig(dg.Config):
+    """`TrainConfig` (paper defaults) plus how to launch it."""
+
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    epochs: int = 1
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_train_examples: int | None = None
+    max_val_examples: int | None = 100
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    loss: Literal["letters", "lm"] = "letters"
+    seed: int = 0
+    max_steps: int | None = None
+    # An `accelerate config` file for GPUs or several processes; None: one CPU process.
+    accelerate_config: str | None = None
+    resume: bool = True  # continue an interrupted run from its last checkpoint
+
+    def script_args(self) -> list[str]:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        args = []
+        for name, value in self.model_dump().items():
+            if name in fields:
+                args += [f"--{name.replace('_', '-')}", "none" if value is None else str(value)]
+        return args + (["--resume"] if self.resume else ["--no-resume"])
+
+    def launcher(self) -> list[str]:
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+        if self.accelerate_config:
+            return [*accelerate, "--config_file", self.accelerate_config]
+        return [
+            *accelerate,
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_cpu_threads_per_process",
+            "2",
+        ]
+
+
+@dg.asset(
+    group_name="llm",
+    partitions_def=dataset_variant_partitions,
+    code_version="1",
+    kinds={"pytorch", "accelerate"},
+    deps=["base_model", "prompts"],
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraRunConfig,
+    lake: DataLake,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+):
+    """The ranker's LoRA adapter, trained by `accelerate launch` in its own process.
+
+    The script reports through Dagster Pipes (main process only): losses, learning rate and
+    validation metrics stream into this run's log, and the final figures become this
+    materialisation's metadata. Cancelling the run terminates the process; its checkpoints let
+    the next run resume.
+    """
+    keys = context.partition_key.keys_by_dimension
+    dataset, variant = keys["dataset"], keys["variant"]
+    command = [
+        *config.launcher(),
+        "-m",
+        "lkg_pipeline.core.train_lora",
+        "--prompts",
+        str(prompts_file(lake.path, dataset, variant)),
+        "--base-model",
+        str(current_base_model(lake.path)),
+        "--output",
+        str(adapter_dir(lake.path, dataset, variant)),
+        *config.script_args(),
+    ]
+    context.log.info(" ".join(command))
+    return pipes_subprocess_client.run(command=command, context=context).get_materialize_result()

@@ -76,5 +76,7 @@ def resources() -> dg.Definitions:
         resources={
             "lake": lake,
             "io_manager": ParquetIOManager(base_path=UPath(lake.path)),
+            # Runs the training script in its own process, from the repository root.
+            "pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(DEFAULT_LAKE.parent)),
         }
     )

@@ -1,5 +1,6 @@
 """ingest, prepare and kg materialised through Dagster, in-process and by the real CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from upath import UPath
 
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
-from lkg_pipeline.defs.llm import base_model, prompts
+from lkg_pipeline.defs.llm import base_model, lora_adapter, prompts
 from lkg_pipeline.defs.paths import kg_paths, preference_model
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
@@ -23,7 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def resources(lake: Path) -> dict:
-    return {"lake": DataLake(root=str(lake)), "io_manager": ParquetIOManager(base_path=UPath(lake))}
+    return {
+        "lake": DataLake(root=str(lake)),
+        "io_manager": ParquetIOManager(base_path=UPath(lake)),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(REPO)),
+    }
 
 
 def test_materialize_ml100k_end_to_end(lake: Path) -> None:
@@ -151,6 +156,40 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert with_kg["prompt"].str.contains("Relations:").all()
     assert (with_kg["target_index"] >= 0).sum() == table["in_candidates"].sum()
     assert with_kg["n_tokens"].max() <= 1024
+
+    # lora_adapter: the real `accelerate launch` through Dagster Pipes, a few steps.
+    key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": "lkg_rag"})
+    short = {
+        "ops": {
+            "lora_adapter": {
+                "config": {
+                    "max_steps": 2,
+                    "grad_accum": 2,
+                    "max_train_examples": 8,
+                    "max_val_examples": 4,
+                    "eval_every": 1,
+                    "warmup_steps": 0,
+                    "lr": 1e-3,
+                }
+            }
+        }
+    }
+    trained = dg.materialize(
+        [*everything, lora_adapter],
+        selection=[lora_adapter],
+        partition_key=key,
+        resources=resources(lake),
+        run_config=short,
+    )
+    assert trained.success
+    adapter = lake / "models" / "lora_adapter" / "ml-100k" / "lkg_rag"
+    assert (adapter / "adapter_model.safetensors").exists()
+    summary = json.loads((adapter / "training.json").read_text())
+    assert summary["history"]
+    # one distinct set of 20 letter ids: every prompt ends in the same "Answer:" context
+    assert [len(set(ids)) for ids in summary["letter_token_ids"]] == [20]
+    lora_meta = trained.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert any("NDCG@10" in name for name in lora_meta)
 
 
 def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_path: Path) -> None:

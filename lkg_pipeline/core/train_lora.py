@@ -1,0 +1,813 @@
+"""LoRA fine-tuning of the ranker: one prompt in, the 20 letter logits at the last position out.
+
+The script follows the shape of accelerate's `complete_nlp_example.py` (get_dataloaders →
+training_function → main) so the same file runs as `python -m lkg_pipeline.core.train_lora`, as
+`accelerate launch … -m lkg_pipeline.core.train_lora`, in-process from tests, and under Dagster
+Pipes. It imports no Dagster: `dagster_pipes` (a dependency-free client) is only touched in
+`main()`, and only on the main process (DESIGN.md §3: a second rank opening the channel gives
+"Multiple materialize results").
+
+Files, for `--output OUT`:
+- `OUT.partial/` while training: `run.json` (what the run was made from), `checkpoints/step_N`
+  (accelerate state with adapter-only weights + `progress.json`), `best/` (the adapter with the
+  best validation NDCG@10 so far). Re-running the same command resumes from the latest
+  checkpoint; it is deleted once all epochs are done.
+- `OUT/` only when a run ends (all epochs, or `max_steps`): the best adapter in PEFT format
+  (`PeftModel.from_pretrained(base, OUT)`) and `training.json`, swapped in atomically, so a
+  crashed or cancelled run leaves the previous complete `OUT` (or none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch.nn import functional as F
+
+from lkg_pipeline.core.llm import LETTERS, letter_token_ids
+from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
+from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+LOSSES = ("letters", "lm")
+SELECTION_METRIC = "NDCG@10"  # the adapter kept is the one with the best value of this on val
+EVAL_KS = (1, 5, 10)
+PROMPT_COLUMNS = {
+    "example_id": pl.Int64,
+    "user_idx": pl.Int32,
+    "split": pl.String,
+    "variant": pl.String,
+    "prompt": pl.String,
+    "candidate_item_idxs": pl.List(pl.Int32),
+    "target_index": pl.Int8,
+    "n_tokens": pl.Int32,
+}
+ADAPTER_STATE = "adapter_state.safetensors"  # LoRA weights inside an accelerate checkpoint
+# Fields that may change between a run and its resumption: they decide how long it runs and
+# how often it reports, not what it computes.
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "log_every", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lora_r: int = 8  # LoRA rank, as in LlamaRec
+    lora_alpha: int = 32  # LoRA scale = alpha / r = 4, as in LlamaRec
+    lora_dropout: float = 0.05  # on the LoRA input only, as in LlamaRec
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # attention projections, as in LlamaRec
+    lr: float = 1e-4  # AdamW peak learning rate, as in LlamaRec
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights (HF Trainer's default)
+    warmup_steps: int = 100  # linear warm-up (optimizer steps), then linear decay to 0
+    epochs: int = 1  # passes over the train prompts, as in LlamaRec
+    batch_size: int = 1  # prompts per forward per process: on CPU a bigger one only adds padding
+    grad_accum: int = 8  # forwards per optimizer step: 8 prompts, ~21 s for SmolLM2 on 2 cores
+    max_grad_norm: float = 1.0  # gradient clipping (HF Trainer's default)
+    max_train_examples: int | None = None  # None = every train prompt whose target is a candidate
+    max_val_examples: int | None = 100  # val prompts per evaluation (~110 s for SmolLM2 on 2 cores)
+    eval_batch_size: int = 4  # prompts per scoring forward (sorted by length: little padding)
+    eval_every: int = 50  # optimizer steps between validations (also at step 0 and at the end)
+    log_every: int = 10  # optimizer steps between loss/lr reports
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    loss: str = "letters"  # "letters": CE over the 20 letter logits; "lm": the reference's LM loss
+    seed: int = 0  # LoRA init, dropout, data order and the train/val subsets
+    max_steps: int | None = None  # stop early (tests, smoke runs); the LR schedule is unchanged
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+        for name in (
+            "lora_r",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+        ):
+            assert getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}"
+        for name in ("max_train_examples", "max_val_examples", "max_steps"):
+            value = getattr(self, name)
+            assert value is None or value >= 1, f"{name} must be None or >= 1, got {value}"
+        assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
+        assert self.target_modules, "target_modules must name at least one module"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    prompts: Path  # the prompts Parquet file (see PROMPT_COLUMNS)
+    base_model: Path  # a Hugging Face checkpoint folder (config, safetensors, tokenizer)
+    output: Path  # where the finished adapter is published
+
+    @property
+    def partial(self) -> Path:
+        return self.output.with_name(self.output.name + ".partial")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    step: int  # optimizer steps done in total (over resumptions)
+    finished: bool  # all epochs done (False when stopped by max_steps)
+    best_step: int
+    best_val: dict[str, float]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)  # the figures in training.json
+    model: Any = None  # the in-memory PeftModel after the last step (published: the best one)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _tokenize(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids as the model sees them (with the tokenizer's BOS where it has one).
+
+    The letter ids are read after the prompt without special tokens; a tokenizer that also
+    appended something (an EOS) would put the letters one position too late, so that fails.
+    """
+    ids = tokenizer(prompt)["input_ids"]
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[len(ids) - len(plain) :] == plain, (
+        "the tokenizer appends special tokens after the prompt; the answer would not follow it"
+    )
+    return ids
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ids, mask and positions: the last column is every prompt's last token.
+
+    Position ids are passed explicitly because a plain forward (unlike `generate`) numbers
+    positions from the first column, which would shift every left-padded prompt.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad is not None, "the tokenizer has neither a pad nor an EOS token"
+    return int(pad)
+
+
+def _max_positions(model: Any) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or sys.maxsize)
+
+
+def score_prompts(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 4
+) -> torch.Tensor:
+    """(N, 20) last-position logits of the letters A..T after each prompt, in prompt order.
+
+    One forward per batch with `logits_to_keep=1` ranks all 20 candidates of a prompt; no
+    generation. Prompts are batched by length (less padding) and left-padded so that the last
+    column is the answer position of every row. Dropout is switched off while scoring (LoRA
+    dropout would make scores random) and the model's mode is restored after.
+    """
+    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+    if not prompts:
+        return torch.empty((0, len(LETTERS)), dtype=torch.float32)
+    pad_id = _pad_id(tokenizer)
+    limit = _max_positions(model)
+    rows = [_tokenize(tokenizer, p) for p in prompts]
+    letters = torch.tensor([letter_token_ids(tokenizer, p) for p in prompts])  # (N, 20)
+    for i, row in enumerate(rows):
+        assert len(row) <= limit, f"prompt {i} has {len(row)} tokens > model limit {limit}"
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty((len(rows), len(LETTERS)), dtype=torch.float32)  # (N, 20)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                padded = _left_pad([rows[i] for i in idx], pad_id)
+                batch = {k: v.to(device) for k, v in padded.items()}
+                logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
+                picked = logits.float().gather(1, letters[idx].to(device))  # (B, 20)
+                out[idx] = picked.cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Examples:
+    example_ids: list[int]
+    prompts: list[str]
+    targets: list[int]  # 0..19: the position of the true item among the candidates
+
+
+def read_examples(path: Path, split: str, limit: int | None, seed: int) -> Examples:
+    """Rows of `split` whose true item is among the candidates (the only ones a ranker can learn
+    from or be scored on), a seeded sample of `limit` of them, in example_id order."""
+    frame = pl.read_parquet(path, columns=list(PROMPT_COLUMNS))
+    wrong = {c: str(frame.schema[c]) for c, t in PROMPT_COLUMNS.items() if frame.schema[c] != t}
+    assert not wrong, f"{path}: columns with unexpected types {wrong}; want {PROMPT_COLUMNS}"
+    sizes = frame["candidate_item_idxs"].list.len()
+    assert bool((sizes == len(LETTERS)).all()), f"{path}: every row needs {len(LETTERS)} candidates"
+    bad = frame.filter((pl.col("target_index") < -1) | (pl.col("target_index") >= len(LETTERS)))
+    assert bad.height == 0, f"{path}: target_index outside -1..19 in {bad.height} rows"
+    rows = frame.filter((pl.col("split") == split) & (pl.col("target_index") >= 0))
+    if limit is not None and rows.height > limit:
+        rows = rows.sample(n=limit, seed=seed)
+    rows = rows.sort("example_id")
+    return Examples(
+        example_ids=rows["example_id"].to_list(),
+        prompts=rows["prompt"].to_list(),
+        targets=rows["target_index"].cast(pl.Int64).to_list(),
+    )
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A fresh permutation per epoch that depends only on (seed, epoch).
+
+    Resuming re-creates exactly the order of the interrupted epoch, so skipping the batches
+    already trained on skips the same examples. accelerate calls `set_epoch` on it.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    batch = _left_pad([r["input_ids"] for r in rows], pad_id)
+    batch["letter_ids"] = torch.tensor([r["letter_ids"] for r in rows])  # (B, 20)
+    batch["target"] = torch.tensor([r["target"] for r in rows])  # (B,)
+    return batch
+
+
+def get_dataloaders(
+    accelerator: Accelerator, config: TrainConfig, tokenizer: Any, prompts: Path, max_positions: int
+) -> tuple[torch.utils.data.DataLoader, Examples, list[list[int]]]:
+    """(train loader, val examples, distinct letter-id lists seen in the train prompts)."""
+    with accelerator.main_process_first():
+        train = read_examples(prompts, "train", config.max_train_examples, config.seed)
+        val = read_examples(prompts, "val", config.max_val_examples, config.seed)
+        rows = []
+        for prompt, target in zip(train.prompts, train.targets, strict=True):
+            letters = letter_token_ids(tokenizer, prompt)
+            ids = _tokenize(tokenizer, prompt)
+            if config.loss == "lm":  # the reference's answer: the letter, then EOS
+                ids = [*ids, letters[target], int(tokenizer.eos_token_id)]
+            assert len(ids) <= max_positions, (
+                f"a train prompt has {len(ids)} tokens > model limit {max_positions}"
+            )
+            rows.append({"input_ids": ids, "letter_ids": letters, "target": target})
+    assert rows, f"{prompts}: no train rows with the true item among the candidates"
+    assert val.prompts, f"{prompts}: no val rows with the true item among the candidates"
+    pad_id = _pad_id(tokenizer)
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_size=config.batch_size,
+        sampler=EpochShuffle(len(rows), config.seed),
+        collate_fn=lambda batch: collate(batch, pad_id),
+    )
+    seen = sorted({tuple(r["letter_ids"]) for r in rows})
+    return loader, val, [list(s) for s in seen]
+
+
+def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
+    """Mean loss of a batch; only the logits the loss reads are computed (`logits_to_keep`)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    if loss == "letters":
+        logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
+        letters = logits.float().gather(1, batch["letter_ids"])  # (B, 20)
+        return F.cross_entropy(letters, batch["target"])
+    if loss == "lm":
+        # Left padding puts (last prompt token, letter, EOS) in the last 3 columns; the logits of
+        # the first two predict the letter and EOS: the reference's LM loss on the answer
+        # tokens with the prompt masked, without the vocabulary projection of every position.
+        logits = model(**inputs, logits_to_keep=3, use_cache=False).logits[:, :2]  # (B, 2, V)
+        labels = batch["input_ids"][:, -2:]  # (B, 2)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+
+def evaluate(
+    accelerator: Accelerator, model: Any, tokenizer: Any, val: Examples, batch_size: int
+) -> dict[str, float]:
+    """Subset metrics on val: each process scores its share, ranks are gathered."""
+    from accelerate.utils import gather_object
+
+    unwrapped = accelerator.unwrap_model(model)
+    with accelerator.split_between_processes(list(range(len(val.prompts)))) as mine:
+        scores = score_prompts(unwrapped, tokenizer, [val.prompts[i] for i in mine], batch_size)
+        target = torch.tensor([val.targets[i] for i in mine], dtype=torch.long)  # (n,)
+        ranks = rank_of_target(scores, target, tie_break="index").tolist() if mine else []
+    ranks = gather_object(ranks)
+    return ranking_metrics(np.asarray(ranks, dtype=np.float64), ks=EVAL_KS)
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _identity(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
+    """What a checkpoint was made from: resuming it with anything else would mix two runs."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    settings["target_modules"] = list(config.target_modules)
+    return {
+        "config": settings,
+        "prompts": str(paths.prompts.resolve()),
+        "prompts_sha256": _sha256(paths.prompts),
+        "base_model": str(paths.base_model.resolve()),
+    }
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is renamed into place when complete)."""
+    done = [p for p in root.glob("step_*") if (p / "progress.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def _versions() -> dict[str, str]:
+    """Library versions that decide the numbers (the adapter alone does not say)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("lkg_pipeline", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _prepare_partial(
+    accelerator: Accelerator, paths: RunPaths, identity: dict[str, Any], resume: bool
+) -> Path | None:
+    """The checkpoint to resume from, or None after clearing the partial folder."""
+    run_file = paths.partial / "run.json"
+    latest = None
+    if resume and run_file.exists():
+        before = json.loads(run_file.read_text())
+        if before != identity:
+            changed = sorted(k for k in identity if before.get(k) != identity[k])
+            raise ValueError(
+                f"{paths.partial} belongs to a different run (differs in {changed}); delete it "
+                "or pass --no-resume to start over"
+            )
+        found = _checkpoints(paths.partial / "checkpoints")
+        latest = found[-1] if found else None
+    accelerator.wait_for_everyone()
+    if latest is None and accelerator.is_main_process:
+        shutil.rmtree(paths.partial, ignore_errors=True)
+        (paths.partial / "checkpoints").mkdir(parents=True)
+        replace_atomically(run_file, lambda tmp: tmp.write_text(json.dumps(identity, indent=2)))
+    accelerator.wait_for_everyone()
+    return latest
+
+
+def _register_adapter_only_state(accelerator: Accelerator) -> None:
+    """Checkpoint only the LoRA weights: the frozen base is already on disk, and saving it at
+    every checkpoint would write the whole model (517 MiB for SmolLM2, GBs for Llama-2)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        assert len(models) == 1, f"expected one model, got {len(models)}"
+        if accelerator.is_main_process:
+            state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(Path(output_dir) / ADAPTER_STATE)
+            )
+        weights.clear()  # accelerate then saves no full state dict
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        state = load_file(str(Path(input_dir) / ADAPTER_STATE))
+        result = set_peft_model_state_dict(accelerator.unwrap_model(models[0]), state)
+        assert not result.unexpected_keys, f"unexpected adapter keys {result.unexpected_keys[:3]}"
+        models.clear()  # accelerate then loads no full state dict
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, root: Path, step: int, progress: dict[str, Any]
+) -> None:
+    """accelerate state + progress, renamed into place only when complete; older ones go."""
+    final = root / f"step_{step}"
+    staging = root / f".step_{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "progress.json").write_text(json.dumps(progress, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in _checkpoints(root)[:-1]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _save_best(accelerator: Accelerator, model: Any, folder: Path, info: dict[str, Any]) -> None:
+    """The adapter in PEFT format with its step and metrics, replaced as one folder so the
+    metrics never describe another adapter than the weights beside them."""
+    if accelerator.is_main_process:
+
+        def write(staging: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(
+                staging, is_main_process=accelerator.is_main_process, safe_serialization=True
+            )
+            (staging / "best.json").write_text(json.dumps(info, indent=2))
+
+        replace_dir_atomically(folder, write)
+    accelerator.wait_for_everyone()
+
+
+def _publish(best: Path, output: Path, summary: dict[str, Any]) -> None:
+    def write(staging: Path) -> None:
+        for item in best.iterdir():
+            if item.is_file() and item.name != "best.json":
+                shutil.copy2(item, staging / item.name)
+        (staging / "training.json").write_text(json.dumps(summary, indent=2))
+
+    replace_dir_atomically(output, write)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The Accelerator for `config`, built before anything asks which process is the main one:
+    a bare `PartialState()` made earlier would freeze the process layout without the launcher's
+    `--cpu` flag (a 2-process CPU launch would then run as two independent 1-process runs)."""
+    from accelerate import Accelerator
+
+    # The scheduler is stepped by hand once per optimizer step, so warm-up and decay are
+    # counted in optimizer steps whatever the number of processes.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accum, step_scheduler_with_optimizer=False
+    )
+    assert accelerator.gradient_accumulation_steps == config.grad_accum, (
+        f"the launcher set gradient accumulation to {accelerator.gradient_accumulation_steps}, "
+        f"the config says {config.grad_accum}: pass it through --grad-accum only"
+    )
+    return accelerator
+
+
+def training_function(
+    config: TrainConfig,
+    paths: RunPaths,
+    resume: bool = True,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    """Fine-tune, validate, checkpoint and publish; `on_log` (main process only) receives every
+    record that goes into the history, e.g. to forward it to Dagster Pipes."""
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    started = time.perf_counter()
+    accelerator = accelerator if accelerator is not None else make_accelerator(config)
+    main = accelerator.is_main_process
+    identity = _identity(config, paths)
+    latest = _prepare_partial(accelerator, paths, identity, resume)
+
+    set_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
+    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
+    base.config.use_cache = False
+    max_positions = _max_positions(base)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    n_trainable, n_total = model.get_nb_trainable_parameters()
+    train_dl, val, letter_ids = get_dataloaders(
+        accelerator, config, tokenizer, paths.prompts, max_positions
+    )
+
+    batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, scheduler
+    )
+    assert len(train_dl) == batches_per_process, f"{len(train_dl)} != {batches_per_process}"
+    _register_adapter_only_state(accelerator)
+
+    progress: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "train_tokens": 0,
+        "train_seconds": 0.0,
+        "wall_seconds": 0.0,
+    }
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        progress = json.loads((latest / "progress.json").read_text())
+        accelerator.print(f"resumed from {latest} at step {progress['step']}/{total_steps}")
+    history: list[dict[str, Any]] = progress["history"]
+    step = int(progress["step"])
+    earlier_wall = float(progress["wall_seconds"])  # spent by the runs this one resumes
+    best_dir = paths.partial / "best"
+    stop_at = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+
+    def record(**fields: Any) -> None:
+        """Merge `fields` into the history entry of this step and report it (main only)."""
+        if history and history[-1]["step"] == fields["step"]:
+            history[-1].update(fields)
+        else:
+            history.append(dict(fields))
+        if main and on_log is not None:
+            on_log(dict(fields))
+
+    # The best so far is what best/ holds (saved with its metrics in one folder swap), which a
+    # crash between a best save and the next checkpoint cannot make disagree with the weights.
+    best_file = best_dir / "best.json"
+    best: dict[str, Any] | None = json.loads(best_file.read_text()) if best_file.exists() else None
+
+    def validate() -> None:
+        nonlocal best
+        metrics = evaluate(accelerator, model, tokenizer, val, config.eval_batch_size)
+        record(step=step, val=metrics)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        accelerator.print(f"step {step}/{total_steps} | val {shown}")
+        if best is None or metrics[SELECTION_METRIC] > best["val"][SELECTION_METRIC]:
+            best = {"step": step, "val": metrics}
+            _save_best(accelerator, model, best_dir, best)
+
+    accelerator.print(
+        f"LoRA on {list(config.target_modules)}: {n_trainable:,} trainable of {n_total:,} params;"
+        f" {len(train_dl.dataset)} train / {len(val.prompts)} val prompts; {steps_per_epoch} "
+        f"steps per epoch; loss={config.loss}; processes={accelerator.num_processes}"
+    )
+    if step == 0:
+        validate()  # the untrained adapter (LoRA B = 0) is the base model: the baseline
+
+    model.train()
+
+    # Since the last log: non-pad tokens, summed loss, batches, and seconds spent in forward,
+    # backward and optimizer (validation and checkpoints are not training time).
+    def fresh_window() -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        return torch.zeros((), dtype=torch.long), torch.zeros(()), 0, 0.0
+
+    tokens, loss_sum, loss_count, busy = fresh_window()
+    train_tokens, train_seconds = int(progress["train_tokens"]), float(progress["train_seconds"])
+    start_epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        if step >= stop_at:
+            break
+        train_dl.set_epoch(epoch)
+        loader = train_dl
+        if epoch == start_epoch and done_in_epoch:
+            loader = accelerator.skip_first_batches(train_dl, done_in_epoch * config.grad_accum)
+        for batch in loader:
+            tick = time.perf_counter()
+            with accelerator.accumulate(model):
+                loss = batch_loss(model, batch, config.loss)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            tokens += batch["attention_mask"].sum()
+            busy += time.perf_counter() - tick
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            step += 1
+            if step % config.log_every == 0 or step == stop_at:
+                mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+                n_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
+                rate = n_tokens / max(busy, 1e-9)  # all processes together
+                train_tokens += n_tokens
+                train_seconds += busy
+                record(step=step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=rate)
+                accelerator.print(
+                    f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                    f"{rate:.0f} tok/s | {busy / (loss_count / config.grad_accum):.2f} s/step"
+                )
+                tokens, loss_sum, loss_count, busy = fresh_window()
+            if step % config.eval_every == 0 or step == stop_at:
+                validate()
+            stopped_early = step == stop_at and stop_at < total_steps  # re-runs continue here
+            if step % config.checkpoint_every == 0 or stopped_early:
+                progress.update(
+                    step=step,
+                    history=history,
+                    train_tokens=train_tokens,
+                    train_seconds=train_seconds,
+                    wall_seconds=earlier_wall + time.perf_counter() - started,
+                )
+                _save_checkpoint(accelerator, paths.partial / "checkpoints", step, progress)
+            if step >= stop_at:
+                break
+        done_in_epoch = 0
+    if not any(h["step"] == step and "val" in h for h in history):
+        validate()  # e.g. a re-run after the last step, or a run with no training step
+
+    assert best is not None, f"{best_dir} holds no adapter: no validation ran"
+    finished = step >= total_steps
+    summary = {
+        "config": {**dataclasses.asdict(config), "target_modules": list(config.target_modules)},
+        "prompts": identity["prompts"],
+        "prompts_sha256": identity["prompts_sha256"],
+        "base_model": identity["base_model"],
+        "letter_token_ids": letter_ids,
+        "n_train": len(train_dl.dataset),
+        "n_val": len(val.prompts),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "versions": _versions(),
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "step": step,
+        "finished": finished,
+        "selection_metric": SELECTION_METRIC,
+        "best_step": best["step"],
+        "best_val": best["val"],
+        "history": history,
+        "wall_time_s": earlier_wall + time.perf_counter() - started,
+        "train_tokens": train_tokens,
+        "tokens_per_s": train_tokens / train_seconds if train_seconds > 0 else None,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    if main:
+        _publish(best_dir, paths.output, summary)
+        if finished:  # nothing left to resume
+            shutil.rmtree(paths.partial)
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"published {paths.output}: best step {best['step']} {SELECTION_METRIC} "
+        f"{best['val'][SELECTION_METRIC]:.4f} ({'finished' if finished else 'stopped early'})"
+    )
+    accelerator.end_training()
+    return TrainResult(
+        paths.output,
+        step,
+        finished,
+        best["step"],
+        best["val"],
+        history,
+        summary,
+        model=accelerator.unwrap_model(model),
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _field_parser(hint: Any) -> dict[str, Any]:
+    """argparse options for a TrainConfig field's type."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:  # e.g. int | None
+        inner = next(a for a in args if a is not type(None))
+
+        def optional(text: str) -> Any:
+            return None if text.lower() == "none" else inner(text)
+
+        return {"type": optional, "metavar": f"{inner.__name__.upper()}|none"}
+    if typing.get_origin(hint) is tuple:
+        return {"type": args[0], "nargs": "+"}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": hint}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Paths, --resume/--no-resume, and one option per TrainConfig field (same names, dashed)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lkg_pipeline.core.train_lora",
+        description="LoRA-fine-tune a causal LM to rank 20 lettered candidates (LlamaRec).",
+    )
+    parser.add_argument("--prompts", type=Path, required=True, help="prompts Parquet file")
+    parser.add_argument("--base-model", type=Path, required=True, help="HF checkpoint folder")
+    parser.add_argument("--output", type=Path, required=True, help="adapter folder to publish")
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from OUTPUT.partial's latest checkpoint if there is one",
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        options = _field_parser(hints[f.name])
+        choices = {"choices": LOSSES} if f.name == "loss" else {}
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=f.default,
+            help=f"default: {f.default}",
+            **options,
+            **choices,
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["target_modules"] = tuple(values["target_modules"])
+    return TrainConfig(**values)
+
+
+def pipes_metadata(result: TrainResult) -> dict[str, Any]:
+    """Flat metadata for the asset materialisation: best val metrics, where, how fast."""
+    s = result.summary
+    return {
+        "adapter": {"raw_value": str(result.output), "type": "path"},
+        "best_step": result.best_step,
+        "steps": result.step,
+        "finished": result.finished,
+        **{f"val_{k}": v for k, v in result.best_val.items()},
+        "n_train": s["n_train"],
+        "n_val": s["n_val"],
+        "loss": s["config"]["loss"],
+        "final_train_loss": next(
+            (h["loss"] for h in reversed(result.history) if "loss" in h), None
+        ),
+        "wall_time_s": s["wall_time_s"],
+        "tokens_per_s": s["tokens_per_s"],
+        "peak_rss_mb": s["peak_rss_mb"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    paths = RunPaths(args.prompts, args.base_model, args.output)
+    accelerator = make_accelerator(config)
+    # Every rank trains; only rank 0 may open the Pipes channel (DESIGN.md §3). dagster_pipes
+    # 1.13 has no module-level is_dagster_pipes_process(): its env-var loader answers instead.
+    under_pipes = PipesEnvVarParamsLoader().is_dagster_pipes_process()
+    if accelerator.is_main_process and under_pipes:
+        with open_dagster_pipes() as pipes:
+            result = training_function(
+                config, paths, args.resume, lambda r: pipes.log.info(json.dumps(r)), accelerator
+            )
+            pipes.report_asset_materialization(metadata=pipes_metadata(result))
+    else:
+        training_function(config, paths, args.resume, accelerator=accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
