@@ -17,6 +17,17 @@ from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
 
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
+# One row per example: what the training script and the ranking stage read.
+PROMPT_COLUMNS = {
+    "example_id": pl.Int64,
+    "user_idx": pl.Int32,
+    "split": pl.String,
+    "variant": pl.String,
+    "prompt": pl.String,
+    "candidate_item_idxs": pl.List(pl.Int32),  # letter order: A is the first
+    "target_index": pl.Int8,  # the true item's letter position, -1 when not a candidate
+    "n_tokens": pl.Int32,
+}
 ANSWER_CUE = "Answer:"
 
 # How a path of each type reads between two items. `{via}` is the intermediate node's name.
@@ -189,19 +200,7 @@ def build_prompts(
                 "n_tokens": n,
             }
         )
-    return pl.DataFrame(
-        rows,
-        schema={
-            "example_id": pl.Int64,
-            "user_idx": pl.Int32,
-            "split": pl.String,
-            "variant": pl.String,
-            "prompt": pl.String,
-            "candidate_item_idxs": pl.List(pl.Int32),
-            "target_index": pl.Int8,
-            "n_tokens": pl.Int32,
-        },
-    )
+    return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
 
 
 def truncate_titles(titles: dict[int, str], tokenizer, max_tokens: int) -> dict[int, str]:

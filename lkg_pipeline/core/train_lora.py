@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
+from lkg_pipeline.core.prompts import PROMPT_COLUMNS
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 
 if TYPE_CHECKING:
@@ -50,16 +51,6 @@ if TYPE_CHECKING:
 LOSSES = ("letters", "lm")
 SELECTION_METRIC = "NDCG@10"  # the adapter kept is the one with the best value of this on val
 EVAL_KS = (1, 5, 10)
-PROMPT_COLUMNS = {
-    "example_id": pl.Int64,
-    "user_idx": pl.Int32,
-    "split": pl.String,
-    "variant": pl.String,
-    "prompt": pl.String,
-    "candidate_item_idxs": pl.List(pl.Int32),
-    "target_index": pl.Int8,
-    "n_tokens": pl.Int32,
-}
 ADAPTER_STATE = "adapter_state.safetensors"  # LoRA weights inside an accelerate checkpoint
 # Fields that may change between a run and its resumption: they decide how long it runs and
 # how often it reports, not what it computes.
