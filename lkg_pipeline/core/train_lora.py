@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import resource
@@ -43,6 +42,7 @@ from torch.nn import functional as F
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
+from lkg_pipeline.core.sources import sha256_of
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 
 if TYPE_CHECKING:
@@ -329,14 +329,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- run state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _identity(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """What a checkpoint was made from: resuming it with anything else would mix two runs."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
@@ -344,7 +336,7 @@ def _identity(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     return {
         "config": settings,
         "prompts": str(paths.prompts.resolve()),
-        "prompts_sha256": _sha256(paths.prompts),
+        "prompts_sha256": sha256_of(paths.prompts),
         "base_model": str(paths.base_model.resolve()),
     }
 

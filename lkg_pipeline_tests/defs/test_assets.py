@@ -32,16 +32,17 @@ def resources(lake: Path) -> dict:
 
 
 def test_materialize_ml100k_end_to_end(lake: Path) -> None:
+    dataset_stages = [
+        raw_tables,
+        prepared_tables,
+        kg_triples,
+        retriever,
+        candidates,
+        kg_paths,
+        preference_model,
+    ]
     result = dg.materialize(
-        [
-            raw_tables,
-            prepared_tables,
-            kg_triples,
-            retriever,
-            candidates,
-            kg_paths,
-            preference_model,
-        ],
+        dataset_stages,
         partition_key="ml-100k",
         resources=resources(lake),
         run_config={
@@ -128,17 +129,7 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
 
     # The llm group: a tiny random base model, then prompts for two variants of ml-100k.
-    everything = [
-        raw_tables,
-        prepared_tables,
-        kg_triples,
-        retriever,
-        candidates,
-        kg_paths,
-        preference_model,
-        base_model,
-        prompts,
-    ]
+    everything = [*dataset_stages, base_model, prompts]
     tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
     assert dg.materialize(
         everything, selection=[base_model], resources=resources(lake), run_config=tiny
