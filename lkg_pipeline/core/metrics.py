@@ -20,25 +20,31 @@ NOT_RANKED = np.inf  # rank of an item the system never returned
 TieBreak = Literal["optimistic", "index"]
 
 
-def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """MRR@k, NDCG@k and Recall@k averaged over users, from the rank of each user's true item.
+def per_user_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """MRR@k, NDCG@k and Recall@k of each user, from the rank of each user's true item.
 
     With one relevant item the ideal DCG is 1, so NDCG@k = 1[r≤k]/log2(r+1) needs no
-    normalisation; Recall@k = 1[r≤k] and MRR@k = 1[r≤k]/r.
+    normalisation; Recall@k = 1[r≤k] and MRR@k = 1[r≤k]/r. Bootstrap intervals and paired tests
+    resample these per-user values; their means are `ranking_metrics`.
     """
     r = np.asarray(ranks, dtype=np.float64).reshape(-1)  # (U,)
-    assert r.size > 0, "ranking_metrics needs at least one rank"
+    assert r.size > 0, "ranking metrics need at least one rank"
     assert not np.isnan(r).any(), "ranks contain NaN: use np.inf for 'not retrieved'"
     assert (r >= 1).all(), f"ranks are 1-based, got min {r.min()}"
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         assert int(k) >= 1, f"cutoff k must be >= 1, got {k}"
         hit = r <= k  # (U,) bool; inf never hits
         safe = np.where(hit, r, 1.0)  # avoid 1/inf and log2(inf) warnings on misses
-        out[f"MRR@{k}"] = float(np.mean(np.where(hit, 1.0 / safe, 0.0)))
-        out[f"NDCG@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)))
-        out[f"Recall@{k}"] = float(np.mean(hit))
+        out[f"MRR@{k}"] = np.where(hit, 1.0 / safe, 0.0)
+        out[f"NDCG@{k}"] = np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+        out[f"Recall@{k}"] = hit.astype(np.float64)
     return out
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """MRR@k, NDCG@k and Recall@k averaged over users (see `per_user_metrics`)."""
+    return {name: float(np.mean(values)) for name, values in per_user_metrics(ranks, ks).items()}
 
 
 def rank_of_target(

@@ -401,14 +401,11 @@ def score_examples(
     )
 
 
-def evaluate_rankings(
-    examples: pl.DataFrame, scores: pl.DataFrame, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, dict[str, dict[str, float]]]:
-    """{split: {"subset" | "overall": metrics + n_examples}} for val and test.
+def example_ranks(examples: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """(example_id, split, rank) for each example: the target's 1-based rank under `scores`.
 
     Ties go to the earlier candidate in candidate_item_idxs (a stable descending sort); an
-    example whose target is not a candidate is a miss (rank inf) and only counts in "overall".
-    An empty population gets NaN metrics.
+    example whose target is not a candidate gets rank inf.
     """
     g = _candidates(examples)
     cells = _cells(g)
@@ -420,14 +417,31 @@ def evaluate_rankings(
         joined["score"].fill_null(np.nan).to_numpy()
     )
     assert not np.isnan(matrix[g.mask.numpy()]).any(), "scores misses some candidates"
-    ranks = _ranks(torch.from_numpy(matrix), g.target)
+    return pl.DataFrame(
+        {
+            "example_id": g.example_id,
+            "split": g.split,
+            "rank": _ranks(torch.from_numpy(matrix), g.target),
+        }
+    )
+
+
+def evaluate_rankings(
+    examples: pl.DataFrame, scores: pl.DataFrame, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{split: {"subset" | "overall": metrics + n_examples}} for val and test.
+
+    Ranks as in `example_ranks`; an example whose target is not a candidate is a miss and only
+    counts in "overall". An empty population gets NaN metrics.
+    """
+    ranked = example_ranks(examples, scores)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for split in ("val", "test"):
-        rows = g.split == split
-        if not rows.any():
+        ranks = ranked.filter(pl.col("split") == split)["rank"].to_numpy()
+        if not len(ranks):
             continue
         out[split] = {}
-        for population, r in (("subset", ranks[rows & (ranks < np.inf)]), ("overall", ranks[rows])):
+        for population, r in (("subset", ranks[ranks < np.inf]), ("overall", ranks)):
             metrics = ranking_metrics(r if len(r) else np.ones(1), ks)
             if not len(r):
                 metrics = dict.fromkeys(metrics, math.nan)

@@ -78,24 +78,27 @@ def instruction(config: PromptConfig, with_relations: bool) -> str:
     )
 
 
-def relation_line(
-    history_number: int, letter: str, relations: Sequence[str], via_name: str | None
-) -> str:
-    """ "(3) and (C): same director": numbers and letters point at the lists above, which keeps
-    twenty lines short enough to leave room for the history.
+def path_phrase(relations: Sequence[str], via_name: str | None, first: str, second: str) -> str:
+    """How a path from `first` to `second` reads: "same director", "both Comedy".
 
     A path whose two edges differ in role (the director of one wrote the other) says so rather
     than "same director", which would be false.
     """
-    first = relations[0]
-    phrase = PATH_PHRASES.get(first, first.replace("_", " ")).format(via=via_name or "")
+    head = relations[0]
+    phrase = PATH_PHRASES.get(head, head.replace("_", " ")).format(via=via_name or "")
     if len(relations) == 2:
-        last = RELATIONS[relations[1]].inverse  # the candidate's own edge to the shared node
-        if last != first and first in ENTITY_NOUNS and last in ENTITY_NOUNS:
-            phrase = (
-                f"the {ENTITY_NOUNS[first]} of ({history_number}) is the "
-                f"{ENTITY_NOUNS[last]} of ({letter})"
-            )
+        last = RELATIONS[relations[1]].inverse  # the second item's own edge to the shared node
+        if last != head and head in ENTITY_NOUNS and last in ENTITY_NOUNS:
+            phrase = f"the {ENTITY_NOUNS[head]} of {first} is the {ENTITY_NOUNS[last]} of {second}"
+    return phrase
+
+
+def relation_line(
+    history_number: int, letter: str, relations: Sequence[str], via_name: str | None
+) -> str:
+    """ "(3) and (C): same director": numbers and letters point at the lists above, which keeps
+    twenty lines short enough to leave room for the history."""
+    phrase = path_phrase(relations, via_name, f"({history_number})", f"({letter})")
     return f"({history_number}) and ({letter}): {phrase}"
 
 

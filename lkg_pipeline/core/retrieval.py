@@ -260,7 +260,7 @@ def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -
     return _mask_history(out, inputs)
 
 
-def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (values, indices) per row, ties to the lower index (matches tie_break='index')."""
     assert k <= scores.shape[1], f"k={k} exceeds {scores.shape[1]} items"
     values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -294,7 +294,7 @@ def retrieve_candidates(
     for split in ("val", "test"):
         inputs, target = data.inputs(split)
         scores = score_users(model, inputs, batch_size)  # (U, I)
-        values, items = _top_k(scores, k)  # (U, k) each
+        values, items = top_k(scores, k)  # (U, k) each
         ranks = rank_of_target(scores, torch.as_tensor(target), tie_break="index").numpy()
         tops.append(
             pl.DataFrame(
@@ -449,7 +449,7 @@ def training_candidates(
         for i in range(0, len(users), batch_size):
             sl = slice(i, i + batch_size)
             scores = _prefix_scores(model, data.train, users[sl], prefix_lens[sl], 256)
-            cands[sl] = _top_k(scores, n_candidates)[1].numpy()
+            cands[sl] = top_k(scores, n_candidates)[1].numpy()
         missed = ~(cands == targets[:, None]).any(axis=1)
         cands[missed, -1] = targets[missed]
     cands = rng.permuted(cands, axis=1)

@@ -25,7 +25,6 @@ import json
 import math
 import resource
 import shutil
-import sys
 import time
 import types
 import typing
@@ -42,6 +41,13 @@ from torch.nn import functional as F
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
+from lkg_pipeline.core.ranking import (
+    left_pad,
+    max_positions,
+    pad_token_id,
+    score_prompts,
+    tokenize_prompt,
+)
 from lkg_pipeline.core.sources import sha256_of
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 
@@ -127,85 +133,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- scoring
 
 
-def _tokenize(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids as the model sees them (with the tokenizer's BOS where it has one).
-
-    The letter ids are read after the prompt without special tokens; a tokenizer that also
-    appended something (an EOS) would put the letters one position too late, so that fails.
-    """
-    ids = tokenizer(prompt)["input_ids"]
-    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert ids[len(ids) - len(plain) :] == plain, (
-        "the tokenizer appends special tokens after the prompt; the answer would not follow it"
-    )
-    return ids
-
-
-def _left_pad(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded ids, mask and positions: the last column is every prompt's last token.
-
-    Position ids are passed explicitly because a plain forward (unlike `generate`) numbers
-    positions from the first column, which would shift every left-padded prompt.
-    """
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    assert pad is not None, "the tokenizer has neither a pad nor an EOS token"
-    return int(pad)
-
-
-def _max_positions(model: Any) -> int:
-    config = model.config
-    return int(getattr(config, "max_position_embeddings", None) or sys.maxsize)
-
-
-def score_prompts(
-    model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 4
-) -> torch.Tensor:
-    """(N, 20) last-position logits of the letters A..T after each prompt, in prompt order.
-
-    One forward per batch with `logits_to_keep=1` ranks all 20 candidates of a prompt; no
-    generation. Prompts are batched by length (less padding) and left-padded so that the last
-    column is the answer position of every row. Dropout is switched off while scoring (LoRA
-    dropout would make scores random) and the model's mode is restored after.
-    """
-    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
-    if not prompts:
-        return torch.empty((0, len(LETTERS)), dtype=torch.float32)
-    pad_id = _pad_id(tokenizer)
-    limit = _max_positions(model)
-    rows = [_tokenize(tokenizer, p) for p in prompts]
-    letters = torch.tensor([letter_token_ids(tokenizer, p) for p in prompts])  # (N, 20)
-    for i, row in enumerate(rows):
-        assert len(row) <= limit, f"prompt {i} has {len(row)} tokens > model limit {limit}"
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty((len(rows), len(LETTERS)), dtype=torch.float32)  # (N, 20)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                padded = _left_pad([rows[i] for i in idx], pad_id)
-                batch = {k: v.to(device) for k, v in padded.items()}
-                logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
-                picked = logits.float().gather(1, letters[idx].to(device))  # (B, 20)
-                out[idx] = picked.cpu()
-    finally:
-        model.train(was_training)
-    return out
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -258,7 +185,7 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    batch = _left_pad([r["input_ids"] for r in rows], pad_id)
+    batch = left_pad([r["input_ids"] for r in rows], pad_id)
     batch["letter_ids"] = torch.tensor([r["letter_ids"] for r in rows])  # (B, 20)
     batch["target"] = torch.tensor([r["target"] for r in rows])  # (B,)
     return batch
@@ -274,7 +201,7 @@ def get_dataloaders(
         rows = []
         for prompt, target in zip(train.prompts, train.targets, strict=True):
             letters = letter_token_ids(tokenizer, prompt)
-            ids = _tokenize(tokenizer, prompt)
+            ids = tokenize_prompt(tokenizer, prompt)
             if config.loss == "lm":  # the reference's answer: the letter, then EOS
                 ids = [*ids, letters[target], int(tokenizer.eos_token_id)]
             assert len(ids) <= max_positions, (
@@ -283,7 +210,7 @@ def get_dataloaders(
             rows.append({"input_ids": ids, "letter_ids": letters, "target": target})
     assert rows, f"{prompts}: no train rows with the true item among the candidates"
     assert val.prompts, f"{prompts}: no val rows with the true item among the candidates"
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     loader = torch.utils.data.DataLoader(
         rows,
         batch_size=config.batch_size,
@@ -503,7 +430,7 @@ def training_function(
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
     base.config.use_cache = False
-    max_positions = _max_positions(base)
+    position_limit = max_positions(base)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -515,7 +442,7 @@ def training_function(
     model = get_peft_model(base, lora)
     n_trainable, n_total = model.get_nb_trainable_parameters()
     train_dl, val, letter_ids = get_dataloaders(
-        accelerator, config, tokenizer, paths.prompts, max_positions
+        accelerator, config, tokenizer, paths.prompts, position_limit
     )
 
     batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)

@@ -102,6 +102,7 @@ class PromptRunConfig(dg.Config):
 
 
 @dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
     partitions_def=dataset_variant_partitions,
     code_version="1",
@@ -233,6 +234,7 @@ class LoraRunConfig(dg.Config):
 
 
 @dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
     partitions_def=dataset_variant_partitions,
     code_version="1",

@@ -1,17 +1,8 @@
 """Small renderers for materialisation metadata shown in the Dagster UI."""
 
-import polars as pl
+from lkg_pipeline.core.tables import markdown_table
 
-
-def markdown_table(frame: pl.DataFrame, float_format: str = "{:.4f}") -> str:
-    """A frame as a Markdown table (floats rounded, pipes escaped)."""
-
-    def cell(value: object) -> str:
-        text = float_format.format(value) if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|")
-
-    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
-    return head + "\n".join("| " + " | ".join(cell(v) for v in row) + " |" for row in frame.rows())
+__all__ = ["markdown_table", "png_markdown"]
 
 
 def png_markdown(figure: "matplotlib.figure.Figure", alt: str) -> str:  # noqa: F821

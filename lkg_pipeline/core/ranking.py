@@ -1,0 +1,183 @@
+"""The ranker at inference: one forward pass per prompt ranks its 20 candidates.
+
+A candidate's score is the last-position logit of its letter (the verbalizer), read with
+`logits_to_keep=1` so the vocabulary projection runs for one position only; nothing is
+generated. Training (`train_lora`) validates with the same `score_prompts`, so the figures it
+selects the adapter by are the figures `rankings` reports.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from lkg_pipeline.core.llm import LETTERS, letter_token_ids
+from lkg_pipeline.core.metrics import rank_of_target
+
+# One row per scored prompt: what `rankings` stores and the evaluation reads.
+RANKING_COLUMNS = {
+    "example_id": pl.Int64,
+    "user_idx": pl.Int32,
+    "split": pl.String,
+    "variant": pl.String,
+    "ranked_item_idxs": pl.List(pl.Int32),  # the 20 candidates, best first
+    "ranked_scores": pl.List(pl.Float32),  # their letter logits, same order
+    "target_item_idx": pl.Int32,  # null when the true item is not a candidate
+    "target_rank": pl.Int32,  # 1..20 among the candidates; null when not a candidate
+    "n_tokens": pl.Int32,
+    "seconds": pl.Float64,  # this prompt's share of its batch's forward pass
+}
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids as the model sees them (with the tokenizer's BOS where it has one).
+
+    The letter ids are read after the prompt without special tokens; a tokenizer that also
+    appended something (an EOS) would put the letters one position too late, so that fails.
+    """
+    ids = tokenizer(prompt)["input_ids"]
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[len(ids) - len(plain) :] == plain, (
+        "the tokenizer appends special tokens after the prompt; the answer would not follow it"
+    )
+    return ids
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ids, mask and positions: the last column is every prompt's last token.
+
+    Position ids are passed explicitly because a plain forward (unlike `generate`) numbers
+    positions from the first column, which would shift every left-padded prompt.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert pad is not None, "the tokenizer has neither a pad nor an EOS token"
+    return int(pad)
+
+
+def max_positions(model: Any) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or sys.maxsize)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    scores: torch.Tensor  # (N, 20) letter logits, in prompt order
+    seconds: np.ndarray  # (N,) wall seconds of each prompt's batch divided by its size
+    n_tokens: np.ndarray  # (N,) prompt length in tokens (with special tokens)
+
+
+def score_prompts_timed(
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 4
+) -> PromptScores:
+    """Letter logits after each prompt, batched by length, with the time each batch took.
+
+    Prompts are sorted by length and cut into batches of `batch_size` (length bucketing: little
+    padding) and left-padded so that the last column is every row's answer position. Dropout is
+    off while scoring (LoRA dropout would make scores random); the model's mode is restored.
+    """
+    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+    n = len(prompts)
+    if n == 0:
+        empty = np.zeros(0)
+        return PromptScores(torch.empty((0, len(LETTERS))), empty, empty.astype(np.int64))
+    pad_id = pad_token_id(tokenizer)
+    limit = max_positions(model)
+    rows = [tokenize_prompt(tokenizer, p) for p in prompts]
+    letters = torch.tensor([letter_token_ids(tokenizer, p) for p in prompts])  # (N, 20)
+    for i, row in enumerate(rows):
+        assert len(row) <= limit, f"prompt {i} has {len(row)} tokens > model limit {limit}"
+    device = next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: len(rows[i]))
+    out = torch.empty((n, len(LETTERS)), dtype=torch.float32)  # (N, 20)
+    seconds = np.zeros(n)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                tick = time.perf_counter()
+                idx = order[start : start + batch_size]
+                padded = left_pad([rows[i] for i in idx], pad_id)
+                batch = {k: v.to(device) for k, v in padded.items()}
+                logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
+                picked = logits.float().gather(1, letters[idx].to(device))  # (B, 20)
+                out[idx] = picked.cpu()
+                seconds[idx] = (time.perf_counter() - tick) / len(idx)
+    finally:
+        model.train(was_training)
+    return PromptScores(out, seconds, np.array([len(r) for r in rows], dtype=np.int64))
+
+
+def score_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 4
+) -> torch.Tensor:
+    """(N, 20) last-position logits of the letters A..T after each prompt, in prompt order."""
+    return score_prompts_timed(model, tokenizer, prompts, batch_size).scores
+
+
+def load_ranker(base_model: Path, adapter: Path | None, device: str | None = None) -> Any:
+    """The base model with the LoRA adapter merged in (no adapter: the base model), in eval mode.
+
+    Merging folds B·A into the frozen weights once, so inference pays for no extra matmuls.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def rank_prompts(
+    model: Any, tokenizer: Any, prompts: pl.DataFrame, batch_size: int = 4
+) -> pl.DataFrame:
+    """Each prompt's candidates in the model's order, the true item's rank and the time taken.
+
+    Ties go to the earlier letter (a stable sort), the rule every stage's metrics use.
+    """
+    scored = score_prompts_timed(model, tokenizer, prompts["prompt"].to_list(), batch_size)
+    scores = scored.scores  # (N, 20)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (N, 20)
+    candidates = torch.tensor(prompts["candidate_item_idxs"].to_list(), dtype=torch.long)
+    target_index = torch.tensor(prompts["target_index"].to_list(), dtype=torch.long)  # (N,)
+    known = target_index >= 0
+    rank = rank_of_target(scores, target_index.clamp(min=0), tie_break="index")  # (N,)
+    target_item = candidates.gather(1, target_index.clamp(min=0)[:, None])[:, 0]
+    return pl.DataFrame(
+        {
+            "example_id": prompts["example_id"],
+            "user_idx": prompts["user_idx"],
+            "split": prompts["split"],
+            "variant": prompts["variant"],
+            "ranked_item_idxs": candidates.gather(1, order).tolist(),
+            "ranked_scores": scores.gather(1, order).tolist(),
+            "target_item_idx": [int(t) if k else None for t, k in zip(target_item, known)],
+            "target_rank": [int(r) if k else None for r, k in zip(rank, known)],
+            "n_tokens": scored.n_tokens,
+            "seconds": scored.seconds,
+        },
+        schema=RANKING_COLUMNS,
+    )

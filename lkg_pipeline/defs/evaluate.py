@@ -1,0 +1,409 @@
+"""Group `evaluate`: LLM rankings, the side-by-side evaluation report, recommendations."""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import matplotlib
+import numpy as np
+import polars as pl
+
+from lkg_pipeline.core.evaluation import (
+    PREFERENCE,
+    RETRIEVER,
+    EvaluationConfig,
+    dumps,
+    evaluate,
+    example_based_ranks,
+    llm_ranks,
+    report_dict,
+    report_markdown,
+    retriever_ranks,
+)
+from lkg_pipeline.core.lrurec import load_lrurec
+from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths
+from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
+from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
+from lkg_pipeline.core.ranking import load_ranker, rank_prompts
+from lkg_pipeline.core.recommend import (
+    RecommendConfig,
+    explanation_texts,
+    full_histories,
+    next_item_examples,
+    recommendation_table,
+)
+from lkg_pipeline.core.storage import replace_dir_atomically
+from lkg_pipeline.core.warehouse import read_parquet, write_tables
+from lkg_pipeline.defs.kg import kg_folder
+from lkg_pipeline.defs.llm import (
+    BY_DATASET,
+    ITEM_WORDS,
+    adapter_dir,
+    current_base_model,
+    dataset_variant_partitions,
+)
+from lkg_pipeline.defs.metadata import markdown_table, png_markdown
+from lkg_pipeline.defs.partitions import dataset_partitions
+from lkg_pipeline.defs.paths import preference_dir, read_paths
+from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.retrieval import retriever_dir
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def rankings_file(lake: Path, dataset: str, variant: str) -> Path:
+    """Where the IO manager keeps a `rankings` partition."""
+    return lake / "evaluate" / "rankings" / dataset / f"{variant}.parquet"
+
+
+def reports_dir(lake: Path, dataset: str) -> Path:
+    return lake / "reports" / dataset
+
+
+def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool):
+    """The base model with the variant's adapter merged in, and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    base = current_base_model(lake)
+    adapter = adapter_dir(lake, dataset, variant) if use_adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{adapter} holds no adapter: materialise lora_adapter for {dataset}|{variant} "
+            "first, or set use_adapter: false to rank with the base model"
+        )
+    return load_ranker(base, adapter), AutoTokenizer.from_pretrained(base), adapter
+
+
+class RankingRunConfig(dg.Config):
+    splits: list[str] = ["val", "test"]
+    # subset: only prompts whose true item is a candidate (the others are misses whatever the
+    # LLM does, so scoring them changes no metric); all: every val/test prompt.
+    scope: Literal["subset", "all"] = "subset"
+    batch_size: int = 8  # prompts per forward, batched by length
+    use_adapter: bool = True  # False: rank with the base model (zero-shot)
+
+
+@dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
+    group_name="evaluate",
+    partitions_def=dataset_variant_partitions,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    deps=["base_model", "lora_adapter"],
+    ins={"prompts": dg.AssetIn()},
+)
+def rankings(
+    context: dg.AssetExecutionContext,
+    config: RankingRunConfig,
+    lake: DataLake,
+    prompts: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    """The fine-tuned LLM's ranking of each val/test prompt's 20 candidates (one forward each)."""
+    keys = context.partition_key.keys_by_dimension
+    dataset, variant = keys["dataset"], keys["variant"]
+    unknown = set(config.splits) - {"val", "test"}
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; choose from 'val', 'test'")
+    chosen = prompts.filter(pl.col("split").is_in(config.splits))
+    if config.scope == "subset":
+        chosen = chosen.filter(pl.col("target_index") >= 0)
+    model, tokenizer, adapter = _ranker(lake.path, dataset, variant, config.use_adapter)
+    device = str(next(model.parameters()).device)
+    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant} on {device}")
+    table = rank_prompts(model, tokenizer, chosen, config.batch_size)
+    summary = []
+    for split, rows in table.group_by("split", maintain_order=True):
+        ranks = rows["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        summary.append(
+            {
+                "split": split[0],
+                "prompts": rows.height,
+                **ranking_metrics(ranks, (1, 5, 10)),
+                "s_per_prompt": float(rows["seconds"].mean()),
+            }
+        )
+    seconds = float(table["seconds"].sum())
+    return dg.Output(
+        table,
+        metadata={
+            "adapter": str(adapter) if adapter else "none (base model)",
+            "device": device,
+            "scope": config.scope,
+            "prompts": table.height,
+            "seconds": round(seconds, 1),
+            "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
+            "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
+            "subset_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
+        },
+    )
+
+
+class EvaluationRunConfig(dg.Config):
+    n_bootstrap: int = 1000
+    n_permutations: int = 10_000
+    confidence: float = 0.95
+    seed: int = 0
+    include_preference: bool = True  # the preference module's own ranking of the candidates
+
+
+@dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
+    group_name="evaluate",
+    partitions_def=dataset_partitions,
+    code_version="1",
+    kinds={"polars", "json"},
+    deps=[dg.AssetDep("rankings", partition_mapping=BY_DATASET), "preference_model", "kg_paths"],
+    ins={"candidates": dg.AssetIn()},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "fine_tuned_beats_retriever",
+            asset="evaluation_report",
+            description="Warns when a fine-tuned variant does not beat the retriever on test "
+            "overall NDCG@10.",
+        )
+    ],
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationRunConfig,
+    lake: DataLake,
+    candidates: pl.DataFrame,
+):
+    """Every ranked variant, the retriever and the preference module, side by side."""
+    dataset = context.partition_key
+    parts = [retriever_ranks(candidates)]
+    latency, variants = [], []
+    for variant in VARIANTS:
+        path = rankings_file(lake.path, dataset, variant)
+        if not path.exists():
+            continue
+        ranked = pl.read_parquet(path)
+        parts.append(llm_ranks(candidates, ranked, variant))
+        variants.append(variant)
+        seconds = ranked["seconds"].to_numpy()
+        latency.append(
+            {
+                "variant": variant,
+                "prompts": len(seconds),
+                "mean_s": float(seconds.mean()),
+                "p50_s": float(np.percentile(seconds, 50)),
+                "p95_s": float(np.percentile(seconds, 95)),
+                "mean_tokens": float(ranked["n_tokens"].mean()),
+            }
+        )
+    if not variants:
+        raise FileNotFoundError(
+            f"no rankings for {dataset} under {rankings_file(lake.path, dataset, '*').parent}: "
+            "materialise `rankings` for at least one variant first"
+        )
+    if config.include_preference:
+        parts.append(_preference_ranks(lake.path, dataset, candidates))
+    core = EvaluationConfig(
+        n_bootstrap=config.n_bootstrap,
+        n_permutations=config.n_permutations,
+        confidence=config.confidence,
+        seed=config.seed,
+    )
+    evaluation = evaluate(pl.concat(parts), core)
+    report = report_dict(
+        evaluation,
+        {
+            "dataset": dataset,
+            "variants": variants,
+            "latency": latency,
+            "base_model": str(current_base_model(lake.path)),
+            "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+        },
+    )
+    markdown = report_markdown(report, evaluation)
+    figure = _bar_chart(evaluation.metrics, dataset)
+    target = reports_dir(lake.path, dataset)
+
+    def write(folder: Path) -> None:
+        (folder / "evaluation.json").write_text(dumps(report))
+        (folder / "evaluation.md").write_text(markdown)
+        figure.savefig(folder / "evaluation.png", dpi=100, bbox_inches="tight")
+
+    replace_dir_atomically(target, write)
+    chart = png_markdown(figure, "test metrics with 95% intervals")
+    plt.close(figure)
+    for line in evaluation.verdicts:
+        context.log.info(line)
+    yield dg.MaterializeResult(
+        metadata={
+            "report": dg.MetadataValue.path(str(target / "evaluation.md")),
+            "json": dg.MetadataValue.path(str(target / "evaluation.json")),
+            "verdict": "\n".join(evaluation.verdicts),
+            "tables": dg.MetadataValue.md(markdown),
+            "chart": dg.MetadataValue.md(chart),
+            "populations": dg.MetadataValue.md(markdown_table(evaluation.populations)),
+            "variants": dg.MetadataValue.json(variants),
+        }
+    )
+    yield _beats_retriever(evaluation.metrics, variants)
+
+
+def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.DataFrame:
+    """The preference module's ranking of the val/test candidates, recomputed from its weights."""
+    tables = read_paths(lake, dataset)
+    model = load_preference(preference_dir(lake, dataset))
+    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
+    scores = score_examples(model, evaluated, tables["pair_features"], tables["history_profile"])
+    return example_based_ranks(candidates, example_ranks(evaluated, scores), PREFERENCE)
+
+
+def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetCheckResult:
+    overall = metrics.filter(
+        (pl.col("split") == "test")
+        & (pl.col("population") == "overall")
+        & (pl.col("metric") == "NDCG@10")
+    )
+    value = dict(overall.select("ranker", "value").iter_rows())
+    if RETRIEVER not in value or not any(v in value for v in variants):
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="no test split was ranked: nothing to compare with the retriever",
+        )
+    behind = [v for v in variants if v in value and value[v] <= value[RETRIEVER]]
+    shown = ", ".join(f"{r} {value[r]:.4f}" for r in [RETRIEVER, *variants] if r in value)
+    return dg.AssetCheckResult(
+        passed=not behind,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"not better than the retriever on test overall NDCG@10: {', '.join(behind)} ({shown})"
+            if behind
+            else f"every variant beats the retriever on test overall NDCG@10 ({shown})"
+        ),
+        metadata={f"NDCG@10_{r}": float(v) for r, v in value.items()},
+    )
+
+
+def _bar_chart(metrics: pl.DataFrame, dataset: str) -> "matplotlib.figure.Figure":  # noqa: F821
+    """Test metrics per ranker with their intervals, one panel per population."""
+    names = ["MRR@1", "NDCG@5", "NDCG@10", "Recall@10"]
+    test = metrics.filter((pl.col("split") == "test") & pl.col("metric").is_in(names))
+    populations = [p for p in ("subset", "overall") if p in set(test["population"])]
+    fig, axes = plt.subplots(1, max(1, len(populations)), figsize=(6 * len(populations), 3.5))
+    axes = np.atleast_1d(axes)
+    rankers = list(dict.fromkeys(test["ranker"].to_list()))
+    width = 0.8 / max(1, len(rankers))
+    for ax, population in zip(axes, populations):
+        rows = test.filter(pl.col("population") == population)
+        for i, ranker in enumerate(rankers):
+            mine = {r["metric"]: r for r in rows.filter(pl.col("ranker") == ranker).to_dicts()}
+            values = np.array([mine[n]["value"] if n in mine else np.nan for n in names])
+            low = np.array([mine[n]["ci_low"] if n in mine else np.nan for n in names])
+            high = np.array([mine[n]["ci_high"] if n in mine else np.nan for n in names])
+            x = np.arange(len(names)) + (i - (len(rankers) - 1) / 2) * width
+            ax.bar(x, values, width, label=ranker, yerr=[values - low, high - values], capsize=2)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_title(f"{dataset}: test, {population}")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+class RecommendationRunConfig(dg.Config):
+    variant: str = "lkg_rag"  # whose adapter and prompt layout rank the candidates
+    top_n: int = 10
+    max_users: int | None = None  # the first N users; None: every user
+    batch_size: int = 8
+    use_adapter: bool = True
+
+
+@dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
+    group_name="evaluate",
+    partitions_def=dataset_partitions,
+    code_version="1",
+    kinds={"duckdb", "parquet"},
+    deps=[
+        "retriever",
+        "kg_triples",
+        "preference_model",
+        "base_model",
+        dg.AssetDep("lora_adapter", partition_mapping=BY_DATASET),
+    ],
+    ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},
+)
+def recommendations(
+    context: dg.AssetExecutionContext,
+    config: RecommendationRunConfig,
+    lake: DataLake,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    """Top-N next items per user from their full history, each with the KG paths it was shown."""
+    dataset = context.partition_key
+    if config.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {config.variant!r}; choose one of {VARIANTS}")
+    core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
+    examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
+    model, tokenizer, _ = _ranker(lake.path, dataset, config.variant, config.use_adapter)
+    noun, verb = ITEM_WORDS[dataset]
+    titles = dict(items.select("item_idx", "title").iter_rows())
+    shown = truncate_titles(titles, tokenizer, PromptConfig().max_title_tokens)
+    selected, explanations = None, None
+    if config.variant != "llamarec":
+        kg = read_parquet(kg_folder(lake.path, dataset))
+        paths = enumerate_paths(
+            examples, sequences, kg.entities, kg.triples, kg.relations, items.height, PathConfig()
+        ).paths
+        preferences = None
+        if config.variant == "lkg_rag":
+            folder = preference_dir(lake.path, dataset)
+            preferences = pl.read_parquet(folder / "preferences.parquet")
+        selected = select_paths(paths, preferences).with_columns(variant=pl.lit(config.variant))
+        explanations = explanation_texts(selected, titles, verb)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt_table = build_prompts(
+        examples,
+        sequences,
+        shown,
+        selected,
+        config.variant,
+        PromptConfig(item_noun=noun, item_verb=verb),
+        count,
+    )
+    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size)
+    table = recommendation_table(
+        examples,
+        ranked,
+        explanations,
+        titles,
+        full_histories(sequences, config.max_users),
+        config.variant,
+        config.top_n,
+    )
+    database = lake.path / "warehouse" / f"{dataset}_recommendations.duckdb"
+    write_tables(
+        {"recommendations_df": table.with_columns(pl.col("explanations").list.join("; "))},
+        "create table recommendations as select * from recommendations_df order by user_idx, rank;",
+        database,
+    )
+    explained = float(table["explanation"].is_not_null().mean())
+    return dg.Output(
+        table,
+        metadata={
+            "duckdb": dg.MetadataValue.path(str(database)),
+            "variant": config.variant,
+            "users": table["user_idx"].n_unique(),
+            "distinct_items": table["item_idx"].n_unique(),
+            "share_explained": round(explained, 4),
+            "seconds": round(float(ranked["seconds"].sum()), 1),
+            "sample": dg.MetadataValue.md(
+                markdown_table(
+                    table.filter(pl.col("user_idx") < 2).select(
+                        "user_idx", "rank", "title", "explanation"
+                    )
+                )
+            ),
+            "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
+        },
+    )
