@@ -85,8 +85,12 @@ class PrepareConfig:
     # Drop ML-100K's placeholder item ("unknown": no title, no date). Keeping it reproduces the
     # usual 5-core figures (99,287 interactions, 1,349 items) but shows "unknown" to the LLM.
     drop_placeholder_titles: bool = True
+    # A seeded sample of this many users (before the k-core) for quick runs and CI; None: all.
+    max_users: int | None = None
+    seed: int = 42
 
     def __post_init__(self) -> None:
+        assert self.max_users is None or self.max_users >= 1, f"max_users={self.max_users}"
         assert self.min_user_interactions >= 3, (
             f"min_user_interactions={self.min_user_interactions}: leave-one-out needs at least "
             "3 interactions per user (train, val, test)"
@@ -139,6 +143,11 @@ def prepare(
         .unique("item_id", keep="first", maintain_order=True)
     )
     inter = raw_interactions.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+    if config.max_users is not None:
+        users = inter["user_id"].unique().sort()
+        if users.len() > config.max_users:
+            kept_users = users.sample(n=config.max_users, seed=config.seed)
+            inter = inter.filter(pl.col("user_id").is_in(kept_users.implode()))
     if config.min_rating is not None:
         inter = inter.filter(pl.col("rating") >= config.min_rating)
     n_before_dedup = inter.height

@@ -134,6 +134,12 @@ def score_prompts(
     return score_prompts_timed(model, tokenizer, prompts, batch_size).scores
 
 
+def default_batch_size(model: Any) -> int:
+    """Prompts per forward when none is given: 1 on CPU, where padding only adds work
+    (SmolLM2, ~880-token prompts, 2 cores: 1.52 s/prompt at batch 1, 1.85 at 8), 16 on a GPU."""
+    return 1 if next(model.parameters()).device.type == "cpu" else 16
+
+
 def load_ranker(base_model: Path, adapter: Path | None, device: str | None = None) -> Any:
     """The base model with the LoRA adapter merged in (no adapter: the base model), in eval mode.
 
@@ -152,12 +158,14 @@ def load_ranker(base_model: Path, adapter: Path | None, device: str | None = Non
 
 
 def rank_prompts(
-    model: Any, tokenizer: Any, prompts: pl.DataFrame, batch_size: int = 4
+    model: Any, tokenizer: Any, prompts: pl.DataFrame, batch_size: int | None = None
 ) -> pl.DataFrame:
     """Each prompt's candidates in the model's order, the true item's rank and the time taken.
 
     Ties go to the earlier letter (a stable sort), the rule every stage's metrics use.
+    `batch_size` None: `default_batch_size`.
     """
+    batch_size = batch_size or default_batch_size(model)
     scored = score_prompts_timed(model, tokenizer, prompts["prompt"].to_list(), batch_size)
     scores = scored.scores  # (N, 20)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (N, 20)

@@ -27,6 +27,8 @@ class PrepareRunConfig(dg.Config):
     min_item_interactions: int = 5
     min_rating: float | None = None
     drop_placeholder_titles: bool = True
+    max_users: int | None = None  # a seeded sample of users (quick runs, CI); None: all
+    seed: int = 42
 
     def to_core(self) -> PrepareConfig:
         return PrepareConfig(**self.model_dump())
