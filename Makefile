@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
-.PHONY: venv run test lint ui clean-lake
+.PHONY: venv run ablation test lint ui clean-lake
 
 venv: $(VENV)/.installed
 
@@ -20,15 +20,29 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 VARIANT ?= lkg_rag
+VARIANTS ?= llamarec kg_rag lkg_rag
 MATERIALIZE := $(BIN)/dagster asset materialize -m lkg_pipeline.definitions
+DATASET_STAGES := 'group:ingest or group:prepare or group:kg or group:retrieval or group:paths'
+RECOMMEND := --config-json '{"ops":{"recommendations":{"config":{"variant":"$(VARIANT)"}}}}'
 
-## Materialise every stage that exists for one dataset (default ml-100k, variant lkg_rag).
-## On 2 CPU cores: ~6 minutes to the prompts, then ~35 minutes of LoRA training.
+## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
+## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
+## On 2 CPU cores: ~45 minutes (see README).
 run: venv $(DAGSTER_HOME)/dagster.yaml
-	$(MATERIALIZE) --select 'group:ingest or group:prepare or group:kg or group:retrieval or group:paths' --partition $(PARTITION)
+	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION)
 	$(MATERIALIZE) --select base_model
-	$(MATERIALIZE) --select prompts --partition '$(PARTITION)|$(VARIANT)'
-	$(MATERIALIZE) --select lora_adapter --partition '$(PARTITION)|$(VARIANT)'
+	$(MATERIALIZE) --select 'prompts,lora_adapter,rankings' --partition '$(PARTITION)|$(VARIANT)'
+	$(MATERIALIZE) --select 'evaluation_report,recommendations' --partition $(PARTITION) $(RECOMMEND)
+
+## The ablation: every variant fine-tuned and ranked, then one report comparing them all
+## (~2 h on 2 CPU cores: three LoRA trainings).
+ablation: venv $(DAGSTER_HOME)/dagster.yaml
+	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION)
+	$(MATERIALIZE) --select base_model
+	for v in $(VARIANTS); do \
+	  $(MATERIALIZE) --select 'prompts,lora_adapter,rankings' --partition "$(PARTITION)|$$v" || exit 1; \
+	done
+	$(MATERIALIZE) --select evaluation_report --partition $(PARTITION)
 
 ## The test suite (what CI runs).
 test: venv $(DAGSTER_HOME)/dagster.yaml

@@ -54,6 +54,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def after_update_of(asset: str) -> dg.AutomationCondition:
+    """`eager()` that reacts to updates of `asset` only.
+
+    The report and the recommendations are partitioned by dataset and also read dataset
+    stages (candidates, the preference model) directly. Plain `eager()` would start them as
+    soon as a retrained preference model lands, beside the adapter training and on last week's
+    rankings, and again afterwards; this waits for the new rankings (or adapter).
+    """
+    updated = dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(asset))
+    return dg.AutomationCondition.eager().replace("any_deps_updated", updated)
+
+
 def rankings_file(lake: Path, dataset: str, variant: str) -> Path:
     """Where the IO manager keeps a `rankings` partition."""
     return lake / "evaluate" / "rankings" / dataset / f"{variant}.parquet"
@@ -151,7 +163,7 @@ class EvaluationRunConfig(dg.Config):
 
 
 @dg.asset(
-    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
+    automation_condition=after_update_of("rankings"),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_partitions,
     code_version="1",
@@ -316,7 +328,7 @@ class RecommendationRunConfig(dg.Config):
 
 
 @dg.asset(
-    automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
+    automation_condition=after_update_of("lora_adapter"),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_partitions,
     code_version="1",

@@ -7,10 +7,14 @@ from lkg_pipeline.defs.partitions import dataset_partitions
 
 
 def datasets_with_data(instance: dg.DagsterInstance) -> list[str]:
-    """Dataset partitions whose `sequences` were materialised: the ones retraining can run on
-    (the others have never been ingested, or have no source here)."""
-    done = instance.get_materialized_partitions(dg.AssetKey("sequences"))
-    return [d for d in dataset_partitions.get_partition_keys() if d in done]
+    """Dataset partitions whose `sequences` and `kg_triples` were materialised: the ones
+    retraining can run on (the others were never ingested, have no source here, or stopped
+    before the graph, which `kg_paths` needs)."""
+    done = [
+        instance.get_materialized_partitions(dg.AssetKey(name))
+        for name in ("sequences", "kg_triples")
+    ]
+    return [d for d in dataset_partitions.get_partition_keys() if all(d in s for s in done)]
 
 
 @dg.schedule(
@@ -23,6 +27,8 @@ def datasets_with_data(instance: dg.DagsterInstance) -> list[str]:
 def weekly_retrain(context: dg.ScheduleEvaluationContext):
     datasets = datasets_with_data(context.instance)
     if not datasets:
-        return dg.SkipReason("no dataset has materialised sequences yet: nothing to retrain")
+        return dg.SkipReason(
+            "no dataset has materialised sequences and kg_triples yet: nothing to retrain"
+        )
     week = context.scheduled_execution_time.strftime("%Y-%m-%d")
     return [dg.RunRequest(partition_key=d, run_key=f"{d}:{week}") for d in datasets]

@@ -12,6 +12,8 @@ import polars as pl
 import pytest
 from upath import UPath
 
+from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
 from lkg_pipeline.defs.llm import base_model, lora_adapter, prompts
@@ -182,6 +184,82 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     lora_meta = trained.asset_materializations_for_node("lora_adapter")[0].metadata
     assert any("NDCG@10" in name for name in lora_meta)
 
+    # evaluate: rankings of two variants (llamarec zero-shot), the report, recommendations.
+    evaluated = [*everything, lora_adapter, rankings, evaluation_report, recommendations]
+    for variant, use_adapter in (("lkg_rag", True), ("llamarec", False)):
+        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        config = {"splits": ["val", "test"], "use_adapter": use_adapter}
+        assert dg.materialize(
+            evaluated,
+            selection=[rankings],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": {"rankings": {"config": config}}},
+        ).success
+    reported = dg.materialize(
+        evaluated,
+        selection=[evaluation_report, recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30}}}},
+    )
+    assert reported.success
+    report = assert_report_recomputable(lake, "ml-100k", table)
+    assert report["variants"] == ["llamarec", "lkg_rag"]
+    assert {r["ranker"] for r in report["metrics"]} == {
+        "retriever",
+        "llamarec",
+        "lkg_rag",
+        "preference",
+    }
+    check = reported.get_asset_check_evaluations()[0]
+    assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
+    assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+
+
+def assert_report_recomputable(lake: Path, dataset: str, candidates: pl.DataFrame) -> dict:
+    """The report's numbers follow from the `rankings` files and `candidates` alone."""
+    folder = lake / "reports" / dataset
+    assert (folder / "evaluation.md").read_text().startswith(f"# Evaluation: {dataset}")
+    assert (folder / "evaluation.png").stat().st_size > 1000
+    report = json.loads((folder / "evaluation.json").read_text())
+    test = candidates.filter(pl.col("split") == "test")
+    reported = {
+        (m["ranker"], m["population"], m["metric"]): m["value"]
+        for m in report["metrics"]
+        if m["split"] == "test"
+    }
+    for variant in report["variants"]:
+        ranked = pl.read_parquet(lake / "evaluate" / "rankings" / dataset / f"{variant}.parquet")
+        llm_rank = ranked.select("example_id", llm_rank="target_rank")
+        ranks = (
+            test.join(llm_rank, on="example_id", how="left")["llm_rank"]
+            .cast(pl.Float64)
+            .fill_null(float("inf"))
+            .to_numpy()
+        )
+        overall = ranking_metrics(ranks, (1, 5, 10))  # all users; misses outside the subset
+        subset = ranking_metrics(ranks[test["in_candidates"].to_numpy()], (1, 5, 10))
+        for metric, value in overall.items():
+            assert reported[(variant, "overall", metric)] == pytest.approx(value, abs=1e-12)
+            assert reported[(variant, "subset", metric)] == pytest.approx(subset[metric])
+    retriever = ranking_metrics(test["target_rank"].cast(pl.Float64).to_numpy(), (1, 5, 10))
+    for metric, value in retriever.items():
+        assert reported[("retriever", "overall", metric)] == pytest.approx(value)
+    return report
+
+
+def assert_recommendations_unseen(
+    lake: Path, dataset: str, sequences: pl.DataFrame, users: int
+) -> None:
+    recs = pl.read_parquet(lake / "evaluate" / "recommendations" / f"{dataset}.parquet")
+    assert recs["user_idx"].n_unique() == users and recs.height == users * 10
+    seen = recs.join(sequences, on=["user_idx", "item_idx"], how="semi")
+    assert seen.height == 0, seen.head()
+    database = lake / "warehouse" / f"{dataset}_recommendations.duckdb"
+    with duckdb.connect(str(database), read_only=True) as con:
+        assert con.sql("select count(*) from recommendations").fetchall()[0][0] == recs.height
+
 
 def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_path: Path) -> None:
     src = tmp_path / "latest"
@@ -287,3 +365,70 @@ def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> 
     for dataset in ("ml-100k", "ml-latest-small"):  # one database each, both complete
         with duckdb.connect(str(lake / "warehouse" / f"{dataset}.duckdb"), read_only=True) as con:
             assert con.sql("select count(*) from triples").fetchall()[0][0] > 0
+
+
+def test_cli_materializes_the_whole_graph_for_a_user_sample(lake: Path, tmp_path: Path) -> None:
+    """What `make run` does, by the real CLI, with `tiny-random` and 40 sampled users.
+
+    One CLI call cannot select every asset: they span three partitionings (dataset, dataset ×
+    variant, none), and a run covers one. So the graph goes in the order `make run` uses.
+    """
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(lake)}
+    quick_lora = {
+        "max_steps": 2,
+        "grad_accum": 2,
+        "max_train_examples": 8,
+        "max_val_examples": 4,
+        "warmup_steps": 0,
+    }
+    calls = [
+        (
+            "group:ingest or group:prepare or group:kg or group:retrieval or group:paths",
+            "ml-100k",
+            {
+                "prepared_tables": {"config": {"max_users": 40}},
+                "retriever": {"config": {"max_epochs": 3}},
+                "preference_model": {"config": {"epochs": 3}},
+            },
+        ),
+        ("base_model", None, {"base_model": {"config": {"source": "tiny-random"}}}),
+        *(
+            (
+                "prompts,lora_adapter,rankings",
+                f"ml-100k|{variant}",
+                {"lora_adapter": {"config": quick_lora}},
+            )
+            for variant in ("llamarec", "lkg_rag")
+        ),
+        ("evaluation_report,recommendations", "ml-100k", {}),
+    ]
+    for selection, partition, ops in calls:
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "lkg_pipeline.definitions",
+            "--select",
+            selection,
+            *(["--partition", partition] if partition else []),
+            *(["--config-json", json.dumps({"ops": ops})] if ops else []),
+        ]
+        done = subprocess.run(
+            command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, f"{selection} {partition}:\n{done.stdout[-3000:]}"
+
+    sequences = pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet")
+    assert sequences["user_idx"].n_unique() == 40
+    table = pl.read_parquet(lake / "retrieval" / "candidates" / "ml-100k.parquet")
+    report = assert_report_recomputable(lake, "ml-100k", table)
+    assert report["variants"] == ["llamarec", "lkg_rag"]
+    assert any(
+        v.startswith("lkg_rag vs llamarec (test, overall, 40 users)") for v in report["verdicts"]
+    )
+    assert_recommendations_unseen(lake, "ml-100k", sequences, users=40)

@@ -8,7 +8,9 @@ to load in the webserver or a run that the UI cannot launch is caught here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,6 +154,7 @@ def webserver(lake: Path, tmp_path: Path) -> Iterator[Webserver]:
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its code server and run workers share its process group
         )
     server = Webserver(url=f"http://127.0.0.1:{port}", process=process, log=log)
     try:
@@ -173,6 +176,9 @@ def webserver(lake: Path, tmp_path: Path) -> Iterator[Webserver]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+        # The code server otherwise lingers until its heartbeat times out.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
 
 
 def run_failure(server: Webserver, run_id: str) -> str:
