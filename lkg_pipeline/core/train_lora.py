@@ -130,9 +130,6 @@ class TrainResult:
     model: Any = None  # the in-memory PeftModel after the last step (published: the best one)
 
 
-# ----------------------------------------------------------------------------- scoring
-
-
 # ----------------------------------------------------------------------------- data
 
 
