@@ -1,9 +1,7 @@
 """ingest, prepare and kg materialised through Dagster, in-process and by the real CLI."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +19,7 @@ from lkg_pipeline.defs.paths import kg_paths, preference_model
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
 from lkg_pipeline.defs.retrieval import candidates, retriever
+from lkg_pipeline_tests.dagster_cli import MATERIALIZE, instance_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -313,29 +312,8 @@ def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> 
     )
     config = tmp_path / "latest.yaml"
     config.write_text(f"ops:\n  raw_tables:\n    config:\n      source: {src}\n")
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(lake)}
-    # A new instance's SQLite schema is created on first use; two processes racing to create it
-    # fail, so set it up once, as a first `make run` would.
-    subprocess.run(
-        [sys.executable, "-m", "dagster", "instance", "migrate"],
-        env=env,
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    dagster = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "asset",
-        "materialize",
-        "-m",
-        "lkg_pipeline.definitions",
-        "--select",
-        "*items,*sequences,*kg_triples",
-    ]
+    env = instance_env(tmp_path / "dagster_home", lake)
+    dagster = [*MATERIALIZE, "--select", "*items,*sequences,*kg_triples"]
     procs = [
         subprocess.Popen(
             [*dagster, "--partition", "ml-100k"],
@@ -373,9 +351,7 @@ def test_cli_materializes_the_whole_graph_for_a_user_sample(lake: Path, tmp_path
     One CLI call cannot select every asset: they span three partitionings (dataset, dataset ×
     variant, none), and a run covers one. So the graph goes in the order `make run` uses.
     """
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(lake)}
+    env = instance_env(tmp_path / "dagster_home", lake)
     quick_lora = {
         "max_steps": 2,
         "grad_accum": 2,
@@ -406,13 +382,7 @@ def test_cli_materializes_the_whole_graph_for_a_user_sample(lake: Path, tmp_path
     ]
     for selection, partition, ops in calls:
         command = [
-            sys.executable,
-            "-m",
-            "dagster",
-            "asset",
-            "materialize",
-            "-m",
-            "lkg_pipeline.definitions",
+            *MATERIALIZE,
             "--select",
             selection,
             *(["--partition", partition] if partition else []),

@@ -24,6 +24,8 @@ import polars as pl
 import pytest
 import requests
 
+from lkg_pipeline_tests.dagster_cli import instance_env
+
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 300.0
@@ -130,17 +132,7 @@ def free_port() -> int:
 @pytest.fixture
 def webserver(lake: Path, tmp_path: Path) -> Iterator[Webserver]:
     """`dagster-webserver` on loopback with a throw-away instance and data lake."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(lake)}
-    subprocess.run(
-        [sys.executable, "-m", "dagster", "instance", "migrate"],
-        env=env,
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    env = instance_env(tmp_path / "dagster_home", lake, INSTANCE_YAML)
     port = free_port()
     log = tmp_path / "webserver.log"
     with log.open("w") as out:
