@@ -123,6 +123,11 @@ def rankings(
     chosen = prompts.filter(pl.col("split").is_in(config.splits))
     if config.scope == "subset":
         chosen = chosen.filter(pl.col("target_index") >= 0)
+    if chosen.height == 0:
+        raise ValueError(
+            f"{dataset}|{variant}: no {'/'.join(config.splits)} prompt to rank with scope "
+            f"{config.scope!r} (no true item among the candidates?)"
+        )
     model, tokenizer, adapter = _ranker(lake.path, dataset, variant, config.use_adapter)
     device = str(next(model.parameters()).device)
     context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant} on {device}")
@@ -149,7 +154,7 @@ def rankings(
             "seconds": round(seconds, 1),
             "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
             "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
-            "subset_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
+            "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
         },
     )
 
