@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
-.PHONY: venv run ablation test lint ui clean-lake
+.PHONY: venv run ablation test lint ui clean-lake bench
 
 venv: $(VENV)/.installed
 
@@ -27,7 +27,7 @@ RECOMMEND := --config-json '{"ops":{"recommendations":{"config":{"variant":"$(VA
 
 ## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
 ## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
-## On 2 CPU cores: ~45 minutes (see README).
+## On 2 CPU cores: ~52 minutes (see README).
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION)
 	$(MATERIALIZE) --select base_model
@@ -46,8 +46,13 @@ ablation: venv $(DAGSTER_HOME)/dagster.yaml
 
 ## The test suite (what CI runs).
 test: venv $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/ruff check lkg_pipeline lkg_pipeline_tests
+	$(BIN)/ruff check lkg_pipeline lkg_pipeline_tests benchmarks
 	$(BIN)/python -m pytest -q
+
+## The benchmarks (benchmarks/README.md) on the ml-100k data lake that `make run` wrote:
+## prints ratios measured side by side, writes benchmarks/RESULTS.md (~10 min on 2 CPU cores).
+bench: venv $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m benchmarks.run
 
 ## The Dagster UI on http://127.0.0.1:3000, sharing runs and lineage with `make run`.
 ui: venv $(DAGSTER_HOME)/dagster.yaml

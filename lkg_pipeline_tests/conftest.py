@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from lkg_pipeline.core.sources import RECBOLE_WHEEL, fetch_recbole_wheel
 
@@ -26,3 +28,14 @@ def lake(tmp_path: Path, recbole_wheel: Path) -> Path:
     (root / "cache").mkdir(parents=True)
     shutil.copy(recbole_wheel, root / "cache" / RECBOLE_WHEEL)
     return root
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """For the model tests: the tiny model gains little from a second thread, and two threads
+    per process stall each other badly when the 2-core machine is busy; subprocesses keep the
+    launcher's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

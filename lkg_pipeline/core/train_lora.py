@@ -386,6 +386,20 @@ def _publish(best: Path, output: Path, summary: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+def lora_config(config: TrainConfig) -> Any:
+    """The PEFT `LoraConfig` of a run: adapters on `target_modules` only, no bias."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The Accelerator for `config`, built before anything asks which process is the main one:
     a bare `PartialState()` made earlier would freeze the process layout without the launcher's
@@ -414,7 +428,7 @@ def training_function(
     """Fine-tune, validate, checkpoint and publish; `on_log` (main process only) receives every
     record that goes into the history, e.g. to forward it to Dagster Pipes."""
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
     started = time.perf_counter()
@@ -428,15 +442,7 @@ def training_function(
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
     base.config.use_cache = False
     position_limit = max_positions(base)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, lora)
+    model = get_peft_model(base, lora_config(config))
     n_trainable, n_total = model.get_nb_trainable_parameters()
     train_dl, val, letter_ids = get_dataloaders(
         accelerator, config, tokenizer, paths.prompts, position_limit

@@ -1,0 +1,98 @@
+"""The benchmarks' quick modes end to end: tiny random model, tiny synthetic graphs, seconds.
+
+They prove every benchmark still runs against the product code it measures (a renamed
+function or a changed table breaks them here, not at `make bench` time) and that each result
+carries positive timings and its ratio; the numbers themselves mean nothing at this size.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import paths_bench, ranking_bench, run, training_bench
+from benchmarks.common import ceiling, machine_info
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def plot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def paths_result(plot_dir: Path) -> dict[str, Any]:
+    return paths_bench.run(quick=True, out_dir=plot_dir)
+
+
+@pytest.fixture(scope="module")
+def ranking_result() -> dict[str, Any]:
+    return ranking_bench.run(quick=True, cache_dir=CACHE)
+
+
+@pytest.fixture(scope="module")
+def training_result() -> dict[str, Any]:
+    return training_bench.run(quick=True, cache_dir=CACHE)
+
+
+def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:
+    c = paths_result["comparison"]
+    assert c["ours_s"] > 0 and c["sample_pairs"] > 0
+    assert c["networkx_all_paths_extrapolated_s"] > 0 and c["networkx_shortest_extrapolated_s"] > 0
+    assert c["speedup_vs_all_paths"] > 0 and c["speedup_vs_shortest"] > 0
+    assert c["same_paths_on_sample"], "networkx and enumerate_paths disagree on the sample"
+    measured = [r for r in paths_result["scaling"] if r["status"] == "ok"]
+    assert {r["shape"] for r in measured} == set(paths_bench.SHAPES)
+    for row in measured:
+        assert row["seconds"] > 0 and row["ms_per_user"] > 0
+        assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0
+    assert (plot_dir / "paths_scaling.png").stat().st_size > 0
+
+
+def test_ranking_quick(ranking_result: dict[str, Any]) -> None:
+    rows = ranking_result["policies"]
+    assert [r["policy"] for r in rows] == list(ranking_bench.POLICIES)
+    for row in rows:
+        assert row["seconds"] > 0 and row["prompts_per_s"] > 0 and row["speedup_vs_batch_1"] > 0
+        assert row["share_of_matmul"] > 0
+        # every policy must rank with the same scores, or its speed would mean nothing
+        assert row["max_abs_score_diff_vs_batch_1"] < 1e-3
+
+
+def test_training_quick(training_result: dict[str, Any]) -> None:
+    rows = training_result["variants"]
+    assert [r["variant"] for r in rows] == list(training_bench.VARIANTS)
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["speed_vs_letters"] > 0
+        assert row["share_of_matmul"] > 0
+    by_name = {r["variant"]: r for r in rows}
+    # the reference's loss and ours (`loss: lm`) are the same objective, computed differently
+    lm, reference = by_name["lm (ours, logits_to_keep=3)"], by_name[training_bench.REFERENCE]
+    assert lm["mean_loss"] == pytest.approx(reference["mean_loss"], rel=1e-4)
+
+
+def test_report_renders_every_section(
+    paths_result: dict[str, Any], ranking_result: dict[str, Any], training_result: dict[str, Any]
+) -> None:
+    results = {"paths": paths_result, "ranking": ranking_result, "training": training_result}
+    text = run.report(machine_info(), ceiling(True), results, dict.fromkeys(results, 1.0), True)
+    for heading in ("## Machine", "## Headlines", "## Path enumeration", "## Ranking", "## LoRA"):
+        assert heading in text
+    assert "paths_scaling.png" in text
+
+
+def test_full_run_without_a_data_lake_names_make_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LKG_DATA_LAKE", str(tmp_path / "empty_lake"))
+    assert run.main(["--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "make run" in error and "kg_triples" in error
+    assert not (tmp_path / "out").exists()
