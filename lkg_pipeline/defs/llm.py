@@ -193,8 +193,8 @@ class LoraRunConfig(dg.Config):
     batch_size: int = 1
     grad_accum: int = 8
     # ~4.3 s per ~880-token prompt (forward + backward) and ~1.5 s per validation prompt for
-    # SmolLM2 on 2 CPU cores: 160 + 2 × 50 keep the LoRA stage near 14 minutes, so the whole
-    # graph of ml-100k fits in ~45 minutes there; None trains on every example.
+    # SmolLM2 on 2 CPU cores: 160 + 2 × 50 keep the LoRA stage near 16 minutes (measured) and
+    # the whole graph of ml-100k near 52; None trains on every example.
     max_train_examples: int | None = 160
     max_val_examples: int | None = 50
     eval_every: int = 50
