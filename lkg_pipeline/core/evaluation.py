@@ -202,11 +202,8 @@ def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig())
             population_rows.append(
                 {"split": split, "population": population, "n_users": chosen["user_idx"].n_unique()}
             )
-            by_ranker = {
-                r: chosen.filter(pl.col("ranker") == r).sort("user_idx")
-                for r in rankers
-                if chosen.filter(pl.col("ranker") == r).height
-            }
+            groups = chosen.sort("user_idx").partition_by("ranker", as_dict=True)
+            by_ranker = {r: groups[(r,)] for r in rankers if (r,) in groups}
             for ranker, rows in by_ranker.items():
                 values = _matrix(rows, config)
                 low, high = bootstrap_intervals(values, config.n_bootstrap, config.confidence, rng)
