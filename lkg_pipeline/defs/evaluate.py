@@ -49,6 +49,7 @@ from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import preference_dir, read_paths
 from lkg_pipeline.defs.resources import DataLake
 from lkg_pipeline.defs.retrieval import retriever_dir
+from lkg_pipeline.defs.reuse import Recomputable, Reuse
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +72,15 @@ def rankings_file(lake: Path, dataset: str, variant: str) -> Path:
     return lake / "evaluate" / "rankings" / dataset / f"{variant}.parquet"
 
 
+def recommendations_file(lake: Path, dataset: str) -> Path:
+    """Where the IO manager keeps a `recommendations` partition."""
+    return lake / "evaluate" / "recommendations" / f"{dataset}.parquet"
+
+
+def _previous_table(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.exists() else None
+
+
 def reports_dir(lake: Path, dataset: str) -> Path:
     return lake / "reports" / dataset
 
@@ -89,7 +99,7 @@ def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool):
     return load_ranker(base, adapter), AutoTokenizer.from_pretrained(base), adapter
 
 
-class RankingRunConfig(dg.Config):
+class RankingRunConfig(Recomputable):
     # The report's verdicts are on test; add "val" to rank it too (~1.5 s a prompt on CPU).
     splits: list[str] = ["test"]
     # subset: only prompts whose true item is a candidate (the others are misses whatever the
@@ -128,6 +138,18 @@ def rankings(
             f"{dataset}|{variant}: no {'/'.join(config.splits)} prompt to rank with scope "
             f"{config.scope!r} (no true item among the candidates?)"
         )
+    adapter_path = adapter_dir(lake.path, dataset, variant) if config.use_adapter else None
+    reuse = Reuse.start(
+        context,
+        lake.path,
+        config,
+        {"prompts": chosen, "base_model": current_base_model(lake.path), "adapter": adapter_path},
+    )
+    output = rankings_file(lake.path, dataset, variant)
+    previous = _previous_table(output)
+    if (metadata := reuse.previous({"rankings": previous})) is not None:
+        return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
+    reuse.invalidate()
     model, tokenizer, adapter = _ranker(lake.path, dataset, variant, config.use_adapter)
     device = str(next(model.parameters()).device)
     context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant} on {device}")
@@ -144,19 +166,18 @@ def rankings(
             }
         )
     seconds = float(table["seconds"].sum())
-    return dg.Output(
-        table,
-        metadata={
-            "adapter": str(adapter) if adapter else "none (base model)",
-            "device": device,
-            "scope": config.scope,
-            "prompts": table.height,
-            "seconds": round(seconds, 1),
-            "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
-            "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
-            "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
-        },
-    )
+    metadata = {
+        "adapter": str(adapter) if adapter else "none (base model)",
+        "device": device,
+        "scope": config.scope,
+        "prompts": table.height,
+        "seconds": round(seconds, 1),
+        "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
+        "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
+        "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
+    }
+    version = reuse.record({"rankings": table}, metadata)
+    return dg.Output(table, metadata=metadata, data_version=version)
 
 
 class EvaluationRunConfig(dg.Config):
@@ -324,7 +345,7 @@ def _bar_chart(metrics: pl.DataFrame, dataset: str) -> "matplotlib.figure.Figure
     return fig
 
 
-class RecommendationRunConfig(dg.Config):
+class RecommendationRunConfig(Recomputable):
     variant: str = "lkg_rag"  # whose adapter and prompt layout rank the candidates
     top_n: int = 10
     max_users: int | None = None  # the first N users; None: every user
@@ -358,6 +379,22 @@ def recommendations(
     dataset = context.partition_key
     if config.variant not in VARIANTS:
         raise ValueError(f"unknown variant {config.variant!r}; choose one of {VARIANTS}")
+    variant_adapter = adapter_dir(lake.path, dataset, config.variant)
+    inputs = {
+        "sequences": sequences,
+        "items": items,
+        "retriever": retriever_dir(lake.path, dataset),
+        "kg": kg_folder(lake.path, dataset) if config.variant != "llamarec" else None,
+        "preferences": preference_dir(lake.path, dataset) if config.variant == "lkg_rag" else None,
+        "base_model": current_base_model(lake.path),
+        "adapter": variant_adapter if config.use_adapter else None,
+    }
+    reuse = Reuse.start(context, lake.path, config, inputs)
+    database = lake.path / "warehouse" / f"{dataset}_recommendations.duckdb"
+    previous = _previous_table(recommendations_file(lake.path, dataset))
+    if (metadata := reuse.previous({"table": previous, "duckdb": database})) is not None:
+        return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
+    reuse.invalidate()
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
     examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
     model, tokenizer, _ = _ranker(lake.path, dataset, config.variant, config.use_adapter)
@@ -399,29 +436,27 @@ def recommendations(
         config.variant,
         config.top_n,
     )
-    database = lake.path / "warehouse" / f"{dataset}_recommendations.duckdb"
     write_tables(
         {"recommendations_df": table.with_columns(pl.col("explanations").list.join("; "))},
         "create table recommendations as select * from recommendations_df order by user_idx, rank;",
         database,
     )
     explained = float(table["explanation"].is_not_null().mean())
-    return dg.Output(
-        table,
-        metadata={
-            "duckdb": dg.MetadataValue.path(str(database)),
-            "variant": config.variant,
-            "users": table["user_idx"].n_unique(),
-            "distinct_items": table["item_idx"].n_unique(),
-            "share_explained": round(explained, 4),
-            "seconds": round(float(ranked["seconds"].sum()), 1),
-            "sample": dg.MetadataValue.md(
-                markdown_table(
-                    table.filter(pl.col("user_idx") < 2).select(
-                        "user_idx", "rank", "title", "explanation"
-                    )
+    metadata = {
+        "duckdb": dg.MetadataValue.path(str(database)),
+        "variant": config.variant,
+        "users": table["user_idx"].n_unique(),
+        "distinct_items": table["item_idx"].n_unique(),
+        "share_explained": round(explained, 4),
+        "seconds": round(float(ranked["seconds"].sum()), 1),
+        "sample": dg.MetadataValue.md(
+            markdown_table(
+                table.filter(pl.col("user_idx") < 2).select(
+                    "user_idx", "rank", "title", "explanation"
                 )
-            ),
-            "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
-        },
-    )
+            )
+        ),
+        "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
+    }
+    version = reuse.record({"table": table, "duckdb": database}, metadata)
+    return dg.Output(table, metadata=metadata, data_version=version)

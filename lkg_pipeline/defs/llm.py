@@ -19,6 +19,7 @@ from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import selected_paths_file
 from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.reuse import Recomputable, Reuse
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 dataset_variant_partitions = dg.MultiPartitionsDefinition(
@@ -178,7 +179,7 @@ def adapter_dir(lake: Path, dataset: str, variant: str) -> Path:
     return lake / "models" / "lora_adapter" / dataset / variant
 
 
-class LoraRunConfig(dg.Config):
+class LoraRunConfig(Recomputable):
     """`TrainConfig` (paper defaults) plus how to launch it."""
 
     lora_r: int = 8
@@ -257,17 +258,28 @@ def lora_adapter(
     """
     keys = context.partition_key.keys_by_dimension
     dataset, variant = keys["dataset"], keys["variant"]
+    prompts_path, base = prompts_file(lake.path, dataset, variant), current_base_model(lake.path)
+    output = adapter_dir(lake.path, dataset, variant)
+    launch_file = Path(config.accelerate_config) if config.accelerate_config else None
+    inputs = {"prompts": prompts_path, "base_model": base, "accelerate_config": launch_file}
+    reuse = Reuse.start(context, lake.path, config, inputs)
+    if (metadata := reuse.previous({"adapter": output})) is not None:
+        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
+    reuse.invalidate()
     command = [
         *config.launcher(),
         "-m",
         "lkg_pipeline.core.train_lora",
         "--prompts",
-        str(prompts_file(lake.path, dataset, variant)),
+        str(prompts_path),
         "--base-model",
-        str(current_base_model(lake.path)),
+        str(base),
         "--output",
-        str(adapter_dir(lake.path, dataset, variant)),
+        str(output),
         *config.script_args(),
     ]
     context.log.info(" ".join(command))
-    return pipes_subprocess_client.run(command=command, context=context).get_materialize_result()
+    reported = pipes_subprocess_client.run(command=command, context=context)
+    metadata = dict(reported.get_materialize_result().metadata or {})
+    version = reuse.record({"adapter": output}, metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=version)

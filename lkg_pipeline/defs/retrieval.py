@@ -24,6 +24,7 @@ from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.reuse import Recomputable, Reuse
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,7 +34,7 @@ DEFAULT_MAX_LEN = {"ml-100k": 200, "ml-latest-small": 200, "beauty": 50}
 REPORT_KS = (1, 5, 10, 20)
 
 
-class RetrieverRunConfig(dg.Config):
+class RetrieverRunConfig(Recomputable):
     """LRURec hyperparameters (published defaults) and the seed that makes a CPU run repeat."""
 
     d_model: int = 64
@@ -49,7 +50,7 @@ class RetrieverRunConfig(dg.Config):
     seed: int = 42
 
     def to_core(self, dataset: str, n_items: int) -> LRURecConfig:
-        values = self.model_dump()
+        values = self.model_dump(exclude={"recompute"})
         values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
         return LRURecConfig(n_items=n_items, **values)
 
@@ -81,6 +82,11 @@ def retriever(
 ) -> dg.MaterializeResult:
     """LRURec trained on train sequences, early-stopped on validation Recall@10."""
     dataset = context.partition_key
+    target = retriever_dir(lake.path, dataset)
+    reuse = Reuse.start(context, lake.path, config, {"sequences": sequences, "items": items})
+    if (metadata := reuse.previous({"model": target})) is not None:
+        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
+    reuse.invalidate()
     data = user_sequences(sequences, n_items=items.height)
     core_config = config.to_core(dataset, items.height)
 
@@ -115,20 +121,19 @@ def retriever(
             )
         )
 
-    target = retriever_dir(lake.path, dataset)
     replace_dir_atomically(target, write)
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(target)),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "train_seconds": round(result.wall_time_s, 1),
-            "test_NDCG@10": report["LRURec"]["test"]["NDCG@10"],
-            "test_Recall@20": report["LRURec"]["test"]["Recall@20"],
-            "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
-            "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
-        }
-    )
+    metadata = {
+        "path": dg.MetadataValue.path(str(target)),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.wall_time_s, 1),
+        "test_NDCG@10": report["LRURec"]["test"]["NDCG@10"],
+        "test_Recall@20": report["LRURec"]["test"]["Recall@20"],
+        "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
+        "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
+    }
+    version = reuse.record({"model": target}, metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=version)
 
 
 def _metrics_frame(report: dict) -> pl.DataFrame:

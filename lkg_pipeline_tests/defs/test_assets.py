@@ -215,6 +215,68 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
 
+    # Nothing changed: prompts are rebuilt (identical), the expensive stages reuse their outputs.
+    key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": "lkg_rag"})
+    ranked_file = lake / "evaluate" / "rankings" / "ml-100k" / "lkg_rag.parquet"
+    ranked_before = pl.read_parquet(ranked_file)
+    same = {"splits": ["val", "test"], "use_adapter": True}
+    again = dg.materialize(
+        evaluated,
+        selection=[prompts, lora_adapter, rankings],
+        partition_key=key,
+        resources=resources(lake),
+        run_config={"ops": {**short["ops"], "rankings": {"config": same}}},
+    )
+    assert again.success
+    first_rankings = data_version(again, "rankings")
+    for node in ("lora_adapter", "rankings"):
+        event = again.asset_materializations_for_node(node)[0]
+        assert "reused_from" in event.metadata, node
+    reused = again.asset_materializations_for_node("rankings")[0]
+    assert "ranked_prompt_metrics" in reused.metadata  # the original run's metadata, carried over
+    assert pl.read_parquet(ranked_file).equals(ranked_before)
+    recommended = dg.materialize(
+        evaluated,
+        selection=[retriever, recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={
+            "ops": {
+                "retriever": {"config": {"max_epochs": 2}},
+                "recommendations": {"config": {"max_users": 30}},
+            }
+        },
+    )
+    for node in ("retriever", "recommendations"):
+        assert "reused_from" in recommended.asset_materializations_for_node(node)[0].metadata
+    assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+    forced = dg.materialize(
+        evaluated,
+        selection=[rankings],
+        partition_key=key,
+        resources=resources(lake),
+        run_config={"ops": {"rankings": {"config": {**same, "recompute": True}}}},
+    )
+    event = forced.asset_materializations_for_node("rankings")[0]
+    assert "reused_from" not in event.metadata
+    # Recomputed: the same ranks; only the measured seconds differ, hence a new data version.
+    recomputed = pl.read_parquet(ranked_file)
+    assert recomputed.drop("seconds").equals(ranked_before.drop("seconds"))
+    assert data_version(forced, "rankings") != first_rankings
+    changed = dg.materialize(
+        evaluated,
+        selection=[rankings],
+        partition_key=key,
+        resources=resources(lake),
+        run_config={"ops": {"rankings": {"config": {"splits": ["test"]}}}},
+    )
+    assert "reused_from" not in changed.asset_materializations_for_node("rankings")[0].metadata
+    assert set(pl.read_parquet(ranked_file)["split"]) == {"test"}
+
+
+def data_version(result: dg.ExecuteInProcessResult, node: str) -> str:
+    return result.asset_materializations_for_node(node)[0].tags["dagster/data_version"]
+
 
 def assert_report_recomputable(lake: Path, dataset: str, candidates: pl.DataFrame) -> dict:
     """The report's numbers follow from the `rankings` files and `candidates` alone."""

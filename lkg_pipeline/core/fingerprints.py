@@ -1,0 +1,168 @@
+"""Content fingerprints, and the stamps that let a stage skip work it has already done.
+
+`dagster asset materialize` re-executes everything it selects, and the expensive stages (the
+retriever, LoRA training, ranking, recommendations) take minutes to hours. A stage that finds
+its inputs, settings and code exactly as they were when it last completed, and its outputs
+still as it left them, can reuse them. Dagster's own answer (stale status, "materialize changed
+and missing") lives in the UI and the daemon, not in the CLI or in a run that selects the
+asset, and it does not see run configuration; so the comparison is made here, on content:
+
+- `fingerprint` hashes what a stage is made from (settings, files, folders, frames);
+- a `Stamp` records, per (stage, partition), the fingerprint a completed run was made from,
+  the digests of the outputs it left and the metadata it reported;
+- the stamp is removed *before* a stage rewrites its outputs and written only after, so a
+  crash in between leaves no stamp and the next run recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from lkg_pipeline.core.storage import replace_atomically
+
+# The libraries whose versions decide a stage's numbers: an upgrade invalidates every stamp.
+VERSIONED = ("lkg_pipeline", "torch", "transformers", "peft", "accelerate", "polars", "duckdb")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(path: Path) -> str:
+    """Every file under `path`, by relative name and content (hidden files and folders too)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(file_digest(file).encode())
+    return digest.hexdigest()
+
+
+def frame_digest(frame: pl.DataFrame) -> str:
+    """Schema and rows in order. `hash_rows` is stable within a polars version, and the
+    polars version is part of every fingerprint."""
+    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in frame.schema.items()}).encode())
+    if frame.height:
+        digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def content_digest(value: Path | pl.DataFrame | None) -> str:
+    """A file, a folder or a frame; a missing path or None hashes as absent (not an error: a
+    stage whose optional input is absent is a different stage, not a broken one)."""
+    if isinstance(value, pl.DataFrame):
+        return "frame:" + frame_digest(value)
+    if value is None:
+        return "absent"
+    if value.is_dir():
+        return "folder:" + folder_digest(value)
+    if value.is_file():
+        return "file:" + file_digest(value)
+    return "absent"
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def fingerprint(
+    stage: str,
+    code_version: str | None,
+    settings: Mapping[str, Any],
+    inputs: Mapping[str, Path | pl.DataFrame | None],
+) -> str:
+    """One digest of what a stage is made from. Settings must be JSON-serialisable."""
+    made_of = {
+        "stage": stage,
+        "code_version": code_version,
+        "settings": settings,
+        "libraries": library_versions(),
+        "inputs": {name: content_digest(value) for name, value in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Stamp:
+    fingerprint: str
+    outputs: dict[str, str]  # output name → content digest when the stage completed
+    metadata: str  # what the stage reported, serialised by the caller
+    run_id: str
+    written_at: float  # Unix time
+
+
+class StampStore:
+    """`<root>/<stage>/<partition>.json`, one stamp per (stage, partition)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, stage: str, partition: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in partition)
+        return self.root / stage / f"{safe}.json"
+
+    def load(self, stage: str, partition: str) -> Stamp | None:
+        path = self.path(stage, partition)
+        try:
+            return Stamp(**json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None  # absent or unreadable: recompute
+
+    def clear(self, stage: str, partition: str) -> None:
+        self.path(stage, partition).unlink(missing_ok=True)
+
+    def save(self, stage: str, partition: str, stamp: Stamp) -> None:
+        replace_atomically(
+            self.path(stage, partition), lambda tmp: tmp.write_text(json.dumps(asdict(stamp)))
+        )
+
+
+def reusable(
+    stamp: Stamp | None, fingerprint: str, outputs: Mapping[str, Path | pl.DataFrame | None]
+) -> bool:
+    """Whether the stamp was made from this fingerprint and every output is still as it was."""
+    if stamp is None or stamp.fingerprint != fingerprint or set(stamp.outputs) != set(outputs):
+        return False
+    return all(
+        stamp.outputs[name] == content_digest(value) != "absent" for name, value in outputs.items()
+    )
+
+
+def new_stamp(
+    fingerprint: str, outputs: Mapping[str, Path | pl.DataFrame], metadata: str, run_id: str
+) -> Stamp:
+    return Stamp(
+        fingerprint,
+        {name: content_digest(value) for name, value in outputs.items()},
+        metadata,
+        run_id,
+        time.time(),
+    )
+
+
+def describe(stamp: Stamp) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp.written_at))
+    return f"run {stamp.run_id} at {when}"
+
+
+def outputs_digest(stamp: Stamp) -> str:
+    """One digest of everything a stage left: equal outputs, equal digest, however made."""
+    return hashlib.sha256(json.dumps(stamp.outputs, sort_keys=True).encode()).hexdigest()

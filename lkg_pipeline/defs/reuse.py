@@ -1,0 +1,104 @@
+"""Reusing an expensive stage's outputs when nothing it is made from changed.
+
+The comparison itself is `lkg_pipeline.core.fingerprints`; this wraps it for an asset body:
+
+    reuse = Reuse.start(context, lake.path, config, inputs={...})
+    if (metadata := reuse.previous(outputs)) is not None:
+        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
+    reuse.invalidate()
+    ...  # compute and write
+    version = reuse.record(outputs, metadata)
+
+A reused materialisation still appears in the UI, with the metadata of the run that did the
+work and `reused_from` naming it. Its data version is the digest of the outputs, so a reuse (or
+a recomputation that lands on identical outputs) does not make anything downstream stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from lkg_pipeline.core.fingerprints import (
+    StampStore,
+    describe,
+    fingerprint,
+    new_stamp,
+    outputs_digest,
+    reusable,
+)
+
+# Settings that change how a stage runs, never what it produces.
+NOT_SETTINGS = {"recompute", "resume"}
+
+
+class Recomputable(dg.Config):
+    """Run configuration of a stage that reuses its outputs when nothing changed."""
+
+    # True: run even when inputs, settings, code and outputs are as the last completed run
+    # left them (e.g. to time it, or after editing code without bumping its code_version).
+    recompute: bool = False
+
+
+def stamps(lake: Path) -> StampStore:
+    return StampStore(lake / "fingerprints")
+
+
+class Reuse:
+    def __init__(
+        self, context: dg.AssetExecutionContext, store: StampStore, fingerprint: str, force: bool
+    ) -> None:
+        self.context = context
+        self.store = store
+        self.fingerprint = fingerprint
+        self.force = force
+        self.stage = context.asset_key.to_user_string()
+        self.partition = str(context.partition_key) if context.has_partition_key else "all"
+        self.data_version: dg.DataVersion | None = None
+
+    @classmethod
+    def start(
+        cls,
+        context: dg.AssetExecutionContext,
+        lake: Path,
+        config: Recomputable,
+        inputs: Mapping[str, Path | pl.DataFrame | None],
+    ) -> Reuse:
+        settings = config.model_dump(exclude=NOT_SETTINGS)
+        code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        stage = context.asset_key.to_user_string()
+        made_of = fingerprint(stage, code_version, settings, inputs)
+        return cls(context, stamps(lake), made_of, config.recompute)
+
+    def previous(self, outputs: Mapping[str, Path | pl.DataFrame | None]) -> dict[str, Any] | None:
+        """The last completed run's metadata, if its outputs can stand for this run's."""
+        if self.force:
+            return None
+        stamp = self.store.load(self.stage, self.partition)
+        if stamp is None or not reusable(stamp, self.fingerprint, outputs):
+            return None
+        self.data_version = dg.DataVersion(outputs_digest(stamp))
+        source = describe(stamp)
+        self.context.log.info(
+            f"{self.stage} {self.partition}: inputs, settings and code unchanged since {source}; "
+            "reusing its outputs (set recompute: true to run anyway)"
+        )
+        return {**dg.deserialize_value(stamp.metadata, dict), "reused_from": source}
+
+    def invalidate(self) -> None:
+        """Forget the last run before overwriting its outputs: a crash now leaves no stamp."""
+        self.store.clear(self.stage, self.partition)
+
+    def record(
+        self, outputs: Mapping[str, Path | pl.DataFrame], metadata: Mapping[str, Any]
+    ) -> dg.DataVersion:
+        stamp = new_stamp(
+            self.fingerprint, outputs, dg.serialize_value(dict(metadata)), self.context.run.run_id
+        )
+        self.store.save(self.stage, self.partition, stamp)
+        self.data_version = dg.DataVersion(outputs_digest(stamp))
+        return self.data_version

@@ -1,0 +1,93 @@
+"""Fingerprints change with every input a stage is made from, and stamps guard its outputs."""
+
+from pathlib import Path
+
+import polars as pl
+
+from lkg_pipeline.core.fingerprints import (
+    StampStore,
+    content_digest,
+    fingerprint,
+    new_stamp,
+    outputs_digest,
+    reusable,
+)
+
+
+def make_inputs(tmp_path: Path) -> dict:
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"\x00\x01")
+    (folder / "sub" / "config.json").write_text("{}")
+    prompts = tmp_path / "prompts.parquet"
+    pl.DataFrame({"a": [1, 2]}).write_parquet(prompts)
+    return {"model": folder, "prompts": prompts, "frame": pl.DataFrame({"x": [1.0, 2.0]})}
+
+
+def test_fingerprint_follows_every_input(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path)
+    base = fingerprint("stage", "1", {"lr": 0.1}, inputs)
+    assert fingerprint("stage", "1", {"lr": 0.1}, inputs) == base  # stable
+
+    changed = {
+        "code_version": fingerprint("stage", "2", {"lr": 0.1}, inputs),
+        "settings": fingerprint("stage", "1", {"lr": 0.2}, inputs),
+        "stage": fingerprint("other", "1", {"lr": 0.1}, inputs),
+        "frame value": fingerprint(
+            "stage", "1", {"lr": 0.1}, inputs | {"frame": pl.DataFrame({"x": [1.0, 2.5]})}
+        ),
+        "frame order": fingerprint(
+            "stage", "1", {"lr": 0.1}, inputs | {"frame": pl.DataFrame({"x": [2.0, 1.0]})}
+        ),
+        "frame dtype": fingerprint(
+            "stage", "1", {"lr": 0.1}, inputs | {"frame": pl.DataFrame({"x": [1, 2]})}
+        ),
+        "absent input": fingerprint("stage", "1", {"lr": 0.1}, inputs | {"model": None}),
+    }
+    (inputs["model"] / "sub" / "config.json").write_text('{"a": 1}')  # a nested file
+    changed["nested file"] = fingerprint("stage", "1", {"lr": 0.1}, inputs)
+    (inputs["model"] / "sub" / "config.json").write_text("{}")
+    assert fingerprint("stage", "1", {"lr": 0.1}, inputs) == base  # content, not mtime
+    (inputs["model"] / "sub" / "config.json").rename(inputs["model"] / "sub" / "other.json")
+    changed["renamed file"] = fingerprint("stage", "1", {"lr": 0.1}, inputs)
+    digests = list(changed.values())
+    assert base not in digests and len(set(digests)) == len(digests), changed
+
+
+def test_missing_path_and_none_are_absent(tmp_path: Path) -> None:
+    assert content_digest(tmp_path / "nope") == content_digest(None) == "absent"
+    assert content_digest(pl.DataFrame({"x": []})).startswith("frame:")
+
+
+def test_stamp_is_reusable_only_while_outputs_are_unchanged(tmp_path: Path) -> None:
+    store = StampStore(tmp_path / "stamps")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter.bin").write_bytes(b"weights")
+    table = pl.DataFrame({"rank": [1, 2, 3]})
+    outputs = {"adapter": out, "table": table}
+    assert store.load("lora_adapter", "ml-100k|lkg_rag") is None
+
+    store.save("lora_adapter", "ml-100k|lkg_rag", new_stamp("fp", outputs, "{}", "run-1"))
+    stamp = store.load("lora_adapter", "ml-100k|lkg_rag")
+    assert stamp is not None and stamp.run_id == "run-1"
+    assert store.path("lora_adapter", "ml-100k|lkg_rag").name == "ml-100k_lkg_rag.json"
+    assert reusable(stamp, "fp", outputs)
+    assert not reusable(stamp, "another fingerprint", outputs)
+    assert not reusable(stamp, "fp", {"adapter": out})  # a different set of outputs
+    assert not reusable(stamp, "fp", outputs | {"table": table.head(2)})
+    assert not reusable(stamp, "fp", outputs | {"table": None})  # output file gone
+    (out / "adapter.bin").write_bytes(b"tampered")
+    assert not reusable(stamp, "fp", outputs)
+
+    # Equal outputs give an equal data version, however they were made.
+    (out / "adapter.bin").write_bytes(b"weights")
+    again = new_stamp("other fp", outputs, "{}", "run-2")
+    assert outputs_digest(again) == outputs_digest(stamp)
+
+    store.clear("lora_adapter", "ml-100k|lkg_rag")
+    assert store.load("lora_adapter", "ml-100k|lkg_rag") is None
+    store.clear("lora_adapter", "ml-100k|lkg_rag")  # clearing twice is fine
+    store.path("x", "p").parent.mkdir(parents=True)
+    store.path("x", "p").write_text("{not json")
+    assert store.load("x", "p") is None  # unreadable: recompute rather than fail
