@@ -4,6 +4,10 @@
     python -m benchmarks.run --quick    # tiny synthetic inputs, seconds; writes to a temp folder
     python -m benchmarks.run --only paths,ranking
 
+The end-to-end measurement (`make run` cold, then with nothing changed) takes most of an hour,
+so it is its own command, `python -m benchmarks.end_to_end` (`make bench-e2e`); RESULTS.md
+includes the figures it last saved in `benchmarks/end_to_end.json`.
+
 Ratios are only meaningful between numbers measured in the same run on the same machine, so
 every comparison (ours vs the reference's approach, achieved FLOP/s vs the matmul ceiling) is
 measured here together, and the machine is written next to the numbers.
@@ -20,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import paths_bench, ranking_bench, training_bench
+from benchmarks import end_to_end, paths_bench, ranking_bench, training_bench
 from benchmarks.common import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[str, ...]]] = {
@@ -80,6 +84,7 @@ def report(
     results: dict[str, dict[str, Any]],
     seconds: dict[str, float],
     quick: bool,
+    saved_end_to_end: dict[str, Any] | None = None,
 ) -> str:
     """RESULTS.md: the machine, the headlines, then each benchmark's own section."""
     rows = [{"": k, "value": v} for k, v in machine.items()]
@@ -112,6 +117,8 @@ def report(
     ]
     for name, result in results.items():
         text += ["", BENCHMARKS[name][1](result)]
+    if saved_end_to_end is not None:
+        text += ["", end_to_end.to_markdown(saved_end_to_end)]
     return "\n".join(text) + "\n"
 
 
@@ -159,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in headlines(results):
         print(line)
     target = out_dir / "RESULTS.md"
-    target.write_text(report(machine, matmul, results, seconds, args.quick))
+    saved = None
+    if not args.quick and end_to_end.RESULT_FILE.exists():
+        saved = json.loads(end_to_end.RESULT_FILE.read_text())
+    target.write_text(report(machine, matmul, results, seconds, args.quick, saved))
     (out_dir / "results.json").write_text(
         json.dumps(
             {"machine": machine, "matmul": matmul, "results": results}, indent=2, default=str

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import paths_bench, ranking_bench, run, training_bench
+from benchmarks import end_to_end, paths_bench, ranking_bench, run, training_bench
 from benchmarks.common import ceiling, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,3 +96,22 @@ def test_full_run_without_a_data_lake_names_make_run(
     error = capsys.readouterr().err
     assert "make run" in error and "kg_triples" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_end_to_end_quick_runs_make_run_twice_and_reuses_the_expensive_stages(
+    recbole_wheel: Path,
+) -> None:
+    """The README's main command (`make run`, 20 users, tiny model), cold then unchanged."""
+    result = end_to_end.measure(quick=True, interval=0.5, keep=None, wheel_dir=recbole_wheel.parent)
+    cold, warm = result["runs"]["cold"], result["runs"]["nothing changed"]
+    for run_ in (cold, warm):
+        assert run_["wall_s"] > 0 and run_["peak_rss_mb"] > 0
+        assert all(step["seconds"] >= 0 for step in run_["steps"])
+    assert not [a for step in cold["steps"] for a in step["reused"]]
+    reused = {a for step in warm["steps"] for a in step["reused"]}
+    assert reused == {"retriever", "lora_adapter", "rankings", "recommendations"}
+    # Every asset of the graph was materialised in both runs (reused ones included).
+    assets = [{a for step in r["steps"] for a in step["assets"]} for r in (cold, warm)]
+    assert assets[0] == assets[1] and {"kg_triples", "evaluation_report"} <= assets[0]
+    text = end_to_end.to_markdown(result)
+    assert "| yes |" in text and "recomputed" in text

@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -83,21 +83,47 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def fingerprint_parts(
+    stage: str,
+    code_version: str | None,
+    settings: Mapping[str, Any],
+    inputs: Mapping[str, Path | pl.DataFrame | None],
+) -> dict[str, str]:
+    """A digest per thing a stage is made from (settings must be JSON-serialisable): kept in
+    the stamp so that a recomputation can say which of them changed."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {
+        "stage": digest(stage),
+        "code_version": digest(code_version),
+        "settings": digest(settings),
+        "libraries": digest(library_versions()),
+        **{f"input {name}": content_digest(value) for name, value in inputs.items()},
+    }
+
+
 def fingerprint(
     stage: str,
     code_version: str | None,
     settings: Mapping[str, Any],
     inputs: Mapping[str, Path | pl.DataFrame | None],
 ) -> str:
-    """One digest of what a stage is made from. Settings must be JSON-serialisable."""
-    made_of = {
-        "stage": stage,
-        "code_version": code_version,
-        "settings": settings,
-        "libraries": library_versions(),
-        "inputs": {name: content_digest(value) for name, value in sorted(inputs.items())},
-    }
-    return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()
+    """One digest of what a stage is made from."""
+    return combine(fingerprint_parts(stage, code_version, settings, inputs))
+
+
+def combine(parts: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
+
+
+def changed_parts(stamp: Stamp | None, parts: Mapping[str, str]) -> list[str]:
+    """What differs from the stamp's run: part names, or why there is nothing to compare."""
+    if stamp is None:
+        return ["no completed run recorded"]
+    before = stamp.parts
+    return sorted(k for k in set(before) | set(parts) if before.get(k) != parts.get(k))
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,7 @@ class Stamp:
     metadata: str  # what the stage reported, serialised by the caller
     run_id: str
     written_at: float  # Unix time
+    parts: dict[str, str] = field(default_factory=dict)  # fingerprint_parts of that run
 
 
 class StampStore:
@@ -147,14 +174,15 @@ def reusable(
 
 
 def new_stamp(
-    fingerprint: str, outputs: Mapping[str, Path | pl.DataFrame], metadata: str, run_id: str
+    parts: Mapping[str, str], outputs: Mapping[str, Path | pl.DataFrame], metadata: str, run_id: str
 ) -> Stamp:
     return Stamp(
-        fingerprint,
+        combine(parts),
         {name: content_digest(value) for name, value in outputs.items()},
         metadata,
         run_id,
         time.time(),
+        dict(parts),
     )
 
 

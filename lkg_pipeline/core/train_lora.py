@@ -289,21 +289,33 @@ def _peak_rss_mb() -> float:
 
 
 def _prepare_partial(
-    accelerator: Accelerator, paths: RunPaths, identity: dict[str, Any], resume: bool
+    accelerator: Accelerator,
+    paths: RunPaths,
+    identity: dict[str, Any],
+    resume: bool,
+    restart_other_run: bool = False,
 ) -> Path | None:
-    """The checkpoint to resume from, or None after clearing the partial folder."""
+    """The checkpoint to resume from, or None after clearing the partial folder.
+
+    A partial run made from other prompts or settings is an error by default (hours of GPU
+    work are not thrown away silently); the pipeline passes `restart_other_run`, because when
+    its inputs have changed the old run can never be resumed.
+    """
     run_file = paths.partial / "run.json"
     latest = None
     if resume and run_file.exists():
         before = json.loads(run_file.read_text())
         if before != identity:
             changed = sorted(k for k in identity if before.get(k) != identity[k])
-            raise ValueError(
-                f"{paths.partial} belongs to a different run (differs in {changed}); delete it "
-                "or pass --no-resume to start over"
-            )
-        found = _checkpoints(paths.partial / "checkpoints")
-        latest = found[-1] if found else None
+            if not restart_other_run:
+                raise ValueError(
+                    f"{paths.partial} belongs to a different run (differs in {changed}); delete "
+                    "it or pass --no-resume to start over"
+                )
+            accelerator.print(f"discarding {paths.partial}: made from a different {changed}")
+        else:
+            found = _checkpoints(paths.partial / "checkpoints")
+            latest = found[-1] if found else None
     accelerator.wait_for_everyone()
     if latest is None and accelerator.is_main_process:
         shutil.rmtree(paths.partial, ignore_errors=True)
@@ -424,6 +436,7 @@ def training_function(
     resume: bool = True,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     accelerator: Accelerator | None = None,
+    restart_other_run: bool = False,
 ) -> TrainResult:
     """Fine-tune, validate, checkpoint and publish; `on_log` (main process only) receives every
     record that goes into the history, e.g. to forward it to Dagster Pipes."""
@@ -435,7 +448,7 @@ def training_function(
     accelerator = accelerator if accelerator is not None else make_accelerator(config)
     main = accelerator.is_main_process
     identity = _identity(config, paths)
-    latest = _prepare_partial(accelerator, paths, identity, resume)
+    latest = _prepare_partial(accelerator, paths, identity, resume, restart_other_run)
 
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
@@ -659,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="continue from OUTPUT.partial's latest checkpoint if there is one",
     )
+    parser.add_argument(
+        "--restart-other-run",
+        action="store_true",
+        help="with --resume: start over, instead of failing, when OUTPUT.partial was made "
+        "from other prompts, base model or settings",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         options = _field_parser(hints[f.name])
@@ -714,11 +733,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if accelerator.is_main_process and under_pipes:
         with open_dagster_pipes() as pipes:
             result = training_function(
-                config, paths, args.resume, lambda r: pipes.log.info(json.dumps(r)), accelerator
+                config,
+                paths,
+                args.resume,
+                lambda r: pipes.log.info(json.dumps(r)),
+                accelerator,
+                args.restart_other_run,
             )
             pipes.report_asset_materialization(metadata=pipes_metadata(result))
     else:
-        training_function(config, paths, args.resume, accelerator=accelerator)
+        training_function(
+            config,
+            paths,
+            args.resume,
+            accelerator=accelerator,
+            restart_other_run=args.restart_other_run,
+        )
     return 0
 
 

@@ -213,7 +213,9 @@ class LoraRunConfig(Recomputable):
         for name, value in self.model_dump().items():
             if name in fields:
                 args += [f"--{name.replace('_', '-')}", "none" if value is None else str(value)]
-        return args + (["--resume"] if self.resume else ["--no-resume"])
+        # A partial run of other inputs cannot be resumed: this asset only trains when its
+        # inputs or settings changed (or after an interruption, which resumes).
+        return args + (["--resume", "--restart-other-run"] if self.resume else ["--no-resume"])
 
     def launcher(self) -> list[str]:
         accelerate = [sys.executable, "-m", "accelerate.commands.launch"]

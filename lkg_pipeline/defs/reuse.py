@@ -25,8 +25,10 @@ import polars as pl
 
 from lkg_pipeline.core.fingerprints import (
     StampStore,
+    changed_parts,
+    combine,
     describe,
-    fingerprint,
+    fingerprint_parts,
     new_stamp,
     outputs_digest,
     reusable,
@@ -50,11 +52,16 @@ def stamps(lake: Path) -> StampStore:
 
 class Reuse:
     def __init__(
-        self, context: dg.AssetExecutionContext, store: StampStore, fingerprint: str, force: bool
+        self,
+        context: dg.AssetExecutionContext,
+        store: StampStore,
+        parts: dict[str, str],
+        force: bool,
     ) -> None:
         self.context = context
         self.store = store
-        self.fingerprint = fingerprint
+        self.parts = parts
+        self.fingerprint = combine(parts)
         self.force = force
         self.stage = context.asset_key.to_user_string()
         self.partition = str(context.partition_key) if context.has_partition_key else "all"
@@ -71,8 +78,8 @@ class Reuse:
         settings = config.model_dump(exclude=NOT_SETTINGS)
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         stage = context.asset_key.to_user_string()
-        made_of = fingerprint(stage, code_version, settings, inputs)
-        return cls(context, stamps(lake), made_of, config.recompute)
+        parts = fingerprint_parts(stage, code_version, settings, inputs)
+        return cls(context, stamps(lake), parts, config.recompute)
 
     def previous(self, outputs: Mapping[str, Path | pl.DataFrame | None]) -> dict[str, Any] | None:
         """The last completed run's metadata, if its outputs can stand for this run's."""
@@ -80,6 +87,8 @@ class Reuse:
             return None
         stamp = self.store.load(self.stage, self.partition)
         if stamp is None or not reusable(stamp, self.fingerprint, outputs):
+            why = changed_parts(stamp, self.parts) or ["its outputs were changed or removed"]
+            self.context.log.info(f"{self.stage} {self.partition}: running ({', '.join(why)})")
             return None
         self.data_version = dg.DataVersion(outputs_digest(stamp))
         source = describe(stamp)
@@ -97,7 +106,7 @@ class Reuse:
         self, outputs: Mapping[str, Path | pl.DataFrame], metadata: Mapping[str, Any]
     ) -> dg.DataVersion:
         stamp = new_stamp(
-            self.fingerprint, outputs, dg.serialize_value(dict(metadata)), self.context.run.run_id
+            self.parts, outputs, dg.serialize_value(dict(metadata)), self.context.run.run_id
         )
         self.store.save(self.stage, self.partition, stamp)
         self.data_version = dg.DataVersion(outputs_digest(stamp))

@@ -6,12 +6,16 @@ import polars as pl
 
 from lkg_pipeline.core.fingerprints import (
     StampStore,
+    changed_parts,
+    combine,
     content_digest,
     fingerprint,
     new_stamp,
     outputs_digest,
     reusable,
 )
+
+PARTS = {"settings": "s", "input prompts": "p"}
 
 
 def make_inputs(tmp_path: Path) -> dict:
@@ -68,21 +72,24 @@ def test_stamp_is_reusable_only_while_outputs_are_unchanged(tmp_path: Path) -> N
     outputs = {"adapter": out, "table": table}
     assert store.load("lora_adapter", "ml-100k|lkg_rag") is None
 
-    store.save("lora_adapter", "ml-100k|lkg_rag", new_stamp("fp", outputs, "{}", "run-1"))
+    store.save("lora_adapter", "ml-100k|lkg_rag", new_stamp(PARTS, outputs, "{}", "run-1"))
     stamp = store.load("lora_adapter", "ml-100k|lkg_rag")
     assert stamp is not None and stamp.run_id == "run-1"
     assert store.path("lora_adapter", "ml-100k|lkg_rag").name == "ml-100k_lkg_rag.json"
-    assert reusable(stamp, "fp", outputs)
+    fp = combine(PARTS)
+    assert reusable(stamp, fp, outputs)
     assert not reusable(stamp, "another fingerprint", outputs)
-    assert not reusable(stamp, "fp", {"adapter": out})  # a different set of outputs
-    assert not reusable(stamp, "fp", outputs | {"table": table.head(2)})
-    assert not reusable(stamp, "fp", outputs | {"table": None})  # output file gone
+    assert changed_parts(stamp, PARTS | {"input prompts": "new"}) == ["input prompts"]
+    assert changed_parts(None, PARTS) == ["no completed run recorded"]
+    assert not reusable(stamp, fp, {"adapter": out})  # a different set of outputs
+    assert not reusable(stamp, fp, outputs | {"table": table.head(2)})
+    assert not reusable(stamp, fp, outputs | {"table": None})  # output file gone
     (out / "adapter.bin").write_bytes(b"tampered")
-    assert not reusable(stamp, "fp", outputs)
+    assert not reusable(stamp, fp, outputs)
 
     # Equal outputs give an equal data version, however they were made.
     (out / "adapter.bin").write_bytes(b"weights")
-    again = new_stamp("other fp", outputs, "{}", "run-2")
+    again = new_stamp({"settings": "other"}, outputs, "{}", "run-2")
     assert outputs_digest(again) == outputs_digest(stamp)
 
     store.clear("lora_adapter", "ml-100k|lkg_rag")

@@ -8,6 +8,7 @@ trained on the wrong ids or positions would not.
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,9 +223,16 @@ def test_stop_crash_and_resume_continue_the_same_run(
     assert json.loads((paths.output / "training.json").read_text())["step"] == 4
     assert sorted(p.name for p in (paths.partial / "checkpoints").iterdir()) == ["step_4"]
 
-    # a different run must not silently continue this one
+    # a different run must not silently continue this one, nor silently discard it
     with pytest.raises(ValueError, match="different run"):
         training_function(quick(lora_dropout=0.0, lr=5e-3), paths)
+    other = RunPaths(prompts_file, tiny_base, tmp_path / "other")
+    shutil.copytree(paths.partial, other.partial)
+    restarted = training_function(
+        quick(lora_dropout=0.0, lr=5e-3, max_steps=2), other, restart_other_run=True
+    )
+    assert restarted.step == 2  # from step 0, not resumed from step 4
+    assert json.loads((other.partial / "run.json").read_text())["config"]["lr"] == 5e-3
 
     # 2. killed at step 7 (after the step-6 checkpoint): the published adapter is untouched
     def kill_at_7(record: dict[str, Any]) -> None:
