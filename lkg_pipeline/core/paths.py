@@ -15,8 +15,10 @@ than a shared genre. Path types are the relation of the first edge ("directed_by
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -49,8 +51,13 @@ class Paths:
     stats: dict[str, float | int] = field(default_factory=dict)
 
 
-# Item pairs (h, c) → every path between them, computed once per distinct pair.
-PAIR_PATHS_SQL = """
+# The graph side, once per connection: item → attribute edges (with the attribute's degree)
+# and item → item edges.
+GRAPH_SQL = """
+create temp table node_degree as
+    select tail as node, count(distinct head) as degree from triples
+    where head < $n_items and tail >= $n_items + $n_users group by tail;
+
 create temp table attr_edges as
     select t.head as item, t.relation, t.tail as node, d.degree
     from triples t
@@ -58,11 +65,34 @@ create temp table attr_edges as
     where t.head < $n_items and t.tail >= $n_items + $n_users
       and ($max_degree is null or d.degree <= $max_degree);
 
+create temp table attr_with_inverse as
+    select x.*, r.inverse from attr_edges x join relations r using (relation);
+
+create temp table rare_attr_with_inverse as
+    select * from attr_with_inverse
+    where degree <= $three_hop_max_degree and $max_hops >= 3;
+
 create temp table item_edges as
     select head as item, relation, tail as other from triples
     where head < $n_items and tail < $n_items and head <> tail;
+"""
 
-create temp table pair_paths as
+# Per batch of users. Consecutive items of each user's training histories: what led from one
+# item to the next before any target, the leak-free material of the history profile. Then the
+# item pairs (h, c) → every path between them, computed once per distinct pair.
+BATCH_SQL = """
+create or replace temp table steps as
+    select distinct a.user_idx, a.history_position, a.item_idx as h, b.item_idx as c
+    from hist a join hist b
+      on a.example_id = b.example_id and b.history_position = a.history_position + 1
+    where a.split = 'train';
+
+create or replace temp table pairs as
+    select distinct h.item_idx as h, c.candidate_item_idx as c
+    from hist h join cand c using (example_id) where h.item_idx <> c.candidate_item_idx
+    union select h, c from steps where h <> c;
+
+create or replace temp table pair_paths as
     select p.h, p.c, 1 as hops, e.relation as path_type, [e.relation] as relations,
            null::bigint as via, 0::bigint as via_degree
     from pairs p join item_edges e on e.item = p.h and e.other = p.c
@@ -71,13 +101,8 @@ create temp table pair_paths as
            a.node as via, a.degree as via_degree
     from pairs p
     join attr_edges a on a.item = p.h
-    join (select x.*, r.inverse from attr_edges x join relations r using (relation)) b
-      on b.item = p.c and b.node = a.node
+    join attr_with_inverse b on b.item = p.c and b.node = a.node
     where $max_hops >= 2;
-
-create temp table attr_with_inverse as
-    select x.*, r.inverse from attr_edges x join relations r using (relation)
-    where x.degree <= $three_hop_max_degree and $max_hops >= 3;
 
 -- 3 hops: a direct item–item step before or after a shared rare attribute, e.g.
 -- h -co_rated-> m -directed_by-> person <-directed_by- c. Hubs are excluded here: through a
@@ -86,31 +111,68 @@ insert into pair_paths
     select p.h, p.c, 3, e.relation, [e.relation, a.relation, b.inverse], a.node, a.degree
     from pairs p
     join item_edges e on e.item = p.h and e.other <> p.c
-    join attr_with_inverse a on a.item = e.other
-    join attr_with_inverse b on b.item = p.c and b.node = a.node
+    join rare_attr_with_inverse a on a.item = e.other
+    join rare_attr_with_inverse b on b.item = p.c and b.node = a.node
     union all
     select p.h, p.c, 3, a.relation, [a.relation, b.inverse, e.relation], a.node, a.degree
     from pairs p
-    join attr_with_inverse a on a.item = p.h
-    join attr_with_inverse b on b.node = a.node and b.item <> p.h and b.item <> p.c
+    join rare_attr_with_inverse a on a.item = p.h
+    join rare_attr_with_inverse b on b.node = a.node and b.item <> p.h and b.item <> p.c
     join item_edges e on e.item = b.item and e.other = p.c;
 """
 
-# Consecutive items of each user's training histories: what led from one item to the next
-# before any target, the leak-free material of the history profile.
-STEPS_SQL = """
-create temp table steps as
-    select distinct a.user_idx, a.history_position, a.item_idx as h, b.item_idx as c
-    from hist a join hist b
-      on a.example_id = b.example_id and b.history_position = a.history_position + 1
-    where a.split = 'train'
+# What a batch yields, as queries (run to a frame, or copied straight to Parquet).
+PAIR_FEATURES_QUERY = """
+    select c.example_id, c.candidate_item_idx, pp.path_type, count(*)::integer as n_paths
+    from cand c join hist h using (example_id)
+    join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
+    group by all order by all
 """
 
-NODE_DEGREE_SQL = """
-create temp table node_degree as
-    select tail as node, count(distinct head) as degree from triples
-    where head < $n_items and tail >= $n_items + $n_users group by tail;
+# The last `relations` key makes the order total: two paths through the same node by
+# different relations (directed_by / written_by the same person) would otherwise tie, and which
+# of them survives the cap would change from run to run.
+KEPT_PATHS_QUERY = """
+    select k.* exclude (path_rank), n.name as via_name from (
+        select c.example_id, h.user_idx, h.history_position, h.item_idx as history_item_idx,
+               c.candidate_position, c.candidate_item_idx, pp.hops, pp.path_type,
+               pp.relations, pp.via, pp.via_degree,
+               row_number() over (
+                   partition by c.example_id, h.item_idx, c.candidate_item_idx
+                   order by pp.hops, pp.via_degree, pp.path_type, pp.via, pp.relations
+               ) as path_rank
+        from cand c join hist h using (example_id)
+        join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
+    ) k left join names n on n.entity_id = k.via
+    where k.path_rank <= {cap}
+    order by k.example_id, k.history_position desc, k.candidate_position, k.path_rank
 """
+
+PROFILE_QUERY = """
+    select s.user_idx, pp.path_type, count(*)::float as weight
+    from steps s join pair_paths pp on pp.h = s.h and pp.c = s.c
+    group by all order by all
+"""
+
+# Targets vs other candidates, summed so that batches add up (see coverage_stats).
+COVERAGE_QUERY = """
+    with totals as (
+        select example_id, candidate_item_idx, sum(n_paths) as n
+        from ({pair_features}) group by all
+    )
+    select c.candidate_item_idx = t.target_item_idx as is_target, count(*) as candidates,
+           count(*) filter (where coalesce(x.n, 0) > 0) as with_path,
+           coalesce(sum(x.n), 0) as paths
+    from cand c join targets t using (example_id)
+    left join totals x using (example_id, candidate_item_idx)
+    group by all
+"""
+
+TABLE_QUERIES = {
+    "paths": KEPT_PATHS_QUERY,
+    "pair_features": PAIR_FEATURES_QUERY,
+    "history_profile": PROFILE_QUERY,
+}
 
 
 def _run_script(con: duckdb.DuckDBPyConnection, script: str, params: dict[str, Any]) -> None:
@@ -149,6 +211,65 @@ def candidate_rows(examples: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+class _PathEngine:
+    """One DuckDB connection holding the graph side; `load` puts a batch of users in it.
+
+    Hand-written SQL rather than a graph library: the paths are short (≤ 3 hops) and typed, so
+    set-based joins over each distinct item pair beat per-pair searches by orders of magnitude
+    (benchmarks/RESULTS.md).
+    """
+
+    def __init__(
+        self,
+        entities: pl.DataFrame,
+        triples: pl.DataFrame,
+        relations: pl.DataFrame,
+        n_items: int,
+        config: PathConfig,
+    ) -> None:
+        self.config = config
+        self.con = duckdb.connect()
+        self.con.execute("set threads to 2")
+        self.con.register("triples", triples)
+        self.con.register("relations", relations)
+        self.con.register("names", entities.select("entity_id", "name"))
+        self.params = {
+            "n_items": n_items,
+            "n_users": int((entities["type"] == "user").sum()),
+            "max_degree": config.max_attribute_degree,
+            "max_hops": config.max_hops,
+            "three_hop_max_degree": config.three_hop_max_degree,
+        }
+        _run_script(self.con, GRAPH_SQL, self.params)
+
+    def load(self, examples: pl.DataFrame, sequences: pl.DataFrame) -> None:
+        for name, frame in {
+            "hist": history_rows(examples, sequences, self.config.history_len),
+            "cand": candidate_rows(examples),
+            "targets": examples.select("example_id", "target_item_idx"),
+        }.items():
+            self.con.register(f"{name}_df", frame)
+            self.con.execute(f"create or replace temp table {name} as select * from {name}_df")
+            self.con.unregister(f"{name}_df")
+        _run_script(self.con, BATCH_SQL, self.params)
+
+    def query(self, table: str) -> str:
+        return TABLE_QUERIES[table].format(cap=int(self.config.max_paths_per_pair))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "distinct_item_pairs": self.con.sql("select count(*) from pairs").fetchall()[0][0],
+            "item_pair_paths": self.con.sql("select count(*) from pair_paths").fetchall()[0][0],
+        }
+
+    def coverage_counts(self) -> dict[bool, tuple[int, int, int]]:
+        query = COVERAGE_QUERY.format(pair_features=PAIR_FEATURES_QUERY)
+        return {bool(t): (int(n), int(w), int(p)) for t, n, w, p in self.con.sql(query).fetchall()}
+
+    def close(self) -> None:
+        self.con.close()
+
+
 def enumerate_paths(
     examples: pl.DataFrame,
     sequences: pl.DataFrame,
@@ -158,92 +279,124 @@ def enumerate_paths(
     n_items: int,
     config: PathConfig = PathConfig(),
 ) -> Paths:
-    """All paths of every example, with per-type counts and a capped sample of concrete paths.
+    """All paths of every example, with per-type counts and a capped sample of concrete paths,
+    in memory (`write_paths` streams the same tables to Parquet, a batch of users at a time).
 
     `examples` is the candidates table with an `example_id` column; the graph tables are those
     of `lkg_pipeline.core.kg`.
     """
     start = time.perf_counter()
-    n_users = int((entities["type"] == "user").sum())
-    hist = history_rows(examples, sequences, config.history_len)
-    cand = candidate_rows(examples)
-    con = duckdb.connect()
+    engine = _PathEngine(entities, triples, relations, n_items, config)
     try:
-        con.execute("set threads to 2")
-        for name, frame in {
-            "triples": triples,
-            "relations": relations,
-            "hist": hist,
-            "cand": cand,
-        }.items():
-            con.register(name, frame)
-        params = {"n_items": n_items, "n_users": n_users}
-        _run_script(con, NODE_DEGREE_SQL, params)
-        con.execute(STEPS_SQL)
-        con.execute(
-            "create temp table pairs as select distinct h.item_idx as h, c.candidate_item_idx as c"
-            " from hist h join cand c using (example_id) where h.item_idx <> c.candidate_item_idx"
-            " union select h, c from steps where h <> c"
-        )
-        _run_script(
-            con,
-            PAIR_PATHS_SQL,
-            params
-            | {
-                "max_degree": config.max_attribute_degree,
-                "max_hops": config.max_hops,
-                "three_hop_max_degree": config.three_hop_max_degree,
-            },
-        )
-        pair_features = con.sql("""
-            select c.example_id, c.candidate_item_idx, pp.path_type,
-                   count(*)::integer as n_paths
-            from cand c join hist h using (example_id)
-            join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
-            group by all order by all
-        """).pl()
-        kept = con.sql(
-            """
-            select * from (
-                select c.example_id, h.user_idx, h.history_position, h.item_idx as history_item_idx,
-                       c.candidate_position, c.candidate_item_idx, pp.hops, pp.path_type,
-                       pp.relations, pp.via, pp.via_degree,
-                       row_number() over (
-                           partition by c.example_id, h.item_idx, c.candidate_item_idx
-                           order by pp.hops, pp.via_degree, pp.path_type, pp.via
-                       ) as path_rank
-                from cand c join hist h using (example_id)
-                join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
-            ) where path_rank <= $cap
-            order by example_id, history_position desc, candidate_position, path_rank
-        """,
-            params={"cap": config.max_paths_per_pair},
-        ).pl()
-        profile = con.sql("""
-            select s.user_idx, pp.path_type, count(*)::float as weight
-            from steps s join pair_paths pp on pp.h = s.h and pp.c = s.c
-            group by all order by all
-        """).pl()
-        pair_count = con.sql("select count(*) from pairs").fetchall()[0][0]
-        pair_path_count = con.sql("select count(*) from pair_paths").fetchall()[0][0]
+        engine.load(examples, sequences)
+        tables = {name: engine.con.sql(engine.query(name)).pl() for name in TABLE_QUERIES}
+        counts = engine.counts()
     finally:
-        con.close()
-    names = entities.select(pl.col("entity_id").alias("via"), pl.col("name").alias("via_name"))
-    paths = kept.join(names, on="via", how="left").drop("path_rank")
-    elapsed = time.perf_counter() - start
+        engine.close()
     return Paths(
-        paths,
-        pair_features,
-        profile,
+        tables["paths"],
+        tables["pair_features"],
+        tables["history_profile"],
         {
             "examples": examples.height,
-            "distinct_item_pairs": pair_count,
-            "item_pair_paths": pair_path_count,
-            "concrete_paths_kept": paths.height,
-            "seconds": round(elapsed, 2),
-            **coverage_stats(examples, pair_features),
+            **counts,
+            "concrete_paths_kept": tables["paths"].height,
+            "seconds": round(time.perf_counter() - start, 2),
+            **coverage_stats(examples, tables["pair_features"]),
         },
     )
+
+
+def user_batches(examples: pl.DataFrame, users_per_batch: int) -> list[pl.Series]:
+    """The users of `examples` in ascending order, cut into batches. By user, not by example:
+    a user's history profile needs all of their training examples in one batch."""
+    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
+    users = examples["user_idx"].unique().sort()
+    return [users.slice(i, users_per_batch) for i in range(0, users.len(), users_per_batch)]
+
+
+def write_paths(
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    entities: pl.DataFrame,
+    triples: pl.DataFrame,
+    relations: pl.DataFrame,
+    n_items: int,
+    folder: Path,
+    config: PathConfig = PathConfig(),
+    users_per_batch: int = 2_500,
+) -> dict[str, float | int]:
+    """`enumerate_paths`' three tables as `folder/<table>.parquet`, a batch of users at a time,
+    so that memory stays bounded by the batch however many users there are.
+
+    Each batch's rows go from DuckDB straight to a Parquet part (never through Python); the
+    parts are then concatenated in batch order into one file per table. Within a batch rows are
+    ordered as `enumerate_paths` orders them; with one batch the files are identical to it.
+    Returns the same statistics as `Paths.stats`.
+    """
+    start = time.perf_counter()
+    parts = folder / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    totals = {"distinct_item_pairs": 0, "item_pair_paths": 0}
+    coverage = {True: [0, 0, 0], False: [0, 0, 0]}
+    batches = user_batches(examples, users_per_batch)
+    engine = _PathEngine(entities, triples, relations, n_items, config)
+    try:
+        for index, users in enumerate(batches):
+            mine = examples.filter(pl.col("user_idx").is_in(users.implode()))
+            engine.load(mine, sequences.filter(pl.col("user_idx").is_in(users.implode())))
+            for name in TABLE_QUERIES:
+                target = _quoted(parts / f"{name}-{index:06d}.parquet")
+                engine.con.execute(f"copy ({engine.query(name)}) to {target} {PARQUET}")
+            for key, value in engine.counts().items():
+                totals[key] += value
+            for is_target, counts in engine.coverage_counts().items():
+                coverage[is_target] = [a + b for a, b in zip(coverage[is_target], counts)]
+        for name in TABLE_QUERIES:
+            files = ", ".join(
+                _quoted(parts / f"{name}-{i:06d}.parquet") for i in range(len(batches))
+            )
+            target = _quoted(folder / f"{name}.parquet")
+            engine.con.execute(
+                f"copy (select * from read_parquet([{files}])) to {target} {PARQUET}"
+            )
+        paths_kept = engine.con.sql(
+            f"select count(*) from read_parquet({_quoted(folder / 'paths.parquet')})"
+        ).fetchall()[0][0]
+    finally:
+        engine.close()
+        shutil.rmtree(parts, ignore_errors=True)
+    return {
+        "examples": examples.height,
+        "user_batches": len(batches),
+        **totals,
+        "concrete_paths_kept": paths_kept,
+        "seconds": round(time.perf_counter() - start, 2),
+        **_coverage_from_counts(coverage),
+    }
+
+
+PARQUET = "(format parquet, compression zstd)"
+
+
+def _quoted(path: Path) -> str:
+    """A path as a SQL string literal (COPY takes no bound parameters)."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _coverage_from_counts(coverage: dict[bool, list[int]]) -> dict[str, float]:
+    (nt, wt, pt), (no, wo, po) = coverage[True], coverage[False]
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "share_candidates_with_path": ratio(wt + wo, nt + no),
+        "share_targets_with_path": ratio(wt, nt),
+        "share_non_targets_with_path": ratio(wo, no),
+        "mean_paths_to_targets": ratio(pt, nt),
+        "mean_paths_to_non_targets": ratio(po, no),
+    }
 
 
 def _flag_targets(examples: pl.DataFrame) -> pl.DataFrame:
