@@ -2,8 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export DAGSTER_HOME
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
 .PHONY: venv run ablation test lint ui clean-lake bench bench-e2e

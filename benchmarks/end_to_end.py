@@ -59,8 +59,11 @@ def make_run(
     lake: Path, home: Path, variables: dict[str, str], log: Path, interval: float
 ) -> dict[str, Any]:
     """`make run` with LKG_DATA_LAKE and DAGSTER_HOME pointed at `lake` and `home`."""
-    env = os.environ | {"LKG_DATA_LAKE": str(lake), "DAGSTER_HOME": str(home)}
-    command = ["make", "--no-print-directory", "run", *(f"{k}={v}" for k, v in variables.items())]
+    env = os.environ | {"LKG_DATA_LAKE": str(lake)}
+    # On make's command line: it overrides the Makefile's DAGSTER_HOME (an environment
+    # variable would not).
+    settings = {"DAGSTER_HOME": str(home), **variables}
+    command = ["make", "--no-print-directory", "run", *(f"{k}={v}" for k, v in settings.items())]
     samples: list[tuple[float, int]] = []
     start = time.time()
     with log.open("a") as out:

@@ -29,8 +29,9 @@ import polars as pl
 
 from lkg_pipeline.core.storage import replace_atomically
 
-# The libraries whose versions decide a stage's numbers: an upgrade invalidates every stamp.
-VERSIONED = ("lkg_pipeline", "torch", "transformers", "peft", "accelerate", "polars", "duckdb")
+# The libraries whose versions decide a stage's numbers (dagster: it serialises the metadata a
+# stamp keeps): an upgrade invalidates every stamp.
+VERSIONED = ("torch", "transformers", "peft", "accelerate", "polars", "duckdb", "dagster")
 
 
 def file_digest(path: Path) -> str:
@@ -43,11 +44,7 @@ def file_digest(path: Path) -> str:
 
 def folder_digest(path: Path) -> str:
     """Every file under `path`, by relative name and content (hidden files and folders too)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(file_digest(file).encode())
-    return digest.hexdigest()
+    return folder_digest_of(path, "*")
 
 
 def frame_digest(frame: pl.DataFrame) -> str:
@@ -71,6 +68,21 @@ def content_digest(value: Path | pl.DataFrame | None) -> str:
     if value.is_file():
         return "file:" + file_digest(value)
     return "absent"
+
+
+def package_code_digest() -> str:
+    """Every `.py` file of this package: an editable install keeps its version number through
+    any edit, and an edit anywhere (a prompt template, a metric, the mapping from run
+    configuration to the core) can change what a stage makes."""
+    return folder_digest_of(Path(__file__).resolve().parents[1], "*.py")
+
+
+def folder_digest_of(path: Path, pattern: str) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(file_digest(file).encode())
+    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -100,6 +112,7 @@ def fingerprint_parts(
         "code_version": digest(code_version),
         "settings": digest(settings),
         "libraries": digest(library_versions()),
+        "package code": package_code_digest(),
         **{f"input {name}": content_digest(value) for name, value in inputs.items()},
     }
 

@@ -262,9 +262,10 @@ class _PathEngine:
             "item_pair_paths": self.con.sql("select count(*) from pair_paths").fetchall()[0][0],
         }
 
-    def coverage_counts(self) -> dict[bool, tuple[int, int, int]]:
+    def coverage_counts(self) -> dict[bool | None, tuple[int, int, int]]:
+        """is_target (None: no target to compare with) → (candidates, with a path, paths)."""
         query = COVERAGE_QUERY.format(pair_features=PAIR_FEATURES_QUERY)
-        return {bool(t): (int(n), int(w), int(p)) for t, n, w, p in self.con.sql(query).fetchall()}
+        return {t: (int(n), int(w), int(p)) for t, n, w, p in self.con.sql(query).fetchall()}
 
     def close(self) -> None:
         self.con.close()
@@ -332,21 +333,24 @@ def write_paths(
     Each batch's rows go from DuckDB straight to a Parquet part (never through Python); the
     parts are then concatenated in batch order into one file per table. Within a batch rows are
     ordered as `enumerate_paths` orders them; with one batch the files are identical to it.
-    Returns the same statistics as `Paths.stats`.
+    Returns the statistics of `Paths.stats`, plus `user_batches`; with several batches
+    `distinct_item_pairs` and `item_pair_paths` are summed over them (a pair two batches share
+    is solved, and counted, in each).
     """
     start = time.perf_counter()
     parts = folder / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
     totals = {"distinct_item_pairs": 0, "item_pair_paths": 0}
-    coverage = {True: [0, 0, 0], False: [0, 0, 0]}
-    batches = user_batches(examples, users_per_batch)
+    coverage: dict[bool | None, list[int]] = {True: [0, 0, 0], False: [0, 0, 0], None: [0, 0, 0]}
+    # No examples: one empty batch, so that the tables exist (empty) as enumerate_paths' do.
+    batches = user_batches(examples, users_per_batch) or [examples["user_idx"].head(0)]
     engine = _PathEngine(entities, triples, relations, n_items, config)
     try:
         for index, users in enumerate(batches):
             mine = examples.filter(pl.col("user_idx").is_in(users.implode()))
             engine.load(mine, sequences.filter(pl.col("user_idx").is_in(users.implode())))
             for name in TABLE_QUERIES:
-                target = _quoted(parts / f"{name}-{index:06d}.parquet")
+                target = quoted_path(parts / f"{name}-{index:06d}.parquet")
                 engine.con.execute(f"copy ({engine.query(name)}) to {target} {PARQUET}")
             for key, value in engine.counts().items():
                 totals[key] += value
@@ -354,14 +358,14 @@ def write_paths(
                 coverage[is_target] = [a + b for a, b in zip(coverage[is_target], counts)]
         for name in TABLE_QUERIES:
             files = ", ".join(
-                _quoted(parts / f"{name}-{i:06d}.parquet") for i in range(len(batches))
+                quoted_path(parts / f"{name}-{i:06d}.parquet") for i in range(len(batches))
             )
-            target = _quoted(folder / f"{name}.parquet")
+            target = quoted_path(folder / f"{name}.parquet")
             engine.con.execute(
                 f"copy (select * from read_parquet([{files}])) to {target} {PARQUET}"
             )
         paths_kept = engine.con.sql(
-            f"select count(*) from read_parquet({_quoted(folder / 'paths.parquet')})"
+            f"select count(*) from read_parquet({quoted_path(folder / 'paths.parquet')})"
         ).fetchall()[0][0]
     finally:
         engine.close()
@@ -379,19 +383,21 @@ def write_paths(
 PARQUET = "(format parquet, compression zstd)"
 
 
-def _quoted(path: Path) -> str:
+def quoted_path(path: Path) -> str:
     """A path as a SQL string literal (COPY takes no bound parameters)."""
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _coverage_from_counts(coverage: dict[bool, list[int]]) -> dict[str, float]:
-    (nt, wt, pt), (no, wo, po) = coverage[True], coverage[False]
+def _coverage_from_counts(coverage: dict[bool | None, list[int]]) -> dict[str, float]:
+    """As `coverage_stats`: candidates of an example without a target count only in the
+    share over all candidates."""
+    (nt, wt, pt), (no, wo, po), (nn, wn, _) = coverage[True], coverage[False], coverage[None]
 
     def ratio(a: int, b: int) -> float:
         return a / b if b else 0.0
 
     return {
-        "share_candidates_with_path": ratio(wt + wo, nt + no),
+        "share_candidates_with_path": ratio(wt + wo + wn, nt + no + nn),
         "share_targets_with_path": ratio(wt, nt),
         "share_non_targets_with_path": ratio(wo, no),
         "mean_paths_to_targets": ratio(pt, nt),
@@ -489,7 +495,9 @@ def select_paths(
         keys, descending = ["hops", "candidate_position", "via_degree"], [False] * 3
     chosen = (
         ranked.sort(
-            ["example_id", "history_position", *keys], descending=[False, True, *descending]
+            ["example_id", "history_position", *keys],
+            descending=[False, True, *descending],
+            maintain_order=True,  # ties keep the (deterministic) order of the paths table
         )
         .group_by("example_id", "history_item_idx", maintain_order=True)
         .head(per_history_item)

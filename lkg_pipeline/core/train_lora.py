@@ -38,6 +38,7 @@ import polars as pl
 import torch
 from torch.nn import functional as F
 
+from lkg_pipeline.core.fingerprints import folder_digest
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
@@ -262,6 +263,9 @@ def _identity(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
         "prompts": str(paths.prompts.resolve()),
         "prompts_sha256": sha256_of(paths.prompts),
         "base_model": str(paths.base_model.resolve()),
+        # the folder's content: re-materialising another model into the same folder must not
+        # resume checkpoints made on the old one
+        "base_model_sha256": folder_digest(paths.base_model),
     }
 
 

@@ -357,7 +357,7 @@ class RecommendationRunConfig(Recomputable):
     automation_condition=after_update_of("lora_adapter"),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version="2",
     kinds={"duckdb", "parquet"},
     deps=[
         "retriever",

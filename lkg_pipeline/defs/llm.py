@@ -18,7 +18,7 @@ from lkg_pipeline.core.train_lora import TrainConfig
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import selected_paths_file
-from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.resources import DEFAULT_LAKE, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
@@ -262,7 +262,9 @@ def lora_adapter(
     dataset, variant = keys["dataset"], keys["variant"]
     prompts_path, base = prompts_file(lake.path, dataset, variant), current_base_model(lake.path)
     output = adapter_dir(lake.path, dataset, variant)
-    launch_file = Path(config.accelerate_config) if config.accelerate_config else None
+    launch_file = None
+    if config.accelerate_config:  # relative to where the launcher runs (the repository root)
+        launch_file = DEFAULT_LAKE.parent / Path(config.accelerate_config).expanduser()
     inputs = {"prompts": prompts_path, "base_model": base, "accelerate_config": launch_file}
     reuse = Reuse.start(context, lake.path, config, inputs)
     if (metadata := reuse.previous({"adapter": output})) is not None:

@@ -8,7 +8,13 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core.paths import PathConfig, select_paths, signal_by_type, write_paths
+from lkg_pipeline.core.paths import (
+    PathConfig,
+    quoted_path,
+    select_paths,
+    signal_by_type,
+    write_paths,
+)
 from lkg_pipeline.core.preference import (
     PreferenceConfig,
     choose_encoder,
@@ -113,7 +119,7 @@ def kg_paths(
     pair_features = pl.read_parquet(folder / "pair_features.parquet")
     sample = pl.scan_parquet(folder / "paths.parquet").head(10).collect()
     database = lake.path / "warehouse" / f"{dataset}_paths.duckdb"
-    files = {name: f"'{folder / f'{name}.parquet'}'" for name in PATH_TABLES}
+    files = {name: quoted_path(folder / f"{name}.parquet") for name in PATH_TABLES}
     write_tables({}, PATHS_DDL.format(**files), database)
     context.log.info(f"{dataset}: {stats}")
     by_type = (

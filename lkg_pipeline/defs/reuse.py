@@ -90,13 +90,18 @@ class Reuse:
             why = changed_parts(stamp, self.parts) or ["its outputs were changed or removed"]
             self.context.log.info(f"{self.stage} {self.partition}: running ({', '.join(why)})")
             return None
+        try:
+            metadata = dg.deserialize_value(stamp.metadata, dict)
+        except Exception as error:  # a stamp an older Dagster wrote: recompute, never fail
+            self.context.log.info(f"{self.stage} {self.partition}: running ({error})")
+            return None
         self.data_version = dg.DataVersion(outputs_digest(stamp))
         source = describe(stamp)
         self.context.log.info(
             f"{self.stage} {self.partition}: inputs, settings and code unchanged since {source}; "
             "reusing its outputs (set recompute: true to run anyway)"
         )
-        return {**dg.deserialize_value(stamp.metadata, dict), "reused_from": source}
+        return {**metadata, "reused_from": source}
 
     def invalidate(self) -> None:
         """Forget the last run before overwriting its outputs: a crash now leaves no stamp."""

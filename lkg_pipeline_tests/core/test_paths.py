@@ -173,3 +173,36 @@ def test_enumerate_paths_is_deterministic_under_ties() -> None:
     config = PathConfig(max_paths_per_pair=1)
     runs = [inputs.enumerate(config).paths for _ in range(3)]
     assert runs[0].equals(runs[1]) and runs[0].equals(runs[2])
+
+
+def test_write_paths_of_no_examples_writes_empty_tables(tmp_path: Path) -> None:
+    stats = write_paths(EXAMPLE.head(0), *graph_of_tiny(), tmp_path / "empty")
+    assert stats["concrete_paths_kept"] == 0 and stats["user_batches"] == 1
+    expected = run(EXAMPLE)
+    for name in ("paths", "pair_features", "history_profile"):
+        written = pl.read_parquet(tmp_path / "empty" / f"{name}.parquet")
+        assert written.height == 0
+        assert written.columns == getattr(expected, name).columns
+
+
+def test_coverage_in_sql_matches_polars_with_examples_without_target(tmp_path: Path) -> None:
+    """Recommendation-style examples have no target: they count in the all-candidates share
+    only, in the streamed statistics as in `coverage_stats`."""
+    examples = examples_frame(
+        [(0, 0, "train", 2, 2, [2, 3]), (1, 1, "test", 2, 3, [2, 3]), (2, 2, "test", 2, 0, [2])]
+    ).with_columns(
+        target_item_idx=pl.when(pl.col("example_id") == 2).then(None).otherwise("target_item_idx")
+    )
+    seqs = sequences_frame({u: [0, 1, 2, 3] for u in range(3)})
+    whole = run(examples, seqs=seqs)
+    stats = write_paths(examples, seqs, *graph_of_tiny(seqs)[1:], tmp_path / "out")
+    keys = [k for k in whole.stats if k.startswith(("share", "mean"))]
+    assert {k: stats[k] for k in keys} == pytest.approx({k: whole.stats[k] for k in keys})
+    assert whole.stats["share_candidates_with_path"] != whole.stats["share_targets_with_path"]
+
+
+def graph_of_tiny(seqs: pl.DataFrame | None = None) -> tuple:
+    items, default_seqs = tiny_graph_inputs()
+    seqs = default_seqs if seqs is None else seqs
+    kg = build_kg(items, seqs)
+    return seqs, kg.entities, kg.triples, kg.relations, items.height
