@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,19 +27,12 @@ from typing import Any
 
 import polars as pl
 
+from lkg_pipeline.core.sources import sha256_of
 from lkg_pipeline.core.storage import replace_atomically
 
 # The libraries whose versions decide a stage's numbers (dagster: it serialises the metadata a
 # stamp keeps): an upgrade invalidates every stamp.
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "polars", "duckdb", "dagster")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_digest(path: Path) -> str:
@@ -66,7 +59,7 @@ def content_digest(value: Path | pl.DataFrame | None) -> str:
     if value.is_dir():
         return "folder:" + folder_digest(value)
     if value.is_file():
-        return "file:" + file_digest(value)
+        return "file:" + sha256_of(value)
     return "absent"
 
 
@@ -81,13 +74,13 @@ def folder_digest_of(path: Path, pattern: str) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(file_digest(file).encode())
+        digest.update(sha256_of(file).encode())
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
     out = {}
-    for name in VERSIONED:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -38,7 +38,7 @@ import polars as pl
 import torch
 from torch.nn import functional as F
 
-from lkg_pipeline.core.fingerprints import folder_digest
+from lkg_pipeline.core.fingerprints import folder_digest, library_versions
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
@@ -273,19 +273,6 @@ def _checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a checkpoint is renamed into place when complete)."""
     done = [p for p in root.glob("step_*") if (p / "progress.json").exists()]
     return sorted(done, key=lambda p: int(p.name.removeprefix("step_")))
-
-
-def _versions() -> dict[str, str]:
-    """Library versions that decide the numbers (the adapter alone does not say)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("lkg_pipeline", "torch", "transformers", "peft", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _peak_rss_mb() -> float:
@@ -605,7 +592,9 @@ def training_function(
         "total_params": n_total,
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
-        "versions": _versions(),
+        "versions": library_versions(
+            ("lkg_pipeline", "torch", "transformers", "peft", "accelerate")
+        ),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "step": step,
