@@ -267,6 +267,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Start `peak_rss_mb` afresh from the current RSS (Linux ≥ 4.0: writing 5 to clear_refs),
+    so one process can report the peak of each phase; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _child_main(target: str, kwargs_json: str, out: str) -> None:
     """The child side of `run_isolated`: run, then add the process's RSS high-water mark."""
     module_name, function_name = target.split(":")

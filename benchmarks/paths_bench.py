@@ -771,7 +771,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "disk at the end). Each size runs in its own process; peak RSS is that process's "
         "high-water mark (`VmHWM`), including the inputs it loaded (RSS before: the graph, "
         "sequences and examples, which grow with the users). Limits: "
-        + ", ".join(f"{u:,} users {t:.0f} s" for u, t in result["time_limits_s"].items())
+        + ", ".join(f"{int(u):,} users {t:.0f} s" for u, t in result["time_limits_s"].items())
         + f" for `write_paths`, {result['memory_limit_mb'] / 1024:,.1f} GiB RSS (70% of "
         "the memory available at the start, at most 16 GiB); a size the smaller ones predict "
         "to pass a limit is not run.",

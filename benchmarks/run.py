@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import end_to_end, paths_bench, ranking_bench, training_bench
+from benchmarks import end_to_end, paths_bench, ranking_bench, retriever_bench, training_bench
 from benchmarks.common import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[str, ...]]] = {
@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[st
     "paths": (paths_bench.run, paths_bench.to_markdown, ("kg", "candidates", "sequences")),
     "ranking": (ranking_bench.run, ranking_bench.to_markdown, ("prompts", "base_model")),
     "training": (training_bench.run, training_bench.to_markdown, ("prompts", "base_model")),
+    "retriever": (retriever_bench.run, retriever_bench.to_markdown, ("sequences",)),
 }
 
 
@@ -75,6 +76,18 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"(×{r['speed_vs_letters']:.2f} vs letters), "
                 f"{100 * r['share_of_matmul']:.1f}% of matmul, peak RSS {rss}"
             )
+    if "retriever" in results:
+        for r in results["retriever"]["rows"]:
+            if r["status"] != "ok":
+                lines.append(f"retriever: {r['size']}: {r['status']}")
+                continue
+            lines.append(
+                f"retriever: {r['size']}, {r['users']:,} users × {r['items']:,} items: one "
+                f"training epoch {r['epoch_s']:,.0f} s; candidates for all users "
+                f"{r['ours_all_users_s']:,.1f} s vs {r['old_all_users_s']:,.1f} s with the whole "
+                f"score matrix (×{r['retrieval_speedup']:.1f}; scores held: "
+                f"{r['ours_score_batch_mb']:,.0f} MB vs {r['old_score_matrix_gb']:,.1f} GB)"
+            )
     return lines
 
 
@@ -85,8 +98,14 @@ def report(
     seconds: dict[str, float],
     quick: bool,
     saved_end_to_end: dict[str, Any] | None = None,
+    earlier: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """RESULTS.md: the machine, the headlines, then each benchmark's own section."""
+    """RESULTS.md: the machine, the headlines, then each benchmark's own section.
+
+    earlier: benchmark → the machine of the earlier run its result comes from (`--only`
+    re-measures some benchmarks and keeps the others); those sections say when they ran.
+    """
+    earlier = earlier or {}
     rows = [{"": k, "value": v} for k, v in machine.items()]
     rows.append(
         {
@@ -112,11 +131,28 @@ def report(
         *[f"- {line}" for line in headlines(results)],
         "",
         "Wall time per benchmark: "
-        + ", ".join(f"{name} {s:,.0f} s" for name, s in seconds.items())
+        + ", ".join(
+            f"{name} {s:,.0f} s" if s == s else f"{name} (earlier run)"  # NaN: not recorded
+            for name, s in seconds.items()
+        )
         + ".",
     ]
+    if earlier:
+        text += [
+            "",
+            "Sections marked *earlier run* were kept from a previous `make bench`; `--only` "
+            "re-measured the others. Ratios inside a section always come from one run.",
+        ]
     for name, result in results.items():
-        text += ["", BENCHMARKS[name][1](result)]
+        section = BENCHMARKS[name][1](result)
+        if name in earlier:
+            m = earlier[name]
+            heading, _, body = section.partition("\n")
+            section = (
+                f"{heading}\n\n*Earlier run: measured {m['date_utc']} (load average "
+                f"{m['load_average_1m']} at the start).*\n{body}"
+            )
+        text += ["", section]
     if saved_end_to_end is not None:
         text += ["", end_to_end.to_markdown(saved_end_to_end)]
     return "\n".join(text) + "\n"
@@ -165,18 +201,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n== side by side ==")
     for line in headlines(results):
         print(line)
-    target = out_dir / "RESULTS.md"
+    runs = {name: {"machine": machine, "seconds": seconds[name]} for name in results}
+    earlier: dict[str, dict[str, Any]] = {}
+    if set(selected) != set(BENCHMARKS):  # keep what this run did not re-measure
+        kept_results, kept_runs = saved_results(out_dir / "results.json", selected)
+        earlier = {name: run["machine"] for name, run in kept_runs.items()}
+        results = {n: results.get(n, kept_results.get(n)) for n in BENCHMARKS}
+        results = {n: r for n, r in results.items() if r is not None}
+        runs = {n: runs.get(n, kept_runs.get(n)) for n in results}
+        seconds = {n: runs[n]["seconds"] for n in results}
     saved = None
     if not args.quick and end_to_end.RESULT_FILE.exists():
         saved = json.loads(end_to_end.RESULT_FILE.read_text())
-    target.write_text(report(machine, matmul, results, seconds, args.quick, saved))
-    (out_dir / "results.json").write_text(
-        json.dumps(
-            {"machine": machine, "matmul": matmul, "results": results}, indent=2, default=str
-        )
-    )
-    print(f"\nwrote {target}")
+    text = report(machine, matmul, results, seconds, args.quick, saved, earlier)
+    payload = {"machine": machine, "matmul": matmul, "results": results, "runs": runs}
+    for name, content in (
+        ("RESULTS.md", text),
+        ("results.json", json.dumps(payload, indent=2, default=str)),
+    ):
+        # written next to the target, then renamed: an interrupted write never loses the old one
+        partial = out_dir / f".{name}.partial"
+        partial.write_text(content)
+        partial.replace(out_dir / name)
+    print(f"\nwrote {out_dir / 'RESULTS.md'}")
     return 0
+
+
+def saved_results(
+    path: Path, selected: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(results, runs) of the benchmarks not in `selected` from an earlier results.json."""
+    if not path.exists():
+        return {}, {}
+    saved = json.loads(path.read_text())
+    legacy = {"machine": saved.get("machine", {}), "seconds": float("nan")}  # one run for all
+    results = {n: r for n, r in saved.get("results", {}).items() if n not in selected}
+    runs = {n: saved.get("runs", {}).get(n, legacy) for n in results}
+    return results, runs
 
 
 if __name__ == "__main__":

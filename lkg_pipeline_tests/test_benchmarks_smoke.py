@@ -5,13 +5,14 @@ function or a changed table breaks them here, not at `make bench` time) and that
 carries positive timings and its ratio; the numbers themselves mean nothing at this size.
 """
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import end_to_end, paths_bench, ranking_bench, run, training_bench
+from benchmarks import end_to_end, paths_bench, ranking_bench, retriever_bench, run, training_bench
 from benchmarks.common import ceiling, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,11 @@ def ranking_result() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def training_result() -> dict[str, Any]:
     return training_bench.run(quick=True, cache_dir=CACHE)
+
+
+@pytest.fixture(scope="module")
+def retriever_result() -> dict[str, Any]:
+    return retriever_bench.run(quick=True)
 
 
 def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:
@@ -78,14 +84,66 @@ def test_training_quick(training_result: dict[str, Any]) -> None:
     assert lm["mean_loss"] == pytest.approx(reference["mean_loss"], rel=1e-4)
 
 
+def test_retriever_quick(retriever_result: dict[str, Any]) -> None:
+    rows = retriever_result["rows"]
+    assert [r["size"] for r in rows] == [s.name for s in retriever_bench.QUICK_SIZES]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["train_steps"] > 0 and row["targets_per_s"] > 0 and row["epoch_s"] > 0
+        assert row["ours_s"] > 0 and row["old_s"] > 0 and row["retrieval_speedup"] > 0
+        # batch-wise retrieval must return what the whole matrix gives, or its speed is moot
+        assert row["same_candidates"]
+    small, large = rows
+    assert large["old_score_matrix_gb"] == pytest.approx(100 * small["old_score_matrix_gb"])
+
+
 def test_report_renders_every_section(
-    paths_result: dict[str, Any], ranking_result: dict[str, Any], training_result: dict[str, Any]
+    paths_result: dict[str, Any],
+    ranking_result: dict[str, Any],
+    training_result: dict[str, Any],
+    retriever_result: dict[str, Any],
 ) -> None:
-    results = {"paths": paths_result, "ranking": ranking_result, "training": training_result}
+    results = {
+        "paths": paths_result,
+        "ranking": ranking_result,
+        "training": training_result,
+        "retriever": retriever_result,
+    }
     text = run.report(machine_info(), ceiling(True), results, dict.fromkeys(results, 1.0), True)
-    for heading in ("## Machine", "## Headlines", "## Path enumeration", "## Ranking", "## LoRA"):
+    for heading in (
+        "## Machine",
+        "## Headlines",
+        "## Path enumeration",
+        "## Ranking",
+        "## LoRA",
+        "## Retriever",
+    ):
         assert heading in text
     assert "paths_scaling.png" in text
+    assert "Earlier run" not in text
+
+
+def test_only_keeps_the_other_benchmarks_from_the_earlier_run(
+    tmp_path: Path, paths_result: dict[str, Any], training_result: dict[str, Any]
+) -> None:
+    earlier = machine_info() | {"date_utc": "2001-02-03 04:05 UTC"}
+    saved = {
+        "machine": earlier,
+        "results": {"paths": paths_result, "training": training_result},
+    }  # the layout before per-benchmark runs were recorded
+    (tmp_path / "results.json").write_text(json.dumps(saved, default=str))
+    assert run.main(["--quick", "--only", "retriever", "--output", str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in ("## Path enumeration", "## LoRA", "## Retriever"):
+        assert heading in text
+    assert text.count("*Earlier run: measured 2001-02-03 04:05 UTC") == 2
+    retriever_section = text[text.index("## Retriever") :]
+    assert "Earlier run" not in retriever_section
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert list(stored["results"]) == ["paths", "training", "retriever"]
+    assert stored["runs"]["paths"]["machine"]["date_utc"] == "2001-02-03 04:05 UTC"
+    assert stored["runs"]["retriever"]["machine"]["date_utc"] != "2001-02-03 04:05 UTC"
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_full_run_without_a_data_lake_names_make_run(

@@ -47,6 +47,14 @@ def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[s
     return {name: float(np.mean(values)) for name, values in per_user_metrics(ranks, ks).items()}
 
 
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """(U,) int64 number of True per row of a (U, I) mask. On CPU through numpy, whose boolean
+    sum is several times faster than torch's (256 × 121K: ~2 ms vs ~55 ms, measured)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(mask.numpy().sum(axis=1, dtype=np.int64))
+    return mask.sum(dim=1)
+
+
 def rank_of_target(
     scores: torch.Tensor, target: torch.Tensor, tie_break: TieBreak = "optimistic"
 ) -> torch.Tensor:
@@ -68,10 +76,16 @@ def rank_of_target(
     )
     assert bool(((target >= 0) & (target < scores.shape[1])).all()), "target index out of range"
     t = scores.gather(1, target[:, None])  # (U, 1)
-    rank = 1 + (scores > t).sum(dim=1)  # (U,)
+    rank = 1 + row_counts(scores > t)  # (U,)
     if tie_break == "index":
-        lower = torch.arange(scores.shape[1], device=scores.device)[None, :] < target[:, None]
-        rank = rank + ((scores == t) & lower).sum(dim=1)
+        # Only rows where another item shares the target's score need the index comparison
+        # (a (U, I) pass of its own): with continuous scores that is almost none of them.
+        tied = (row_counts(scores == t) > 1).nonzero().view(-1)  # (R,)
+        if len(tied):
+            lower = (
+                torch.arange(scores.shape[1], device=scores.device)[None, :] < target[tied, None]
+            )
+            rank[tied] += row_counts((scores[tied] == t[tied]) & lower)
     elif tie_break != "optimistic":
         raise ValueError(f"unknown tie_break {tie_break!r}; choose 'optimistic' or 'index'")
     return rank

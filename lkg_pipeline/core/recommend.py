@@ -17,7 +17,7 @@ import polars as pl
 
 from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.prompts import path_phrase
-from lkg_pipeline.core.retrieval import CANDIDATE_SCHEMA, score_users, top_k
+from lkg_pipeline.core.retrieval import CANDIDATE_SCHEMA, rank_users
 
 NEXT_SPLIT = "next"  # the split name of full-history examples (no true item is known)
 RECOMMENDATION_COLUMNS = {
@@ -65,8 +65,8 @@ def next_item_examples(
     """One example per user in the candidates table's shape: the full history as input and the
     retriever's top `n_candidates` unseen items, with no true item."""
     histories = full_histories(sequences, config.max_users)
-    scores = score_users(model, histories)  # (U, I), every consumed item at -inf
-    values, items = top_k(scores, config.n_candidates)  # (U, k) each
+    ranked = rank_users(model, histories, config.n_candidates)  # every consumed item excluded
+    values, items = ranked.values, ranked.items  # (U, k) each
     frame = pl.DataFrame(
         {
             "user_idx": np.arange(len(histories)),

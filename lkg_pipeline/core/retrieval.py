@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -117,7 +117,7 @@ class TrainResult:
     n_steps: int = field(default=0)
 
 
-def _training_windows(train: list[list[int]], max_len: int, step: int) -> list[list[int]]:
+def training_windows(train: list[list[int]], max_len: int, step: int) -> list[list[int]]:
     """Windows of <= max_len + 1 items (max_len inputs, as many next-item targets).
 
     The window ending at the last item always exists; longer sequences add earlier windows
@@ -135,7 +135,7 @@ def _training_windows(train: list[list[int]], max_len: int, step: int) -> list[l
     return windows
 
 
-def _bucketed_batches(
+def bucketed_batches(
     lengths: np.ndarray, batch_size: int, generator: torch.Generator
 ) -> list[list[int]]:
     """Shuffled batches of similar lengths: sorting inside groups of 8 batches roughly halves
@@ -164,6 +164,31 @@ def _param_groups(model: LRURec, weight_decay: float) -> list[dict]:
     ]
 
 
+def make_optimizer(model: LRURec, config: LRURecConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+
+
+def train_step(
+    model: LRURec,
+    optimizer: torch.optim.Optimizer,
+    windows: list[list[int]],
+    config: LRURecConfig,
+) -> tuple[float, int]:
+    """One AdamW step of full-softmax next-item cross-entropy on a batch of windows:
+    (mean loss, number of targets). Every position is projected onto the whole catalogue, so
+    this is the stage's cost that grows with the number of items."""
+    batch = left_pad(windows, config.max_len + 1)  # (B, L+1)
+    inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, L) each
+    mask = inp > 0  # (B, L): a real input always has a real next item
+    hidden = model.encode(inp)[mask]  # (N, d)
+    loss = F.cross_entropy(model.item_scores(hidden), tgt[mask] - 1)  # over (N, I)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.detach().item(), int(mask.sum())
+
+
 def train_lrurec(
     data: UserSequences,
     config: LRURecConfig,
@@ -175,8 +200,8 @@ def train_lrurec(
     torch.manual_seed(config.seed)  # init and dropout
     generator = torch.Generator().manual_seed(config.seed)  # batch order
     model = LRURec(config)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    windows = _training_windows(data.train, config.max_len, config.sliding_step or config.max_len)
+    optimizer = make_optimizer(model, config)
+    windows = training_windows(data.train, config.max_len, config.sliding_step or config.max_len)
     assert windows, "no user has >= 2 train items: nothing to train on"
     lengths = np.array([len(w) for w in windows])
     val_inputs, val_targets = data.inputs("val")
@@ -187,22 +212,13 @@ def train_lrurec(
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         loss_sum, n_targets = 0.0, 0
-        for idx in _bucketed_batches(lengths, config.batch_size, generator):
-            batch = left_pad([windows[i] for i in idx], config.max_len + 1)  # (B, L+1)
-            inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, L) each
-            mask = inp > 0  # (B, L): a real input always has a real next item
-            hidden = model.encode(inp)[mask]  # (N, d)
-            loss = F.cross_entropy(model.item_scores(hidden), tgt[mask] - 1)  # over (N, I)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+        for idx in bucketed_batches(lengths, config.batch_size, generator):
+            loss, n = train_step(model, optimizer, [windows[i] for i in idx], config)
             step += 1
-            n = int(mask.sum())
-            loss_sum += loss.detach().item() * n
+            loss_sum += loss * n
             n_targets += n
 
-        val = evaluate_scores(score_users(model, val_inputs, config.eval_batch_size), val_targets)
+        val = evaluate_model(model, val_inputs, val_targets, batch_size=config.eval_batch_size)
         record = {"epoch": epoch, "step": step, "loss": loss_sum / n_targets}
         record |= {f"val_{k}": v for k, v in val.items()}
         key = (val[SELECTION_METRIC], val["NDCG@10"])
@@ -241,32 +257,113 @@ def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> t
     return scores
 
 
-@torch.no_grad()
-def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -> torch.Tensor:
-    """(U, I) next-item scores for each input sequence, input items masked to -inf.
-
-    Only the last max_len items feed the model, but every input item is masked.
-    """
+def _scored_batches(
+    model: LRURec, inputs: list[list[int]], batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(rows of `inputs`, their (b, I) scores with input items at -inf), `batch_size` users at a
+    time in order of length (similar lengths: less padding). Every whole-catalogue ranking goes
+    through here so that no caller needs the (U, I) matrix: at 10× Beauty (224K users × 121K
+    items) that matrix alone would be 108 GB."""
     assert all(len(s) > 0 for s in inputs), "every input sequence needs >= 1 item"
     was_training = model.training
     model.eval()
+    order = np.argsort([len(s) for s in inputs], kind="stable")
+    try:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i : i + batch_size]
+            batch = [inputs[j] for j in chunk]
+            with torch.no_grad():
+                scores = model(left_pad(batch, model.config.max_len))  # (b, I)
+            yield chunk, _mask_history(scores, batch)
+    finally:
+        model.train(was_training)
+
+
+def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+    """(U, I) next-item scores for each input sequence, input items masked to -inf.
+
+    Only the last max_len items feed the model, but every input item is masked. Holds the whole
+    matrix: for small inputs and tests; the pipeline ranks with `rank_users`.
+    """
     out = torch.empty((len(inputs), model.config.n_items))  # (U, I)
-    order = np.argsort([len(s) for s in inputs], kind="stable")  # similar lengths: less padding
-    for i in range(0, len(order), batch_size):
-        chunk = order[i : i + batch_size]
-        items = left_pad([inputs[j] for j in chunk], model.config.max_len)  # (b, L)
-        out[torch.from_numpy(chunk)] = model(items)  # (b, I)
-    model.train(was_training)
-    return _mask_history(out, inputs)
+    for rows, scores in _scored_batches(model, inputs, batch_size):
+        out[torch.from_numpy(rows)] = scores
+    return out
+
+
+@dataclass(frozen=True)
+class RankedUsers:
+    values: torch.Tensor  # (U, k) the top-k scores, best first
+    items: torch.Tensor  # (U, k) their item_idx
+    target_ranks: np.ndarray | None  # (U,) full-ranking rank of each target (ties: lower index)
+
+
+def rank_users(
+    model: LRURec,
+    inputs: list[list[int]],
+    k: int,
+    targets: np.ndarray | None = None,
+    batch_size: int = 256,
+) -> RankedUsers:
+    """What `top_k` and `rank_of_target` give on `score_users`, with identical values, holding
+    only `batch_size` users' scores at a time (memory: batch × items, not users × items)."""
+    values = torch.empty((len(inputs), k))
+    items = torch.empty((len(inputs), k), dtype=torch.long)
+    ranks = None if targets is None else np.empty(len(inputs), dtype=np.int64)
+    for rows, scores in _scored_batches(model, inputs, batch_size):
+        index = torch.from_numpy(rows)
+        values[index], items[index] = top_k(scores, k)
+        if ranks is not None:
+            target = torch.as_tensor(targets[rows])
+            ranks[rows] = rank_of_target(scores, target, tie_break="index").numpy()
+    return RankedUsers(values, items, ranks)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (values, indices) per row, ties to the lower index (matches tie_break='index')."""
+    """Top-k (values, indices) per row, ties to the lower index (matches tie_break='index'):
+    exactly the first k of a stable descending sort.
+
+    By hand because a full stable sort costs O(I log I) per row, the bulk of ranking a large
+    catalogue, and `torch.topk` orders ties arbitrarily. Its answer is the sort's wherever the
+    top k + 1 values are distinct (no tie inside the top k, none across its boundary); the few
+    rows with a tie are redone exactly (`_stable_top_k`).
+    """
     assert k <= scores.shape[1], f"k={k} exceeds {scores.shape[1]} items"
-    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
-    values, indices = values[:, :k], indices[:, :k]  # (U, k) each
-    assert bool(torch.isfinite(values).all()), f"a user has fewer than k={k} unseen items"
+    if k == 0:
+        return scores[:, :0], torch.empty((scores.shape[0], 0), dtype=torch.long)
+    extra = int(k < scores.shape[1])  # one more value shows a tie across the boundary
+    values, indices = torch.topk(scores, k + extra, dim=1)  # (U, k+1), values descending
+    kth = values[:, k - 1 : k]  # (U, 1)
+    assert bool(torch.isfinite(kth).all()), f"a user has fewer than k={k} unseen items"
+    redo = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().view(-1)
+    values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
+    if len(redo):
+        values[redo], indices[redo] = _stable_top_k(scores[redo], kth[redo], k)
     return values, indices
+
+
+def _stable_top_k(
+    scores: torch.Tensor, kth: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every item above the k-th value, then the lowest-index items equal to it, ordered by
+    (value descending, index ascending): O(I) per row instead of a full sort."""
+    above = scores > kth  # (R, I)
+    tied = scores == kth
+    room = k - above.sum(dim=1, keepdim=True)  # (R, 1) places left for tied items
+    chosen = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row
+    indices = chosen.nonzero()[:, 1].view(-1, k)  # (R, k) ascending item index
+    values = scores.gather(1, indices)
+    values, order = torch.sort(values, dim=1, descending=True, stable=True)  # ties: lower index
+    return values, indices.gather(1, order)
+
+
+def metrics_of_ranks(
+    ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, k: int = 20
+) -> dict[str, float]:
+    """Full-ranking metrics plus coverage@k (target in the top k) from each user's rank."""
+    out = ranking_metrics(ranks, ks)
+    out[f"coverage@{k}"] = float(np.mean(ranks <= k))
+    return out
 
 
 def evaluate_scores(
@@ -274,9 +371,21 @@ def evaluate_scores(
 ) -> dict[str, float]:
     """Full-ranking metrics of masked (U, I) scores plus coverage@k (target in the top k)."""
     ranks = rank_of_target(scores, torch.as_tensor(targets), tie_break="index").numpy()
-    out = ranking_metrics(ranks, ks)
-    out[f"coverage@{k}"] = float(np.mean(ranks <= k))
-    return out
+    return metrics_of_ranks(ranks, ks, k)
+
+
+def evaluate_model(
+    model: LRURec,
+    inputs: list[list[int]],
+    targets: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    k: int = 20,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """`evaluate_scores` of the model's scores, computed `batch_size` users at a time."""
+    ranks = rank_users(model, inputs, 0, targets, batch_size).target_ranks
+    assert ranks is not None
+    return metrics_of_ranks(ranks, ks, k)
 
 
 @dataclass(frozen=True)
@@ -293,9 +402,9 @@ def retrieve_candidates(
     users = np.arange(data.n_users, dtype=np.int32)
     for split in ("val", "test"):
         inputs, target = data.inputs(split)
-        scores = score_users(model, inputs, batch_size)  # (U, I)
-        values, items = top_k(scores, k)  # (U, k) each
-        ranks = rank_of_target(scores, torch.as_tensor(target), tie_break="index").numpy()
+        ranked = rank_users(model, inputs, k, target, batch_size)
+        values, items, ranks = ranked.values, ranked.items, ranked.target_ranks
+        assert ranks is not None
         tops.append(
             pl.DataFrame(
                 {
@@ -333,7 +442,7 @@ def retriever_report(
 ) -> dict[str, dict[str, float]]:
     """{"val": metrics, "test": metrics} with full ranking and coverage@k."""
     return {
-        split: evaluate_scores(score_users(model, inputs, model.config.eval_batch_size), t, ks, k)
+        split: evaluate_model(model, inputs, t, ks, k, model.config.eval_batch_size)
         for split in ("val", "test")
         for inputs, t in [data.inputs(split)]
     }

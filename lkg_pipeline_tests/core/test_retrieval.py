@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from lkg_pipeline.core.lrurec import LRURec, LRURecConfig
+from lkg_pipeline.core.metrics import rank_of_target
 from lkg_pipeline.core.retrieval import (
     UserSequences,
+    evaluate_model,
     evaluate_scores,
     popularity_report,
+    rank_users,
     retrieve_candidates,
     retriever_report,
     score_users,
+    top_k,
     train_lrurec,
     training_candidates,
     user_sequences,
@@ -86,6 +90,48 @@ def test_no_history_item_is_ever_a_candidate() -> None:
         history = set(data.train[u]) | ({int(data.val[u])} if split == "test" else set())
         assert not history & set(group["item_idx"].to_list())
         assert sorted(group["rank"].to_list()) == list(range(1, 21))
+
+
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_top_k_is_the_head_of_a_stable_descending_sort_under_ties(k: int) -> None:
+    # Scores from five values, so most of the k-th values are tied across the boundary.
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 5, (64, 300), generator=generator).float()
+    scores[torch.rand(64, 300, generator=generator) < 0.3] = float("-inf")  # masked history
+    scores[0, :] = 2.0  # a row that is one big tie
+    scores[32:] = torch.rand(32, 300, generator=generator)  # rows without ties: the fast path
+    scores[40, 100] = 1e30  # a top score that ties nothing
+    values, indices = top_k(scores, k)
+    expected = torch.sort(scores, dim=1, descending=True, stable=True)
+    assert torch.equal(indices, expected.indices[:, :k])
+    assert torch.equal(values, expected.values[:, :k])
+    assert indices[0].tolist() == list(range(k))
+
+
+def test_top_k_refuses_a_row_with_fewer_than_k_unseen_items() -> None:
+    scores = torch.zeros((2, 10))
+    scores[1, 3:] = float("-inf")
+    with pytest.raises(AssertionError, match="fewer than k=4"):
+        top_k(scores, 4)
+
+
+def test_rank_users_in_batches_equals_ranking_the_whole_matrix() -> None:
+    data, model = random_data(n_users=30, n_items=60), random_model(max_len=8)
+    inputs, targets = data.inputs("test")
+    whole = score_users(model, inputs)
+    values, items = top_k(whole, 20)
+    ranks = rank_of_target(whole, torch.as_tensor(targets), tie_break="index").numpy()
+    ranked = rank_users(model, inputs, 20, targets)  # score_users' batches: the same floats
+    assert torch.equal(ranked.items, items) and torch.equal(ranked.values, values)
+    assert ranked.target_ranks is not None and (ranked.target_ranks == ranks).all()
+    for batch_size in (1, 7):  # other padding: the same ranking, scores to rounding
+        ranked = rank_users(model, inputs, 20, targets, batch_size)
+        assert torch.equal(ranked.items, items)
+        torch.testing.assert_close(ranked.values, values, rtol=0, atol=1e-6)
+        assert ranked.target_ranks is not None and (ranked.target_ranks == ranks).all()
+    assert rank_users(model, inputs, 5).target_ranks is None
+    assert evaluate_model(model, inputs, targets) == evaluate_scores(whole, targets)
+    assert not model.training
 
 
 def test_candidates_contain_the_target_exactly_as_often_as_coverage_says() -> None:
