@@ -33,7 +33,7 @@ config = $(if $(1),--config-json '$(1)')
 
 ## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
 ## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
-## On 2 CPU cores: ~52 minutes (see README).
+## On 2 CPU cores: ~46 minutes cold, under 2 when nothing changed (see README).
 ## Re-running it when nothing changed reuses the expensive stages' outputs (README: re-running).
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION) $(call config,$(DATASET_CONFIG))
@@ -62,7 +62,7 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m benchmarks.run
 
 ## `make run` from an empty data lake, then again with nothing changed: time and peak memory
-## per step, what was reused (~55 min; temporary lake and instance; benchmarks/end_to_end.json).
+## per step, what was reused (~50 min; temporary lake and instance; benchmarks/end_to_end.json).
 bench-e2e: venv
 	$(BIN)/python -m benchmarks.end_to_end
 

@@ -1,6 +1,6 @@
 """`make run` end to end: from an empty data lake, then again with nothing changed.
 
-    python -m benchmarks.end_to_end            # the real main command, ~55 min on 2 CPU cores
+    python -m benchmarks.end_to_end            # the real main command, ~50 min on 2 CPU cores
     python -m benchmarks.end_to_end --quick    # 20 users, tiny-random model, ~2 min
 
 Runs the README's main command (`make run`) twice against a fresh data lake and Dagster
