@@ -149,8 +149,8 @@ def report(
             m = earlier[name]
             heading, _, body = section.partition("\n")
             section = (
-                f"{heading}\n\n*Earlier run: measured {m['date_utc']} (load average "
-                f"{m['load_average_1m']} at the start).*\n{body}"
+                f"{heading}\n\n*Earlier run: measured {m.get('date_utc', 'at an unknown date')} "
+                f"(load average {m.get('load_average_1m', '?')} at the start).*\n{body}"
             )
         text += ["", section]
     if saved_end_to_end is not None:
