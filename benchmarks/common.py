@@ -267,6 +267,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def child_memory_limit_mb() -> float:
+    """70% of the memory available now, at most 16 GiB: the RSS at which `run_isolated` stops a
+    scaling child, before it makes the machine swap."""
+    return min(0.7 * psutil.virtual_memory().available / 2**20, 16 * 1024)
+
+
 def reset_peak_rss() -> bool:
     """Start `peak_rss_mb` afresh from the current RSS (Linux ≥ 4.0: writing 5 to clear_refs),
     so one process can report the peak of each phase; False where that is not possible."""

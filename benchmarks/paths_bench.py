@@ -32,9 +32,14 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import polars as pl
-import psutil
 
-from benchmarks.common import current_rss_mb, require_lake, run_isolated, table
+from benchmarks.common import (
+    child_memory_limit_mb,
+    current_rss_mb,
+    require_lake,
+    run_isolated,
+    table,
+)
 from lkg_pipeline.core.ingest import ITEM_COLUMNS
 from lkg_pipeline.core.kg import KGConfig, KnowledgeGraph, build_kg
 from lkg_pipeline.core.paths import (
@@ -679,8 +684,7 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
         f"extrapolated linearly per pair; same paths on the sample: {c['same_paths_on_sample']})",
         flush=True,
     )
-    available_mb = psutil.virtual_memory().available / 2**20
-    memory_limit_mb = min(0.7 * available_mb, 16 * 1024)
+    memory_limit_mb = child_memory_limit_mb()
     rows = scaling(limits, quick, memory_limit_mb)
     plot = None
     if out_dir is not None:
