@@ -15,9 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+# A new instance gets its SQLite schema here, once, before any run: two runs that find no
+# schema both create it and leave alembic_version with two heads, which no later command
+# (not even `dagster instance migrate`) can repair. Migrating an existing instance is a no-op.
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml | $(VENV)/.installed
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
+	$(BIN)/dagster instance migrate >/dev/null || { rm -f $@; exit 1; }
 
 VARIANT ?= lkg_rag
 VARIANTS ?= llamarec kg_rag lkg_rag
