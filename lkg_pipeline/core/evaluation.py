@@ -29,6 +29,8 @@ POPULATIONS = ("subset", "overall")
 RETRIEVER = "retriever"
 PREFERENCE = "preference"
 REFERENCE_VARIANT = "llamarec"  # the ranker without the knowledge graph
+SIGNIFICANCE = 0.05  # a verdict says "beats" only below this paired p-value, on every metric
+PRIOR_SUFFIX = "+prior"  # a variant's scores fused with the retriever's (core.fusion)
 # One row per (ranker, split, user): what every comparison starts from.
 RANK_COLUMNS = {
     "ranker": pl.String,
@@ -271,11 +273,20 @@ def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig())
 
 
 def _baselines(ranker: str) -> list[str]:
+    """The retriever for every ranker; the same rule without the KG (`llamarec`, or
+    `llamarec+prior` for a fused variant) for the KG variants; a fused variant also against
+    its own unfused scores."""
     if ranker == RETRIEVER:
         return []
-    if ranker in (REFERENCE_VARIANT, PREFERENCE):
-        return [RETRIEVER]
-    return [REFERENCE_VARIANT, RETRIEVER]
+    if ranker in (REFERENCE_VARIANT, PREFERENCE, REFERENCE_VARIANT + PRIOR_SUFFIX):
+        baselines = [RETRIEVER]
+    elif ranker.endswith(PRIOR_SUFFIX):
+        baselines = [REFERENCE_VARIANT + PRIOR_SUFFIX, RETRIEVER]
+    else:
+        baselines = [REFERENCE_VARIANT, RETRIEVER]
+    if ranker.endswith(PRIOR_SUFFIX):
+        baselines.append(ranker.removesuffix(PRIOR_SUFFIX))
+    return baselines
 
 
 def verdicts(
@@ -284,8 +295,9 @@ def verdicts(
     population: str = "overall",
     metrics: tuple[str, ...] = ("MRR@1", "NDCG@10"),
 ) -> list[str]:
-    """One line per comparison, e.g. "lkg_rag vs llamarec (test, overall, 943 users):
-    MRR@1 +12.3% (p = 0.041), NDCG@10 +4.0% (p = 0.21)"."""
+    """One line per comparison that says plainly who won, e.g. "lkg_rag does NOT significantly
+    beat llamarec (test, overall, 943 users): MRR@1 +12.3% (p = 0.041), NDCG@10 +4.0% (p =
+    0.21)": BEATS only when every metric is better at p < SIGNIFICANCE."""
     chosen = comparisons.filter(
         (pl.col("split") == split)
         & (pl.col("population") == population)
@@ -303,7 +315,14 @@ def verdicts(
             )
             parts.append(f"{name} {change} (p = {row['p_value']:.3g})")
         n = rows["n_users"][0]
-        head = f"{ranker} vs {baseline} ({split}, {population}, {n} users): "
+        better = rows.filter((pl.col("difference") > 0) & (pl.col("p_value") < SIGNIFICANCE))
+        if better.height == len(metrics):
+            word = "BEATS"
+        elif (rows["difference"] < 0).any() and (rows["p_value"] < SIGNIFICANCE).any():
+            word = "is WORSE than" if better.height == 0 else "is MIXED against"
+        else:
+            word = "does NOT significantly beat"
+        head = f"{ranker} {word} {baseline} ({split}, {population}, {n} users): "
         lines.append(head + ", ".join(parts))
     return lines
 
@@ -371,6 +390,9 @@ def report_markdown(report: dict[str, Any], evaluation: Evaluation) -> str:
             "",
             markdown_table(metrics_wide(evaluation, split, name)),
         ]
+    if report.get("fusion"):
+        lines += ["", "## Retriever prior (λ chosen on validation)", ""]
+        lines += [f"- {f['ranker']}: {f['choice']}" for f in report["fusion"]]
     if report.get("latency"):
         lines += ["", "## Latency per user (seconds per prompt)", ""]
         lines += [markdown_table(pl.DataFrame(report["latency"]))]

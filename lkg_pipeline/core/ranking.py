@@ -140,10 +140,20 @@ def default_batch_size(model: Any) -> int:
     return 1 if next(model.parameters()).device.type == "cpu" else 16
 
 
-def load_ranker(base_model: Path, adapter: Path | None, device: str | None = None) -> Any:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_ranker(
+    base_model: Path,
+    adapter: Path | None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
     """The base model with the LoRA adapter merged in (no adapter: the base model), in eval mode.
 
-    Merging folds B·A into the frozen weights once, so inference pays for no extra matmuls.
+    Merging folds B·A into the frozen weights once, so inference pays for no extra matmuls; it
+    happens in fp32 and only the merged weights are cast to `dtype` (core.precision chooses it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -152,9 +162,7 @@ def load_ranker(base_model: Path, adapter: Path | None, device: str | None = Non
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return model.to(device=device or default_device(), dtype=dtype).eval()
 
 
 def rank_prompts(

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from lkg_pipeline.core.fingerprints import folder_digest, library_versions
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
+from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
 from lkg_pipeline.core.ranking import (
     left_pad,
@@ -86,6 +87,9 @@ class TrainConfig:
     loss: str = "letters"  # "letters": CE over the 20 letter logits; "lm": the reference's LM loss
     seed: int = 0  # LoRA init, dropout, data order and the train/val subsets
     max_steps: int | None = None  # stop early (tests, smoke runs); the LR schedule is unchanged
+    # What the frozen base computes in (core.precision): auto = bf16 where it measures faster.
+    # LoRA weights and the optimiser stay fp32 in every case.
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -106,6 +110,8 @@ class TrainConfig:
             assert value is None or value >= 1, f"{name} must be None or >= 1, got {value}"
         assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
         assert self.target_modules, "target_modules must name at least one module"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
 
 
 @dataclass(frozen=True)
@@ -254,12 +260,13 @@ def evaluate(
 # ----------------------------------------------------------------------------- run state
 
 
-def _identity(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
+def _identity(config: TrainConfig, paths: RunPaths, dtype: DtypeChoice) -> dict[str, Any]:
     """What a checkpoint was made from: resuming it with anything else would mix two runs."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
     settings["target_modules"] = list(config.target_modules)
     return {
         "config": settings,
+        "compute_dtype": dtype.chosen,  # `auto` may resolve differently on another machine
         "prompts": str(paths.prompts.resolve()),
         "prompts_sha256": sha256_of(paths.prompts),
         "base_model": str(paths.base_model.resolve()),
@@ -433,20 +440,30 @@ def training_function(
     record that goes into the history, e.g. to forward it to Dagster Pipes."""
     from accelerate.utils import set_seed
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     started = time.perf_counter()
     accelerator = accelerator if accelerator is not None else make_accelerator(config)
     main = accelerator.is_main_process
-    identity = _identity(config, paths)
+    shape = model_gemm_shape(AutoConfig.from_pretrained(paths.base_model))
+    dtype = choose_dtype(config.dtype, accelerator.device.type, shape)
+    accelerator.print(dtype.describe())
+    identity = _identity(config, paths, dtype)
     latest = _prepare_partial(accelerator, paths, identity, resume, restart_other_run)
 
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
-    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
     base.config.use_cache = False
     position_limit = max_positions(base)
-    model = get_peft_model(base, lora_config(config))
+    # autocast_adapter_dtype: LoRA weights in fp32 over a bf16 base (fp32 master weights)
+    model = get_peft_model(base, lora_config(config), autocast_adapter_dtype=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     n_trainable, n_total = model.get_nb_trainable_parameters()
     train_dl, val, letter_ids = get_dataloaders(
         accelerator, config, tokenizer, paths.prompts, position_limit
@@ -592,6 +609,7 @@ def training_function(
         "total_params": n_total,
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
+        "precision": dtype.metadata(),
         "versions": library_versions(
             ("lkg_pipeline", "torch", "transformers", "peft", "accelerate")
         ),
@@ -674,7 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         options = _field_parser(hints[f.name])
-        choices = {"choices": LOSSES} if f.name == "loss" else {}
+        choices = (
+            {"choices": {"loss": LOSSES, "dtype": DTYPES}[f.name]}
+            if f.name in ("loss", "dtype")
+            else {}
+        )
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
@@ -710,6 +732,7 @@ def pipes_metadata(result: TrainResult) -> dict[str, Any]:
         "wall_time_s": s["wall_time_s"],
         "tokens_per_s": s["tokens_per_s"],
         "peak_rss_mb": s["peak_rss_mb"],
+        **s["precision"],
     }
 
 

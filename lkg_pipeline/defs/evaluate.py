@@ -11,6 +11,7 @@ import polars as pl
 
 from lkg_pipeline.core.evaluation import (
     PREFERENCE,
+    PRIOR_SUFFIX,
     RETRIEVER,
     EvaluationConfig,
     dumps,
@@ -21,12 +22,14 @@ from lkg_pipeline.core.evaluation import (
     report_markdown,
     retriever_ranks,
 )
+from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths
+from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
 from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
-from lkg_pipeline.core.ranking import load_ranker, rank_prompts
+from lkg_pipeline.core.ranking import default_device, load_ranker, rank_prompts
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -85,28 +88,34 @@ def reports_dir(lake: Path, dataset: str) -> Path:
     return lake / "reports" / dataset
 
 
-def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool):
-    """The base model with the variant's adapter merged in, and its tokenizer."""
-    from transformers import AutoTokenizer
+def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool, dtype: str):
+    """The base model with the variant's adapter merged in, its tokenizer, the adapter folder
+    and the compute type chosen for this machine."""
+    from transformers import AutoConfig, AutoTokenizer
 
     base = current_base_model(lake)
+    device = default_device()
+    choice = choose_dtype(dtype, device, model_gemm_shape(AutoConfig.from_pretrained(base)))
     adapter = adapter_dir(lake, dataset, variant) if use_adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(
             f"{adapter} holds no adapter: materialise lora_adapter for {dataset}|{variant} "
             "first, or set use_adapter: false to rank with the base model"
         )
-    return load_ranker(base, adapter), AutoTokenizer.from_pretrained(base), adapter
+    model = load_ranker(base, adapter, device, choice.torch_dtype)
+    return model, AutoTokenizer.from_pretrained(base), adapter, choice
 
 
 class RankingRunConfig(Recomputable):
-    # The report's verdicts are on test; add "val" to rank it too (~1.5 s a prompt on CPU).
-    splits: list[str] = ["test"]
+    # The report's verdicts are on test; val (~250 prompts more, 2-4 minutes on 2 CPU cores)
+    # is where the report chooses the retriever-fusion weight of the `<variant>+prior` row.
+    splits: list[str] = ["val", "test"]
     # subset: only prompts whose true item is a candidate (the others are misses whatever the
     # LLM does, so scoring them changes no metric); all: every val/test prompt.
     scope: Literal["subset", "all"] = "subset"
     batch_size: int | None = None  # prompts per forward (by length); None: 1 on CPU, 16 on GPU
     use_adapter: bool = True  # False: rank with the base model (zero-shot)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.precision: bf16 if faster
 
 
 @dg.asset(
@@ -150,9 +159,11 @@ def rankings(
     if (metadata := reuse.previous({"rankings": previous})) is not None:
         return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
     reuse.invalidate()
-    model, tokenizer, adapter = _ranker(lake.path, dataset, variant, config.use_adapter)
+    model, tokenizer, adapter, dtype = _ranker(
+        lake.path, dataset, variant, config.use_adapter, config.dtype
+    )
     device = str(next(model.parameters()).device)
-    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant} on {device}")
+    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}: {dtype.describe()}")
     table = rank_prompts(model, tokenizer, chosen, config.batch_size)
     summary = []
     for split, rows in table.group_by("split", maintain_order=True):
@@ -175,6 +186,7 @@ def rankings(
         "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
         "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
         "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
+        **dtype.metadata(),
     }
     version = reuse.record({"rankings": table}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)
@@ -214,7 +226,7 @@ def evaluation_report(
     """Every ranked variant, the retriever and the preference module, side by side."""
     dataset = context.partition_key
     parts = [retriever_ranks(candidates)]
-    latency, variants = [], []
+    latency, variants, fusion = [], [], []
     for variant in VARIANTS:
         path = rankings_file(lake.path, dataset, variant)
         if not path.exists():
@@ -222,6 +234,11 @@ def evaluation_report(
         ranked = pl.read_parquet(path)
         parts.append(llm_ranks(candidates, ranked, variant))
         variants.append(variant)
+        if (ranked["split"] == "val").any():  # λ is chosen on val, never on test
+            fused, choice = fused_ranks(ranked, candidates)
+            parts.append(example_based_ranks(candidates, fused, variant + PRIOR_SUFFIX))
+            fusion.append({"ranker": variant + PRIOR_SUFFIX, "choice": choice.describe()})
+            context.log.info(f"{variant}{PRIOR_SUFFIX}: {choice.describe()}")
         seconds = ranked["seconds"].to_numpy()
         latency.append(
             {
@@ -253,6 +270,7 @@ def evaluation_report(
             "dataset": dataset,
             "variants": variants,
             "latency": latency,
+            "fusion": fusion,
             "base_model": str(current_base_model(lake.path)),
             "code_version": context.assets_def.code_versions_by_key[context.asset_key],
         },
@@ -351,6 +369,7 @@ class RecommendationRunConfig(Recomputable):
     max_users: int | None = None  # the first N users; None: every user
     batch_size: int | None = None  # as in rankings
     use_adapter: bool = True
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # as in rankings
 
 
 @dg.asset(
@@ -397,7 +416,10 @@ def recommendations(
     reuse.invalidate()
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
     examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
-    model, tokenizer, _ = _ranker(lake.path, dataset, config.variant, config.use_adapter)
+    model, tokenizer, _, dtype = _ranker(
+        lake.path, dataset, config.variant, config.use_adapter, config.dtype
+    )
+    context.log.info(f"recommendations: {dtype.describe()}")
     noun, verb = ITEM_WORDS[dataset]
     titles = dict(items.select("item_idx", "title").iter_rows())
     shown = truncate_titles(titles, tokenizer, PromptConfig().max_title_tokens)
@@ -457,6 +479,7 @@ def recommendations(
             )
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
+        **dtype.metadata(),
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)

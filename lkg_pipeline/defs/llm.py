@@ -203,6 +203,7 @@ class LoraRunConfig(Recomputable):
     loss: Literal["letters", "lm"] = "letters"
     seed: int = 0
     max_steps: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.precision: bf16 if faster
     # An `accelerate config` file for GPUs or several processes; None: one CPU process.
     accelerate_config: str | None = None
     resume: bool = True  # continue an interrupted run from its last checkpoint

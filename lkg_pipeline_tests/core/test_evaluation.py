@@ -10,6 +10,7 @@ import pytest
 
 from lkg_pipeline.core.evaluation import (
     EvaluationConfig,
+    _baselines,
     bootstrap_intervals,
     dumps,
     evaluate,
@@ -18,6 +19,7 @@ from lkg_pipeline.core.evaluation import (
     report_dict,
     report_markdown,
     retriever_ranks,
+    verdicts,
 )
 from lkg_pipeline.core.metrics import per_user_metrics, ranking_metrics
 from lkg_pipeline.core.preference import example_ranks
@@ -106,7 +108,8 @@ def test_subset_and_overall_arithmetic() -> None:
     assert compared["baseline"].to_list() == ["retriever", "retriever"]  # no llamarec ranked
     overall = compared.filter(pl.col("population") == "overall").row(0, named=True)
     assert overall["difference"] == pytest.approx(subset_mrr5 * 0.4 - (1 + 1 / 2 + 1 / 5) / 10)
-    assert ev.verdicts[0].startswith("lkg_rag vs retriever (test, overall, 10 users): MRR@1 ")
+    assert ev.verdicts[0].startswith("lkg_rag does NOT significantly beat retriever (test, ")
+    assert "(test, overall, 10 users): MRR@1 " in ev.verdicts[0]  # 10 users prove nothing
 
 
 def test_unranked_subset_examples_are_an_error_and_unranked_splits_are_skipped() -> None:
@@ -177,3 +180,56 @@ def test_report_is_deterministic_json_and_markdown() -> None:
     assert "## test, overall (80 users; 95% bootstrap intervals)" in markdown
     assert "| lkg_rag |" in markdown and "Latency per user" in markdown
     assert json.loads(dumps({"x": float("nan")})) == {"x": None}
+
+
+def _comparisons(rows: list[tuple[str, str, float, float]]) -> pl.DataFrame:
+    """(ranker, metric, difference, p_value) on test overall, 100 users, against the retriever."""
+    return pl.DataFrame(
+        [
+            {
+                "ranker": ranker,
+                "baseline": "retriever",
+                "split": "test",
+                "population": "overall",
+                "metric": metric,
+                "value": 0.1 + difference,
+                "baseline_value": 0.1,
+                "difference": difference,
+                "relative": difference / 0.1,
+                "p_value": p,
+                "n_users": 100,
+            }
+            for ranker, metric, difference, p in rows
+        ]
+    )
+
+
+def test_verdicts_say_plainly_who_won() -> None:
+    lines = verdicts(
+        _comparisons(
+            [
+                ("a", "MRR@1", 0.02, 0.01),
+                ("a", "NDCG@10", 0.01, 0.03),
+                ("b", "MRR@1", 0.02, 0.01),
+                ("b", "NDCG@10", 0.01, 0.30),
+                ("c", "MRR@1", -0.02, 0.01),
+                ("c", "NDCG@10", -0.01, 0.20),
+                ("d", "MRR@1", 0.02, 0.01),
+                ("d", "NDCG@10", -0.02, 0.01),
+            ]
+        )
+    )
+    assert [line.split(" (test")[0] for line in lines] == [
+        "a BEATS retriever",
+        "b does NOT significantly beat retriever",
+        "c is WORSE than retriever",
+        "d is MIXED against retriever",
+    ]
+    assert lines[0].endswith("MRR@1 +20.0% (p = 0.01), NDCG@10 +10.0% (p = 0.03)")
+
+
+def test_fused_rankers_are_compared_with_their_own_scores_and_the_fused_reference() -> None:
+    assert _baselines("lkg_rag+prior") == ["llamarec+prior", "retriever", "lkg_rag"]
+    assert _baselines("llamarec+prior") == ["retriever", "llamarec"]
+    assert _baselines("kg_rag") == ["llamarec", "retriever"]
+    assert _baselines("retriever") == []

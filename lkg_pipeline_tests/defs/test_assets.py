@@ -304,6 +304,17 @@ def assert_report_recomputable(lake: Path, dataset: str, candidates: pl.DataFram
         for metric, value in overall.items():
             assert reported[(variant, "overall", metric)] == pytest.approx(value, abs=1e-12)
             assert reported[(variant, "subset", metric)] == pytest.approx(subset[metric])
+    # the fused rows: λ is chosen on val from a grid that holds λ = 0 (the retriever), so on
+    # val subset they can never fall below the retriever
+    val_subset = {
+        m["ranker"]: m["value"]
+        for m in report["metrics"]
+        if (m["split"], m["population"], m["metric"]) == ("val", "subset", "NDCG@10")
+    }
+    fused = [f["ranker"] for f in report["fusion"]]
+    assert fused == [f"{v}+prior" for v in report["variants"]]
+    for ranker in fused:
+        assert val_subset[ranker] >= val_subset["retriever"] - 1e-12
     retriever = ranking_metrics(test["target_rank"].cast(pl.Float64).to_numpy(), (1, 5, 10))
     for metric, value in retriever.items():
         assert reported[("retriever", "overall", metric)] == pytest.approx(value)
@@ -461,6 +472,7 @@ def test_cli_materializes_the_whole_graph_for_a_user_sample(lake: Path, tmp_path
     report = assert_report_recomputable(lake, "ml-100k", table)
     assert report["variants"] == ["llamarec", "lkg_rag"]
     assert any(
-        v.startswith("lkg_rag vs llamarec (test, overall, 40 users)") for v in report["verdicts"]
+        v.startswith("lkg_rag ") and " llamarec (test, overall, 40 users): " in v
+        for v in report["verdicts"]
     )
     assert_recommendations_unseen(lake, "ml-100k", sequences, users=40)
