@@ -7,6 +7,7 @@ strings (ASINs, reviewer ids) for Amazon; everything else is typed identically.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import polars as pl
 from lkg_pipeline.core.parsing import (
     LINE,
     Column,
+    EmptyInputError,
     MalformedInputError,
     ParseIssue,
     ParseReport,
@@ -104,6 +106,15 @@ def raw_schemas(id_type: pl.DataType) -> dict[str, dict[str, pl.DataType]]:
     }
 
 
+# Ratings naming an item the catalogue lacks, tolerated up to this share of a ratings file: a
+# few are a stale catalogue, many mean the two files do not belong together.
+MAX_UNKNOWN_ITEM_SHARE = 0.01
+
+
+class CatalogueMismatchError(ValueError):
+    """Too many ratings name items that the item file does not have."""
+
+
 @dataclass
 class RawDataset:
     """One dataset's raw frames, where they came from, and what the parsers skipped."""
@@ -113,10 +124,17 @@ class RawDataset:
     source: str
     frames: dict[str, pl.DataFrame]
     reports: list[ParseReport] = field(default_factory=list)
+    interactions_file: str = ""  # the file `frames["interactions"]` was read from
+    items_file: str = ""  # the file `frames["items"]` was read from
+    unknown_item_ratings: int = 0  # ratings whose item the item file lacks (set by read_dataset)
 
     @property
     def skipped_lines(self) -> int:
         return sum(len(r.issues) for r in self.reports)
+
+    @property
+    def files_read(self) -> list[str]:
+        return [r.file for r in self.reports]
 
 
 def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -127,6 +145,13 @@ def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame
     )
 
 
+def _nonempty(frame: pl.DataFrame, report: ParseReport, what: str) -> pl.DataFrame:
+    """`frame`, or an error naming the file when a file that must hold data kept no row."""
+    if frame.is_empty():
+        raise EmptyInputError(report, what)
+    return frame
+
+
 def _finish(
     dataset: str,
     layout: str,
@@ -135,12 +160,14 @@ def _finish(
     frames: dict[str, pl.DataFrame],
     reports: list[ParseReport],
 ) -> RawDataset:
+    """The frames in the raw schema; by convention `reports[0]` is the ratings file and
+    `reports[1]` the item file."""
     schemas = raw_schemas(id_type)
     out = {
         name: conform(frames[name], schema) if name in frames else pl.DataFrame(schema=schema)
         for name, schema in schemas.items()
     }
-    return RawDataset(dataset, layout, tree.label, out, reports)
+    return RawDataset(dataset, layout, tree.label, out, reports, reports[0].file, reports[1].file)
 
 
 # --- MovieLens-100K -------------------------------------------------------------------------
@@ -164,6 +191,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         interaction_columns(pl.Int64),
         **tsv,
     )
+    inter = _nonempty(inter, r1, "ratings")
     items, r2 = read_delimited(
         files["ml-100k.item"],
         [
@@ -174,11 +202,13 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         ],
         **tsv,
     )
+    items = _nonempty(items, r2, "items")
     users, r3 = read_delimited(
         files["ml-100k.user"],
         ML100K_USER_COLUMNS,
         **tsv,
     )
+    users = _nonempty(users, r3, "users")
     items = _split_title_year(
         items.with_columns(
             # RecBole writes its placeholder row as "unkonwn" in every field: a missing value.
@@ -219,6 +249,7 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         separator="\t",
         max_bad_lines=max_bad_lines,
     )
+    inter = _nonempty(inter, r1, "ratings")
     item_columns = [
         Column("item_id", pl.Int64),
         Column("title", pl.String, required=False),
@@ -231,15 +262,19 @@ def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         files["u.item"],
         item_columns,
         separator="|",
-        encoding="latin-1",
+        # GroupLens ships Latin-1; a copy re-saved by an editor is UTF-8, which Latin-1 would
+        # turn into mojibake without a single error. Valid UTF-8 is taken as UTF-8.
+        encoding=("utf-8", "latin-1"),
         max_bad_lines=max_bad_lines,
     )
+    items = _nonempty(items, r2, "items")
     users, r3 = read_delimited(
         files["u.user"],
         ML100K_USER_COLUMNS,
         separator="|",
         max_bad_lines=max_bad_lines,
     )
+    users = _nonempty(users, r3, "users")
     flags = pl.concat_list(
         pl.when(pl.col(f"g{i}") == 1).then(pl.lit(g)) for i, g in enumerate(ML100K_GENRES)
     ).list.drop_nulls()
@@ -294,6 +329,7 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
         interaction_columns(pl.Int64),
         **csv_opts,
     )
+    inter = _nonempty(inter, r1, "ratings")
     items, r2 = read_delimited(
         files["movies.csv"],
         [
@@ -303,6 +339,7 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
         ],
         **csv_opts,
     )
+    items = _nonempty(items, r2, "items")
     items = _split_title_year(
         items.with_columns(
             genres=pl.col("genres")
@@ -339,7 +376,9 @@ def read_beauty(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
         quoted=True,
         max_bad_lines=max_bad_lines,
     )
+    inter = _nonempty(inter, r1, "ratings")
     items, r2 = read_amazon_meta(files["meta_Beauty.json.gz"], max_bad_lines)
+    items = _nonempty(items, r2, "items")
     return _finish(
         "beauty",
         "amazon-2014",
@@ -393,7 +432,7 @@ def _amazon_row(record: dict) -> tuple[dict, str | None]:
             "year": None,
             "genres": None,
             "brand": _text(record.get("brand")),
-            "categories": [[str(c) for c in path] for path in categories],
+            "categories": [[_text(str(c)) or "" for c in path] for path in categories],
             "also_bought": [str(a) for a in related.get("also_bought", [])],
             "also_viewed": [str(a) for a in related.get("also_viewed", [])],
             "bought_together": [str(a) for a in related.get("bought_together", [])],
@@ -407,7 +446,10 @@ def _amazon_row(record: dict) -> tuple[dict, str | None]:
 
 
 def _text(value: object) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
+    """Amazon's text as a person reads it: HTML entities decoded ("&amp;" → "&"), whitespace
+    runs collapsed. The 2014 dump stores titles and brands HTML-escaped; undecoded, "&amp;"
+    would reach item names, KG entities and prompts."""
+    return " ".join(html.unescape(value).split()) or None if isinstance(value, str) else None
 
 
 READERS: dict[str, Callable[[SourceTree, int], RawDataset]] = {
@@ -417,7 +459,41 @@ READERS: dict[str, Callable[[SourceTree, int], RawDataset]] = {
 }
 
 
-def read_dataset(dataset: str, tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
+def read_dataset(
+    dataset: str,
+    tree: SourceTree,
+    max_bad_lines: int = 0,
+    max_unknown_item_share: float = MAX_UNKNOWN_ITEM_SHARE,
+) -> RawDataset:
+    """Every raw frame of `dataset` from `tree`, or an error naming the file and the reason.
+
+    Everything is checked here, before a caller writes anything: malformed lines beyond the
+    tolerance, required files without data, and a catalogue that does not match its ratings.
+    """
     if dataset not in READERS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
-    return READERS[dataset](tree, max_bad_lines)
+    assert 0.0 <= max_unknown_item_share <= 1.0, f"{max_unknown_item_share=}"
+    raw = READERS[dataset](tree, max_bad_lines)
+    raw.unknown_item_ratings = check_catalogue(raw, max_unknown_item_share)
+    return raw
+
+
+def check_catalogue(raw: RawDataset, max_unknown_item_share: float) -> int:
+    """How many ratings name items the item file lacks; an error above the given share.
+
+    Preparation can only drop such ratings, so without this count a ratings file paired with
+    the wrong catalogue would lose most of its rows without a word.
+    """
+    inter, items = raw.frames["interactions"], raw.frames["items"]
+    unknown_rows = inter.join(items.select("item_id"), on="item_id", how="anti")
+    unknown, total = unknown_rows.height, inter.height
+    if total and unknown / total > max_unknown_item_share:
+        examples = unknown_rows["item_id"].unique().sort().head(5).to_list()
+        raise CatalogueMismatchError(
+            f"{raw.interactions_file}: {unknown:,} of {total:,} ratings ({unknown / total:.1%}) "
+            f"name items that are not in {raw.items_file} (e.g. item_id {examples}), above "
+            f"max_unknown_item_share={max_unknown_item_share}. A catalogue that does not match "
+            "its ratings is usually the wrong file; check the source, or raise the share to "
+            "ingest anyway (preparation drops those ratings)."
+        )
+    return unknown

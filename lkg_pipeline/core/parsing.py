@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ class ParseReport:
     lines_read: int = 0
     rows_kept: int = 0
     issues: list[ParseIssue] = field(default_factory=list)
+    encoding: str = ""  # the text encoding the file was read with (when one was detected)
 
     def summary(self, shown: int = 5) -> str:
         head = "; ".join(f"line {i.line}: {i.reason}" for i in self.issues[:shown])
@@ -56,6 +58,19 @@ class MalformedInputError(ValueError):
         )
 
 
+class EmptyInputError(ValueError):
+    """A file that must hold data holds none: refused before anything is written, because an
+    empty table would replace good outputs and make every later check pass vacuously."""
+
+    def __init__(self, report: ParseReport, what: str):
+        self.report = report
+        if report.lines_read == 0:
+            why = "it has no data lines (empty, or a header only)"
+        else:
+            why = f"all {report.lines_read} data line(s) were malformed and skipped"
+        super().__init__(f"{report.file}: no {what}: {why}.")
+
+
 @dataclass(frozen=True)
 class Column:
     """One field of a delimited file: its name in the output and its type."""
@@ -65,14 +80,33 @@ class Column:
     required: bool = True  # an empty value is a malformed line, not a null
 
 
-def decode_lines(raw: RawFile, encoding: str, report: ParseReport) -> list[str]:
-    """The file's lines as text; an undecodable line becomes an issue and an empty line."""
-    try:
-        return raw.data.decode(encoding).splitlines()
-    except UnicodeDecodeError:
-        pass
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class CorruptFileError(ValueError):
+    """A file that cannot be read at all (a truncated archive): no line of it can be trusted."""
+
+
+def decode_lines(raw: RawFile, encoding: str | Sequence[str], report: ParseReport) -> list[str]:
+    """The file's lines as text; an undecodable line becomes an issue and an empty line.
+
+    Several encodings are tried in order on the whole file and the first that decodes it wins
+    (recorded in `report.encoding`): ("utf-8", "latin-1") reads a file re-saved as UTF-8 as
+    UTF-8, where Latin-1 alone would silently turn "é" into "Ã©". A UTF-8 byte-order mark, which
+    editors on Windows add, is not data and is dropped.
+    """
+    data = raw.data.removeprefix(UTF8_BOM)
+    encodings = [encoding] if isinstance(encoding, str) else list(encoding)
+    for candidate in encodings:
+        try:
+            text = data.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        report.encoding = candidate
+        return text.splitlines()
+    encoding = report.encoding = encodings[-1]
     lines = []
-    for number, chunk in enumerate(raw.data.splitlines(), start=1):
+    for number, chunk in enumerate(data.splitlines(), start=1):
         try:
             lines.append(chunk.decode(encoding))
         except UnicodeDecodeError as exc:
@@ -86,7 +120,7 @@ def read_delimited(
     columns: Sequence[Column],
     *,
     separator: str,
-    encoding: str = "utf-8",
+    encoding: str | Sequence[str] = "utf-8",
     header: bool = False,
     quoted: bool = False,
     extra_columns_ok: bool = False,
@@ -107,9 +141,11 @@ def read_delimited(
     numbers: list[int] = []
     start = 2 if header else 1
     rows = csv.reader(lines[start - 1 :], delimiter=separator, quoting=quoting, strict=quoted)
+    consumed = 0  # physical lines the reader has used up to the end of the last good row
     try:
         for row in rows:
             number = start - 1 + rows.line_num  # right even when a quoted field spans lines
+            consumed = rows.line_num
             if not row or row == [""]:
                 report.lines_read += number in bad_lines  # undecodable lines were blanked
                 continue
@@ -121,7 +157,11 @@ def read_delimited(
                 store.append(value)
             numbers.append(number)
     except csv.Error as exc:  # an unterminated quote: nothing after it can be trusted
-        report.issues.append(ParseIssue(start + rows.line_num, f"CSV error: {exc}"))
+        # The record that failed begins on the line after the last good one; an unclosed quote
+        # makes the reader run on to the end of the file, which is not where the damage is.
+        report.issues.append(
+            ParseIssue(start + consumed, f"CSV error in the record starting here: {exc}")
+        )
         raise MalformedInputError(report, max_bad_lines) from exc
     text = pl.DataFrame(
         {c.name: store for c, store in zip(columns, cells)} | {LINE: numbers},
@@ -141,7 +181,10 @@ def _typed(text: pl.DataFrame, columns: Sequence[Column], report: ParseReport) -
         elif c.dtype.is_integer():
             # "881250949.0" is an integer written by a float-minded exporter; "3.5" is not.
             as_float = value.cast(pl.Float64, strict=False)
-            integral = pl.when(as_float == as_float.floor()).then(as_float.cast(c.dtype))
+            # Non-strict: an integral float beyond the type's range is a bad value on its line.
+            integral = pl.when(as_float == as_float.floor()).then(
+                as_float.cast(c.dtype, strict=False)
+            )
             casts.append(pl.coalesce(value.cast(c.dtype, strict=False), integral).alias(c.name))
         else:
             casts.append(value.cast(c.dtype, strict=False).alias(c.name))
@@ -184,8 +227,16 @@ def iter_literal_lines(raw: RawFile, report: ParseReport) -> Iterator[tuple[int,
     read with `ast.literal_eval`, which accepts only literals: a line holding a function call
     is an issue, never executed (the reference implementation calls `eval` here).
     """
-    data = gzip.decompress(raw.data) if raw.data[:2] == b"\x1f\x8b" else raw.data
-    for number, chunk in enumerate(io.BytesIO(data), start=1):
+    try:
+        data = gzip.decompress(raw.data) if raw.data[:2] == b"\x1f\x8b" else raw.data
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CorruptFileError(
+            f"{raw.label}: not a complete gzip file "
+            f"({type(exc).__name__}: {exc or 'it ends early'}); the download was probably cut "
+            "short: fetch it again."
+        ) from exc
+    report.encoding = "utf-8"
+    for number, chunk in enumerate(io.BytesIO(data.removeprefix(UTF8_BOM)), start=1):
         report.lines_read += 1
         try:
             text = chunk.decode("utf-8").strip()

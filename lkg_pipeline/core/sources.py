@@ -1,10 +1,13 @@
 """Where each dataset's raw files come from, and how they are fetched.
 
 A *source* is a folder, a zip archive (a RecBole wheel is one), or an http(s) URL to either.
-Files are looked up by name at any depth, so `ml-100k/u.data` inside GroupLens' zip and
-`recbole/dataset_example/ml-100k/ml-100k.inter` inside the wheel are both found without the
-caller knowing the layout. Everything fetched lands in a cache folder under the data lake and is
-written to a temporary name first, so an interrupted download never looks like a finished one.
+Files are looked up by name at any depth inside it, so `ml-100k/u.data` inside GroupLens' zip
+and `recbole/dataset_example/ml-100k/ml-100k.inter` inside the wheel are both found without the
+caller knowing the layout. Nothing outside the source is ever searched: a file that is not a
+valid zip is an error, not a hint to look in its folder, because a sibling folder's
+`ratings.csv` would then be ingested as if it were the data asked for. Everything fetched lands
+in a cache folder under the data lake and is written to a temporary name first, so an
+interrupted download never looks like a finished one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,15 @@ EXPECTED_FILES: dict[str, str] = {
 
 class SourceUnavailableError(RuntimeError):
     """A dataset's files could not be found or fetched; the message says what to provide."""
+
+
+def what_to_provide(dataset: str, lake_root: Path) -> str:
+    """The sentence every "no usable source" error ends with: the files, and where they go."""
+    return (
+        f"Provide {EXPECTED_FILES[dataset]}: put them in the drop folder "
+        f"{lake_root / 'sources' / dataset} (source 'default'), or pass a folder or .zip holding "
+        "them as the ingest config `source`."
+    )
 
 
 @dataclass(frozen=True)
@@ -95,23 +108,55 @@ class ZipTree:
         return str(self.path)
 
     def find(self, name: str) -> RawFile | None:
-        with zipfile.ZipFile(self.path) as archive:
-            members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == name]
-            if not members:
-                return None
-            member = min(members, key=lambda m: (m.count("/"), m))
-            return RawFile(f"{self.path}!{member}", archive.read(member))
+        # A damaged archive can still have a readable directory: a member whose bytes fail
+        # their CRC or do not inflate must fail here, naming the member, not parse as data.
+        member = None
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == name]
+                if not members:
+                    return None
+                member = min(members, key=lambda m: (m.count("/"), m))
+                return RawFile(f"{self.path}!{member}", archive.read(member))
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            where = f"{self.path}!{member}" if member else str(self.path)
+            raise SourceUnavailableError(
+                f"{where}: the zip archive is damaged ({type(exc).__name__}: {exc}); fetch it "
+                "again."
+            ) from exc
 
 
-def open_tree(path: Path) -> SourceTree:
-    """A folder or a zip archive as a tree; anything else is an error naming the path."""
+@dataclass(frozen=True)
+class FilesTree:
+    """Exactly these files (what a download fetched), looked up by base name; nothing beside."""
+
+    paths: tuple[Path, ...]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(str(p) for p in self.paths)
+
+    def find(self, name: str) -> RawFile | None:
+        hits = [p for p in self.paths if p.name == name]
+        return RawFile(str(hits[0]), hits[0].read_bytes()) if hits else None
+
+
+def open_tree(path: Path, hint: str = "") -> SourceTree:
+    """A folder or a zip archive as a tree; anything else is an error naming the path.
+
+    A file is read as exactly that file: one that is not a valid zip (truncated, or a single
+    data file) is refused rather than taken as a pointer to the folder it sits in.
+    """
     if path.is_dir():
         return FolderTree(path)
-    if path.is_file() and zipfile.is_zipfile(path):
-        return ZipTree(path)
     if path.is_file():
-        return FolderTree(path.parent)  # a single file: look beside it
-    raise SourceUnavailableError(f"Source path {path} does not exist.")
+        if zipfile.is_zipfile(path):
+            return ZipTree(path)
+        raise SourceUnavailableError(
+            f"Source {path} is a file but not a valid zip archive (truncated, damaged, or not a "
+            f"zip at all). A source is a folder or a .zip; nothing beside it is searched. {hint}"
+        )
+    raise SourceUnavailableError(f"Source path {path} does not exist. {hint}".rstrip())
 
 
 def sha256_of(path: Path) -> str:
@@ -206,28 +251,35 @@ def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
     cache_dir = lake_root / "cache" / dataset
+    hint = what_to_provide(dataset, lake_root)
     if source.startswith(("http://", "https://")):
-        return open_tree(_downloaded(dataset, (source,), cache_dir))
+        return _downloaded(dataset, (source,), cache_dir, hint)
     if source != "default":
-        return open_tree(Path(source).expanduser())
+        return open_tree(Path(source).expanduser(), f"For {dataset}: {hint}")
     drop = lake_root / "sources" / dataset
     if drop.is_dir() and any(drop.iterdir()):
         return FolderTree(drop)
     if dataset == "ml-100k":
         return ZipTree(fetch_recbole_wheel(lake_root / "cache"))
-    return open_tree(_downloaded(dataset, DEFAULT_URLS[dataset], cache_dir))
+    return _downloaded(dataset, DEFAULT_URLS[dataset], cache_dir, hint)
 
 
-def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path) -> Path:
+def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path, hint: str) -> SourceTree:
+    """The downloaded files as a tree: one zip's contents, or exactly the files fetched (never
+    the whole cache folder, which may hold other downloads)."""
     try:
         paths = [download(url, cache_dir) for url in urls]
     except SourceUnavailableError as exc:
-        raise SourceUnavailableError(
-            f"{exc}\nNo local files for {dataset!r}. Provide {EXPECTED_FILES[dataset]}: put them "
-            f"in {cache_dir.parent.parent / 'sources' / dataset} or pass a folder or zip as the "
-            f"ingest config `source`."
-        ) from exc
-    return paths[0] if len(paths) == 1 and zipfile.is_zipfile(paths[0]) else cache_dir
+        raise SourceUnavailableError(f"{exc}\nNo local files for {dataset!r}. {hint}") from exc
+    if len(paths) == 1 and zipfile.is_zipfile(paths[0]):
+        return ZipTree(paths[0])
+    for path in paths:
+        if path.suffix == ".zip" and not zipfile.is_zipfile(path):
+            raise SourceUnavailableError(
+                f"{path} (downloaded) is not a valid zip archive; delete it to download it "
+                f"again. {hint}"
+            )
+    return FilesTree(tuple(paths))
 
 
 def require(tree: SourceTree, dataset: str, names: Iterable[str]) -> dict[str, RawFile]:

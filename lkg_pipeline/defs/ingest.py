@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from lkg_pipeline.core.ingest import RawDataset, read_dataset
+from lkg_pipeline.core.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_dataset
 from lkg_pipeline.core.sources import EXPECTED_FILES, resolve_source
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
@@ -40,6 +40,16 @@ class IngestConfig(dg.Config):
     max_bad_lines: int = Field(
         default=0, description="Malformed lines tolerated (and skipped) per file; 0 = strict."
     )
+    max_unknown_item_share: float = Field(
+        default=MAX_UNKNOWN_ITEM_SHARE,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Largest share of a ratings file whose items may be missing from the item file "
+            "(those ratings are dropped by preparation); above it the run fails, since a "
+            "catalogue that does not match its ratings is usually the wrong file."
+        ),
+    )
 
 
 @dg.multi_asset(
@@ -60,11 +70,16 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: Da
     """Read the partition's dataset once and publish all its raw tables together."""
     dataset = context.partition_key
     tree = resolve_source(dataset, config.source, lake.path)
-    raw = read_dataset(dataset, tree, config.max_bad_lines)
-    context.log.info(f"{dataset}: read {raw.layout} layout from {raw.source}")
+    raw = read_dataset(dataset, tree, config.max_bad_lines, config.max_unknown_item_share)
+    context.log.info(f"{dataset}: read {raw.layout} layout: {', '.join(raw.files_read)}")
     for report in raw.reports:
         if report.issues:
             context.log.warning(f"skipped {report.summary()}")
+    if raw.unknown_item_ratings:
+        context.log.warning(
+            f"{raw.interactions_file}: {raw.unknown_item_ratings} rating(s) name items not in "
+            f"{raw.items_file}; preparation drops them"
+        )
     for asset_name in context.op_execution_context.selected_output_names:
         frame = raw.frames[RAW_ASSETS[asset_name]]
         yield dg.Output(frame, output_name=asset_name, metadata=_source_metadata(raw))
@@ -72,13 +87,15 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: Da
 
 def _source_metadata(raw: RawDataset) -> dict[str, dg.MetadataValue]:
     rows = "\n".join(
-        f"| `{r.file}` | {r.lines_read} | {r.rows_kept} | {len(r.issues)} |" for r in raw.reports
+        f"| `{r.file}` | {r.encoding or '-'} | {r.lines_read} | {r.rows_kept} | {len(r.issues)} |"
+        for r in raw.reports
     )
     return {
         "source": dg.MetadataValue.text(raw.source),
         "layout": dg.MetadataValue.text(raw.layout),
         "skipped_lines": dg.MetadataValue.int(raw.skipped_lines),
+        "unknown_item_ratings": dg.MetadataValue.int(raw.unknown_item_ratings),
         "files": dg.MetadataValue.md(
-            "| file | lines | rows kept | skipped |\n|---|---|---|---|\n" + rows
+            "| file | encoding | lines | rows kept | skipped |\n|---|---|---|---|---|\n" + rows
         ),
     }

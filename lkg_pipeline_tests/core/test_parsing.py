@@ -97,3 +97,33 @@ def test_python_literals_are_parsed_without_executing_code(tmp_path: Path) -> No
     assert [r["asin"] for _, r in records] == ["B1", "B2"]
     assert [i.line for i in report.issues] == [3, 4, 5]
     assert not marker.exists(), "a literal line was executed"
+
+
+MOVIE_COLUMNS = [Column("id", pl.Int64), Column("title", pl.String), Column("genres", pl.String)]
+
+
+@pytest.mark.parametrize("cut_at", [13, 3])
+def test_unclosed_quote_is_reported_on_the_line_where_its_record_starts(cut_at: int) -> None:
+    lines = ["movieId,title,genres"] + [f'{i},"Film {i}, The (1995)",Drama' for i in range(2, 14)]
+    lines[cut_at - 1] = f'{cut_at},"Film {cut_at}, The (19'  # cut inside the quotes
+    text = "\n".join(lines) + "\n"
+    assert len(text.splitlines()) == 13
+    with pytest.raises(
+        MalformedInputError,
+        match=rf"movies.csv: 1 malformed line\(s\) \(line {cut_at}: CSV error in the record "
+        r"starting here: ",  # then the csv module's reason, which depends on what follows
+    ):
+        read_delimited(
+            raw(text, "movies.csv"), MOVIE_COLUMNS, separator=",", header=True, quoted=True
+        )
+
+
+def test_encodings_are_tried_in_order_and_the_one_used_is_reported() -> None:
+    columns = [Column("id", pl.Int64), Column("t", pl.String)]
+    utf8 = "1|Misérables, Les\n".encode()
+    latin1 = "1|Misérables, Les\n".encode("latin-1")
+    for data, used in ((utf8, "utf-8"), (latin1, "latin-1"), (b"\xef\xbb\xbf" + utf8, "utf-8")):
+        frame, report = read_delimited(
+            raw(data), columns, separator="|", encoding=("utf-8", "latin-1")
+        )
+        assert frame["t"].to_list() == ["Misérables, Les"] and report.encoding == used
