@@ -52,6 +52,11 @@ _TRAILING_ARTICLE = re.compile(
 SPLITS = ("train", "val", "test")
 
 
+class EmptyPreparationError(ValueError):
+    """A step of preparation left no interaction: stopped before anything is written, so good
+    tables are never replaced by empty ones that every later check would pass vacuously."""
+
+
 def clean_title(
     title: str | None, year: int | None = None, drop_placeholders: bool = True
 ) -> str | None:
@@ -75,6 +80,30 @@ def clean_title(
         article, body = match["article"], match["body"]
         text = f"{article}{body}" if article.endswith("'") else f"{article} {body}"
     return f"{text} ({year})" if year is not None else text
+
+
+def clean_product_title(
+    title: str | None, year: int | None = None, drop_placeholders: bool = True
+) -> str | None:
+    """An Amazon title as the catalogue has it, whitespace runs collapsed, nothing else.
+
+    MovieLens' rules would damage product names ("Face Wash (Oil-Free)" is not an alternate
+    title, "Soap, The" not a moved article); HTML entities are decoded at ingest. `year` and
+    `drop_placeholders` are accepted for a common signature and ignored (products have no year,
+    and no placeholder item).
+    """
+    if title is None:
+        return None
+    return " ".join(title.split()) or None
+
+
+# Title rules by source: which cleaner a dataset's titles go through.
+TITLE_CLEANERS = {"movielens": clean_title, "amazon": clean_product_title}
+TITLE_STYLES: dict[str, str] = {
+    "ml-100k": "movielens",
+    "ml-latest-small": "movielens",
+    "beauty": "amazon",
+}
 
 
 @dataclass(frozen=True)
@@ -122,19 +151,37 @@ def k_core(interactions: pl.DataFrame, min_user: int, min_item: int) -> tuple[pl
 
 
 def prepare(
-    raw_interactions: pl.DataFrame, raw_items: pl.DataFrame, config: PrepareConfig
+    raw_interactions: pl.DataFrame,
+    raw_items: pl.DataFrame,
+    config: PrepareConfig,
+    *,
+    title_style: str,
 ) -> Prepared:
     """Clean items, k-core, dense ids and the leave-one-out split, in that order.
 
-    - Items without a usable title are dropped before the k-core (they cannot be shown to the LLM).
+    - Titles are cleaned by the source's rules (`title_style`: a key of `TITLE_CLEANERS`;
+      `TITLE_STYLES` gives each dataset's).
+    - Items without a usable title are dropped before the k-core (they cannot be shown to the LLM),
+      and so are ratings of items the catalogue does not have (counted in the stats).
+    - A step that leaves no interaction raises `EmptyPreparationError` saying which step and why.
     - A (user, item) pair rated more than once keeps its earliest rating.
     - Ids are dense and follow the sorted original ids (0 = smallest), never hash or set order.
     - A user's items are ordered by timestamp, ties broken by original item id ascending; the last
       is test, the second-to-last val, the rest train.
     """
+    if title_style not in TITLE_CLEANERS:
+        raise ValueError(
+            f"Unknown title_style {title_style!r}; choose one of {', '.join(TITLE_CLEANERS)}."
+        )
+    clean = TITLE_CLEANERS[title_style]
+    if raw_interactions.is_empty() or raw_items.is_empty():
+        raise EmptyPreparationError(
+            f"Nothing to prepare: {raw_interactions.height} raw interactions, "
+            f"{raw_items.height} raw items."
+        )
     raw_items = conform(raw_items, {"item_id": raw_items.schema["item_id"], **ITEM_COLUMNS})
     titles = [
-        clean_title(t, y, config.drop_placeholder_titles)
+        clean(t, y, config.drop_placeholder_titles)
         for t, y in zip(raw_items["title"].to_list(), raw_items["year"].to_list())
     ]
     items = (
@@ -142,7 +189,16 @@ def prepare(
         .filter(pl.col("title").is_not_null())
         .unique("item_id", keep="first", maintain_order=True)
     )
-    inter = raw_interactions.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+    known = raw_interactions.filter(pl.col("item_id").is_in(raw_items["item_id"].implode()))
+    inter = known.filter(pl.col("item_id").is_in(items["item_id"].implode()))
+    if inter.is_empty():
+        raise EmptyPreparationError(
+            f"No interaction is left once items without a usable title are dropped: "
+            f"{raw_interactions.height:,} raw interactions, {known.height:,} of them on "
+            f"catalogue items; {raw_items.height:,} raw items, {items.height:,} with a title. "
+            "The ratings and the item file do not belong together, or no item has a title."
+        )
+    n_titled = inter.height
     if config.max_users is not None:
         users = inter["user_id"].unique().sort()
         if users.len() > config.max_users:
@@ -150,12 +206,27 @@ def prepare(
             inter = inter.filter(pl.col("user_id").is_in(kept_users.implode()))
     if config.min_rating is not None:
         inter = inter.filter(pl.col("rating") >= config.min_rating)
+        if inter.is_empty():
+            raise EmptyPreparationError(
+                f"No interaction has a rating >= min_rating={config.min_rating}."
+            )
     n_before_dedup = inter.height
     inter = inter.sort("user_id", "item_id", "timestamp").unique(
         ["user_id", "item_id"], keep="first", maintain_order=True
     )
     duplicates = n_before_dedup - inter.height
+    before_core = inter
     inter, rounds = k_core(inter, config.min_user_interactions, config.min_item_interactions)
+    if inter.is_empty():
+        per_user = before_core.group_by("user_id").len()["len"]
+        per_item = before_core.group_by("item_id").len()["len"]
+        raise EmptyPreparationError(
+            f"Nothing is left after the k-core (min_user_interactions="
+            f"{config.min_user_interactions}, min_item_interactions="
+            f"{config.min_item_interactions}): before it, {before_core.height:,} interactions "
+            f"by {per_user.len():,} users on {per_item.len():,} items (at most {per_user.max()} "
+            f"per user, {per_item.max()} per item). Lower the thresholds or use more data."
+        )
 
     user_map = _dense(inter["user_id"], "user_id", "user_idx")
     item_map = _dense(inter["item_id"], "item_id", "item_idx")
@@ -201,6 +272,8 @@ def prepare(
             "raw_interactions": raw_interactions.height,
             "raw_items": raw_items.height,
             "items_without_title": sum(t is None for t in titles),
+            "interactions_unknown_item": raw_interactions.height - known.height,
+            "interactions_untitled_item": known.height - n_titled,
             "duplicate_pairs_dropped": duplicates,
             "k_core_rounds": rounds,
         },

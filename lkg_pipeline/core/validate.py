@@ -1,7 +1,9 @@
 """Invariants of prepared data, as plain functions the Dagster checks wrap.
 
 Each returns an `Outcome` whose metadata shows the offending rows, so that a failed check in
-the UI says what is wrong and where, not just that something is.
+the UI says what is wrong and where, not just that something is. An empty table fails every
+check: "0 of 0 users break the split" is true of no data at all, and a check that passes on it
+would let an empty run replace good tables unnoticed.
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ def _examples(frame: pl.DataFrame, n: int = 5) -> str:
     return str(frame.head(n).to_dicts())
 
 
+def _empty(what: str, *frames: pl.DataFrame) -> Outcome | None:
+    """A failed outcome when any of `frames` has no row (nothing to check is not a pass)."""
+    if any(f.is_empty() for f in frames):
+        return Outcome(False, f"{what}: empty table, nothing to check", {"rows": 0})
+    return None
+
+
 def unique_ids(frame: pl.DataFrame, *columns: str) -> Outcome:
     """Each of `columns` (an index and the native id it maps) identifies one row."""
+    if empty := _empty("unique ids", frame):
+        return empty
     dupes = {c: frame.height - frame[c].n_unique() for c in columns}
     bad = {c: n for c, n in dupes.items() if n}
     return Outcome(
@@ -37,15 +48,19 @@ def unique_ids(frame: pl.DataFrame, *columns: str) -> Outcome:
 
 def dense_ids(frame: pl.DataFrame, column: str) -> Outcome:
     """`column` takes exactly the values 0..n-1: embedding tables index by it."""
+    if empty := _empty(f"dense {column}", frame):
+        return empty
     values = frame[column].unique()
     n = len(values)
-    ok = n == 0 or (int(values.min()) == 0 and int(values.max()) == n - 1)
+    ok = int(values.min()) == 0 and int(values.max()) == n - 1
     return Outcome(
         ok, f"{column}: {n} distinct values in [{values.min()}, {values.max()}]", {"distinct": n}
     )
 
 
 def non_empty_titles(items: pl.DataFrame) -> Outcome:
+    if empty := _empty("titles", items):
+        return empty
     bad = items.filter(pl.col("title").is_null() | (pl.col("title").str.strip_chars() == ""))
     return Outcome(
         bad.is_empty(),
@@ -55,6 +70,8 @@ def non_empty_titles(items: pl.DataFrame) -> Outcome:
 
 
 def min_sequence_length(sequences: pl.DataFrame, minimum: int = 3) -> Outcome:
+    if empty := _empty("sequence lengths", sequences):
+        return empty
     lengths = sequences.group_by("user_idx").len()
     short = lengths.filter(pl.col("len") < minimum)
     return Outcome(
@@ -66,6 +83,8 @@ def min_sequence_length(sequences: pl.DataFrame, minimum: int = 3) -> Outcome:
 
 def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
     """Every user: exactly one val and one test row, at the last two positions, in time order."""
+    if empty := _empty("leave-one-out split", sequences):
+        return empty
     per_user = sequences.group_by("user_idx").agg(
         n=pl.len(),
         val=(pl.col("split") == "val").sum(),
@@ -104,6 +123,8 @@ def leave_one_out_consistent(sequences: pl.DataFrame) -> Outcome:
 
 
 def no_dangling_ids(entities: pl.DataFrame, triples: pl.DataFrame) -> Outcome:
+    if empty := _empty("entities and triples", entities, triples):
+        return empty
     ids = entities["entity_id"].implode()
     dangling = triples.filter(~pl.col("head").is_in(ids) | ~pl.col("tail").is_in(ids))
     return Outcome(
@@ -115,6 +136,8 @@ def no_dangling_ids(entities: pl.DataFrame, triples: pl.DataFrame) -> Outcome:
 
 def inverses_complete(triples: pl.DataFrame, inverse_of: dict[str, str]) -> Outcome:
     """Every (h, r, t) has (t, inverse(r), h), so any path can be walked both ways."""
+    if empty := _empty("triples", triples):
+        return empty
     unknown = set(triples["relation"].unique()) - set(inverse_of)
     expected = triples.select(
         head=pl.col("tail"), relation=pl.col("relation").replace(inverse_of), tail=pl.col("head")
@@ -137,6 +160,8 @@ def no_held_out_leakage(triples: pl.DataFrame, sequences: pl.DataFrame, n_items:
     The co-rating counts are recomputed here from the training split, independently of the
     builder's SQL: a weight above the training count can only come from held-out interactions.
     """
+    if empty := _empty("triples and sequences", triples, sequences):
+        return empty
     train = sequences.filter(pl.col("split") == "train").select("user_idx", "item_idx")
     held = sequences.filter(pl.col("split") != "train").select("user_idx", "item_idx")
     rated = triples.filter(pl.col("relation") == "rated").select(
@@ -177,12 +202,14 @@ def item_metadata_coverage(
 ) -> Outcome:
     """Share of catalogue items with at least one non-behaviour edge (warn when not all)."""
     items = entities.filter(pl.col("type") == "item")
+    if empty := _empty("items", items):
+        return empty
     covered = (
         triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))
         .filter(pl.col("head").is_in(items["entity_id"].implode()))["head"]
         .n_unique()
     )
-    share = covered / items.height if items.height else 1.0
+    share = covered / items.height
     uncovered = items.filter(
         ~pl.col("entity_id").is_in(
             triples.filter(~pl.col("relation").is_in(list(behaviour_relations)))["head"].implode()
@@ -205,6 +232,8 @@ def item_metadata_coverage(
 def candidates_well_formed(table: pl.DataFrame, sequences: pl.DataFrame, k: int = 20) -> Outcome:
     """Each example: k distinct candidates, none from its own input history, and the target
     present exactly when `in_candidates` says so (always, for training examples)."""
+    if empty := _empty("candidates", table):
+        return empty
     rows = table.with_row_index("row")
     sizes = rows.select(
         "row",

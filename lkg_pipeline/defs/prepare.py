@@ -4,7 +4,7 @@ import dagster as dg
 import polars as pl
 
 from lkg_pipeline.core import validate
-from lkg_pipeline.core.prepare import PrepareConfig, prepare
+from lkg_pipeline.core.prepare import TITLE_STYLES, PrepareConfig, prepare
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 
@@ -66,7 +66,8 @@ def prepared_tables(
     raw_items: pl.DataFrame,
 ):
     """k-core, re-index and split (one step: the ids depend on what the k-core keeps)."""
-    result = prepare(raw_interactions, raw_items, config.to_core())
+    title_style = TITLE_STYLES[context.partition_key]
+    result = prepare(raw_interactions, raw_items, config.to_core(), title_style=title_style)
     context.log.info(f"{context.partition_key}: {result.stats}")
     selected = context.op_execution_context.selected_output_names
     if "items" in selected:
@@ -76,6 +77,7 @@ def prepared_tables(
             metadata={
                 "items": result.items.height,
                 "items_without_title": result.stats["items_without_title"],
+                "title_style": title_style,
                 "sample": dg.MetadataValue.md(
                     markdown_table(
                         result.items.head(10).select("item_idx", "item_id", "raw_title", "title")
@@ -125,6 +127,8 @@ def _stats_markdown(dataset: str, stats: dict[str, float | int]) -> str:
         ("users_with_tied_last_two", "{:,}"),
         ("raw_interactions", "{:,}"),
         ("items_without_title", "{:,}"),
+        ("interactions_unknown_item", "{:,}"),
+        ("interactions_untitled_item", "{:,}"),
         ("duplicate_pairs_dropped", "{:,}"),
         ("k_core_rounds", "{}"),
     ]
