@@ -39,3 +39,21 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The repo's model cache (SmolLM2's tokenizer; fetched once on a fresh machine)."""
+    return Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, as a checkpoint folder."""
+    from lkg_pipeline.core.llm import load_base
+
+    model, tokenizer, _ = load_base("tiny-random", cache_dir)
+    folder = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

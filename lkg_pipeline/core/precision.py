@@ -157,8 +157,13 @@ def _measured_choice(
     model: str,
     flags: tuple[str, ...],
 ) -> DtypeChoice:
-    fp32 = gemm_gflops(torch.float32, shape, device=device)
-    bf16 = gemm_gflops(torch.bfloat16, shape, device=device)
+    # Alternating rounds, best of each: the first GEMMs of a process also wake the thread pool
+    # (seen here: one fp32 round at 38 GFLOP/s, the next at 190), which would bias one side.
+    rates: dict[torch.dtype, float] = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for _ in range(3):
+        for dtype in rates:
+            rates[dtype] = max(rates[dtype], gemm_gflops(dtype, shape, 0.05, device))
+    fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
     ratio = bf16 / fp32
     chosen = "bfloat16" if ratio >= MIN_GEMM_SPEEDUP else "float32"
     reason = (

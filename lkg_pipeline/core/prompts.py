@@ -27,8 +27,18 @@ PROMPT_COLUMNS = {
     "candidate_item_idxs": pl.List(pl.Int32),  # letter order: A is the first
     "target_index": pl.Int8,  # the true item's letter position, -1 when not a candidate
     "n_tokens": pl.Int32,
+    # The `segments` format only (null for `letters`): one text per candidate, in candidate
+    # order, each scored after `prompt` (the shared prefix) without seeing the others.
+    "segments": pl.List(pl.String),
 }
 ANSWER_CUE = "Answer:"
+# letters: the paper's listwise prompt, candidates lettered A–T, scored by the letter logits.
+# segments: the history once as a shared prefix, then one short segment per candidate (its
+# title and its own relation lines) that attends to the prefix but not to the other
+# candidates, scored by logit(" Yes") − logit(" No") at its end (core.segments): no position
+# bias by construction, about one letter prompt's tokens.
+FORMATS = ("letters", "segments")
+SEGMENT_QUESTION = "Is it the {noun} they will {verb} next? Answer:"
 
 # How a path of each type reads between two items. `{via}` is the intermediate node's name.
 PATH_PHRASES: dict[str, str] = {
@@ -59,10 +69,13 @@ class PromptConfig:
     max_history: int = 20  # history items shown at most (the reference's 20)
     max_title_tokens: int = 32  # longer titles are cut to this many tokens (the reference's 32)
     max_prompt_tokens: int = 1024  # oldest history (and its relation lines) goes first
+    format: str = "letters"  # FORMATS
 
     def __post_init__(self) -> None:
         assert self.max_history >= 0 and self.max_title_tokens >= 1
         assert self.max_prompt_tokens >= 64, f"max_prompt_tokens={self.max_prompt_tokens}"
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown prompt format {self.format!r}; choose one of {FORMATS}")
 
 
 def instruction(config: PromptConfig, with_relations: bool) -> str:
@@ -143,6 +156,70 @@ def render(
         )
 
 
+def segment_instruction(config: PromptConfig, with_relations: bool) -> str:
+    relations = (
+        " Relations say how items of the history are connected to the candidate."
+        if with_relations
+        else ""
+    )
+    return (
+        f"Given a user's history of {config.item_noun}s (oldest first), judge whether a "
+        f"candidate {config.item_noun} is the one they will {config.item_verb} next.{relations}"
+    )
+
+
+def segment_text(
+    title: str,
+    relations: Sequence[tuple[int, list[str], str | None]],
+    config: PromptConfig,
+) -> str:
+    """One candidate's segment: its title, how it relates to numbered history items, the
+    question. `relations` holds (history number, the path's relations, via name)."""
+    lines = ["", f"Candidate: {title}"]
+    if relations:
+        phrases = [f"({n}) {path_phrase(r, v, f'({n})', 'it')}" for n, r, v in relations]
+        lines.append("Relations: " + "; ".join(phrases))
+    lines.append(SEGMENT_QUESTION.format(noun=config.item_noun, verb=config.item_verb))
+    return "\n".join(lines)
+
+
+def render_segments(
+    history_titles: Sequence[str],
+    candidate_titles: Sequence[str],
+    relations: Sequence[tuple[int, int, list[str], str | None]],
+    config: PromptConfig,
+    count_tokens: Callable[[str], int],
+    with_relations: bool,
+) -> tuple[str, list[str], int]:
+    """(prefix, one segment per candidate, total tokens) within `max_prompt_tokens`.
+
+    The same budget rule as `render`: the oldest history item goes first, with the relation
+    lines that point at it; the candidates are never cut.
+    """
+    assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
+    start = max(0, len(history_titles) - config.max_history)
+    while True:
+        shown = list(range(start, len(history_titles)))
+        number = {h: i + 1 for i, h in enumerate(shown)}
+        lines = [segment_instruction(config, with_relations), "", "User history:"]
+        lines += [f"({number[h]}) {history_titles[h]}" for h in shown]
+        prefix = "\n".join(lines)
+        segments = []
+        for c, title in enumerate(candidate_titles):
+            mine = [(number[h], r, v) for h, cc, r, v in relations if cc == c and h in number]
+            segments.append(segment_text(title, mine if with_relations else [], config))
+        n = count_tokens(prefix) + sum(count_tokens(s) for s in segments)
+        if n <= config.max_prompt_tokens:
+            return prefix, segments, n
+        if start < len(history_titles):
+            start += 1
+            continue
+        raise ValueError(
+            f"segments need {n} tokens with no history left; max_prompt_tokens="
+            f"{config.max_prompt_tokens} cannot hold the candidates"
+        )
+
+
 def build_prompts(
     examples: pl.DataFrame,
     sequences: pl.DataFrame,
@@ -182,14 +259,11 @@ def build_prompts(
             for h, c, t, v in paths_of.get(ex["example_id"], [])
             if h in position and c in slot
         ]
-        text, n = render(
-            [titles[i] for i in history],
-            [titles[i] for i in candidates],
-            relations,
-            config,
-            count_tokens,
-            with_relations,
-        )
+        shown = ([titles[i] for i in history], [titles[i] for i in candidates], relations)
+        if config.format == "segments":
+            text, segments, n = render_segments(*shown, config, count_tokens, with_relations)
+        else:
+            (text, n), segments = render(*shown, config, count_tokens, with_relations), None
         target = ex["target_item_idx"]
         rows.append(
             {
@@ -201,6 +275,7 @@ def build_prompts(
                 "candidate_item_idxs": candidates,
                 "target_index": slot.get(target, -1),
                 "n_tokens": n,
+                "segments": segments,
             }
         )
     return pl.DataFrame(rows, schema=PROMPT_COLUMNS)

@@ -86,12 +86,18 @@ class PromptScores:
 
 
 def score_prompts_timed(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 4
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int = 4,
+    segments: Sequence[Sequence[str]] | None = None,
 ) -> PromptScores:
-    """Letter logits after each prompt, batched by length, with the time each batch took.
+    """Candidate scores of each prompt, batched by length, with the time each batch took.
 
-    Prompts are sorted by length and cut into batches of `batch_size` (length bucketing: little
-    padding) and left-padded so that the last column is every row's answer position. Dropout is
+    `segments` None: the letter format, the letter logits at the last position. Otherwise the
+    segments format (`prompts` are the shared prefixes, core.segments). Prompts are sorted by
+    length and cut into batches of `batch_size` (length bucketing: little padding); letter
+    prompts are left-padded so that the last column is every row's answer position. Dropout is
     off while scoring (LoRA dropout would make scores random); the model's mode is restored.
     """
     assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
@@ -99,15 +105,71 @@ def score_prompts_timed(
     if n == 0:
         empty = np.zeros(0)
         return PromptScores(torch.empty((0, len(LETTERS))), empty, empty.astype(np.int64))
+    if segments is not None:
+        assert len(segments) == n, f"{len(segments)} segment lists for {n} prompts"
+        return _score_segments(model, tokenizer, prompts, segments, batch_size)
     pad_id = pad_token_id(tokenizer)
     limit = max_positions(model)
     rows = [tokenize_prompt(tokenizer, p) for p in prompts]
     letters = torch.tensor([letter_token_ids(tokenizer, p) for p in prompts])  # (N, 20)
     for i, row in enumerate(rows):
         assert len(row) <= limit, f"prompt {i} has {len(row)} tokens > model limit {limit}"
+
+    def forward(idx: list[int], device: torch.device) -> torch.Tensor:
+        padded = left_pad([rows[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in padded.items()}
+        logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
+        return logits.float().gather(1, letters[idx].to(device))  # (B, 20)
+
+    lengths = [len(r) for r in rows]
+    return _batched(model, lengths, batch_size, len(LETTERS), forward)
+
+
+def _score_segments(
+    model: Any,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    segments: Sequence[Sequence[str]],
+    batch_size: int,
+) -> PromptScores:
+    from lkg_pipeline.core.segments import (
+        answer_token_ids,
+        segment_batch,
+        segment_scores,
+        tokenize_segments,
+    )
+
+    rows = [tokenize_segments(tokenizer, p, s) for p, s in zip(prefixes, segments, strict=True)]
+    width = len(rows[0].segments)
+    answers = {answer_token_ids(tokenizer, s[0]) for s in segments}
+    assert len(answers) == 1, f"segments end in different answer tokens: {answers}"
+    answer_ids = answers.pop()
+    limit = max_positions(model)
+    pad_id = pad_token_id(tokenizer)
+
+    def forward(idx: list[int], device: torch.device) -> torch.Tensor:
+        chosen = [rows[i] for i in idx]
+        longest = max(len(r.prefix) + max(len(s) for s in r.segments) for r in chosen)
+        assert longest <= limit, f"a prompt reaches position {longest} > model limit {limit}"
+        batch = segment_batch(chosen, pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return segment_scores(model, batch, answer_ids)  # (B, C)
+
+    return _batched(model, [r.n_tokens for r in rows], batch_size, width, forward)
+
+
+def _batched(
+    model: Any,
+    lengths: Sequence[int],
+    batch_size: int,
+    width: int,
+    forward: Any,
+) -> PromptScores:
+    """Run `forward(indices, device) -> (B, width)` over length-sorted batches, timed."""
+    n = len(lengths)
     device = next(model.parameters()).device
-    order = sorted(range(n), key=lambda i: len(rows[i]))
-    out = torch.empty((n, len(LETTERS)), dtype=torch.float32)  # (N, 20)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    out = torch.empty((n, width), dtype=torch.float32)  # (N, width)
     seconds = np.zeros(n)
     was_training = model.training
     model.eval()
@@ -116,22 +178,31 @@ def score_prompts_timed(
             for start in range(0, n, batch_size):
                 tick = time.perf_counter()
                 idx = order[start : start + batch_size]
-                padded = left_pad([rows[i] for i in idx], pad_id)
-                batch = {k: v.to(device) for k, v in padded.items()}
-                logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
-                picked = logits.float().gather(1, letters[idx].to(device))  # (B, 20)
-                out[idx] = picked.cpu()
+                out[idx] = forward(idx, device).cpu()
                 seconds[idx] = (time.perf_counter() - tick) / len(idx)
     finally:
         model.train(was_training)
-    return PromptScores(out, seconds, np.array([len(r) for r in rows], dtype=np.int64))
+    return PromptScores(out, seconds, np.asarray(lengths, dtype=np.int64))
 
 
 def score_prompts(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 4
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int = 4,
+    segments: Sequence[Sequence[str]] | None = None,
 ) -> torch.Tensor:
-    """(N, 20) last-position logits of the letters A..T after each prompt, in prompt order."""
-    return score_prompts_timed(model, tokenizer, prompts, batch_size).scores
+    """(N, 20) candidate scores of each prompt, in prompt order (see `score_prompts_timed`)."""
+    return score_prompts_timed(model, tokenizer, prompts, batch_size, segments).scores
+
+
+def prompt_segments(prompts: pl.DataFrame) -> list[list[str]] | None:
+    """The `segments` column of a prompts table, or None for letter prompts; never a mix."""
+    if "segments" not in prompts.columns or prompts["segments"].null_count() == prompts.height:
+        return None
+    if prompts["segments"].null_count():
+        raise ValueError("prompts mix the letters and segments formats; build them with one")
+    return prompts["segments"].to_list()
 
 
 def default_batch_size(model: Any) -> int:
@@ -174,7 +245,9 @@ def rank_prompts(
     `batch_size` None: `default_batch_size`.
     """
     batch_size = batch_size or default_batch_size(model)
-    scored = score_prompts_timed(model, tokenizer, prompts["prompt"].to_list(), batch_size)
+    scored = score_prompts_timed(
+        model, tokenizer, prompts["prompt"].to_list(), batch_size, prompt_segments(prompts)
+    )
     scores = scored.scores  # (N, 20)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (N, 20)
     candidates = torch.tensor(prompts["candidate_item_idxs"].to_list(), dtype=torch.long)

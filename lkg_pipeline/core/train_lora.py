@@ -47,8 +47,15 @@ from lkg_pipeline.core.ranking import (
     left_pad,
     max_positions,
     pad_token_id,
+    prompt_segments,
     score_prompts,
     tokenize_prompt,
+)
+from lkg_pipeline.core.segments import (
+    answer_token_ids,
+    segment_batch,
+    segment_scores,
+    tokenize_segments,
 )
 from lkg_pipeline.core.sources import sha256_of
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
@@ -145,12 +152,16 @@ class Examples:
     example_ids: list[int]
     prompts: list[str]
     targets: list[int]  # 0..19: the position of the true item among the candidates
+    segments: list[list[str]] | None = None  # the segments format (prompts are the prefixes)
 
 
 def read_examples(path: Path, split: str, limit: int | None, seed: int) -> Examples:
     """Rows of `split` whose true item is among the candidates (the only ones a ranker can learn
     from or be scored on), a seeded sample of `limit` of them, in example_id order."""
-    frame = pl.read_parquet(path, columns=list(PROMPT_COLUMNS))
+    frame = pl.read_parquet(path)
+    if "segments" not in frame.columns:  # written before the segments format existed
+        frame = frame.with_columns(segments=pl.lit(None, PROMPT_COLUMNS["segments"]))
+    frame = frame.select(list(PROMPT_COLUMNS))
     wrong = {c: str(frame.schema[c]) for c, t in PROMPT_COLUMNS.items() if frame.schema[c] != t}
     assert not wrong, f"{path}: columns with unexpected types {wrong}; want {PROMPT_COLUMNS}"
     sizes = frame["candidate_item_idxs"].list.len()
@@ -165,6 +176,7 @@ def read_examples(path: Path, split: str, limit: int | None, seed: int) -> Examp
         example_ids=rows["example_id"].to_list(),
         prompts=rows["prompt"].to_list(),
         targets=rows["target_index"].cast(pl.Int64).to_list(),
+        segments=prompt_segments(rows),
     )
 
 
@@ -189,10 +201,48 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    batch = left_pad([r["input_ids"] for r in rows], pad_id)
-    batch["letter_ids"] = torch.tensor([r["letter_ids"] for r in rows])  # (B, 20)
+    if "segments" in rows[0]:  # the segments format: block mask, scores at segment ends
+        batch = segment_batch([r["segments"] for r in rows], pad_id)
+        batch["answer_ids"] = torch.tensor([r["answer_ids"] for r in rows])  # (B, 2)
+        batch["n_tokens"] = torch.tensor([r["segments"].n_tokens for r in rows])  # (B,)
+    else:
+        batch = left_pad([r["input_ids"] for r in rows], pad_id)
+        batch["letter_ids"] = torch.tensor([r["letter_ids"] for r in rows])  # (B, 20)
+        batch["n_tokens"] = batch["attention_mask"].sum(dim=1)  # (B,) without padding
     batch["target"] = torch.tensor([r["target"] for r in rows])  # (B,)
     return batch
+
+
+def _letter_rows(
+    tokenizer: Any, train: Examples, config: TrainConfig, max_positions: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for prompt, target in zip(train.prompts, train.targets, strict=True):
+        letters = letter_token_ids(tokenizer, prompt)
+        ids = tokenize_prompt(tokenizer, prompt)
+        if config.loss == "lm":  # the reference's answer: the letter, then EOS
+            ids = [*ids, letters[target], int(tokenizer.eos_token_id)]
+        assert len(ids) <= max_positions, (
+            f"a train prompt has {len(ids)} tokens > model limit {max_positions}"
+        )
+        rows.append({"input_ids": ids, "letter_ids": letters, "target": target})
+    return rows
+
+
+def _segment_rows(
+    tokenizer: Any, train: Examples, config: TrainConfig, max_positions: int
+) -> list[dict[str, Any]]:
+    if config.loss != "letters":
+        raise ValueError("the segments format trains with loss 'letters' (CE over the 20)")
+    assert train.segments is not None
+    rows = []
+    for prefix, parts, target in zip(train.prompts, train.segments, train.targets, strict=True):
+        tokens = tokenize_segments(tokenizer, prefix, parts)
+        longest = len(tokens.prefix) + max(len(p) for p in tokens.segments)
+        assert longest <= max_positions, f"a train prompt reaches position {longest}"
+        answers = answer_token_ids(tokenizer, parts[0])
+        rows.append({"segments": tokens, "answer_ids": answers, "target": target})
+    return rows
 
 
 def get_dataloaders(
@@ -202,16 +252,10 @@ def get_dataloaders(
     with accelerator.main_process_first():
         train = read_examples(prompts, "train", config.max_train_examples, config.seed)
         val = read_examples(prompts, "val", config.max_val_examples, config.seed)
-        rows = []
-        for prompt, target in zip(train.prompts, train.targets, strict=True):
-            letters = letter_token_ids(tokenizer, prompt)
-            ids = tokenize_prompt(tokenizer, prompt)
-            if config.loss == "lm":  # the reference's answer: the letter, then EOS
-                ids = [*ids, letters[target], int(tokenizer.eos_token_id)]
-            assert len(ids) <= max_positions, (
-                f"a train prompt has {len(ids)} tokens > model limit {max_positions}"
-            )
-            rows.append({"input_ids": ids, "letter_ids": letters, "target": target})
+        if train.segments is not None:
+            rows = _segment_rows(tokenizer, train, config, max_positions)
+        else:
+            rows = _letter_rows(tokenizer, train, config, max_positions)
     assert rows, f"{prompts}: no train rows with the true item among the candidates"
     assert val.prompts, f"{prompts}: no val rows with the true item among the candidates"
     pad_id = pad_token_id(tokenizer)
@@ -221,12 +265,18 @@ def get_dataloaders(
         sampler=EpochShuffle(len(rows), config.seed),
         collate_fn=lambda batch: collate(batch, pad_id),
     )
-    seen = sorted({tuple(r["letter_ids"]) for r in rows})
+    seen = sorted({tuple(r.get("letter_ids", r.get("answer_ids"))) for r in rows})
     return loader, val, [list(s) for s in seen]
 
 
 def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     """Mean loss of a batch; only the logits the loss reads are computed (`logits_to_keep`)."""
+    if "ends" in batch:  # the segments format
+        assert loss == "letters", f"the segments format has no {loss!r} loss"
+        answers = batch["answer_ids"]  # (B, 2), one pair for the whole batch
+        assert bool((answers == answers[0]).all()), "a batch mixes answer tokens"
+        scores = segment_scores(model, batch, (int(answers[0, 0]), int(answers[0, 1])))
+        return F.cross_entropy(scores, batch["target"])  # (B, 20) → mean over the batch
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if loss == "letters":
         logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
@@ -250,7 +300,9 @@ def evaluate(
 
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.split_between_processes(list(range(len(val.prompts)))) as mine:
-        scores = score_prompts(unwrapped, tokenizer, [val.prompts[i] for i in mine], batch_size)
+        segments = None if val.segments is None else [val.segments[i] for i in mine]
+        prompts = [val.prompts[i] for i in mine]
+        scores = score_prompts(unwrapped, tokenizer, prompts, batch_size, segments)
         target = torch.tensor([val.targets[i] for i in mine], dtype=torch.long)  # (n,)
         ranks = rank_of_target(scores, target, tie_break="index").tolist() if mine else []
     ranks = gather_object(ranks)
@@ -558,7 +610,7 @@ def training_function(
                 optimizer.zero_grad()
             loss_sum += loss.detach().float()
             loss_count += 1
-            tokens += batch["attention_mask"].sum()
+            tokens += batch["n_tokens"].sum()
             busy += time.perf_counter() - tick
             if not accelerator.sync_gradients:
                 continue

@@ -13,6 +13,7 @@ import polars as pl
 
 from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
 from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
+from lkg_pipeline.core.segments import answer_token_ids
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 from lkg_pipeline.core.train_lora import TrainConfig
 from lkg_pipeline.defs.metadata import markdown_table
@@ -100,6 +101,9 @@ class PromptRunConfig(dg.Config):
     max_history: int = 20
     max_title_tokens: int = 32
     max_prompt_tokens: int = 1024
+    # letters: the paper's lettered candidate pool; segments: one block-masked segment per
+    # candidate after a shared history (core.segments), no position bias
+    format: Literal["letters", "segments"] = "letters"
 
 
 @dg.asset(
@@ -141,7 +145,10 @@ def prompts(
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     table = build_prompts(candidates, sequences, titles, selected, variant, core, count)
-    letter_token_ids(tokenizer, table["prompt"][0])  # fails loudly if letters are not 1 token
+    if core.format == "letters":  # fails loudly if the answer is not one token
+        letter_token_ids(tokenizer, table["prompt"][0])
+    else:
+        answer_token_ids(tokenizer, table["segments"][0][0])
     lengths = table["n_tokens"].to_numpy()
     stats = pl.DataFrame(
         {
@@ -152,7 +159,10 @@ def prompts(
             "max": [int(lengths.max())],
         }
     )
-    samples = "\n\n".join(f"```\n{p}\n```" for p in table["prompt"].head(3))
+    shown = table.head(3).select(
+        text=pl.col("prompt") + pl.col("segments").list.join("").fill_null("")
+    )
+    samples = "\n\n".join(f"```\n{p}\n```" for p in shown["text"])
     return dg.Output(
         table,
         metadata={

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import torch
 
-from lkg_pipeline.core.llm import LETTERS, letter_token_ids, load_base
+from lkg_pipeline.core.llm import LETTERS, letter_token_ids
 from lkg_pipeline.core.train_lora import (
     PROMPT_COLUMNS,
     RunPaths,
@@ -44,22 +44,6 @@ LAUNCH = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    """The repo's model cache (SmolLM2's tokenizer; fetched once on a fresh machine)."""
-    return Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
-
-
-@pytest.fixture(scope="session")
-def tiny_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, as a checkpoint folder."""
-    model, tokenizer, _ = load_base("tiny-random", cache_dir)
-    folder = tmp_path_factory.mktemp("tiny_base")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def synthetic_prompts(n_train: int = 24, n_val: int = 8, seed: int = 0) -> pl.DataFrame:
@@ -110,6 +94,7 @@ def quick(**overrides: Any) -> TrainConfig:
         "checkpoint_every": 3,
         "max_val_examples": None,
         "eval_batch_size": 3,
+        "dtype": "float32",  # exact comparisons below; bf16 has its own tests
     }
     return TrainConfig(**(settings | overrides))
 
@@ -119,7 +104,8 @@ def cli_args(paths: RunPaths, config: TrainConfig) -> list[str]:
     args = ["--prompts", str(paths.prompts), "--base-model", str(paths.base_model)]
     args += ["--output", str(paths.output)]
     names = ["lr", "warmup_steps", "epochs", "batch_size", "grad_accum", "eval_every",
-             "log_every", "checkpoint_every", "eval_batch_size", "max_steps", "loss"]  # fmt: skip
+             "log_every", "checkpoint_every", "eval_batch_size", "max_steps", "loss",
+             "dtype"]  # fmt: skip
     for name in names:
         args += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
     return args + ["--max-val-examples", "none"]

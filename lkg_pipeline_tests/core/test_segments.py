@@ -1,0 +1,191 @@
+"""The segments prompt format on a tiny random Llama: the block mask keeps candidates apart,
+scores do not depend on a candidate's place or its batch, prompts render each candidate's own
+relations, and training learns a task only the segment content reveals, in fp32 and bf16."""
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from lkg_pipeline.core.llm import LETTERS
+from lkg_pipeline.core.prompts import PROMPT_COLUMNS, PromptConfig, build_prompts
+from lkg_pipeline.core.ranking import load_ranker, rank_prompts, score_prompts
+from lkg_pipeline.core.segments import (
+    answer_token_ids,
+    segment_batch,
+    segment_scores,
+    tokenize_segments,
+)
+from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, read_examples, training_function
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_base)
+
+
+def segment(title: str) -> str:
+    return f"\nCandidate: {title}\nIs it the movie they will watch next? Answer:"
+
+
+PREFIX = "Judge each candidate.\n\nUser history:\n(1) Heat\n(2) Ronin"
+
+
+def test_each_candidate_scores_as_if_it_followed_the_history_alone(tiny) -> None:
+    model, tokenizer = tiny
+    parts = [segment(f"film {i}") for i in range(6)]
+    prompt = tokenize_segments(tokenizer, PREFIX, parts)
+    answers = answer_token_ids(tokenizer, parts[0])
+    with torch.no_grad():
+        scores = segment_scores(model, segment_batch([prompt], 0), answers)[0]  # (6,)
+        for c in range(6):
+            alone = torch.tensor([prompt.prefix + prompt.segments[c]])
+            logits = model(input_ids=alone).logits[0, -1]
+            expected = logits[answers[0]] - logits[answers[1]]
+            torch.testing.assert_close(scores[c], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_follow_the_candidate_not_its_place_or_batch(tiny) -> None:
+    model, tokenizer = tiny
+    titles = [f"film {i}" for i in range(len(LETTERS))]
+    order = list(reversed(range(len(LETTERS))))
+    prefixes = [PREFIX, PREFIX + "\n(3) Alien", PREFIX]
+    segments = [
+        [segment(t) for t in titles],
+        [segment(t) for t in titles],
+        [segment(titles[i]) for i in order],
+    ]
+    single = torch.cat(
+        [score_prompts(model, tokenizer, [p], 1, [s]) for p, s in zip(prefixes, segments)]
+    )
+    batched = score_prompts(model, tokenizer, prefixes, 3, segments)  # right-padded together
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(single[2], single[0][order], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(single[1], single[0])  # the history does reach every segment
+
+
+def test_segments_render_each_candidate_with_its_own_relations() -> None:
+    examples = pl.DataFrame(
+        {
+            "example_id": [0],
+            "user_idx": [0],
+            "split": ["test"],
+            "prefix_len": [3],
+            "target_item_idx": [12],
+            "candidate_item_idxs": [[10 + c for c in range(len(LETTERS))]],
+        }
+    )
+    sequences = pl.DataFrame({"user_idx": [0] * 3, "position": [0, 1, 2], "item_idx": [1, 2, 3]})
+    titles = {i: f"title {i}" for i in range(40)}
+    selected = pl.DataFrame(
+        {
+            "example_id": [0, 0],
+            "variant": ["lkg_rag"] * 2,
+            "selection_rank": [1, 2],
+            "history_item_idx": [2, 3],
+            "candidate_item_idx": [12, 12],
+            "relations": [["has_genre", "genre_of"], ["co_rated"]],
+            "via_name": ["Comedy", None],
+        }
+    )
+    config = PromptConfig(format="segments", max_prompt_tokens=4096)
+    table = build_prompts(
+        examples, sequences, titles, selected, "lkg_rag", config, lambda t: len(t.split())
+    )
+    assert dict(table.schema) == PROMPT_COLUMNS
+    row = table.row(0, named=True)
+    assert row["prompt"].endswith("User history:\n(1) title 1\n(2) title 2\n(3) title 3")
+    assert len(row["segments"]) == len(LETTERS) and row["target_index"] == 2
+    assert row["segments"][2] == (
+        "\nCandidate: title 12\nRelations: (2) both Comedy; (3) often rated by the same people"
+        "\nIs it the movie they will watch next? Answer:"
+    )
+    assert all("Relations" not in s for i, s in enumerate(row["segments"]) if i != 2)
+    assert row["n_tokens"] == len(row["prompt"].split()) + sum(
+        len(s.split()) for s in row["segments"]
+    )
+    letters = build_prompts(
+        examples, sequences, titles, selected, "lkg_rag", PromptConfig(), lambda t: 1
+    )
+    assert letters["segments"].to_list() == [None]  # the letter format has no segments
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        PromptConfig(format="pointwise")
+
+
+def marked_prompts(n_train: int = 24, n_val: int = 8, seed: int = 0) -> pl.DataFrame:
+    """A task only the segments reveal: the true candidate's title says "gold", at a random
+    place among the 20, so neither a position nor the history can solve it."""
+    rng = random.Random(seed)
+    rows = []
+    for i, split in enumerate(["train"] * n_train + ["val"] * n_val):
+        target = rng.randrange(len(LETTERS))
+        segments = [
+            segment(f"item {rng.randint(1, 500)}" + (" gold" if c == target else ""))
+            for c in range(len(LETTERS))
+        ]
+        rows.append(
+            {
+                "example_id": i,
+                "user_idx": i,
+                "split": split,
+                "variant": "llamarec",
+                "prompt": f"History:\n(1) item {rng.randint(1, 500)}",
+                "candidate_item_idxs": rng.sample(range(1, 500), len(LETTERS)),
+                "target_index": target,
+                "n_tokens": 0,
+                "segments": segments,
+            }
+        )
+    return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_on_segments_learns_in_both_dtypes(
+    tiny_base: Path, tmp_path: Path, dtype: str
+) -> None:
+    prompts = tmp_path / "prompts.parquet"
+    marked_prompts().write_parquet(prompts)
+    config = TrainConfig(
+        lr=2e-2,
+        warmup_steps=0,
+        epochs=4,
+        batch_size=2,
+        grad_accum=2,
+        eval_every=1000,
+        log_every=1,
+        max_val_examples=None,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
+        dtype=dtype,
+    )
+    result = training_function(config, RunPaths(prompts, tiny_base, tmp_path / "adapter"))
+    val = {h["step"]: h["val"] for h in result.history if "val" in h}
+    first, last = val[0], val[result.step]
+    assert last["NDCG@10"] > first["NDCG@10"] + 0.2, val
+    assert result.summary["precision"]["dtype_chosen"] == dtype
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # fp32 in both types
+
+    # rankings (merged adapter) agree with the scores training validated with
+    table = pl.read_parquet(prompts).filter(pl.col("split") == "val")
+    model = load_ranker(tiny_base, tmp_path / "adapter", "cpu", getattr(torch, dtype))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    ranked = rank_prompts(model, tokenizer, table)
+    ranks = ranked["target_rank"].cast(pl.Float64).to_numpy()
+    val_examples = read_examples(prompts, "val", None, seed=0)
+    assert len(ranks) == len(val_examples.prompts)
+    assert np.mean(1.0 / np.log2(ranks + 1) * (ranks <= 10)) == pytest.approx(
+        last["NDCG@10"], abs=0.15 if dtype == "bfloat16" else 1e-6
+    )
