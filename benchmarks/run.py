@@ -36,6 +36,10 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[st
 }
 
 
+# results.json sections written by other commands (`make quality`), kept when this one rewrites
+FOREIGN_SECTIONS = ("quality", "llm_dtype")
+
+
 def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
     """One line per comparison, the figures a reader looks for first."""
     lines = []
@@ -215,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads(end_to_end.RESULT_FILE.read_text())
     text = report(machine, matmul, results, seconds, args.quick, saved, earlier)
     payload = {"machine": machine, "matmul": matmul, "results": results, "runs": runs}
+    if not args.quick and (out_dir / "results.json").exists():  # sections other commands own
+        owned = json.loads((out_dir / "results.json").read_text())
+        payload = {**{k: v for k, v in owned.items() if k in FOREIGN_SECTIONS}, **payload}
     for name, content in (
         ("RESULTS.md", text),
         ("results.json", json.dumps(payload, indent=2, default=str)),

@@ -93,6 +93,7 @@ def test_golden_prompts_for_each_variant() -> None:
         "candidate_item_idxs": [3, 1],
         "target_index": 1,
         "n_tokens": words(GOLDEN_LKG),
+        "segments": None,  # the letters format
     }
     plain = build_prompts(examples, sequences, TITLES, None, "llamarec", PromptConfig(), words)
     assert plain["prompt"][0] == GOLDEN_LLAMAREC

@@ -1,0 +1,511 @@
+"""`make quality`: does the LLM ranker earn its place? Every ranker side by side on ml-100k.
+
+    python -m benchmarks.quality                 # everything below, resuming what is cached
+    python -m benchmarks.quality --only lkg_rag-letters-zero_shot,lkg_rag-segments-tuned
+    python -m benchmarks.quality --report        # re-render QUALITY.md from the cached rankings
+
+Rows (each scored on the whole val and test subset, i.e. every user whose true item is among
+the retriever's 20): the retriever, the preference module, and for each variant and prompt
+format the zero-shot base model and the fine-tuned adapter, each also fused with the
+retriever's scores (`+prior`, λ and calibration chosen on val only, core.fusion). Paired
+randomisation tests against the retriever and against `llamarec` of the same format and
+training, on test overall (943 users), as the report of the pipeline computes them.
+
+Everything is cached under `data_lake/quality/<row>/` (the adapter, its training log, the
+rankings), so an interrupted run resumes where it stopped and `--report` costs seconds. The
+recipe of the tuned rows is `RECIPE` below; the pipeline's `lora_adapter` defaults follow it.
+Writes benchmarks/QUALITY.md and the `quality` section of benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from benchmarks.common import REPO, lake_root, machine_info
+from lkg_pipeline.core.evaluation import (
+    PREFERENCE,
+    PRIOR_SUFFIX,
+    RETRIEVER,
+    SIGNIFICANCE,
+    EvaluationConfig,
+    evaluate,
+    example_based_ranks,
+    llm_ranks,
+    paired_randomization_test,
+    retriever_ranks,
+)
+from lkg_pipeline.core.fusion import fused_ranks
+from lkg_pipeline.core.metrics import per_user_metrics
+from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
+from lkg_pipeline.core.ranking import load_ranker, rank_prompts
+from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
+
+DATASET = "ml-100k"
+VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
+RESULTS_JSON = REPO / "benchmarks" / "results.json"
+QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    format: str  # letters | segments
+    tuned: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.format}-{'tuned' if self.tuned else 'zero_shot'}"
+
+
+def prompts_file(lake: Path, variant: str, fmt: str) -> Path:
+    """The pipeline's prompts for the letter format; the quality run's own for other formats."""
+    if fmt == "letters":
+        return lake / "llm" / "prompts" / DATASET / f"{variant}.parquet"
+    return lake / "quality" / "prompts" / f"{variant}-{fmt}.parquet"
+
+
+def base_model(lake: Path) -> Path:
+    return (
+        lake
+        / "models"
+        / "base_model"
+        / json.loads((lake / "models" / "base_model" / "current.json").read_text())["folder"]
+    )
+
+
+def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: int) -> Path:
+    """The prompts of a non-letter format from the same inputs as the pipeline's `prompts`
+    (candidates, sequences, titles, the preference-selected paths), cached."""
+    target = prompts_file(lake, variant, fmt)
+    if target.exists():
+        return target
+    from transformers import AutoTokenizer
+
+    from lkg_pipeline.core.prompts import PromptConfig, build_prompts, truncate_titles
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
+    config = PromptConfig(format=fmt, max_prompt_tokens=max_prompt_tokens)
+    items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
+    titles = truncate_titles(
+        dict(items.select("item_idx", "title").iter_rows()), tokenizer, config.max_title_tokens
+    )
+    selected = None
+    if variant != "llamarec":
+        selected = pl.read_parquet(lake / "paths" / "selected_paths" / f"{DATASET}.parquet")
+    table = build_prompts(
+        pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet"),
+        pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet"),
+        titles,
+        selected,
+        variant,
+        config,
+        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(target.with_suffix(".part"))
+    target.with_suffix(".part").replace(target)
+    return target
+
+
+def score_row(lake: Path, row: Row, adapter: Path | None, dtype: str = "auto") -> pl.DataFrame:
+    """Rankings of every val/test prompt whose true item is a candidate, cached."""
+    target = lake / "quality" / row.name / "rankings.parquet"
+    if target.exists():
+        return pl.read_parquet(target)
+    from transformers import AutoConfig, AutoTokenizer
+
+    base = base_model(lake)
+    choice = choose_dtype(dtype, "cpu", model_gemm_shape(AutoConfig.from_pretrained(base)))
+    prompts = pl.read_parquet(prompts_file(lake, row.variant, row.format)).filter(
+        pl.col("split").is_in(["val", "test"]) & (pl.col("target_index") >= 0)
+    )
+    model = load_ranker(base, adapter, "cpu", choice.torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tick = time.perf_counter()
+    ranked = rank_prompts(model, tokenizer, prompts)
+    print(
+        f"{row.name}: {ranked.height} prompts in {time.perf_counter() - tick:.0f} s "
+        f"({choice.describe()})",
+        flush=True,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    ranked.write_parquet(partial)
+    partial.replace(target)
+    return ranked
+
+
+# The recipe of every tuned row, fixed before any of them ran (one budget, no sweep: see
+# QUALITY.md): LoRA on every linear layer at a learning rate made for short LoRA runs on small
+# models, a warm-up shorter than the run, the adapter kept at its best validation NDCG@10.
+RECIPE = TrainConfig(
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.05,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lr=5e-4,
+    warmup_steps=6,
+    epochs=1,
+    batch_size=1,
+    grad_accum=8,
+    max_train_examples=480,  # 60 optimizer steps: ~25 min on 2 CPU cores in bf16
+    max_val_examples=100,  # the selection subset; the rows below score all of val
+    eval_every=20,
+    checkpoint_every=20,
+    log_every=5,
+    dtype="auto",
+)
+# (variant, format, tuned) in the order they run: the decisive comparisons first.
+ROWS = (
+    Row("lkg_rag", "segments", True),
+    Row("llamarec", "segments", True),
+    Row("lkg_rag", "segments", False),
+    Row("llamarec", "segments", False),
+    Row("lkg_rag", "letters", False),
+    Row("llamarec", "letters", False),
+    Row("kg_rag", "letters", False),
+)
+SEGMENT_TOKENS = 2048  # the segments budget: ~1,030 tokens on ml-100k, nothing is cut
+
+
+def train_row(lake: Path, row: Row, config: TrainConfig = RECIPE) -> Path:
+    """The row's adapter, trained once (resumes an interrupted run) and kept in the lake."""
+    output = lake / "quality" / row.name / "adapter"
+    if (output / "training.json").exists():
+        return output
+    prompts = prompts_file(lake, row.variant, row.format)
+    if row.format != "letters":
+        build_format_prompts(lake, row.variant, row.format, SEGMENT_TOKENS)
+    training_function(config, RunPaths(prompts, base_model(lake), output))
+    return output
+
+
+def run_row(lake: Path, row: Row) -> pl.DataFrame:
+    if row.format != "letters":
+        build_format_prompts(lake, row.variant, row.format, SEGMENT_TOKENS)
+    adapter = train_row(lake, row) if row.tuned else None
+    return score_row(lake, row, adapter)
+
+
+# ----------------------------------------------------------------------------- report
+
+HEADLINE = ("MRR@1", "NDCG@10")
+EVAL = EvaluationConfig()
+
+
+def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
+    """The preference module's own ranking of the val/test candidates (as the report does)."""
+    from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
+
+    folder = lake / "paths" / "kg_paths" / DATASET
+    model = load_preference(lake / "models" / "preference" / DATASET)
+    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
+    scores = score_examples(
+        model,
+        evaluated,
+        pl.read_parquet(folder / "pair_features.parquet"),
+        pl.read_parquet(folder / "history_profile.parquet"),
+    )
+    return example_based_ranks(candidates, example_ranks(evaluated, scores), PREFERENCE)
+
+
+def all_ranks(lake: Path) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
+    """Per-user ranks of every cached row (and its +prior fusion), the retriever and the
+    preference module; and how each fusion was chosen."""
+    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    parts = [retriever_ranks(candidates), preference_ranks(lake, candidates)]
+    fusion = []
+    for row in ROWS:
+        path = lake / "quality" / row.name / "rankings.parquet"
+        if not path.exists():
+            continue
+        ranked = pl.read_parquet(path)
+        parts.append(llm_ranks(candidates, ranked, row.name))
+        fused, choice = fused_ranks(ranked, candidates)
+        parts.append(example_based_ranks(candidates, fused, row.name + PRIOR_SUFFIX))
+        fusion.append(
+            {
+                "ranker": row.name + PRIOR_SUFFIX,
+                "lam": choice.lam,
+                "calibrate": choice.calibrate,
+                "choice": choice.describe(),
+            }
+        )
+    return pl.concat(parts), fusion
+
+
+def paired(ranks: pl.DataFrame, a: str, b: str, split: str, population: str) -> dict[str, Any]:
+    """Mean difference and paired randomisation p-value of a vs b on the same users."""
+    rows = ranks.filter(pl.col("split") == split)
+    if population == "subset":
+        rows = rows.filter(pl.col("in_candidates"))
+    mine = rows.filter(pl.col("ranker") == a).select("user_idx", "rank")
+    theirs = rows.filter(pl.col("ranker") == b).select("user_idx", base="rank")
+    both = mine.join(theirs, on="user_idx").sort("user_idx")
+    ks = EVAL.ks
+    x = per_user_metrics(both["rank"].to_numpy(), ks)
+    y = per_user_metrics(both["base"].to_numpy(), ks)
+    xa = np.stack([x[m] for m in HEADLINE], axis=1)
+    ya = np.stack([y[m] for m in HEADLINE], axis=1)
+    p = paired_randomization_test(xa, ya, EVAL.n_permutations, np.random.default_rng(EVAL.seed))
+    out: dict[str, Any] = {"ranker": a, "baseline": b, "users": both.height}
+    for j, name in enumerate(HEADLINE):
+        out[f"{name} diff"] = float(xa[:, j].mean() - ya[:, j].mean())
+        out[f"{name} p"] = float(p[j])
+    return out
+
+
+def baselines_of(name: str) -> list[str]:
+    """What a row is tested against: the retriever; the same row without the KG; its own
+    zero-shot model (tuned rows); its own unfused scores (+prior rows)."""
+    base = name.removesuffix(PRIOR_SUFFIX)
+    suffix = name[len(base) :]
+    variant, fmt, kind = base.split("-")
+    out = [RETRIEVER]
+    if variant != "llamarec":
+        out.append(f"llamarec-{fmt}-{kind}{suffix}")
+    if kind == "tuned":
+        out.append(f"{variant}-{fmt}-zero_shot{suffix}")
+    if suffix:
+        out.append(base)
+    return out
+
+
+def position_figure(lake: Path, path: Path) -> None:
+    """Where the true item and each tuned row's top pick sit among the 20 (retriever order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    test = candidates.filter((pl.col("split") == "test") & pl.col("in_candidates"))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    bins = np.arange(1, 22) - 0.5
+    ax.hist(test["target_rank"].to_numpy(), bins=bins, histtype="step", lw=2, label="true item")
+    for row in ROWS:
+        file = lake / "quality" / row.name / "rankings.parquet"
+        if not file.exists():
+            continue
+        ranked = pl.read_parquet(file).filter(pl.col("split") == "test")
+        joined = ranked.join(
+            candidates.select("example_id", "candidate_item_idxs"), on="example_id"
+        )
+        picks = [
+            c.index(r[0]) + 1
+            for r, c in joined.select("ranked_item_idxs", "candidate_item_idxs").iter_rows()
+        ]
+        ax.hist(picks, bins=bins, histtype="step", label=f"top pick: {row.name}")
+    ax.set_xlabel("position among the 20 candidates (retriever order, test subset)")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=6)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curve_figure(lake: Path, path: Path) -> list[dict[str, Any]]:
+    """Training loss and validation NDCG@10 per step of each tuned row; the histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    histories = []
+    for row in ROWS:
+        file = lake / "quality" / row.name / "adapter" / "training.json"
+        if not row.tuned or not file.exists():
+            continue
+        summary = json.loads(file.read_text())
+        history = summary["history"]
+        loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        val = [(h["step"], h["val"]["NDCG@10"]) for h in history if "val" in h]
+        if loss:
+            left.plot(*zip(*loss), label=row.name)
+        right.plot(*zip(*val), marker="o", label=row.name)
+        histories.append(
+            {
+                "row": row.name,
+                "best_step": summary["best_step"],
+                "val_ndcg10": val,
+                "loss": loss,
+                "tokens_per_s": summary["tokens_per_s"],
+                "wall_time_s": summary["wall_time_s"],
+                "n_train": summary["n_train"],
+                "dtype": summary.get("precision", {}).get("dtype_chosen"),
+            }
+        )
+    left.axhline(math.log(20), color="grey", ls=":", label="ln 20 (uniform)")
+    left.set_title("train loss (CE over 20)")
+    right.set_title(f"val NDCG@10 ({RECIPE.max_val_examples} prompts)")
+    left.set_xlabel("optimizer step")
+    right.set_xlabel("optimizer step")
+    left.legend(fontsize=6)
+    right.legend(fontsize=6)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return histories
+
+
+def report(lake: Path) -> dict[str, Any]:
+    """QUALITY.md, the two figures, and the `quality` section of results.json."""
+    from lkg_pipeline.core.evaluation import metrics_wide
+    from lkg_pipeline.core.tables import markdown_table
+
+    ranks, fusion = all_ranks(lake)
+    evaluation = evaluate(ranks, EVAL)
+    names = list(dict.fromkeys(ranks["ranker"].to_list()))
+    tests = []
+    for name in names:
+        if name in (RETRIEVER, PREFERENCE):
+            continue
+        for baseline in baselines_of(name):
+            if baseline in names:
+                for split in ("val", "test"):
+                    tests.append(
+                        {"split": split, **paired(ranks, name, baseline, split, "overall")}
+                    )
+    tests_table = pl.DataFrame(tests)
+    overall = evaluation.metrics.filter(
+        (pl.col("split") == "test") & (pl.col("population") == "overall")
+    )
+    value = {(r["ranker"], r["metric"]): r["value"] for r in overall.to_dicts()}
+
+    def p_of(name: str, baseline: str, metric: str) -> float | None:
+        hit = (
+            tests_table.filter(
+                (pl.col("ranker") == name)
+                & (pl.col("baseline") == baseline)
+                & (pl.col("split") == "test")
+            )
+            if tests_table.height
+            else tests_table
+        )
+        return float(hit[f"{metric} p"][0]) if hit.height else None
+
+    section: dict[str, Any] = {"machine": machine_info(), "dataset": DATASET, "rankers": {}}
+    for name in names:
+        base = name.removesuffix(PRIOR_SUFFIX)
+        reference = None
+        if "-" in base:
+            variant, fmt, kind = base.split("-")
+            reference = f"llamarec-{fmt}-{kind}{name[len(base) :]}"
+        section["rankers"][name] = {
+            "test_overall": {m: value[(name, m)] for m in HEADLINE},
+            "p_vs_retriever": {m: p_of(name, RETRIEVER, m) for m in HEADLINE},
+            "p_vs_llamarec": {m: p_of(name, reference, m) for m in HEADLINE}
+            if reference and reference != name
+            else None,
+        }
+    section["fusion"] = fusion
+    section["recipe"] = {
+        **dataclasses.asdict(RECIPE),
+        "target_modules": list(RECIPE.target_modules),
+    }
+    curve = REPO / "benchmarks" / "quality_curve.png"
+    positions = REPO / "benchmarks" / "quality_positions.png"
+    section["training"] = curve_figure(lake, curve)
+    position_figure(lake, positions)
+
+    lines = [
+        "# Ranker quality on ml-100k (GroupLens ML-100K via RecBole, 943 users)",
+        "",
+        "Written by `make quality` (`python -m benchmarks.quality`). Every choice (the recipe, "
+        "each `+prior` row's λ and calibration) was made on validation; test was only scored.",
+        "",
+        f"Machine: {section['machine'].get('cpu_model')}, {section['machine'].get('nproc')} "
+        f"cores, torch {section['machine'].get('torch')}; {section['machine'].get('date_utc')}.",
+        "",
+        "## Verdicts (test, overall, paired randomisation test over users)",
+        "",
+    ]
+    for name in names:
+        if name in (RETRIEVER, PREFERENCE):
+            continue
+        for baseline in baselines_of(name):
+            hit = tests_table.filter(
+                (pl.col("ranker") == name)
+                & (pl.col("baseline") == baseline)
+                & (pl.col("split") == "test")
+            )
+            if not hit.height:
+                continue
+            r = hit.row(0, named=True)
+            won = all(r[f"{m} diff"] > 0 and r[f"{m} p"] < SIGNIFICANCE for m in HEADLINE)
+            word = "BEATS" if won else "does NOT significantly beat"
+            shown = ", ".join(
+                f"{m} {r[f'{m} diff']:+.4f} (p = {r[f'{m} p']:.3g})" for m in HEADLINE
+            )
+            lines.append(f"- {name} {word} {baseline}: {shown}")
+    for split in ("test", "val"):
+        for population in ("overall", "subset"):
+            n = evaluation.populations.filter(
+                (pl.col("split") == split) & (pl.col("population") == population)
+            )["n_users"][0]
+            lines += ["", f"## {split}, {population} ({n} users; 95% bootstrap intervals)", ""]
+            lines.append(markdown_table(metrics_wide(evaluation, split, population)))
+    lines += ["", "## Paired tests (overall population; difference of means, p-value)", ""]
+    lines.append(markdown_table(tests_table))
+    lines += ["", "## Retriever prior (λ and calibration chosen on validation)", ""]
+    lines += [f"- {f['ranker']}: {f['choice']}" for f in fusion]
+    lines += ["", "## Training", ""]
+    lines.append(
+        "Recipe of every tuned row: "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in section["recipe"].items()
+            if k not in ("checkpoint_every", "log_every", "eval_batch_size", "max_steps")
+        )
+    )
+    lines.append("")
+    for h in section["training"]:
+        lines.append(
+            f"- {h['row']}: {h['n_train']} train prompts, best step {h['best_step']}, val "
+            f"NDCG@10 by step {[(s, round(v, 4)) for s, v in h['val_ndcg10']]}, "
+            f"{h['tokens_per_s']:.0f} train tokens/s in {h['dtype']}, "
+            f"{h['wall_time_s'] / 60:.1f} min"
+        )
+    lines += ["", "![training curves](quality_curve.png)", ""]
+    lines += ["![positions](quality_positions.png)", ""]
+    QUALITY_MD.write_text("\n".join(lines) + "\n")
+    saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    saved["quality"] = json.loads(json.dumps(section, default=str))
+    partial = RESULTS_JSON.with_suffix(".partial")
+    partial.write_text(json.dumps(saved, indent=2, default=str))
+    partial.replace(RESULTS_JSON)
+    print(f"wrote {QUALITY_MD}")
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    parser.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    parser.add_argument("--report", action="store_true", help="only re-render from the cache")
+    args = parser.parse_args(argv)
+    lake = lake_root()
+    torch.set_num_threads(2)
+    wanted = [n for n in args.only.split(",") if n]
+    rows = [r for r in ROWS if not wanted or r.name in wanted]
+    unknown = set(wanted) - {r.name for r in ROWS}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {[r.name for r in ROWS]}")
+    if not args.report:
+        for row in rows:
+            run_row(lake, row)
+    report(lake)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
