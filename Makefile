@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
-.PHONY: venv run ablation test lint ui clean-lake bench bench-e2e
+.PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,17 @@ test: venv $(DAGSTER_HOME)/dagster.yaml
 ## prints ratios measured side by side, writes benchmarks/RESULTS.md (~10 min on 2 CPU cores).
 bench: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m benchmarks.run
+
+## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
+## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
+## resumes from data_lake/quality/; benchmarks/QUALITY.md; about 2 h on 2 CPU cores).
+quality: venv
+	$(BIN)/python -m benchmarks.quality
+
+## The LLM in fp32 and bf16 side by side on this machine: speed and whether bf16 ranks the same
+## (results.json `llm_dtype`; ~15 min on 2 CPU cores).
+bench-dtype: venv
+	$(BIN)/python -m benchmarks.llm_dtype
 
 ## `make run` from an empty data lake, then again with nothing changed: time and peak memory
 ## per step, what was reused (~50 min; temporary lake and instance; benchmarks/end_to_end.json).

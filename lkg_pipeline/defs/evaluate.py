@@ -29,7 +29,7 @@ from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
 from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
-from lkg_pipeline.core.ranking import default_device, load_ranker, rank_prompts
+from lkg_pipeline.core.ranking import default_device, load_ranker, prompt_segments, rank_prompts
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -46,6 +46,7 @@ from lkg_pipeline.defs.llm import (
     adapter_dir,
     current_base_model,
     dataset_variant_partitions,
+    prompts_file,
 )
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
@@ -407,6 +408,7 @@ def recommendations(
         "preferences": preference_dir(lake.path, dataset) if config.variant == "lkg_rag" else None,
         "base_model": current_base_model(lake.path),
         "adapter": variant_adapter if config.use_adapter else None,
+        "prompts": prompts_file(lake.path, dataset, config.variant),  # its format, see below
     }
     reuse = Reuse.start(context, lake.path, config, inputs)
     database = lake.path / "warehouse" / f"{dataset}_recommendations.duckdb"
@@ -420,6 +422,9 @@ def recommendations(
         lake.path, dataset, config.variant, config.use_adapter, config.dtype
     )
     context.log.info(f"recommendations: {dtype.describe()}")
+    # the adapter only knows the prompt format it was trained on: read it off its prompts
+    trained = pl.read_parquet(prompts_file(lake.path, dataset, config.variant), n_rows=1)
+    trained_format = "segments" if prompt_segments(trained) is not None else "letters"
     noun, verb = ITEM_WORDS[dataset]
     titles = dict(items.select("item_idx", "title").iter_rows())
     shown = truncate_titles(titles, tokenizer, PromptConfig().max_title_tokens)
@@ -445,7 +450,7 @@ def recommendations(
         shown,
         selected,
         config.variant,
-        PromptConfig(item_noun=noun, item_verb=verb),
+        PromptConfig(item_noun=noun, item_verb=verb, format=trained_format),
         count,
     )
     ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size)
@@ -479,6 +484,7 @@ def recommendations(
             )
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
+        "prompt_format": trained_format,
         **dtype.metadata(),
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)
