@@ -8,6 +8,7 @@ items ("same director"), never through a raw Freebase id.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -233,6 +234,9 @@ def build_prompts(
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
     with_relations = variant != "llamarec"
+    # The segments format counts 21 texts per prompt and the same candidate segments recur
+    # across users: count each text once.
+    count_tokens = functools.lru_cache(maxsize=1 << 18)(count_tokens)
     if with_relations and selected_paths is None:
         raise ValueError(f"variant {variant!r} needs the selected paths")
     per_user = (

@@ -100,7 +100,7 @@ def base_model(
 class PromptRunConfig(dg.Config):
     max_history: int = 20
     max_title_tokens: int = 32
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~1,030 segments tokens, none cut
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.segments), no position bias
     format: Literal["letters", "segments"] = "segments"  # the default since make quality
