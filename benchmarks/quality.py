@@ -446,8 +446,14 @@ def report(lake: Path) -> dict[str, Any]:
             if not hit.height:
                 continue
             r = hit.row(0, named=True)
-            won = all(r[f"{m} diff"] > 0 and r[f"{m} p"] < SIGNIFICANCE for m in HEADLINE)
-            word = "BEATS" if won else "does NOT significantly beat"
+            better = sum(r[f"{m} diff"] > 0 and r[f"{m} p"] < SIGNIFICANCE for m in HEADLINE)
+            worse = sum(r[f"{m} diff"] < 0 and r[f"{m} p"] < SIGNIFICANCE for m in HEADLINE)
+            if better == len(HEADLINE):
+                word = "BEATS"
+            elif worse:
+                word = "is MIXED against" if better else "is WORSE than"
+            else:
+                word = "does NOT significantly beat"
             shown = ", ".join(
                 f"{m} {r[f'{m} diff']:+.4f} (p = {r[f'{m} p']:.3g})" for m in HEADLINE
             )
@@ -469,7 +475,7 @@ def report(lake: Path) -> dict[str, Any]:
         + ", ".join(
             f"{k}={v}"
             for k, v in section["recipe"].items()
-            if k not in ("checkpoint_every", "log_every", "eval_batch_size", "max_steps")
+            if k not in ("checkpoint_every", "log_every", "eval_batch_size")
         )
     )
     lines.append("")
@@ -480,6 +486,11 @@ def report(lake: Path) -> dict[str, Any]:
             f"{h['tokens_per_s']:.0f} train tokens/s in {h['dtype']}, "
             f"{h['wall_time_s'] / 60:.1f} min"
         )
+    missing = [
+        r.name for r in ROWS if not (lake / "quality" / r.name / "rankings.parquet").exists()
+    ]
+    if missing:
+        lines += ["", f"Not scored yet (run `make quality` to add them): {', '.join(missing)}."]
     lines += ["", "![training curves](quality_curve.png)", ""]
     lines += ["![positions](quality_positions.png)", ""]
     QUALITY_MD.write_text("\n".join(lines) + "\n")
