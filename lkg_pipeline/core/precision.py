@@ -113,7 +113,8 @@ class DtypeChoice:
         out = asdict(self)
         out["cpu_flags"] = " ".join(self.cpu_flags) or "(none of the bf16 flags)"
         out["gemm_speedup"] = self.gemm_speedup
-        return {f"dtype_{k}" if not k.startswith("cpu") else k: v for k, v in out.items()}
+        named = {f"dtype_{k}" if not k.startswith("cpu") else k: v for k, v in out.items()}
+        return {k: v for k, v in named.items() if v is not None}  # rates: `auto` on CPU only
 
     def describe(self) -> str:
         return f"computing in {self.chosen} on {self.device} ({self.reason})"

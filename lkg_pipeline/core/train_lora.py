@@ -784,7 +784,7 @@ def pipes_metadata(result: TrainResult) -> dict[str, Any]:
         "wall_time_s": s["wall_time_s"],
         "tokens_per_s": s["tokens_per_s"],
         "peak_rss_mb": s["peak_rss_mb"],
-        **{k: v for k, v in s["precision"].items() if v is not None},  # no GEMM when explicit
+        **s["precision"],
     }
 
 
