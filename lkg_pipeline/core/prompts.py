@@ -11,12 +11,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import polars as pl
 
 from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
 
+T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
 # One row per example: what the training script and the ranking stage read.
 PROMPT_COLUMNS = {
@@ -131,12 +133,10 @@ def render(
     lines; the candidate pool is never cut: a pool that cannot fit is an error.
     """
     assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
-    start = max(0, len(history_titles) - config.max_history)
-    while True:
-        shown = list(range(start, len(history_titles)))
-        number = {h: i + 1 for i, h in enumerate(shown)}
+
+    def build(number: dict[int, int]) -> tuple[str, int]:
         lines = [instruction(config, with_relations), "", "User history:"]
-        lines += [f"({number[h]}) {history_titles[h]}" for h in shown]
+        lines += [f"({n}) {history_titles[h]}" for h, n in number.items()]
         if with_relations:
             kept = [r for r in relations if r[0] in number]
             lines += ["", "Relations:"]
@@ -145,15 +145,34 @@ def render(
         lines += [f"({LETTERS[c]}) {title}" for c, title in enumerate(candidate_titles)]
         lines += [ANSWER_CUE]
         text = "\n".join(lines)
-        n = count_tokens(text)
+        return text, count_tokens(text)
+
+    return fit_history(len(history_titles), config, build, "the candidate pool")
+
+
+def fit_history(
+    n_history: int,
+    config: PromptConfig,
+    build: Callable[[dict[int, int]], tuple[T, int]],
+    kept: str,
+) -> tuple[T, int]:
+    """`build(number)` with the most recent history that fits `max_prompt_tokens`.
+
+    `number` maps each shown history index (oldest first) to its 1-based number; over budget
+    the oldest item goes first (with whatever `build` attaches to it), never what `kept` names.
+    """
+    start = max(0, n_history - config.max_history)
+    while True:
+        number = {h: i + 1 for i, h in enumerate(range(start, n_history))}
+        result, n = build(number)
         if n <= config.max_prompt_tokens:
-            return text, n
-        if start < len(history_titles):
+            return result, n
+        if start < n_history:
             start += 1
             continue
         raise ValueError(
             f"prompt needs {n} tokens with no history left; max_prompt_tokens="
-            f"{config.max_prompt_tokens} cannot hold the candidate pool"
+            f"{config.max_prompt_tokens} cannot hold {kept}"
         )
 
 
@@ -198,27 +217,19 @@ def render_segments(
     lines that point at it; the candidates are never cut.
     """
     assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
-    start = max(0, len(history_titles) - config.max_history)
-    while True:
-        shown = list(range(start, len(history_titles)))
-        number = {h: i + 1 for i, h in enumerate(shown)}
+
+    def build(number: dict[int, int]) -> tuple[tuple[str, list[str]], int]:
         lines = [segment_instruction(config, with_relations), "", "User history:"]
-        lines += [f"({number[h]}) {history_titles[h]}" for h in shown]
+        lines += [f"({n}) {history_titles[h]}" for h, n in number.items()]
         prefix = "\n".join(lines)
         segments = []
         for c, title in enumerate(candidate_titles):
             mine = [(number[h], r, v) for h, cc, r, v in relations if cc == c and h in number]
             segments.append(segment_text(title, mine if with_relations else [], config))
-        n = count_tokens(prefix) + sum(count_tokens(s) for s in segments)
-        if n <= config.max_prompt_tokens:
-            return prefix, segments, n
-        if start < len(history_titles):
-            start += 1
-            continue
-        raise ValueError(
-            f"segments need {n} tokens with no history left; max_prompt_tokens="
-            f"{config.max_prompt_tokens} cannot hold the candidates"
-        )
+        return (prefix, segments), count_tokens(prefix) + sum(map(count_tokens, segments))
+
+    (prefix, segments), n = fit_history(len(history_titles), config, build, "the candidates")
+    return prefix, segments, n
 
 
 def build_prompts(
