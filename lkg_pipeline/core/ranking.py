@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from lkg_pipeline.core.llm import LETTERS, letter_token_ids
+from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
 from lkg_pipeline.core.metrics import rank_of_target
 
 # One row per scored prompt: what `rankings` stores and the evaluation reads.
@@ -118,8 +118,8 @@ def score_prompts_timed(
     def forward(idx: list[int], device: torch.device) -> torch.Tensor:
         padded = left_pad([rows[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in padded.items()}
-        logits = model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
-        return logits.float().gather(1, letters[idx].to(device))  # (B, 20)
+        last = final_hidden(model, **batch)[:, -1]  # (B, H): left padding, the answer slot
+        return token_logits(model, last, letters[idx].to(device))  # (B, 20), fp32
 
     lengths = [len(r) for r in rows]
     return _batched(model, lengths, batch_size, len(LETTERS), forward)

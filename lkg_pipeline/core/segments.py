@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lkg_pipeline.core.llm import final_hidden, token_logits, unwrapped
+
 ANSWERS = (" Yes", " No")
 PREFIX, PAD = -1, -2  # segment index of prefix and padding tokens
 
@@ -107,19 +109,17 @@ def segment_scores(
 ) -> torch.Tensor:
     """(B, C) logit(yes) − logit(no) at each segment's end; differentiable (training uses it).
 
-    `logits_to_keep` with the positions of the segment ends projects only those positions on
-    the vocabulary (20 per prompt, not every token).
+    Only the two answer rows of the head are applied, in fp32, to the hidden state at each
+    segment end (`llm.token_logits`: 20 positions × 2 tokens, not the vocabulary).
     """
     ends = batch["ends"]  # (B, C)
-    keep = torch.unique(ends)  # sorted positions that any row needs
-    logits = model(
+    hidden = final_hidden(
+        model,
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"].to(model.dtype),
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits  # (B, K, V)
-    column = torch.searchsorted(keep, ends)  # (B, C) where each end sits among `keep`
-    picked = logits.float().gather(1, column[:, :, None].expand(-1, -1, logits.shape[-1]))
-    yes, no = answer_ids
-    return picked[:, :, yes] - picked[:, :, no]  # (B, C)
+        attention_mask=batch["attention_mask"].to(unwrapped(model).dtype),
+    )  # (B, T, H)
+    at_ends = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, C, H)
+    pair = torch.tensor(answer_ids, device=hidden.device)  # (2,)
+    logits = token_logits(model, at_ends, pair)  # (B, C, 2), fp32
+    return logits[..., 0] - logits[..., 1]  # (B, C)

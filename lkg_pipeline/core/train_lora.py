@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from lkg_pipeline.core.fingerprints import folder_digest, library_versions
-from lkg_pipeline.core.llm import LETTERS, letter_token_ids
+from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
@@ -270,7 +270,8 @@ def get_dataloaders(
 
 
 def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
-    """Mean loss of a batch; only the logits the loss reads are computed (`logits_to_keep`)."""
+    """Mean loss of a batch; only the logits the loss reads are computed (`token_logits`,
+    `logits_to_keep`)."""
     if "ends" in batch:  # the segments format
         assert loss == "letters", f"the segments format has no {loss!r} loss"
         answers = batch["answer_ids"]  # (B, 2), one pair for the whole batch
@@ -279,8 +280,8 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.T
         return F.cross_entropy(scores, batch["target"])  # (B, 20) → mean over the batch
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if loss == "letters":
-        logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]  # (B, V)
-        letters = logits.float().gather(1, batch["letter_ids"])  # (B, 20)
+        last = final_hidden(model, **inputs)[:, -1]  # (B, H)
+        letters = token_logits(model, last, batch["letter_ids"])  # (B, 20), fp32
         return F.cross_entropy(letters, batch["target"])
     if loss == "lm":
         # Left padding puts (last prompt token, letter, EOS) in the last 3 columns; the logits of

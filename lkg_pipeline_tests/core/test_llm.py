@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids, smollm2_tokenizer
 
@@ -30,3 +31,47 @@ def test_a_letter_that_merges_with_the_prompt_is_refused(tokenizer) -> None:
     # the score of (O) would be wrong, so the verbalizer refuses.
     with pytest.raises(ValueError, match="letter 'O' does not add exactly one token"):
         letter_token_ids(tokenizer, "THE ANSWER IS", separator="")
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return self.module(**kwargs)
+
+
+def test_token_logits_are_the_heads_logits_in_fp32_without_its_bf16_rounding(tiny_base) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lkg_pipeline.core.llm import final_hidden, token_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000]])
+    picked = torch.tensor([11, 22, 33])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (1, T, V)
+        hidden = final_hidden(model, input_ids=ids)  # (1, T, H)
+        ours = token_logits(model, hidden, picked)  # (1, T, 3)
+        assert torch.allclose(ours, full[..., picked], atol=1e-5)
+        per_row = token_logits(model, hidden[:, -1], picked[None])  # (1, 3): ids per row
+        assert torch.allclose(per_row, full[:, -1, picked], atol=1e-5)
+        wrapped = Wrapper(model)  # as DDP holds it: `.module`, its own forward
+        assert torch.allclose(final_hidden(wrapped, input_ids=ids), hidden, atol=1e-6)
+        assert wrapped.calls == 1, "a wrapped model must run its own forward"
+        assert torch.allclose(token_logits(wrapped, hidden, picked), ours)
+
+        # Logits of a real model's magnitude (16-32): the bf16 head rounds them to 0.125,
+        # token_logits keeps the bf16 hidden state's own precision.
+        model.lm_head.weight.mul_(1000.0)  # tied: the embeddings grow too; fine for this
+        model = model.to(torch.bfloat16)
+        hidden = final_hidden(model, input_ids=ids)  # (1, T, H) bf16
+        exact = hidden.double() @ model.lm_head.weight[picked].double().T  # (1, T, 3)
+        ours = token_logits(model, hidden, picked)
+        head = model.lm_head(hidden)[..., picked].double()
+    assert ours.dtype == torch.float32
+    assert exact.abs().max() > 4.0, "the scaled head should give large logits"
+    assert (ours.double() - exact).abs().max() < 1e-4
+    assert (head - exact).abs().max() > 100 * (ours.double() - exact).abs().max()
