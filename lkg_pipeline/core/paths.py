@@ -14,6 +14,8 @@ than a shared genre. Path types are the relation of the first edge ("directed_by
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import shutil
 import time
@@ -24,6 +26,8 @@ from typing import Any
 import duckdb
 import polars as pl
 import pyarrow.parquet as pq
+
+PATH_SETTINGS_FILE = "settings.json"  # the PathConfig, beside the tables write_paths makes
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,8 @@ def write_paths(
     parts are then concatenated in batch order into one file per table, a row group at a
     time. Within a batch rows are ordered as `enumerate_paths` orders them; with one batch the
     files hold exactly its rows.
+    The `PathConfig` is written beside the tables (`PATH_SETTINGS_FILE`): prompts made from
+    these paths record it, so paths enumerated again later follow the same settings.
     Returns the statistics of `Paths.stats`, plus `user_batches`; with several batches
     `distinct_item_pairs` and `item_pair_paths` are summed over them (a pair two batches share
     is solved, and counted, in each).
@@ -363,6 +369,7 @@ def write_paths(
                 [parts / f"{name}-{i:06d}.parquet" for i in range(len(batches))],
                 folder / f"{name}.parquet",
             )
+        (folder / PATH_SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(config)))
         paths_kept = engine.con.sql(
             f"select count(*) from read_parquet({quoted_path(folder / 'paths.parquet')})"
         ).fetchall()[0][0]

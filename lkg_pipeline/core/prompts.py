@@ -8,7 +8,9 @@ items ("same director"), never through a raw Freebase id.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -17,6 +19,7 @@ import polars as pl
 
 from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
+from lkg_pipeline.core.paths import PathConfig
 
 T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
@@ -79,6 +82,61 @@ class PromptConfig:
         assert self.max_prompt_tokens >= 64, f"max_prompt_tokens={self.max_prompt_tokens}"
         if self.format not in FORMATS:
             raise ValueError(f"unknown prompt format {self.format!r}; choose one of {FORMATS}")
+
+
+@dataclass(frozen=True)
+class PathSelection:
+    """Which of an example's enumerated paths its prompt shows (`paths.select_paths`)."""
+
+    per_history_item: int = 1  # the reference: one relation line per history item
+    max_paths: int = 20
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Everything that decides how an example becomes a prompt. Recorded in each prompts file
+    (`SETTINGS_KEY`), so that prompts made again elsewhere (`recommendations`) are made
+    exactly as the adapter's training prompts were; `paths` and `selection` are None for a
+    variant without KG paths."""
+
+    prompt: PromptConfig
+    paths: PathConfig | None = None
+    selection: PathSelection | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PromptSettings:
+        return cls(
+            PromptConfig(**raw["prompt"]),
+            PathConfig(**raw["paths"]) if raw.get("paths") is not None else None,
+            PathSelection(**raw["selection"]) if raw.get("selection") is not None else None,
+        )
+
+
+SETTINGS_KEY = "lkg_pipeline.prompt_settings"  # Parquet key-value metadata of a prompts file
+PATHS_KEY = "lkg_pipeline.path_settings"  # ... of the selected paths: {paths, selection}
+
+
+def path_settings_json(paths: PathConfig, selection: PathSelection) -> str:
+    """What the selected paths were made with, as `PATHS_KEY` records it."""
+    return json.dumps(
+        {"paths": dataclasses.asdict(paths), "selection": dataclasses.asdict(selection)},
+        sort_keys=True,
+    )
+
+
+def recorded_settings(metadata: dict[str, str], key: str, where: str) -> dict:
+    """The settings a file records under `key`; a clear error for a file made before they
+    were recorded (re-materialising that asset records them)."""
+    if key not in metadata:
+        raise ValueError(
+            f"{where} records no {key!r}: it was made before settings were recorded; "
+            "re-materialise it (and what depends on it) so that prompts made again follow "
+            "the settings the adapter was trained with"
+        )
+    return json.loads(metadata[key])
 
 
 def instruction(config: PromptConfig, with_relations: bool) -> str:

@@ -11,12 +11,14 @@ the ranker did not see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.lrurec import LRURec
-from lkg_pipeline.core.prompts import path_phrase
+from lkg_pipeline.core.paths import enumerate_paths, select_paths
+from lkg_pipeline.core.prompts import PromptSettings, build_prompts, path_phrase, truncate_titles
 from lkg_pipeline.core.retrieval import CANDIDATE_SCHEMA, rank_users
 
 NEXT_SPLIT = "next"  # the split name of full-history examples (no true item is known)
@@ -85,6 +87,48 @@ def next_item_examples(
         .with_row_index("example_id")
         .with_columns(pl.col("example_id").cast(pl.Int64))
     )
+
+
+def prompts_as_trained(
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    titles: dict[int, str],
+    kg: Any | None,
+    preferences: pl.DataFrame | None,
+    variant: str,
+    settings: PromptSettings,
+    tokenizer: Any,
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Prompts for new examples, made exactly as the prompts recorded in `settings` were:
+    titles cut, paths enumerated and selected, prompts rendered with the same settings, so an
+    adapter ranks the kind of prompt it was trained on. `kg` (the KG tables: entities,
+    triples, relations) is None for `llamarec`, `preferences` None except for `lkg_rag`.
+    Returns the prompts and the selected paths (None without a KG).
+    """
+    shown = truncate_titles(titles, tokenizer, settings.prompt.max_title_tokens)
+    selected = None
+    if kg is not None:
+        assert settings.paths is not None and settings.selection is not None, (
+            f"{variant}: the recorded settings have no path settings"
+        )
+        paths = enumerate_paths(
+            examples,
+            sequences,
+            kg.entities,
+            kg.triples,
+            kg.relations,
+            len(titles),
+            settings.paths,
+        ).paths
+        selected = select_paths(
+            paths, preferences, settings.selection.per_history_item, settings.selection.max_paths
+        ).with_columns(variant=pl.lit(variant))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    table = build_prompts(examples, sequences, shown, selected, variant, settings.prompt, count)
+    return table, selected
 
 
 def explanation_texts(

@@ -29,8 +29,14 @@ def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_parquet_atomic(frame: pl.DataFrame, target: Path) -> None:
-    replace_atomically(target, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
+def write_parquet_atomic(
+    frame: pl.DataFrame, target: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """`metadata`: Parquet key-value metadata, e.g. the settings the table was made with,
+    which then travel with the file (read back with `pl.read_parquet_metadata`)."""
+    replace_atomically(
+        target, lambda tmp: frame.write_parquet(tmp, compression="zstd", metadata=metadata)
+    )
 
 
 def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:

@@ -25,16 +25,21 @@ from lkg_pipeline.core.evaluation import (
 from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
-from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
-from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
-from lkg_pipeline.core.ranking import default_device, load_ranker, prompt_segments, rank_prompts
+from lkg_pipeline.core.prompts import (
+    SETTINGS_KEY,
+    VARIANTS,
+    PromptSettings,
+    recorded_settings,
+)
+from lkg_pipeline.core.ranking import default_device, load_ranker, rank_prompts
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
     full_histories,
     next_item_examples,
+    prompts_as_trained,
     recommendation_table,
 )
 from lkg_pipeline.core.storage import replace_dir_atomically
@@ -42,7 +47,6 @@ from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.kg import kg_folder
 from lkg_pipeline.defs.llm import (
     BY_DATASET,
-    ITEM_WORDS,
     adapter_dir,
     current_base_model,
     dataset_variant_partitions,
@@ -422,37 +426,25 @@ def recommendations(
         lake.path, dataset, config.variant, config.use_adapter, config.dtype
     )
     context.log.info(f"recommendations: {dtype.describe()}")
-    # the adapter only knows the prompt format it was trained on: read it off its prompts
-    trained = pl.read_parquet(prompts_file(lake.path, dataset, config.variant), n_rows=1)
-    trained_format = "segments" if prompt_segments(trained) is not None else "letters"
-    noun, verb = ITEM_WORDS[dataset]
+    # The adapter knows only prompts made as its training prompts were: every setting that
+    # made them (prompt format and budgets, path enumeration, path selection) is read back
+    # from the prompts file, never taken from defaults.
+    trained = prompts_file(lake.path, dataset, config.variant)
+    settings = PromptSettings.from_dict(
+        recorded_settings(pl.read_parquet_metadata(trained), SETTINGS_KEY, str(trained))
+    )
     titles = dict(items.select("item_idx", "title").iter_rows())
-    shown = truncate_titles(titles, tokenizer, PromptConfig().max_title_tokens)
-    selected, explanations = None, None
+    kg, preferences = None, None
     if config.variant != "llamarec":
         kg = read_parquet(kg_folder(lake.path, dataset))
-        paths = enumerate_paths(
-            examples, sequences, kg.entities, kg.triples, kg.relations, items.height, PathConfig()
-        ).paths
-        preferences = None
-        if config.variant == "lkg_rag":
-            folder = preference_dir(lake.path, dataset)
-            preferences = pl.read_parquet(folder / "preferences.parquet")
-        selected = select_paths(paths, preferences).with_columns(variant=pl.lit(config.variant))
-        explanations = explanation_texts(selected, titles, verb)
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    prompt_table = build_prompts(
-        examples,
-        sequences,
-        shown,
-        selected,
-        config.variant,
-        PromptConfig(item_noun=noun, item_verb=verb, format=trained_format),
-        count,
+    if config.variant == "lkg_rag":
+        preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
+    prompt_table, selected = prompts_as_trained(
+        examples, sequences, titles, kg, preferences, config.variant, settings, tokenizer
     )
+    explanations = None
+    if selected is not None:
+        explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
     ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size)
     table = recommendation_table(
         examples,
@@ -484,7 +476,8 @@ def recommendations(
             )
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
-        "prompt_format": trained_format,
+        "prompt_format": settings.prompt.format,
+        SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
         **dtype.metadata(),
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)

@@ -12,7 +12,18 @@ import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
-from lkg_pipeline.core.prompts import VARIANTS, PromptConfig, build_prompts, truncate_titles
+from lkg_pipeline.core.paths import PathConfig
+from lkg_pipeline.core.prompts import (
+    PATHS_KEY,
+    SETTINGS_KEY,
+    VARIANTS,
+    PathSelection,
+    PromptConfig,
+    PromptSettings,
+    build_prompts,
+    recorded_settings,
+    truncate_titles,
+)
 from lkg_pipeline.core.segments import answer_token_ids
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 from lkg_pipeline.core.train_lora import TrainConfig
@@ -110,7 +121,7 @@ class PromptRunConfig(dg.Config):
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
     partitions_def=dataset_variant_partitions,
-    code_version="1",
+    code_version="2",
     kinds={"polars", "parquet"},
     ins={
         name: dg.AssetIn(partition_mapping=BY_DATASET)
@@ -137,9 +148,15 @@ def prompts(
     titles = truncate_titles(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, core.max_title_tokens
     )
-    selected = (
-        None if variant == "llamarec" else pl.read_parquet(selected_paths_file(lake.path, dataset))
-    )
+    settings = PromptSettings(core)
+    selected = None
+    if variant != "llamarec":
+        file = selected_paths_file(lake.path, dataset)
+        selected = pl.read_parquet(file)
+        made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
+        settings = PromptSettings(
+            core, PathConfig(**made_with["paths"]), PathSelection(**made_with["selection"])
+        )
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -176,6 +193,8 @@ def prompts(
             "token_lengths": dg.MetadataValue.md(markdown_table(stats)),
             "samples": dg.MetadataValue.md(samples),
             "max_tokens": int(lengths.max()),
+            # also written into the file (ParquetIOManager): what recommendations rebuild from
+            SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
         },
     )
 

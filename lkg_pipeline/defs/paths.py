@@ -9,6 +9,7 @@ import matplotlib
 import polars as pl
 
 from lkg_pipeline.core.paths import (
+    PATH_SETTINGS_FILE,
     PathConfig,
     quoted_path,
     select_paths,
@@ -24,6 +25,7 @@ from lkg_pipeline.core.preference import (
     train_preference,
     user_preferences,
 )
+from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_json
 from lkg_pipeline.core.storage import replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.kg import kg_folder
@@ -64,6 +66,17 @@ def paths_folder(lake: Path, dataset: str) -> Path:
     return lake / "paths" / "kg_paths" / dataset
 
 
+def read_path_config(lake: Path, dataset: str) -> PathConfig:
+    """The `PathConfig` the current `kg_paths` were enumerated with."""
+    file = paths_folder(lake, dataset) / PATH_SETTINGS_FILE
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file} is missing: kg_paths was materialised before it recorded its settings; "
+            "re-materialise kg_paths"
+        )
+    return PathConfig(**json.loads(file.read_text()))
+
+
 def read_paths(lake: Path, dataset: str) -> dict[str, pl.DataFrame]:
     folder = paths_folder(lake, dataset)
     return {name: pl.read_parquet(folder / f"{name}.parquet") for name in PATH_TABLES}
@@ -72,7 +85,7 @@ def read_paths(lake: Path, dataset: str) -> dict[str, pl.DataFrame]:
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version="2",
+    code_version="3",
     kinds={"duckdb", "parquet"},
     deps=["kg_triples"],
     ins={"candidates": dg.AssetIn(), "sequences": dg.AssetIn(), "items": dg.AssetIn()},
@@ -202,7 +215,7 @@ def selected_paths_file(lake: Path, dataset: str) -> Path:
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version="2",
     kinds={"pytorch", "parquet"},
     deps=["kg_paths"],
     ins={"candidates": dg.AssetIn()},
@@ -248,7 +261,11 @@ def preference_model(
         ],
         how="diagonal_relaxed",
     ).drop("weight", strict=False)
-    write_parquet_atomic(selected, selected_paths_file(lake.path, dataset))
+    made_with = path_settings_json(
+        read_path_config(lake.path, dataset),
+        PathSelection(config.paths_per_history_item, config.max_prompt_paths),
+    )
+    write_parquet_atomic(selected, selected_paths_file(lake.path, dataset), {PATHS_KEY: made_with})
 
     def write(folder: Path) -> None:
         save_preference(result, result.model.config, path_types, folder)

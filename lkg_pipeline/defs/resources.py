@@ -1,5 +1,6 @@
 """Where the pipeline keeps what it makes: the data lake root and a Parquet IO manager."""
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from upath import UPath
 from lkg_pipeline.core.storage import write_parquet_atomic
 
 # The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
+FILE_METADATA_PREFIX = "lkg_pipeline."
 DEFAULT_LAKE = Path(__file__).resolve().parents[2] / "data_lake"
 
 
@@ -44,7 +46,14 @@ class ParquetIOManager(dg.UPathIOManager):
                 f"{context.asset_key.to_user_string()}: expected a polars DataFrame, "
                 f"got {type(obj).__name__}"
             )
-        write_parquet_atomic(obj, Path(path.path))
+        # Output metadata under `lkg_pipeline.*` (the settings a table was made with) is also
+        # written into the file, so the file says how it was made wherever it is read.
+        recorded = {
+            key: json.dumps(getattr(value, "value", value), sort_keys=True)
+            for key, value in context.output_metadata.items()
+            if key.startswith(FILE_METADATA_PREFIX)
+        }
+        write_parquet_atomic(obj, Path(path.path), recorded or None)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
         return pl.read_parquet(Path(path.path))

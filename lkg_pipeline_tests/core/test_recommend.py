@@ -90,3 +90,97 @@ def test_top_n_with_titles_and_explanations_never_a_consumed_item() -> None:
         recommendation_table(
             examples, ranked_like_the_retriever(examples), None, titles, consumed, "lkg_rag", 10
         )
+
+
+def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_path) -> None:
+    """Serving prompts (`prompts_as_trained`) equal the training prompts of the same examples
+    made the pipeline's way (write_paths → select_paths → build_prompts) with non-default
+    settings, once those settings have gone through the file's JSON record."""
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+    from lkg_pipeline.core.llm import smollm2_tokenizer
+    from lkg_pipeline.core.paths import PATH_SETTINGS_FILE, PathConfig, select_paths, write_paths
+    from lkg_pipeline.core.prompts import (
+        PathSelection,
+        PromptConfig,
+        PromptSettings,
+        build_prompts,
+        path_settings_json,
+        truncate_titles,
+    )
+    from lkg_pipeline.core.recommend import prompts_as_trained
+
+    repo = Path(__file__).resolve().parents[2]
+    tokenizer = smollm2_tokenizer(
+        Path(os.environ.get("LKG_TEST_CACHE", repo / "data_lake" / "cache"))
+    )
+    spec = dataclasses.replace(SHAPES["ml-100k-like"], n_items=QUICK_ITEMS["ml-100k-like"])
+    inputs, _ = synthetic_inputs(spec, 12)
+    examples = inputs.examples.filter(pl.col("split") == "test")
+    titles = {
+        i: f"The Film Number {i}: A Rather Long Subtitle (199{i % 10})"
+        for i in range(inputs.n_items)
+    }
+    graph = (inputs.entities, inputs.triples, inputs.relations, inputs.n_items)
+    path_config = PathConfig(max_hops=1, max_paths_per_pair=1)
+    selection = PathSelection(per_history_item=2, max_paths=5)
+    prompt_config = PromptConfig(
+        max_history=7, max_title_tokens=4, max_prompt_tokens=900, format="segments"
+    )
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # the pipeline's way: kg_paths writes the tables and its settings, preference_model selects
+    write_paths(examples, inputs.sequences, *graph, tmp_path, path_config)
+    recorded_paths = json.loads(
+        path_settings_json(
+            PathConfig(**json.loads((tmp_path / PATH_SETTINGS_FILE).read_text())), selection
+        )
+    )
+    selected = select_paths(pl.read_parquet(tmp_path / "paths.parquet"), None, 2, 5)
+    trained = build_prompts(
+        examples,
+        inputs.sequences,
+        truncate_titles(titles, tokenizer, 4),
+        selected.with_columns(variant=pl.lit("kg_rag")),
+        "kg_rag",
+        prompt_config,
+        count,
+    )
+    settings = PromptSettings(
+        prompt_config,
+        PathConfig(**recorded_paths["paths"]),
+        PathSelection(**recorded_paths["selection"]),
+    )
+    settings = PromptSettings.from_dict(json.loads(settings.to_json()))  # as the file records it
+    assert settings == PromptSettings(prompt_config, path_config, selection)
+
+    kg = SimpleNamespace(
+        entities=inputs.entities, triples=inputs.triples, relations=inputs.relations
+    )
+    served, served_paths = prompts_as_trained(
+        examples, inputs.sequences, titles, kg, None, "kg_rag", settings, tokenizer
+    )
+    assert served_paths is not None and served_paths["hops"].max() == 1
+    assert served.select("example_id", "prompt", "segments").equals(
+        trained.select("example_id", "prompt", "segments")
+    )
+    assert (served["n_tokens"] <= 900).all()
+    # what recommendations did before: default settings render other prompts
+    defaults, _ = prompts_as_trained(
+        examples,
+        inputs.sequences,
+        titles,
+        kg,
+        None,
+        "kg_rag",
+        PromptSettings(PromptConfig(format="segments"), PathConfig(), PathSelection()),
+        tokenizer,
+    )
+    assert not defaults["segments"].equals(trained["segments"])

@@ -11,6 +11,7 @@ import pytest
 from upath import UPath
 
 from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.core.prompts import SETTINGS_KEY
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
@@ -137,9 +138,24 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     ).success
     for variant in ("llamarec", "lkg_rag"):
         key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        # lkg_rag with a non-default setting: recommendations must read it back (below)
+        titles = {"max_title_tokens": 8} if variant == "lkg_rag" else {}
         assert dg.materialize(
-            everything, selection=[prompts], partition_key=key, resources=resources(lake)
+            everything,
+            selection=[prompts],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": {"prompts": {"config": titles}}},
         ).success
+    recorded = json.loads(
+        pl.read_parquet_metadata(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")[
+            SETTINGS_KEY
+        ]
+    )
+    assert (
+        recorded["prompt"]["max_title_tokens"] == 8 and recorded["prompt"]["format"] == "segments"
+    )
+    assert recorded["paths"]["max_hops"] == 2 and recorded["selection"]["max_paths"] == 20
     plain = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "llamarec.parquet")
     with_kg = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")
     assert plain.height == with_kg.height == table.height
@@ -220,6 +236,8 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     }
     check = reported.get_asset_check_evaluations()[0]
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
+    served = reported.asset_materializations_for_node("recommendations")[0].metadata
+    assert served[SETTINGS_KEY].value == recorded  # the prompts' settings, not the defaults
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
 
     # Nothing changed: prompts are rebuilt (identical), the expensive stages reuse their outputs.
@@ -232,7 +250,13 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
         selection=[prompts, lora_adapter, rankings],
         partition_key=key,
         resources=resources(lake),
-        run_config={"ops": {**short["ops"], "rankings": {"config": same}}},
+        run_config={
+            "ops": {
+                **short["ops"],
+                "prompts": {"config": {"max_title_tokens": 8}},  # as lkg_rag's were made
+                "rankings": {"config": same},
+            }
+        },
     )
     assert again.success
     first_rankings = data_version(again, "rankings")
