@@ -16,6 +16,7 @@ asset, and it does not see run configuration; so the comparison is made here, on
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import time
@@ -63,11 +64,62 @@ def content_digest(value: Path | pl.DataFrame | None) -> str:
     return "absent"
 
 
-def package_code_digest() -> str:
-    """Every `.py` file of this package: an editable install keeps its version number through
-    any edit, and an edit anywhere (a prompt template, a metric, the mapping from run
-    configuration to the core) can change what a stage makes."""
-    return folder_digest_of(Path(__file__).resolve().parents[1], "*.py")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # lkg_pipeline/
+CORE = "lkg_pipeline.core"
+
+
+def code_closure(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> list[Path]:
+    """The source files a stage's output can depend on: its own module (`module`, e.g.
+    `lkg_pipeline.defs.llm`) and every module of `core` it imports, directly or through other
+    core modules, sorted.
+
+    Why not the whole package: an editable install keeps its version number through any edit,
+    so code must be hashed, but hashing every file made a docstring edit in `sensors.py`
+    retrain the adapter. Other `defs` modules are not followed (what a stage takes from them is
+    where files live, not what they contain); imports inside functions count. Read from the
+    source (`ast`), so it needs no import and sees edits made since the process started.
+    """
+    package = root.name
+
+    def file_of(name: str) -> Path | None:
+        relative = name.split(".")[1:]  # without the package
+        for candidate in (
+            root.joinpath(*relative).with_suffix(".py"),
+            root.joinpath(*relative, "__init__.py"),
+        ):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        return {n for n in names if n == core or n.startswith(core + ".")}
+
+    start = file_of(module)
+    assert start is not None and module.split(".")[0] == package, f"no module {module} in {root}"
+    seen, todo = {start}, [start]
+    while todo:
+        for name in imported(todo.pop()):
+            path = file_of(name)
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.append(path)
+    return sorted(seen)
+
+
+def code_digest(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> str:
+    """One digest of `code_closure(module)`: file names and contents."""
+    digest = hashlib.sha256()
+    for file in code_closure(module, root, core):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(sha256_of(file).encode())
+    return digest.hexdigest()
 
 
 def folder_digest_of(path: Path, pattern: str) -> str:
@@ -93,9 +145,11 @@ def fingerprint_parts(
     code_version: str | None,
     settings: Mapping[str, Any],
     inputs: Mapping[str, Path | pl.DataFrame | None],
+    module: str | None = None,
 ) -> dict[str, str]:
     """A digest per thing a stage is made from (settings must be JSON-serialisable): kept in
-    the stamp so that a recomputation can say which of them changed."""
+    the stamp so that a recomputation can say which of them changed. `module`: the module
+    that defines the stage, whose `code_digest` is part of it."""
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
@@ -105,7 +159,7 @@ def fingerprint_parts(
         "code_version": digest(code_version),
         "settings": digest(settings),
         "libraries": digest(library_versions()),
-        "package code": package_code_digest(),
+        "code": code_digest(module) if module is not None else digest(None),
         **{f"input {name}": content_digest(value) for name, value in inputs.items()},
     }
 
@@ -115,9 +169,10 @@ def fingerprint(
     code_version: str | None,
     settings: Mapping[str, Any],
     inputs: Mapping[str, Path | pl.DataFrame | None],
+    module: str | None = None,
 ) -> str:
     """One digest of what a stage is made from."""
-    return combine(fingerprint_parts(stage, code_version, settings, inputs))
+    return combine(fingerprint_parts(stage, code_version, settings, inputs, module))
 
 
 def combine(parts: Mapping[str, str]) -> str:

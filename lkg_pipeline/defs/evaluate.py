@@ -57,7 +57,7 @@ from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import preference_dir, read_paths
 from lkg_pipeline.defs.resources import DataLake
 from lkg_pipeline.defs.retrieval import retriever_dir
-from lkg_pipeline.defs.reuse import Recomputable, Reuse
+from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -127,7 +127,7 @@ class RankingRunConfig(Recomputable):
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_variant_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"pytorch", "parquet"},
     deps=["base_model", "lora_adapter"],
     ins={"prompts": dg.AssetIn()},
@@ -209,7 +209,7 @@ class EvaluationRunConfig(dg.Config):
     automation_condition=after_update_of("rankings"),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"polars", "json"},
     deps=[dg.AssetDep("rankings", partition_mapping=BY_DATASET), "preference_model", "kg_paths"],
     ins={"candidates": dg.AssetIn()},
@@ -381,7 +381,7 @@ class RecommendationRunConfig(Recomputable):
     automation_condition=after_update_of("lora_adapter"),  # see sensors.py
     group_name="evaluate",
     partitions_def=dataset_partitions,
-    code_version="2",
+    code_version=versioned("2", __name__),
     kinds={"duckdb", "parquet"},
     deps=[
         "retriever",

@@ -7,6 +7,7 @@ from lkg_pipeline.core.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_da
 from lkg_pipeline.core.sources import EXPECTED_FILES, resolve_source
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.reuse import versioned
 
 # Asset name → frame name in `RawDataset.frames`.
 RAW_ASSETS = {
@@ -58,7 +59,7 @@ class IngestConfig(dg.Config):
             group_name="ingest",
             is_required=False,
             description=DESCRIPTIONS[name],
-            code_version="1",
+            code_version=versioned("1", __name__),
             kinds={"polars", "parquet"},
         )
         for name in RAW_ASSETS

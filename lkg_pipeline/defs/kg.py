@@ -13,6 +13,7 @@ from lkg_pipeline.core.warehouse import write_duckdb, write_parquet
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.reuse import versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,7 +45,7 @@ def warehouse_path(lake: Path, dataset: str) -> Path:
 @dg.asset(
     group_name="kg",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"duckdb", "parquet"},
     ins={
         name: dg.AssetIn()

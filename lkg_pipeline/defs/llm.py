@@ -31,7 +31,7 @@ from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import selected_paths_file
 from lkg_pipeline.defs.resources import DEFAULT_LAKE, DataLake
-from lkg_pipeline.defs.reuse import Recomputable, Reuse
+from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 dataset_variant_partitions = dg.MultiPartitionsDefinition(
@@ -63,7 +63,7 @@ class BaseModelConfig(dg.Config):
     seed: int = 0  # initialisation of tiny-random
 
 
-@dg.asset(group_name="llm", code_version="1", kinds={"pytorch", "safetensors"})
+@dg.asset(group_name="llm", code_version=versioned("1", __name__), kinds={"pytorch", "safetensors"})
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, lake: DataLake
 ) -> dg.MaterializeResult:
@@ -121,7 +121,7 @@ class PromptRunConfig(dg.Config):
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
     partitions_def=dataset_variant_partitions,
-    code_version="2",
+    code_version=versioned("2", __name__),
     kinds={"polars", "parquet"},
     ins={
         name: dg.AssetIn(partition_mapping=BY_DATASET)
@@ -284,7 +284,7 @@ class LoraRunConfig(Recomputable):
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
     partitions_def=dataset_variant_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"pytorch", "accelerate"},
     deps=["base_model", "prompts"],
 )

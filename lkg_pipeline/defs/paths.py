@@ -32,6 +32,7 @@ from lkg_pipeline.defs.kg import kg_folder
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.reuse import versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,7 +86,7 @@ def read_paths(lake: Path, dataset: str) -> dict[str, pl.DataFrame]:
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version="3",
+    code_version=versioned("3", __name__),
     kinds={"duckdb", "parquet"},
     deps=["kg_triples"],
     ins={"candidates": dg.AssetIn(), "sequences": dg.AssetIn(), "items": dg.AssetIn()},
@@ -215,7 +216,7 @@ def selected_paths_file(lake: Path, dataset: str) -> Path:
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version="2",
+    code_version=versioned("2", __name__),
     kinds={"pytorch", "parquet"},
     deps=["kg_paths"],
     ins={"candidates": dg.AssetIn()},

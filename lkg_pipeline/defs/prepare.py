@@ -7,6 +7,7 @@ from lkg_pipeline.core import validate
 from lkg_pipeline.core.prepare import TITLE_STYLES, PrepareConfig, prepare
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
+from lkg_pipeline.defs.reuse import versioned
 
 ITEM_CHECKS = {
     "unique_item_ids": lambda items: validate.unique_ids(items, "item_idx", "item_id"),
@@ -38,14 +39,14 @@ class PrepareRunConfig(dg.Config):
     outs={
         "items": dg.AssetOut(
             group_name="prepare",
-            code_version="1",
+            code_version=versioned("1", __name__),
             is_required=False,
             kinds={"polars", "parquet"},
             description="Kept items: dense item_idx (by native id), cleaned title, metadata.",
         ),
         "sequences": dg.AssetOut(
             group_name="prepare",
-            code_version="1",
+            code_version=versioned("1", __name__),
             is_required=False,
             kinds={"polars", "parquet"},
             description="One row per kept interaction, in user order, with its split.",

@@ -24,7 +24,7 @@ from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
-from lkg_pipeline.defs.reuse import Recomputable, Reuse
+from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,7 +69,7 @@ def retriever_dir(lake: Path, dataset: str) -> Path:
 @dg.asset(
     group_name="retrieval",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"pytorch", "safetensors"},
     ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},
 )
@@ -161,7 +161,7 @@ def _curves(history: list[dict], dataset: str) -> str:
 @dg.asset(
     group_name="retrieval",
     partitions_def=dataset_partitions,
-    code_version="1",
+    code_version=versioned("1", __name__),
     kinds={"polars", "parquet"},
     deps=["retriever"],
     ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},

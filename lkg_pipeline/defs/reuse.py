@@ -26,6 +26,7 @@ import polars as pl
 from lkg_pipeline.core.fingerprints import (
     StampStore,
     changed_parts,
+    code_digest,
     combine,
     describe,
     fingerprint_parts,
@@ -44,6 +45,13 @@ class Recomputable(dg.Config):
     # True: run even when inputs, settings, code and outputs are as the last completed run
     # left them (e.g. to time it, or after editing code without bumping its code_version).
     recompute: bool = False
+
+
+def versioned(manual: str, module: str) -> str:
+    """An asset's `code_version`: the hand-kept number plus the digest of the code its output
+    depends on (`core.fingerprints.code_closure`), so that the UI marks an asset stale exactly
+    when its own code changed, as the reuse decision does; an unrelated edit changes neither."""
+    return f"{manual}+{code_digest(module)[:12]}"
 
 
 def stamps(lake: Path) -> StampStore:
@@ -78,7 +86,11 @@ class Reuse:
         settings = config.model_dump(exclude=NOT_SETTINGS)
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         stage = context.asset_key.to_user_string()
-        parts = fingerprint_parts(stage, code_version, settings, inputs)
+        function = getattr(context.op_def.compute_fn, "decorated_fn", None)
+        module = getattr(function, "__module__", None)
+        assert module is not None, f"{stage}: cannot tell which module defines it"
+        # the code digest read now, not at import: a long-running webserver sees edits too
+        parts = fingerprint_parts(stage, code_version, settings, inputs, module)
         return cls(context, stamps(lake), parts, config.recompute)
 
     def previous(self, outputs: Mapping[str, Path | pl.DataFrame | None]) -> dict[str, Any] | None:

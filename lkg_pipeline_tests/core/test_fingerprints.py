@@ -7,6 +7,8 @@ import polars as pl
 from lkg_pipeline.core.fingerprints import (
     StampStore,
     changed_parts,
+    code_closure,
+    code_digest,
     combine,
     content_digest,
     fingerprint,
@@ -98,3 +100,55 @@ def test_stamp_is_reusable_only_while_outputs_are_unchanged(tmp_path: Path) -> N
     store.path("x", "p").parent.mkdir(parents=True)
     store.path("x", "p").write_text("{not json")
     assert store.load("x", "p") is None  # unreadable: recompute rather than fail
+
+
+def fake_package(root: Path) -> Path:
+    """pkg/defs/a.py → core.x → core.y (inside a function); core.z and defs/b.py unrelated."""
+    package = root / "pkg"
+    for folder in ("core", "defs"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "defs" / "a.py").write_text("from pkg.core.x import f\nfrom pkg.defs.b import g\n")
+    (package / "defs" / "b.py").write_text("from pkg.core.z import h\n")
+    (package / "core" / "x.py").write_text("def f():\n    from pkg.core import y\n")
+    (package / "core" / "y.py").write_text("import os\nVALUE = 1\n")
+    (package / "core" / "z.py").write_text("VALUE = 2\n")
+    return package
+
+
+def test_a_stage_digests_its_own_module_and_the_core_code_it_imports(tmp_path: Path) -> None:
+    package = fake_package(tmp_path)
+    closure = code_closure("pkg.defs.a", package, "pkg.core")
+    assert [p.relative_to(package).as_posix() for p in closure] == [
+        "core/__init__.py",  # `from pkg.core import y` names the package too
+        "core/x.py",
+        "core/y.py",
+        "defs/a.py",
+    ]
+    before = code_digest("pkg.defs.a", package, "pkg.core")
+    (package / "core" / "z.py").write_text("VALUE = 3\n")  # unrelated core code
+    (package / "defs" / "b.py").write_text("from pkg.core.z import h  # edited\n")  # other defs
+    assert code_digest("pkg.defs.a", package, "pkg.core") == before
+    (package / "core" / "y.py").write_text("import os\nVALUE = 4\n")  # imported through x
+    assert code_digest("pkg.defs.a", package, "pkg.core") != before
+
+
+def test_the_real_stages_digest_what_they_run_and_show_it_as_their_code_version() -> None:
+    from lkg_pipeline.defs.evaluate import rankings
+    from lkg_pipeline.defs.llm import lora_adapter
+
+    names = {p.relative_to(p.parents[1]).as_posix() for p in code_closure("lkg_pipeline.defs.llm")}
+    assert {"defs/llm.py", "core/train_lora.py", "core/segments.py", "core/prompts.py"} <= names
+    assert not names & {
+        "defs/sensors.py",
+        "defs/schedules.py",
+        "core/ingest.py",
+        "defs/evaluate.py",
+    }
+    (version,) = lora_adapter.code_versions_by_key.values()
+    assert version == "1+" + code_digest("lkg_pipeline.defs.llm")[:12]
+    (version,) = rankings.code_versions_by_key.values()
+    assert version.endswith("+" + code_digest("lkg_pipeline.defs.evaluate")[:12])
+    assert fingerprint("s", "1", {}, {}, "lkg_pipeline.defs.llm") != fingerprint(
+        "s", "1", {}, {}, "lkg_pipeline.defs.retrieval"
+    )
