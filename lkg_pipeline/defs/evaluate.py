@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import dagster as dg
 import matplotlib
@@ -198,10 +198,14 @@ def rankings(
 
 
 class EvaluationRunConfig(dg.Config):
-    n_bootstrap: int = 1000
-    n_permutations: int = 10_000
-    confidence: float = 0.95
-    seed: int = 0
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {}
+
+    n_bootstrap: int = EvaluationConfig.n_bootstrap
+    n_permutations: int = EvaluationConfig.n_permutations
+    confidence: float = EvaluationConfig.confidence
+    seed: int = EvaluationConfig.seed
+    ks: list[int] = list(EvaluationConfig.ks)
     include_preference: bool = True  # the preference module's own ranking of the candidates
 
 
@@ -267,6 +271,7 @@ def evaluation_report(
         n_permutations=config.n_permutations,
         confidence=config.confidence,
         seed=config.seed,
+        ks=tuple(config.ks),
     )
     evaluation = evaluate(pl.concat(parts), core)
     report = report_dict(
@@ -369,9 +374,14 @@ def _bar_chart(metrics: pl.DataFrame, dataset: str) -> "matplotlib.figure.Figure
 
 
 class RecommendationRunConfig(Recomputable):
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {
+        "n_candidates": "20: the candidates per prompt the adapter was trained to rank",
+    }
+
     variant: str = "lkg_rag"  # whose adapter and prompt layout rank the candidates
-    top_n: int = 10
-    max_users: int | None = None  # the first N users; None: every user
+    top_n: int = RecommendConfig.top_n
+    max_users: int | None = RecommendConfig.max_users  # the first N users; None: every user
     batch_size: int | None = None  # as in rankings
     use_adapter: bool = True
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # as in rankings

@@ -24,10 +24,10 @@ BEHAVIOUR = {r.name for r in RELATIONS.values() if r.family == "behaviour"}
 class KGRunConfig(dg.Config):
     """Run configuration mirroring `KGConfig`."""
 
-    co_rated_top_n: int = 20
-    co_rated_min_rating: float | None = None
-    user_attributes: bool = False
-    freebase: bool = True
+    co_rated_top_n: int = KGConfig.co_rated_top_n
+    co_rated_min_rating: float | None = KGConfig.co_rated_min_rating
+    user_attributes: bool = KGConfig.user_attributes
+    freebase: bool = KGConfig.freebase
 
     def to_core(self) -> KGConfig:
         return KGConfig(**self.model_dump())

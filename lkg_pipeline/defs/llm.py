@@ -5,7 +5,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import dagster as dg
 import numpy as np
@@ -109,8 +109,17 @@ def base_model(
 
 
 class PromptRunConfig(dg.Config):
-    max_history: int = 20
-    max_title_tokens: int = 32
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
+        "max_prompt_tokens": "2048: segments prompts of ml-100k (~1,030 tokens) are never cut",
+        "format": "segments: the format `make quality` measured to learn (QUALITY.md)",
+    }
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {
+        "item_noun": "per dataset (ITEM_WORDS)",
+        "item_verb": "per dataset (ITEM_WORDS)",
+    }
+
+    max_history: int = PromptConfig.max_history
+    max_title_tokens: int = PromptConfig.max_title_tokens
     max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~1,030 segments tokens, none cut
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.segments), no position bias
@@ -214,9 +223,19 @@ class LoraRunConfig(Recomputable):
     defaults here are the short-run recipe `make quality` measured (benchmarks/QUALITY.md):
     LoRA r=16 on every linear layer at lr 5e-4 with a short warm-up."""
 
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
+        "lora_r": "16 (the paper 8): the short-run recipe of make quality",
+        "target_modules": "every linear layer (the paper q/v): the short-run recipe",
+        "lr": "5e-4 (the paper 1e-4): the short-run recipe",
+        "warmup_steps": "3 (the paper 100): the CPU budget is ~20 optimizer steps",
+        "max_train_examples": "160 (core: all): the CPU budget",
+        "max_val_examples": "50 (core: 100): the CPU budget",
+    }
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {}
+
     lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_alpha: int = TrainConfig.lora_alpha
+    lora_dropout: float = TrainConfig.lora_dropout
     target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]  # fmt: skip
@@ -224,24 +243,25 @@ class LoraRunConfig(Recomputable):
     # The paper warms up over 100 steps of a far longer run; at the CPU budget below (20
     # optimizer steps) that would never reach the peak rate, so warm up over 3 steps.
     warmup_steps: int = 3
-    epochs: int = 1
-    batch_size: int = 1
-    grad_accum: int = 8
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
+    grad_accum: int = TrainConfig.grad_accum
     # ~5 s per ~1,030-token segments prompt (forward + backward, bf16 on the AMD EPYC of
     # 2026-12-01) and ~1.5 s per validation prompt: 160 + 2 × 50 keep the LoRA stage near
     # 16 minutes on 2 CPU cores; None trains on every example.
     max_train_examples: int | None = 160
     max_val_examples: int | None = 50
-    eval_every: int = 50
-    checkpoint_every: int = 50
+    eval_every: int = TrainConfig.eval_every
+    checkpoint_every: int = TrainConfig.checkpoint_every
     weight_decay: float = TrainConfig.weight_decay
     max_grad_norm: float = TrainConfig.max_grad_norm
     eval_batch_size: int = TrainConfig.eval_batch_size
     log_every: int = TrainConfig.log_every
-    loss: Literal["letters", "lm"] = "letters"
-    seed: int = 0
-    max_steps: int | None = None
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.precision: bf16 if faster
+    loss: Literal["letters", "lm"] = TrainConfig.loss
+    seed: int = TrainConfig.seed
+    max_steps: int | None = TrainConfig.max_steps
+    # core.precision: bf16 where it measures faster
+    dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
     # An `accelerate config` file for GPUs or several processes; None: one CPU process.
     accelerate_config: str | None = None
     resume: bool = True  # continue an interrupted run from its last checkpoint

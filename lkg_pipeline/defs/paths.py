@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import dagster as dg
 import matplotlib
@@ -49,11 +49,14 @@ create table history_profile as select * from read_parquet({history_profile}) or
 class PathRunConfig(dg.Config):
     """Run configuration mirroring `PathConfig`."""
 
-    history_len: int = 20
-    max_hops: int = 2
-    max_paths_per_pair: int = 3
-    max_attribute_degree: int | None = None
-    three_hop_max_degree: int = 20
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {}
+
+    history_len: int = PathConfig.history_len
+    max_hops: int = PathConfig.max_hops
+    max_paths_per_pair: int = PathConfig.max_paths_per_pair
+    max_attribute_degree: int | None = PathConfig.max_attribute_degree
+    three_hop_max_degree: int = PathConfig.three_hop_max_degree
     # Users whose paths are enumerated together: bounds memory, never changes a path. Measured
     # on 10,000 ml-100k-like users: one batch 20.0 s and 1.8 GB peak, four of 2,500 18.7 s and
     # 1.0 GB (smaller joins, though pairs shared by two batches are solved in each).
@@ -186,16 +189,21 @@ def kg_paths(
 class PreferenceRunConfig(dg.Config):
     """The preference module (`PreferenceConfig`) and how prompts pick their paths."""
 
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
+        "user_encoder": "auto: trains both encoders, keeps the better on val (core: one)",
+    }
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {}
+
     user_encoder: Literal["auto", "user_id", "history"] = "auto"  # auto: the better on val
-    hidden: int = 32
-    lr: float = 0.05
-    weight_decay: float = 0.0
-    logit_l2: float = 1e-2
-    epochs: int = 50
-    batch_size: int | None = 512
-    seed: int = 42
-    paths_per_history_item: int = 1  # the reference: one relation line per history item
-    max_prompt_paths: int = 20
+    hidden: int = PreferenceConfig.hidden
+    lr: float = PreferenceConfig.lr
+    weight_decay: float = PreferenceConfig.weight_decay
+    logit_l2: float = PreferenceConfig.logit_l2
+    epochs: int = PreferenceConfig.epochs
+    batch_size: int | None = PreferenceConfig.batch_size
+    seed: int = PreferenceConfig.seed
+    paths_per_history_item: int = PathSelection.per_history_item  # `PathSelection`
+    max_prompt_paths: int = PathSelection.max_paths
 
     def to_core(self) -> PreferenceConfig:
         fields = PreferenceConfig.__dataclass_fields__

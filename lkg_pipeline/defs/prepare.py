@@ -24,12 +24,13 @@ SEQUENCE_CHECKS = {
 class PrepareRunConfig(dg.Config):
     """Run configuration mirroring `PrepareConfig`; defaults are the paper's."""
 
-    min_user_interactions: int = 5
-    min_item_interactions: int = 5
-    min_rating: float | None = None
-    drop_placeholder_titles: bool = True
-    max_users: int | None = None  # a seeded sample of users (quick runs, CI); None: all
-    seed: int = 42
+    min_user_interactions: int = PrepareConfig.min_user_interactions
+    min_item_interactions: int = PrepareConfig.min_item_interactions
+    min_rating: float | None = PrepareConfig.min_rating
+    drop_placeholder_titles: bool = PrepareConfig.drop_placeholder_titles
+    # a seeded sample of users (quick runs, CI); None: all
+    max_users: int | None = PrepareConfig.max_users
+    seed: int = PrepareConfig.seed
 
     def to_core(self) -> PrepareConfig:
         return PrepareConfig(**self.model_dump())

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import dagster as dg
 import matplotlib
@@ -37,17 +37,26 @@ REPORT_KS = (1, 5, 10, 20)
 class RetrieverRunConfig(Recomputable):
     """LRURec hyperparameters (published defaults) and the seed that makes a CPU run repeat."""
 
-    d_model: int = 64
-    n_layers: int = 2
-    dropout: float = 0.2
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
+        "max_len": "None: per dataset (200 MovieLens, 50 Amazon, DEFAULT_MAX_LEN), in to_core",
+    }
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
+
+    d_model: int = LRURecConfig.d_model
+    n_layers: int = LRURecConfig.n_layers
+    dropout: float = LRURecConfig.dropout
     max_len: int | None = None  # None: 200 for MovieLens, 50 for Amazon
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: float = 5.0
-    batch_size: int = 64
-    max_epochs: int = 100
-    patience: int = 10  # epochs without a better val Recall@10 before stopping
-    seed: int = 42
+    lr: float = LRURecConfig.lr
+    weight_decay: float = LRURecConfig.weight_decay
+    grad_clip: float = LRURecConfig.grad_clip
+    batch_size: int = LRURecConfig.batch_size
+    max_epochs: int = LRURecConfig.max_epochs
+    patience: int = LRURecConfig.patience  # epochs without a better val Recall@10 before stopping
+    seed: int = LRURecConfig.seed
+    r_min: float = LRURecConfig.r_min
+    r_max: float = LRURecConfig.r_max
+    sliding_step: int | None = LRURecConfig.sliding_step
+    eval_batch_size: int = LRURecConfig.eval_batch_size
 
     def to_core(self, dataset: str, n_items: int) -> LRURecConfig:
         values = self.model_dump(exclude={"recompute"})

@@ -1,9 +1,25 @@
-"""The run configuration of the LLM stages reaches every setting of the core it wraps."""
+"""Each stage's run configuration reaches every setting of the core it wraps, with the
+core's defaults or declared differences."""
 
 import dataclasses
 
+import pytest
+
+from lkg_pipeline.core.evaluation import EvaluationConfig
+from lkg_pipeline.core.kg import KGConfig
+from lkg_pipeline.core.lrurec import LRURecConfig
+from lkg_pipeline.core.paths import PathConfig
+from lkg_pipeline.core.preference import PreferenceConfig
+from lkg_pipeline.core.prepare import PrepareConfig
+from lkg_pipeline.core.prompts import PromptConfig
+from lkg_pipeline.core.recommend import RecommendConfig
 from lkg_pipeline.core.train_lora import TrainConfig, build_parser, config_from_args
-from lkg_pipeline.defs.llm import LoraRunConfig
+from lkg_pipeline.defs.evaluate import EvaluationRunConfig, RecommendationRunConfig
+from lkg_pipeline.defs.kg import KGRunConfig
+from lkg_pipeline.defs.llm import LoraRunConfig, PromptRunConfig
+from lkg_pipeline.defs.paths import PathRunConfig, PreferenceRunConfig
+from lkg_pipeline.defs.prepare import PrepareRunConfig
+from lkg_pipeline.defs.retrieval import RetrieverRunConfig
 
 
 def test_every_training_setting_is_reachable_from_the_run_configuration() -> None:
@@ -24,3 +40,44 @@ def test_the_launch_arguments_rebuild_the_configured_training() -> None:
     }
     expected["target_modules"] = tuple(expected["target_modules"])
     assert rebuilt == TrainConfig(**expected)
+
+
+PAIRS = [
+    (KGRunConfig, KGConfig),
+    (PrepareRunConfig, PrepareConfig),
+    (RetrieverRunConfig, LRURecConfig),
+    (PathRunConfig, PathConfig),
+    (PreferenceRunConfig, PreferenceConfig),
+    (PromptRunConfig, PromptConfig),
+    (LoraRunConfig, TrainConfig),
+    (RecommendationRunConfig, RecommendConfig),
+    (EvaluationRunConfig, EvaluationConfig),
+]
+
+
+def core_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+@pytest.mark.parametrize(("run_config", "core"), PAIRS, ids=lambda c: c.__name__)
+def test_each_core_setting_is_reachable_with_the_cores_default_or_a_declared_one(
+    run_config, core
+) -> None:
+    """One source of truth per setting: a run configuration field takes the core's default
+    unless the difference is declared (with its reason) in CORE_DIFFERENCES, and a core field
+    it does not offer is declared in NOT_EXPOSED."""
+    differences = getattr(run_config, "CORE_DIFFERENCES", {})
+    not_exposed = getattr(run_config, "NOT_EXPOSED", {})
+    fields = {f.name: f for f in dataclasses.fields(core)}
+    missing = set(fields) - set(run_config.model_fields)
+    assert missing == set(not_exposed), f"{run_config.__name__}: undeclared {missing}"
+    differ = set()
+    for name in set(fields) & set(run_config.model_fields):
+        ours = run_config.model_fields[name].default
+        theirs = core_default(fields[name])
+        if (list(theirs) if isinstance(theirs, tuple) else theirs) != ours:
+            differ.add(name)
+    assert differ == set(differences), f"{run_config.__name__}: undeclared defaults {differ}"
+    assert all(reason.strip() for reason in (*differences.values(), *not_exposed.values()))
