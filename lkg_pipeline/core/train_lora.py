@@ -481,6 +481,244 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint's `progress.json` holds, so that a resumed run
+    continues exactly where the interrupted one stopped."""
+
+    step: int = 0  # optimizer steps done, over every run this one continues
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per logged step
+    train_tokens: int = 0
+    train_seconds: float = 0.0  # forward, backward and optimizer only
+    wall_seconds: float = 0.0  # spent by the runs this one resumes (updated at checkpoints)
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> RunState:
+        return cls(**json.loads((checkpoint / "progress.json").read_text()))
+
+    def validated_now(self) -> bool:
+        return any(h["step"] == self.step and "val" in h for h in self.history)
+
+
+@dataclass
+class Run:
+    """The prepared pieces of one training run, and the three things it does with them:
+    validate (keeping the best adapter), train one epoch, checkpoint."""
+
+    config: TrainConfig
+    paths: RunPaths
+    accelerator: Accelerator
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dl: Any
+    val: Examples
+    trainable: list[torch.nn.Parameter]
+    steps_per_epoch: int
+    on_log: Callable[[dict[str, Any]], None] | None
+    started: float  # perf_counter when this process started the run
+    earlier_wall: float = 0.0  # wall seconds of the runs this one resumes
+    # The best so far is what best/ holds (saved with its metrics in one folder swap), which a
+    # crash between a best save and the next checkpoint cannot make disagree with the weights.
+    best: dict[str, Any] | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def stop_at(self) -> int:
+        limit = self.config.max_steps
+        return self.total_steps if limit is None else min(self.total_steps, limit)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.paths.partial / "best"
+
+    def record(self, state: RunState, **fields: Any) -> None:
+        """Merge `fields` into the history entry of this step and report it (main only)."""
+        if state.history and state.history[-1]["step"] == fields["step"]:
+            state.history[-1].update(fields)
+        else:
+            state.history.append(dict(fields))
+        if self.accelerator.is_main_process and self.on_log is not None:
+            self.on_log(dict(fields))
+
+    def validate(self, state: RunState) -> None:
+        metrics = evaluate(
+            self.accelerator, self.model, self.tokenizer, self.val, self.config.eval_batch_size
+        )
+        self.record(state, step=state.step, val=metrics)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.accelerator.print(f"step {state.step}/{self.total_steps} | val {shown}")
+        if self.best is None or metrics[SELECTION_METRIC] > self.best["val"][SELECTION_METRIC]:
+            self.best = {"step": state.step, "val": metrics}
+            _save_best(self.accelerator, self.model, self.best_dir, self.best)
+
+    def checkpoint(self, state: RunState) -> None:
+        state.wall_seconds = self.earlier_wall + time.perf_counter() - self.started
+        root = self.paths.partial / "checkpoints"
+        _save_checkpoint(self.accelerator, root, state.step, dataclasses.asdict(state))
+
+    def train_epoch(self, state: RunState, epoch: int, skip_steps: int = 0) -> None:
+        """Optimizer steps of one epoch (after the first `skip_steps`, done by the run this
+        one resumes) until the epoch or `stop_at` ends; logs, validates and checkpoints on
+        the configured steps. Tokens and seconds count forward, backward and optimizer only."""
+        config, accelerator = self.config, self.accelerator
+        self.train_dl.set_epoch(epoch)
+        loader = self.train_dl
+        if skip_steps:
+            loader = accelerator.skip_first_batches(self.train_dl, skip_steps * config.grad_accum)
+        window = _Window()
+        for batch in loader:
+            tick = time.perf_counter()
+            with accelerator.accumulate(self.model):
+                loss = batch_loss(self.model, batch, config.loss)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            window.add(loss, batch["n_tokens"].sum(), time.perf_counter() - tick)
+            if not accelerator.sync_gradients:
+                continue
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+            self.scheduler.step()
+            state.step += 1
+            if state.step % config.log_every == 0 or state.step == self.stop_at:
+                self._log(state, epoch, lr, window)
+                window = _Window()
+            if state.step % config.eval_every == 0 or state.step == self.stop_at:
+                self.validate(state)
+            stopped_early = state.step == self.stop_at < self.total_steps  # re-runs go on here
+            if state.step % config.checkpoint_every == 0 or stopped_early:
+                self.checkpoint(state)
+            if state.step >= self.stop_at:
+                return
+
+    def _log(self, state: RunState, epoch: int, lr: float, window: _Window) -> None:
+        reduce = self.accelerator.reduce
+        mean_loss = reduce(window.loss_sum / window.batches, reduction="mean").item()
+        n_tokens = int(reduce(window.tokens, reduction="sum").item())
+        rate = n_tokens / max(window.seconds, 1e-9)  # all processes together
+        state.train_tokens += n_tokens
+        state.train_seconds += window.seconds
+        self.record(state, step=state.step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=rate)
+        per_step = window.seconds / (window.batches / self.config.grad_accum)
+        self.accelerator.print(
+            f"step {state.step}/{self.total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+            f"{rate:.0f} tok/s | {per_step:.2f} s/step"
+        )
+
+
+@dataclass
+class _Window:
+    """Training since the last log: non-pad tokens, summed loss, batches, busy seconds."""
+
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    batches: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor, seconds: float) -> None:
+        self.loss_sum += loss.detach().float()
+        self.tokens += tokens
+        self.batches += 1
+        self.seconds += seconds
+
+
+def _prepare_run(
+    config: TrainConfig,
+    paths: RunPaths,
+    accelerator: Accelerator,
+    dtype: DtypeChoice,
+    on_log: Callable[[dict[str, Any]], None] | None,
+    started: float,
+) -> tuple[Run, list[list[int]], tuple[int, int]]:
+    """Model (frozen base in `dtype`, fp32 LoRA), data, optimizer and schedule, through
+    `accelerator.prepare`; also the letter ids seen and (trainable, total) parameters."""
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    set_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
+    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
+    base.config.use_cache = False
+    position_limit = max_positions(base)
+    # autocast_adapter_dtype: LoRA weights in fp32 over a bf16 base (fp32 master weights)
+    model = get_peft_model(base, lora_config(config), autocast_adapter_dtype=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    counts = model.get_nb_trainable_parameters()
+    train_dl, val, letter_ids = get_dataloaders(
+        accelerator, config, tokenizer, paths.prompts, position_limit
+    )
+    batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / config.grad_accum)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, config.warmup_steps, steps_per_epoch * config.epochs
+    )
+    model, optimizer, train_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, scheduler
+    )
+    assert len(train_dl) == batches_per_process, f"{len(train_dl)} != {batches_per_process}"
+    _register_adapter_only_state(accelerator)
+    run = Run(
+        config, paths, accelerator, model, tokenizer, optimizer, scheduler, train_dl, val,
+        trainable, steps_per_epoch, on_log, started,
+    )  # fmt: skip
+    return run, letter_ids, counts
+
+
+def _summary(
+    run: Run,
+    state: RunState,
+    identity: dict[str, Any],
+    dtype: DtypeChoice,
+    letter_ids: list[list[int]],
+    counts: tuple[int, int],
+) -> dict[str, Any]:
+    """`training.json`: what was trained from, how, how far, the best adapter, how fast."""
+    config, accelerator, best = run.config, run.accelerator, run.best
+    assert best is not None
+    n_trainable, n_total = counts
+    finished = state.step >= run.total_steps
+    return {
+        "config": {**dataclasses.asdict(config), "target_modules": list(config.target_modules)},
+        "prompts": identity["prompts"],
+        "prompts_sha256": identity["prompts_sha256"],
+        "base_model": identity["base_model"],
+        "letter_token_ids": letter_ids,
+        "n_train": len(run.train_dl.dataset),
+        "n_val": len(run.val.prompts),
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "precision": dtype.metadata(),
+        "versions": library_versions(
+            ("lkg_pipeline", "torch", "transformers", "peft", "accelerate")
+        ),
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
+        "step": state.step,
+        "finished": finished,
+        "selection_metric": SELECTION_METRIC,
+        "best_step": best["step"],
+        "best_val": best["val"],
+        "history": state.history,
+        "wall_time_s": run.earlier_wall + time.perf_counter() - run.started,
+        "train_tokens": state.train_tokens,
+        "tokens_per_s": state.train_tokens / state.train_seconds
+        if state.train_seconds > 0
+        else None,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 def training_function(
     config: TrainConfig,
     paths: RunPaths,
@@ -491,196 +729,51 @@ def training_function(
 ) -> TrainResult:
     """Fine-tune, validate, checkpoint and publish; `on_log` (main process only) receives every
     record that goes into the history, e.g. to forward it to Dagster Pipes."""
-    from accelerate.utils import set_seed
-    from peft import get_peft_model
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import AutoConfig
 
     started = time.perf_counter()
     accelerator = accelerator if accelerator is not None else make_accelerator(config)
-    main = accelerator.is_main_process
     shape = model_gemm_shape(AutoConfig.from_pretrained(paths.base_model))
     dtype = choose_dtype(config.dtype, accelerator.device.type, shape)
     accelerator.print(dtype.describe())
     identity = _identity(config, paths, dtype)
     latest = _prepare_partial(accelerator, paths, identity, resume, restart_other_run)
-
-    set_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
-    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
-    base.config.use_cache = False
-    position_limit = max_positions(base)
-    # autocast_adapter_dtype: LoRA weights in fp32 over a bf16 base (fp32 master weights)
-    model = get_peft_model(base, lora_config(config), autocast_adapter_dtype=True)
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    n_trainable, n_total = model.get_nb_trainable_parameters()
-    train_dl, val, letter_ids = get_dataloaders(
-        accelerator, config, tokenizer, paths.prompts, position_limit
+    run, letter_ids, (n_trainable, n_total) = _prepare_run(
+        config, paths, accelerator, dtype, on_log, started
     )
 
-    batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_process / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    model, optimizer, train_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, scheduler
-    )
-    assert len(train_dl) == batches_per_process, f"{len(train_dl)} != {batches_per_process}"
-    _register_adapter_only_state(accelerator)
-
-    progress: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "train_tokens": 0,
-        "train_seconds": 0.0,
-        "wall_seconds": 0.0,
-    }
+    state = RunState()
     if latest is not None:
         accelerator.load_state(str(latest))
-        progress = json.loads((latest / "progress.json").read_text())
-        accelerator.print(f"resumed from {latest} at step {progress['step']}/{total_steps}")
-    history: list[dict[str, Any]] = progress["history"]
-    step = int(progress["step"])
-    earlier_wall = float(progress["wall_seconds"])  # spent by the runs this one resumes
-    best_dir = paths.partial / "best"
-    stop_at = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
-
-    def record(**fields: Any) -> None:
-        """Merge `fields` into the history entry of this step and report it (main only)."""
-        if history and history[-1]["step"] == fields["step"]:
-            history[-1].update(fields)
-        else:
-            history.append(dict(fields))
-        if main and on_log is not None:
-            on_log(dict(fields))
-
-    # The best so far is what best/ holds (saved with its metrics in one folder swap), which a
-    # crash between a best save and the next checkpoint cannot make disagree with the weights.
-    best_file = best_dir / "best.json"
-    best: dict[str, Any] | None = json.loads(best_file.read_text()) if best_file.exists() else None
-
-    def validate() -> None:
-        nonlocal best
-        metrics = evaluate(accelerator, model, tokenizer, val, config.eval_batch_size)
-        record(step=step, val=metrics)
-        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        accelerator.print(f"step {step}/{total_steps} | val {shown}")
-        if best is None or metrics[SELECTION_METRIC] > best["val"][SELECTION_METRIC]:
-            best = {"step": step, "val": metrics}
-            _save_best(accelerator, model, best_dir, best)
-
+        state = RunState.load(latest)
+        accelerator.print(f"resumed from {latest} at step {state.step}/{run.total_steps}")
+    run.earlier_wall = state.wall_seconds
+    best_file = run.best_dir / "best.json"
+    run.best = json.loads(best_file.read_text()) if best_file.exists() else None
     accelerator.print(
         f"LoRA on {list(config.target_modules)}: {n_trainable:,} trainable of {n_total:,} params;"
-        f" {len(train_dl.dataset)} train / {len(val.prompts)} val prompts; {steps_per_epoch} "
-        f"steps per epoch; loss={config.loss}; processes={accelerator.num_processes}"
+        f" {len(run.train_dl.dataset)} train / {len(run.val.prompts)} val prompts; "
+        f"{run.steps_per_epoch} steps per epoch; loss={config.loss}; "
+        f"processes={accelerator.num_processes}"
     )
-    if step == 0:
-        validate()  # the untrained adapter (LoRA B = 0) is the base model: the baseline
+    if state.step == 0:
+        run.validate(state)  # the untrained adapter (LoRA B = 0) is the base model: the baseline
 
-    model.train()
-
-    # Since the last log: non-pad tokens, summed loss, batches, and seconds spent in forward,
-    # backward and optimizer (validation and checkpoints are not training time).
-    def fresh_window() -> tuple[torch.Tensor, torch.Tensor, int, float]:
-        return torch.zeros((), dtype=torch.long), torch.zeros(()), 0, 0.0
-
-    tokens, loss_sum, loss_count, busy = fresh_window()
-    train_tokens, train_seconds = int(progress["train_tokens"]), float(progress["train_seconds"])
-    start_epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    run.model.train()
+    start_epoch, done_in_epoch = divmod(state.step, run.steps_per_epoch)
     for epoch in range(start_epoch, config.epochs):
-        if step >= stop_at:
+        if state.step >= run.stop_at:
             break
-        train_dl.set_epoch(epoch)
-        loader = train_dl
-        if epoch == start_epoch and done_in_epoch:
-            loader = accelerator.skip_first_batches(train_dl, done_in_epoch * config.grad_accum)
-        for batch in loader:
-            tick = time.perf_counter()
-            with accelerator.accumulate(model):
-                loss = batch_loss(model, batch, config.loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach().float()
-            loss_count += 1
-            tokens += batch["n_tokens"].sum()
-            busy += time.perf_counter() - tick
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            step += 1
-            if step % config.log_every == 0 or step == stop_at:
-                mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
-                n_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
-                rate = n_tokens / max(busy, 1e-9)  # all processes together
-                train_tokens += n_tokens
-                train_seconds += busy
-                record(step=step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=rate)
-                accelerator.print(
-                    f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                    f"{rate:.0f} tok/s | {busy / (loss_count / config.grad_accum):.2f} s/step"
-                )
-                tokens, loss_sum, loss_count, busy = fresh_window()
-            if step % config.eval_every == 0 or step == stop_at:
-                validate()
-            stopped_early = step == stop_at and stop_at < total_steps  # re-runs continue here
-            if step % config.checkpoint_every == 0 or stopped_early:
-                progress.update(
-                    step=step,
-                    history=history,
-                    train_tokens=train_tokens,
-                    train_seconds=train_seconds,
-                    wall_seconds=earlier_wall + time.perf_counter() - started,
-                )
-                _save_checkpoint(accelerator, paths.partial / "checkpoints", step, progress)
-            if step >= stop_at:
-                break
-        done_in_epoch = 0
-    if not any(h["step"] == step and "val" in h for h in history):
-        validate()  # e.g. a re-run after the last step, or a run with no training step
+        run.train_epoch(state, epoch, done_in_epoch if epoch == start_epoch else 0)
+    if not state.validated_now():
+        run.validate(state)  # e.g. a re-run after the last step, or a run with no training step
 
-    assert best is not None, f"{best_dir} holds no adapter: no validation ran"
-    finished = step >= total_steps
-    summary = {
-        "config": {**dataclasses.asdict(config), "target_modules": list(config.target_modules)},
-        "prompts": identity["prompts"],
-        "prompts_sha256": identity["prompts_sha256"],
-        "base_model": identity["base_model"],
-        "letter_token_ids": letter_ids,
-        "n_train": len(train_dl.dataset),
-        "n_val": len(val.prompts),
-        "trainable_params": n_trainable,
-        "total_params": n_total,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": str(accelerator.mixed_precision),
-        "precision": dtype.metadata(),
-        "versions": library_versions(
-            ("lkg_pipeline", "torch", "transformers", "peft", "accelerate")
-        ),
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "step": step,
-        "finished": finished,
-        "selection_metric": SELECTION_METRIC,
-        "best_step": best["step"],
-        "best_val": best["val"],
-        "history": history,
-        "wall_time_s": earlier_wall + time.perf_counter() - started,
-        "train_tokens": train_tokens,
-        "tokens_per_s": train_tokens / train_seconds if train_seconds > 0 else None,
-        "peak_rss_mb": _peak_rss_mb(),
-    }
-    if main:
-        _publish(best_dir, paths.output, summary)
+    best = run.best
+    assert best is not None, f"{run.best_dir} holds no adapter: no validation ran"
+    finished = state.step >= run.total_steps
+    summary = _summary(run, state, identity, dtype, letter_ids, (n_trainable, n_total))
+    if accelerator.is_main_process:
+        _publish(run.best_dir, paths.output, summary)
         if finished:  # nothing left to resume
             shutil.rmtree(paths.partial)
     accelerator.wait_for_everyone()
@@ -691,13 +784,13 @@ def training_function(
     accelerator.end_training()
     return TrainResult(
         paths.output,
-        step,
+        state.step,
         finished,
         best["step"],
         best["val"],
-        history,
+        state.history,
         summary,
-        model=accelerator.unwrap_model(model),
+        model=accelerator.unwrap_model(run.model),
     )
 
 
