@@ -264,6 +264,12 @@ def evaluation_report(
             f"no rankings for {dataset} under {rankings_file(lake.path, dataset, '*').parent}: "
             "materialise `rankings` for at least one variant first"
         )
+    missing = [v for v in VARIANTS if v not in variants]
+    if missing:  # said in the log, the report and the metadata, never skipped silently
+        context.log.warning(
+            f"{dataset}: no rankings for {', '.join(missing)}; the report covers "
+            f"{', '.join(variants)} (materialise `rankings` for {dataset}|<variant> to add them)"
+        )
     if config.include_preference:
         parts.append(_preference_ranks(lake.path, dataset, candidates))
     core = EvaluationConfig(
@@ -279,6 +285,7 @@ def evaluation_report(
         {
             "dataset": dataset,
             "variants": variants,
+            "variants_missing": missing,
             "latency": latency,
             "fusion": fusion,
             "base_model": str(current_base_model(lake.path)),
@@ -286,6 +293,8 @@ def evaluation_report(
         },
     )
     markdown = report_markdown(report, evaluation)
+    if missing:
+        markdown = f"Not ranked (not in this report): {', '.join(missing)}.\n\n" + markdown
     figure = _bar_chart(evaluation.metrics, dataset)
     target = reports_dir(lake.path, dataset)
 
@@ -308,6 +317,7 @@ def evaluation_report(
             "chart": dg.MetadataValue.md(chart),
             "populations": dg.MetadataValue.md(markdown_table(evaluation.populations)),
             "variants": dg.MetadataValue.json(variants),
+            "variants_missing": dg.MetadataValue.json(missing),
         }
     )
     yield _beats_retriever(evaluation.metrics, variants)

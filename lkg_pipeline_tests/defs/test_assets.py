@@ -226,6 +226,10 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert reported.success
     report = assert_report_recomputable(lake, "ml-100k", table)
     assert report["variants"] == ["llamarec", "lkg_rag"]
+    assert report["variants_missing"] == ["kg_rag"]  # said, not skipped silently
+    assert "Not ranked (not in this report): kg_rag." in (
+        reported.asset_materializations_for_node("evaluation_report")[0].metadata["tables"].value
+    )
     assert {r["ranker"] for r in report["metrics"]} == {
         "retriever",
         "llamarec",
