@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,10 @@ def score_prompts_timed(
     prompts: Sequence[str],
     batch_size: int = 4,
     segments: Sequence[Sequence[str]] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> PromptScores:
-    """Candidate scores of each prompt, batched by length, with the time each batch took.
+    """Candidate scores of each prompt, batched by length, with the time each batch took;
+    `progress(prompts done)` after every batch.
 
     `segments` None: the letter format, the letter logits at the last position. Otherwise the
     segments format (`prompts` are the shared prefixes, core.segments). Prompts are sorted by
@@ -107,7 +109,7 @@ def score_prompts_timed(
         return PromptScores(torch.empty((0, len(LETTERS))), empty, empty.astype(np.int64))
     if segments is not None:
         assert len(segments) == n, f"{len(segments)} segment lists for {n} prompts"
-        return _score_segments(model, tokenizer, prompts, segments, batch_size)
+        return _score_segments(model, tokenizer, prompts, segments, batch_size, progress)
     pad_id = pad_token_id(tokenizer)
     limit = max_positions(model)
     rows = [tokenize_prompt(tokenizer, p) for p in prompts]
@@ -122,7 +124,7 @@ def score_prompts_timed(
         return token_logits(model, last, letters[idx].to(device))  # (B, 20), fp32
 
     lengths = [len(r) for r in rows]
-    return _batched(model, lengths, batch_size, len(LETTERS), forward)
+    return _batched(model, lengths, batch_size, len(LETTERS), forward, progress)
 
 
 def _score_segments(
@@ -131,6 +133,7 @@ def _score_segments(
     prefixes: Sequence[str],
     segments: Sequence[Sequence[str]],
     batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> PromptScores:
     from lkg_pipeline.core.segments import (
         answer_token_ids,
@@ -155,7 +158,7 @@ def _score_segments(
         batch = {k: v.to(device) for k, v in batch.items()}
         return segment_scores(model, batch, answer_ids)  # (B, C)
 
-    return _batched(model, [r.n_tokens for r in rows], batch_size, width, forward)
+    return _batched(model, [r.n_tokens for r in rows], batch_size, width, forward, progress)
 
 
 def _batched(
@@ -164,6 +167,7 @@ def _batched(
     batch_size: int,
     width: int,
     forward: Any,
+    progress: Callable[[int], None] | None = None,
 ) -> PromptScores:
     """Run `forward(indices, device) -> (B, width)` over length-sorted batches, timed."""
     n = len(lengths)
@@ -180,6 +184,8 @@ def _batched(
                 idx = order[start : start + batch_size]
                 out[idx] = forward(idx, device).cpu()
                 seconds[idx] = (time.perf_counter() - tick) / len(idx)
+                if progress is not None:
+                    progress(start + len(idx))
     finally:
         model.train(was_training)
     return PromptScores(out, seconds, np.asarray(lengths, dtype=np.int64))
@@ -240,17 +246,53 @@ def load_ranker(
     return model.to(device=device or default_device()).eval()
 
 
+@dataclass
+class ProgressLog:
+    """`emit`s "what: done/total (share), rate, ETA" each time another `every` share of the
+    work is done, and at the end: a long ranking run reports how far it is in the run log."""
+
+    what: str
+    total: int
+    emit: Callable[[str], None]
+    every: float = 0.05
+    started: float = field(default_factory=time.perf_counter)
+    reported: int = 0  # shares of `every` reported so far
+
+    def __call__(self, done: int) -> None:
+        share = done / self.total if self.total else 1.0
+        if int(share / self.every) <= self.reported and done < self.total:
+            return
+        self.reported = int(share / self.every)
+        elapsed = time.perf_counter() - self.started
+        rate = done / elapsed if elapsed > 0 else float("inf")
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        self.emit(
+            f"{self.what}: {done}/{self.total} prompts ({share:.0%}), {rate:.2f} prompts/s, "
+            f"ETA {eta / 60:.1f} min"
+        )
+
+
 def rank_prompts(
-    model: Any, tokenizer: Any, prompts: pl.DataFrame, batch_size: int | None = None
+    model: Any,
+    tokenizer: Any,
+    prompts: pl.DataFrame,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """Each prompt's candidates in the model's order, the true item's rank and the time taken.
 
     Ties go to the earlier letter (a stable sort), the rule every stage's metrics use.
-    `batch_size` None: `default_batch_size`.
+    `batch_size` None: `default_batch_size`. `progress(prompts done)` after every batch, e.g.
+    a `ProgressLog`.
     """
     batch_size = batch_size or default_batch_size(model)
     scored = score_prompts_timed(
-        model, tokenizer, prompts["prompt"].to_list(), batch_size, prompt_segments(prompts)
+        model,
+        tokenizer,
+        prompts["prompt"].to_list(),
+        batch_size,
+        prompt_segments(prompts),
+        progress,
     )
     scores = scored.scores  # (N, 20)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (N, 20)

@@ -606,9 +606,10 @@ class Run:
         state.train_seconds += window.seconds
         self.record(state, step=state.step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=rate)
         per_step = window.seconds / (window.batches / self.config.grad_accum)
+        eta = (self.stop_at - state.step) * per_step / 60  # training only, not validation
         self.accelerator.print(
             f"step {state.step}/{self.total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-            f"{rate:.0f} tok/s | {per_step:.2f} s/step"
+            f"{rate:.0f} tok/s | {per_step:.2f} s/step | ETA {eta:.1f} min"
         )
 
 

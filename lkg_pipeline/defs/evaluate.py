@@ -33,7 +33,7 @@ from lkg_pipeline.core.prompts import (
     PromptSettings,
     recorded_settings,
 )
-from lkg_pipeline.core.ranking import default_device, load_ranker, rank_prompts
+from lkg_pipeline.core.ranking import ProgressLog, default_device, load_ranker, rank_prompts
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -169,7 +169,8 @@ def rankings(
     )
     device = str(next(model.parameters()).device)
     context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}: {dtype.describe()}")
-    table = rank_prompts(model, tokenizer, chosen, config.batch_size)
+    progress = ProgressLog(f"rankings {context.partition_key}", chosen.height, context.log.info)
+    table = rank_prompts(model, tokenizer, chosen, config.batch_size, progress)
     summary = []
     for split, rows in table.group_by("split", maintain_order=True):
         ranks = rows["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
@@ -465,7 +466,8 @@ def recommendations(
     explanations = None
     if selected is not None:
         explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
-    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size)
+    progress = ProgressLog(f"recommendations {dataset}", prompt_table.height, context.log.info)
+    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size, progress)
     table = recommendation_table(
         examples,
         ranked,

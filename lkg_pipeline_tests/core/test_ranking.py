@@ -11,7 +11,13 @@ import torch
 
 from lkg_pipeline.core.llm import LETTERS, load_base
 from lkg_pipeline.core.prompts import PROMPT_COLUMNS
-from lkg_pipeline.core.ranking import RANKING_COLUMNS, load_ranker, rank_prompts, score_prompts
+from lkg_pipeline.core.ranking import (
+    RANKING_COLUMNS,
+    ProgressLog,
+    load_ranker,
+    rank_prompts,
+    score_prompts,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,8 +78,13 @@ def test_rankings_order_candidates_by_letter_logit(tiny_with_adapter) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompts = prompt_table()
-    table = rank_prompts(model, tokenizer, prompts)
+    lines: list[str] = []
+    progress = ProgressLog("rankings test", prompts.height, lines.append, every=0.5)
+    table = rank_prompts(model, tokenizer, prompts, batch_size=1, progress=progress)
     assert dict(table.schema) == RANKING_COLUMNS
+    n = prompts.height
+    assert len(lines) == 2 and lines[-1].startswith(f"rankings test: {n}/{n} prompts (100%)")
+    assert "prompts/s, ETA 0.0 min" in lines[-1]
     scores = score_prompts(model, tokenizer, prompts["prompt"].to_list(), 1)  # (N, 20)
     for row, s, candidates in zip(
         table.iter_rows(named=True), scores, prompts["candidate_item_idxs"], strict=True
@@ -117,3 +128,13 @@ def test_rankings_are_identical_after_save_and_reload(tiny_with_adapter) -> None
     )
     base_only = rank_prompts(load_ranker(base, None, device="cpu"), tokenizer, prompts)
     assert base_only["ranked_scores"].to_list() != once["ranked_scores"].to_list()
+
+
+def test_progress_is_reported_every_share_and_at_the_end() -> None:
+    lines: list[str] = []
+    progress = ProgressLog("x", 100, lines.append, every=0.25)
+    for done in range(7, 100, 7):  # batches of 7: 7, 14, ..., 98
+        progress(done)
+    progress(100)
+    shares = [line.split("(")[1].split(")")[0] for line in lines]
+    assert shares == ["28%", "56%", "77%", "100%"]  # past 25, 50, 75 %, then the end
