@@ -44,19 +44,23 @@ from lkg_pipeline.core.recommend import (
 )
 from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
-from lkg_pipeline.defs.kg import kg_folder
-from lkg_pipeline.defs.llm import (
-    BY_DATASET,
+from lkg_pipeline.defs.layout import (
     adapter_dir,
     current_base_model,
-    dataset_variant_partitions,
+    kg_folder,
+    preference_dir,
     prompts_file,
+    rankings_file,
+    recommendations_file,
+    reports_dir,
+    retriever_dir,
+    warehouse_path,
 )
+from lkg_pipeline.defs.llm import BY_DATASET, dataset_variant_partitions
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
-from lkg_pipeline.defs.paths import preference_dir, read_paths
+from lkg_pipeline.defs.paths import read_paths
 from lkg_pipeline.defs.resources import DataLake
-from lkg_pipeline.defs.retrieval import retriever_dir
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
@@ -75,22 +79,8 @@ def after_update_of(asset: str) -> dg.AutomationCondition:
     return dg.AutomationCondition.eager().replace("any_deps_updated", updated)
 
 
-def rankings_file(lake: Path, dataset: str, variant: str) -> Path:
-    """Where the IO manager keeps a `rankings` partition."""
-    return lake / "evaluate" / "rankings" / dataset / f"{variant}.parquet"
-
-
-def recommendations_file(lake: Path, dataset: str) -> Path:
-    """Where the IO manager keeps a `recommendations` partition."""
-    return lake / "evaluate" / "recommendations" / f"{dataset}.parquet"
-
-
 def _previous_table(path: Path) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
-
-
-def reports_dir(lake: Path, dataset: str) -> Path:
-    return lake / "reports" / dataset
 
 
 def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool, dtype: str):
@@ -436,7 +426,7 @@ def recommendations(
         "prompts": prompts_file(lake.path, dataset, config.variant),  # its format, see below
     }
     reuse = Reuse.start(context, lake.path, config, inputs)
-    database = lake.path / "warehouse" / f"{dataset}_recommendations.duckdb"
+    database = warehouse_path(lake.path, dataset, "recommendations")
     previous = _previous_table(recommendations_file(lake.path, dataset))
     if (metadata := reuse.previous({"table": previous, "duckdb": database})) is not None:
         return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)

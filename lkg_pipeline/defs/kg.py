@@ -1,7 +1,6 @@
 """Group `kg`: the knowledge graph of a dataset in DuckDB and Parquet, checked for leakage."""
 
 import time
-from pathlib import Path
 
 import dagster as dg
 import matplotlib
@@ -10,6 +9,7 @@ import polars as pl
 from lkg_pipeline.core import validate
 from lkg_pipeline.core.kg import RELATIONS, KGConfig, KnowledgeGraph, build_kg
 from lkg_pipeline.core.warehouse import write_duckdb, write_parquet
+from lkg_pipeline.defs.layout import kg_folder, warehouse_path
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
@@ -31,15 +31,6 @@ class KGRunConfig(dg.Config):
 
     def to_core(self) -> KGConfig:
         return KGConfig(**self.model_dump())
-
-
-def kg_folder(lake: Path, dataset: str) -> Path:
-    """Where the Parquet copy of a dataset's graph lives (what later stages read)."""
-    return lake / "kg" / "kg_triples" / dataset
-
-
-def warehouse_path(lake: Path, dataset: str) -> Path:
-    return lake / "warehouse" / f"{dataset}.duckdb"
 
 
 @dg.asset(

@@ -27,9 +27,16 @@ from lkg_pipeline.core.prompts import (
 from lkg_pipeline.core.segments import answer_token_ids
 from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
 from lkg_pipeline.core.train_lora import TrainConfig
+from lkg_pipeline.defs.layout import (
+    adapter_dir,
+    base_model_root,
+    cache_dir,
+    current_base_model,
+    prompts_file,
+    selected_paths_file,
+)
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
-from lkg_pipeline.defs.paths import selected_paths_file
 from lkg_pipeline.defs.resources import DEFAULT_LAKE, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
@@ -46,18 +53,6 @@ ITEM_WORDS = {
 }
 
 
-def base_model_root(lake: Path) -> Path:
-    return lake / "models" / "base_model"
-
-
-def current_base_model(lake: Path) -> Path:
-    """The checkpoint folder the last `base_model` materialisation published."""
-    pointer = base_model_root(lake) / "current.json"
-    if not pointer.exists():
-        raise FileNotFoundError(f"{pointer} is missing: materialise `base_model` first.")
-    return base_model_root(lake) / json.loads(pointer.read_text())["folder"]
-
-
 class BaseModelConfig(dg.Config):
     source: str = "smollm2-135m"  # or "tiny-random", a Hugging Face id, a local folder
     seed: int = 0  # initialisation of tiny-random
@@ -68,7 +63,7 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, lake: DataLake
 ) -> dg.MaterializeResult:
     """A causal LM as a plain checkpoint folder (fp32 safetensors + tokenizer)."""
-    model, tokenizer, description = load_base(config.source, lake.path / "cache", config.seed)
+    model, tokenizer, description = load_base(config.source, cache_dir(lake.path), config.seed)
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", config.source).strip("_")
     target = base_model_root(lake.path) / folder
     letters = letter_token_ids(tokenizer, "Candidate pool:\n(A) x\nAnswer:")
@@ -206,15 +201,6 @@ def prompts(
             SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
         },
     )
-
-
-def prompts_file(lake: Path, dataset: str, variant: str) -> Path:
-    """Where the IO manager keeps a `prompts` partition."""
-    return lake / "llm" / "prompts" / dataset / f"{variant}.parquet"
-
-
-def adapter_dir(lake: Path, dataset: str, variant: str) -> Path:
-    return lake / "models" / "lora_adapter" / dataset / variant
 
 
 class LoraRunConfig(Recomputable):

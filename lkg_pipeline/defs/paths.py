@@ -28,7 +28,13 @@ from lkg_pipeline.core.preference import (
 from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_json
 from lkg_pipeline.core.storage import replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
-from lkg_pipeline.defs.kg import kg_folder
+from lkg_pipeline.defs.layout import (
+    kg_folder,
+    paths_folder,
+    preference_dir,
+    selected_paths_file,
+    warehouse_path,
+)
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
@@ -64,10 +70,6 @@ class PathRunConfig(dg.Config):
 
     def to_core(self) -> PathConfig:
         return PathConfig(**self.model_dump(exclude={"users_per_batch"}))
-
-
-def paths_folder(lake: Path, dataset: str) -> Path:
-    return lake / "paths" / "kg_paths" / dataset
 
 
 def read_path_config(lake: Path, dataset: str) -> PathConfig:
@@ -135,7 +137,7 @@ def kg_paths(
     # the largest table, only lend their first rows.
     pair_features = pl.read_parquet(folder / "pair_features.parquet")
     sample = pl.scan_parquet(folder / "paths.parquet").head(10).collect()
-    database = lake.path / "warehouse" / f"{dataset}_paths.duckdb"
+    database = warehouse_path(lake.path, dataset, "paths")
     files = {name: quoted_path(folder / f"{name}.parquet") for name in PATH_TABLES}
     write_tables({}, PATHS_DDL.format(**files), database)
     context.log.info(f"{dataset}: {stats}")
@@ -210,15 +212,6 @@ class PreferenceRunConfig(dg.Config):
         values = {k: v for k, v in self.model_dump().items() if k in fields}
         values["user_encoder"] = "user_id" if self.user_encoder == "auto" else self.user_encoder
         return PreferenceConfig(**values)
-
-
-def preference_dir(lake: Path, dataset: str) -> Path:
-    return lake / "models" / "preference" / dataset
-
-
-def selected_paths_file(lake: Path, dataset: str) -> Path:
-    """The paths each prompt shows, for the `kg_rag` and `lkg_rag` variants."""
-    return lake / "paths" / "selected_paths" / f"{dataset}.parquet"
 
 
 @dg.asset(

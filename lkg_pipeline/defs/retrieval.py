@@ -21,6 +21,7 @@ from lkg_pipeline.core.retrieval import (
     user_sequences,
 )
 from lkg_pipeline.core.storage import replace_dir_atomically
+from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
@@ -69,10 +70,6 @@ class CandidatesRunConfig(dg.Config):
     train_policy: Literal["random", "retriever"] = "retriever"
     train_examples_per_user: int | None = 1  # last k train prefixes per user; None = all
     seed: int = 42
-
-
-def retriever_dir(lake: Path, dataset: str) -> Path:
-    return lake / "models" / "retriever" / dataset
 
 
 @dg.asset(

@@ -34,6 +34,7 @@ from lkg_pipeline.core.fingerprints import (
     outputs_digest,
     reusable,
 )
+from lkg_pipeline.defs.layout import fingerprints_dir
 
 # Settings that change how a stage runs, never what it produces.
 NOT_SETTINGS = {"recompute", "resume"}
@@ -55,7 +56,7 @@ def versioned(manual: str, module: str) -> str:
 
 
 def stamps(lake: Path) -> StampStore:
-    return StampStore(lake / "fingerprints")
+    return StampStore(fingerprints_dir(lake))
 
 
 class Reuse:

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from lkg_pipeline.defs.jobs import dataset_pipeline
+from lkg_pipeline.defs.layout import sources_dir
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
 
@@ -46,7 +47,7 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, lake: DataLake):
     now = time.time()
     requests = []
     for dataset in dataset_partitions.get_partition_keys():
-        fingerprint = drop_folder_fingerprint(lake.path / "sources" / dataset, now)
+        fingerprint = drop_folder_fingerprint(sources_dir(lake.path, dataset), now)
         if fingerprint is None or seen.get(dataset) == fingerprint:
             continue
         seen[dataset] = fingerprint
