@@ -1,6 +1,7 @@
-"""ingest, prepare and kg materialised through Dagster, in-process and by the real CLI."""
+"""The whole graph materialised through Dagster, in-process and by the real CLI."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 from upath import UPath
 
 from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
 from lkg_pipeline.core.prompts import SETTINGS_KEY
+from lkg_pipeline.core.sources import RECBOLE_WHEEL
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
@@ -33,18 +36,48 @@ def resources(lake: Path) -> dict:
     }
 
 
-def test_materialize_ml100k_end_to_end(lake: Path) -> None:
-    dataset_stages = [
-        raw_tables,
-        prepared_tables,
-        kg_triples,
-        retriever,
-        candidates,
-        kg_paths,
-        preference_model,
-    ]
-    result = dg.materialize(
-        dataset_stages,
+# The whole graph on ml-100k, materialised once per module in the order a user would, then
+# checked by separate tests so that one failure does not hide the rest. The fixtures only
+# materialise (and fail if a materialisation fails); the tests assert.
+
+DATASET_STAGES = [
+    raw_tables,
+    prepared_tables,
+    kg_triples,
+    retriever,
+    candidates,
+    kg_paths,
+    preference_model,
+]
+EVERYTHING = [*DATASET_STAGES, base_model, prompts]
+EVALUATED = [*EVERYTHING, lora_adapter, rankings, evaluation_report, recommendations]
+LKG_RAG = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": "lkg_rag"})
+SHORT_TRAINING = {
+    "lora_adapter": {
+        "config": {
+            "max_steps": 2,
+            "grad_accum": 2,
+            "max_train_examples": 8,
+            "max_val_examples": 4,
+            "eval_every": 1,
+            "warmup_steps": 0,
+            "lr": 1e-3,
+        }
+    }
+}
+TITLES_8 = {"prompts": {"config": {"max_title_tokens": 8}}}  # a non-default lkg_rag setting
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, recbole_wheel: Path) -> dict:
+    """Dataset stages, the tiny base model, prompts of two variants (lkg_rag with a
+    non-default setting), a short LoRA run, rankings, the report and recommendations."""
+    lake = tmp_path_factory.mktemp("e2e") / "lake"
+    (lake / "cache").mkdir(parents=True)
+    shutil.copy(recbole_wheel, lake / "cache" / RECBOLE_WHEEL)
+    out: dict = {"lake": lake}
+    out["dataset"] = dg.materialize(
+        DATASET_STAGES,
         partition_key="ml-100k",
         resources=resources(lake),
         run_config={
@@ -54,9 +87,60 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
             }
         },
     )
-    assert result.success
-    seqs = pl.read_parquet(lake / "prepare" / "sequences" / "ml-100k.parquet")
-    items = pl.read_parquet(lake / "prepare" / "items" / "ml-100k.parquet")
+    assert out["dataset"].success
+    out["temporary_files"] = list(lake.rglob("*.tmp"))
+    tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
+    assert dg.materialize(
+        EVERYTHING, selection=[base_model], resources=resources(lake), run_config=tiny
+    ).success
+    for variant in ("llamarec", "lkg_rag"):
+        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        assert dg.materialize(
+            EVERYTHING,
+            selection=[prompts],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": TITLES_8 if variant == "lkg_rag" else {}},
+        ).success
+    # lora_adapter: the real `accelerate launch` through Dagster Pipes, a few steps.
+    out["trained"] = dg.materialize(
+        [*EVERYTHING, lora_adapter],
+        selection=[lora_adapter],
+        partition_key=LKG_RAG,
+        resources=resources(lake),
+        run_config={"ops": SHORT_TRAINING},
+    )
+    assert out["trained"].success
+    # rankings of two variants (llamarec zero-shot), the report, recommendations.
+    for variant, use_adapter in (("lkg_rag", True), ("llamarec", False)):
+        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+        config = {"splits": ["val", "test"], "use_adapter": use_adapter}
+        assert dg.materialize(
+            EVALUATED,
+            selection=[rankings],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": {"rankings": {"config": config}}},
+        ).success
+    out["reported"] = dg.materialize(
+        EVALUATED,
+        selection=[evaluation_report, recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30}}}},
+    )
+    assert out["reported"].success
+    return out
+
+
+def read(lake: Path, *parts: str) -> pl.DataFrame:
+    return pl.read_parquet(lake.joinpath(*parts))
+
+
+def test_dataset_stages_pass_their_checks(built: dict) -> None:
+    lake, result = built["lake"], built["dataset"]
+    seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
+    items = read(lake, "prepare", "items", "ml-100k.parquet")
     assert (seqs.height, seqs["user_idx"].n_unique(), items.height) == (99_278, 943, 1_348)
     assert (lake / "ingest" / "raw_entity_triples" / "ml-100k.parquet").exists()
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -71,7 +155,12 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert not failed, failed
     meta = result.asset_materializations_for_node("prepared_tables")[1].metadata
     assert "| users | 943 |" in meta["stats"].value and meta["dagster/row_count"].value == 99_278
+    assert not built["temporary_files"], "a temporary file was left behind"
 
+
+def test_kg_in_duckdb_and_parquet_agree(built: dict) -> None:
+    lake, result = built["lake"], built["dataset"]
+    seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
     kg_meta = result.asset_materializations_for_node("kg_triples")[0].metadata
     assert "| directed_by |" in kg_meta["edges_by_relation"].value
     assert kg_meta["degree_distribution"].value.startswith("![degree distribution](data:image/png")
@@ -81,10 +170,13 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
         assert counts["rated"] == counts["rated_by"] == train_rows
         assert counts["directed_by"] == counts["directed"] > 1000
         n_entities = con.sql("select count(*) from entities").fetchall()[0][0]
-    triples = pl.read_parquet(lake / "kg" / "kg_triples" / "ml-100k" / "triples.parquet")
+    triples = read(lake, "kg", "kg_triples", "ml-100k", "triples.parquet")
     assert triples.height == sum(counts.values()) == kg_meta["triples"].value
     assert n_entities == kg_meta["entities"].value
 
+
+def test_retriever_and_candidates(built: dict) -> None:
+    lake, result = built["lake"], built["dataset"]
     model_dir = lake / "models" / "retriever" / "ml-100k"
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "config.json",
@@ -94,7 +186,7 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     retriever_meta = result.asset_materializations_for_node("retriever")[0].metadata
     assert retriever_meta["epochs_run"].value == 2
     assert "| popularity | test |" in retriever_meta["metrics"].value
-    table = pl.read_parquet(lake / "retrieval" / "candidates" / "ml-100k.parquet")
+    table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
     assert dict(table.group_by("split").len().iter_rows()) == {
         "train": 943,
         "val": 943,
@@ -105,14 +197,19 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert meta["test_coverage"].value == test["in_candidates"].mean()
     assert test["in_candidates"].sum() == (test["target_rank"] <= 20).sum()
 
+
+def test_paths_selection_and_preferences(built: dict) -> None:
+    lake, result = built["lake"], built["dataset"]
+    table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
     paths_dir = lake / "paths" / "kg_paths" / "ml-100k"
     features = pl.read_parquet(paths_dir / "pair_features.parquet")
     assert set(features["example_id"]) <= set(table["example_id"])
     assert features["n_paths"].min() >= 1
+    assert json.loads((paths_dir / PATH_SETTINGS_FILE).read_text())["max_hops"] == 2
     paths_meta = result.asset_materializations_for_node("kg_paths")[0].metadata
     assert paths_meta["examples"].value == table.height
     assert (lake / "warehouse" / "ml-100k_paths.duckdb").exists()
-    selected = pl.read_parquet(lake / "paths" / "selected_paths" / "ml-100k.parquet")
+    selected = read(lake, "paths", "selected_paths", "ml-100k.parquet")
     per_example = selected.group_by("variant", "example_id").agg(
         n=pl.len(), items=pl.col("history_item_idx").n_unique()
     )
@@ -121,43 +218,29 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     pref_meta = result.asset_materializations_for_node("preference_model")[0].metadata
     assert pref_meta["encoder"].value in ("user_id", "history")
     assert "| preference | test | subset |" in pref_meta["metrics"].value
-    prefs = pl.read_parquet(lake / "models" / "preference" / "ml-100k" / "preferences.parquet")
+    prefs = read(lake, "models", "preference", "ml-100k", "preferences.parquet")
     assert (
         prefs.group_by("user_idx")
         .agg(total=pl.col("pi").sum())["total"]
         .is_between(0.999, 1.001)
         .all()
     )
-    assert not list(lake.rglob("*.tmp")), "a temporary file was left behind"
 
-    # The llm group: a tiny random base model, then prompts for two variants of ml-100k.
-    everything = [*dataset_stages, base_model, prompts]
-    tiny = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
-    assert dg.materialize(
-        everything, selection=[base_model], resources=resources(lake), run_config=tiny
-    ).success
-    for variant in ("llamarec", "lkg_rag"):
-        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
-        # lkg_rag with a non-default setting: recommendations must read it back (below)
-        titles = {"max_title_tokens": 8} if variant == "lkg_rag" else {}
-        assert dg.materialize(
-            everything,
-            selection=[prompts],
-            partition_key=key,
-            resources=resources(lake),
-            run_config={"ops": {"prompts": {"config": titles}}},
-        ).success
-    recorded = json.loads(
-        pl.read_parquet_metadata(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")[
-            SETTINGS_KEY
-        ]
-    )
-    assert (
-        recorded["prompt"]["max_title_tokens"] == 8 and recorded["prompt"]["format"] == "segments"
-    )
+
+def recorded_settings_of(lake: Path) -> dict:
+    file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
+    return json.loads(pl.read_parquet_metadata(file)[SETTINGS_KEY])
+
+
+def test_prompts_in_the_segments_format_record_their_settings(built: dict) -> None:
+    lake = built["lake"]
+    table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
+    recorded = recorded_settings_of(lake)
+    assert recorded["prompt"]["max_title_tokens"] == 8
+    assert recorded["prompt"]["format"] == "segments"
     assert recorded["paths"]["max_hops"] == 2 and recorded["selection"]["max_paths"] == 20
-    plain = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "llamarec.parquet")
-    with_kg = pl.read_parquet(lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet")
+    plain = read(lake, "llm", "prompts", "ml-100k", "llamarec.parquet")
+    with_kg = read(lake, "llm", "prompts", "ml-100k", "lkg_rag.parquet")
     assert plain.height == with_kg.height == table.height
     assert plain["example_id"].to_list() == table["example_id"].to_list()
     # the default format: segments, one per candidate, relations inside their candidate's
@@ -170,60 +253,21 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert (with_kg["target_index"] >= 0).sum() == table["in_candidates"].sum()
     assert with_kg["n_tokens"].max() <= 2048
 
-    # lora_adapter: the real `accelerate launch` through Dagster Pipes, a few steps.
-    key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": "lkg_rag"})
-    short = {
-        "ops": {
-            "lora_adapter": {
-                "config": {
-                    "max_steps": 2,
-                    "grad_accum": 2,
-                    "max_train_examples": 8,
-                    "max_val_examples": 4,
-                    "eval_every": 1,
-                    "warmup_steps": 0,
-                    "lr": 1e-3,
-                }
-            }
-        }
-    }
-    trained = dg.materialize(
-        [*everything, lora_adapter],
-        selection=[lora_adapter],
-        partition_key=key,
-        resources=resources(lake),
-        run_config=short,
-    )
-    assert trained.success
-    adapter = lake / "models" / "lora_adapter" / "ml-100k" / "lkg_rag"
+
+def test_lora_adapter_trains_through_accelerate_and_pipes(built: dict) -> None:
+    adapter = built["lake"] / "models" / "lora_adapter" / "ml-100k" / "lkg_rag"
     assert (adapter / "adapter_model.safetensors").exists()
     summary = json.loads((adapter / "training.json").read_text())
     assert summary["history"]
     # one distinct answer pair (" Yes", " No"): every segment ends in the same "Answer:"
     assert [len(set(ids)) for ids in summary["letter_token_ids"]] == [2]
-    lora_meta = trained.asset_materializations_for_node("lora_adapter")[0].metadata
+    lora_meta = built["trained"].asset_materializations_for_node("lora_adapter")[0].metadata
     assert any("NDCG@10" in name for name in lora_meta)
 
-    # evaluate: rankings of two variants (llamarec zero-shot), the report, recommendations.
-    evaluated = [*everything, lora_adapter, rankings, evaluation_report, recommendations]
-    for variant, use_adapter in (("lkg_rag", True), ("llamarec", False)):
-        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
-        config = {"splits": ["val", "test"], "use_adapter": use_adapter}
-        assert dg.materialize(
-            evaluated,
-            selection=[rankings],
-            partition_key=key,
-            resources=resources(lake),
-            run_config={"ops": {"rankings": {"config": config}}},
-        ).success
-    reported = dg.materialize(
-        evaluated,
-        selection=[evaluation_report, recommendations],
-        partition_key="ml-100k",
-        resources=resources(lake),
-        run_config={"ops": {"recommendations": {"config": {"max_users": 30}}}},
-    )
-    assert reported.success
+
+def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> None:
+    lake, reported = built["lake"], built["reported"]
+    table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
     report = assert_report_recomputable(lake, "ml-100k", table)
     assert report["variants"] == ["llamarec", "lkg_rag"]
     assert report["variants_missing"] == ["kg_rag"]  # said, not skipped silently
@@ -240,27 +284,30 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     }
     check = reported.get_asset_check_evaluations()[0]
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
-    served = reported.asset_materializations_for_node("recommendations")[0].metadata
-    assert served[SETTINGS_KEY].value == recorded  # the prompts' settings, not the defaults
+
+
+def test_recommendations_are_made_as_the_training_prompts_were(built: dict) -> None:
+    lake = built["lake"]
+    served = built["reported"].asset_materializations_for_node("recommendations")[0].metadata
+    assert served[SETTINGS_KEY].value == recorded_settings_of(lake)  # not the defaults
+    seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
 
+
+def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -> None:
+    """Last in the module: it rewrites the rankings the tests above read."""
+    lake = built["lake"]
+    seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
     # Nothing changed: prompts are rebuilt (identical), the expensive stages reuse their outputs.
-    key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": "lkg_rag"})
     ranked_file = lake / "evaluate" / "rankings" / "ml-100k" / "lkg_rag.parquet"
     ranked_before = pl.read_parquet(ranked_file)
     same = {"splits": ["val", "test"], "use_adapter": True}
     again = dg.materialize(
-        evaluated,
+        EVALUATED,
         selection=[prompts, lora_adapter, rankings],
-        partition_key=key,
+        partition_key=LKG_RAG,
         resources=resources(lake),
-        run_config={
-            "ops": {
-                **short["ops"],
-                "prompts": {"config": {"max_title_tokens": 8}},  # as lkg_rag's were made
-                "rankings": {"config": same},
-            }
-        },
+        run_config={"ops": {**SHORT_TRAINING, **TITLES_8, "rankings": {"config": same}}},
     )
     assert again.success
     first_rankings = data_version(again, "rankings")
@@ -271,7 +318,7 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert "ranked_prompt_metrics" in reused.metadata  # the original run's metadata, carried over
     assert pl.read_parquet(ranked_file).equals(ranked_before)
     recommended = dg.materialize(
-        evaluated,
+        EVALUATED,
         selection=[retriever, recommendations],
         partition_key="ml-100k",
         resources=resources(lake),
@@ -286,9 +333,9 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
         assert "reused_from" in recommended.asset_materializations_for_node(node)[0].metadata
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
     forced = dg.materialize(
-        evaluated,
+        EVALUATED,
         selection=[rankings],
-        partition_key=key,
+        partition_key=LKG_RAG,
         resources=resources(lake),
         run_config={"ops": {"rankings": {"config": {**same, "recompute": True}}}},
     )
@@ -299,9 +346,9 @@ def test_materialize_ml100k_end_to_end(lake: Path) -> None:
     assert recomputed.drop("seconds").equals(ranked_before.drop("seconds"))
     assert data_version(forced, "rankings") != first_rankings
     changed = dg.materialize(
-        evaluated,
+        EVALUATED,
         selection=[rankings],
-        partition_key=key,
+        partition_key=LKG_RAG,
         resources=resources(lake),
         run_config={"ops": {"rankings": {"config": {"splits": ["test"]}}}},
     )
