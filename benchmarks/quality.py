@@ -62,12 +62,10 @@ class Row:
     variant: str
     format: str  # letters | segments
     tuned: bool
-    budget: str = ""  # a key of RECIPES: which recipe trained it
 
     @property
     def name(self) -> str:
-        kind = f"tuned{self.budget}" if self.tuned else "zero_shot"
-        return f"{self.variant}-{self.format}-{kind}"
+        return f"{self.variant}-{self.format}-{'tuned' if self.tuned else 'zero_shot'}"
 
 
 def prompts_file(lake: Path, variant: str, fmt: str) -> Path:
@@ -172,16 +170,10 @@ RECIPE = TrainConfig(
     log_every=5,
     dtype="auto",
 )
-# The larger budget: twice the prompts, the whole 80-step schedule, and no LoRA dropout
-# (x1.31 training speed, measured; README), at ~40 s per step ~55 min per variant.
-RECIPE_640 = dataclasses.replace(RECIPE, lora_dropout=0.0, max_train_examples=640, max_steps=None)
-RECIPES = {"": RECIPE, "640": RECIPE_640}
-# (variant, format, tuned, budget) in the order they run: the decisive comparisons first.
+# (variant, format, tuned) in the order they run: the decisive comparisons first.
 ROWS = (
     Row("lkg_rag", "segments", True),
     Row("llamarec", "segments", True),
-    Row("lkg_rag", "segments", True, "640"),
-    Row("llamarec", "segments", True, "640"),
     Row("lkg_rag", "segments", False),
     Row("llamarec", "segments", False),
     Row("lkg_rag", "letters", False),
@@ -191,9 +183,8 @@ ROWS = (
 SEGMENT_TOKENS = 2048  # the segments budget: ~1,030 tokens on ml-100k, nothing is cut
 
 
-def train_row(lake: Path, row: Row) -> Path:
+def train_row(lake: Path, row: Row, config: TrainConfig = RECIPE) -> Path:
     """The row's adapter, trained once (resumes an interrupted run) and kept in the lake."""
-    config = RECIPES[row.budget]
     output = lake / "quality" / row.name / "adapter"
     if (output / "training.json").exists():
         return output
@@ -288,7 +279,7 @@ def baselines_of(name: str) -> list[str]:
     out = [RETRIEVER]
     if variant != "llamarec":
         out.append(f"llamarec-{fmt}-{kind}{suffix}")
-    if kind.startswith("tuned"):
+    if kind == "tuned":
         out.append(f"{variant}-{fmt}-zero_shot{suffix}")
     if suffix:
         out.append(base)
@@ -426,10 +417,6 @@ def report(lake: Path) -> dict[str, Any]:
         **dataclasses.asdict(RECIPE),
         "target_modules": list(RECIPE.target_modules),
     }
-    section["recipes"] = {
-        f"tuned{budget}": {**dataclasses.asdict(r), "target_modules": list(r.target_modules)}
-        for budget, r in RECIPES.items()
-    }
     curve = REPO / "benchmarks" / "quality_curve.png"
     positions = REPO / "benchmarks" / "quality_positions.png"
     section["training"] = curve_figure(lake, curve)
@@ -483,15 +470,14 @@ def report(lake: Path) -> dict[str, Any]:
     lines += ["", "## Retriever prior (λ and calibration chosen on validation)", ""]
     lines += [f"- {f['ranker']}: {f['choice']}" for f in fusion]
     lines += ["", "## Training", ""]
-    for kind, recipe in section["recipes"].items():
-        lines.append(
-            f"- Recipe of the `{kind}` rows: "
-            + ", ".join(
-                f"{k}={v}"
-                for k, v in recipe.items()
-                if k not in ("checkpoint_every", "log_every", "eval_batch_size")
-            )
+    lines.append(
+        "Recipe of every tuned row: "
+        + ", ".join(
+            f"{k}={v}"
+            for k, v in section["recipe"].items()
+            if k not in ("checkpoint_every", "log_every", "eval_batch_size")
         )
+    )
     lines.append("")
     for h in section["training"]:
         lines.append(
