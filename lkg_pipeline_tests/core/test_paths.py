@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import polars as pl
@@ -6,7 +7,13 @@ import pytest
 
 from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
 from lkg_pipeline.core.kg import build_kg
-from lkg_pipeline.core.paths import PathConfig, enumerate_paths, select_paths, write_paths
+from lkg_pipeline.core.paths import (
+    PATH_SETTINGS_FILE,
+    PathConfig,
+    enumerate_paths,
+    select_paths,
+    write_paths,
+)
 from lkg_pipeline_tests.core.test_kg import sequences_frame, tiny_graph_inputs
 
 
@@ -148,7 +155,10 @@ def test_write_paths_in_user_batches_equals_enumerate_paths(tmp_path: Path, shap
             inputs.examples, inputs.sequences, *graph, folder, config, users_per_batch
         )
         assert stats["user_batches"] == (1 if users_per_batch == 100 else 4)
-        assert sorted(p.name for p in folder.iterdir()) == sorted(f"{t}.parquet" for t in tables)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [PATH_SETTINGS_FILE, *(f"{t}.parquet" for t in tables)]
+        )
+        assert PathConfig(**json.loads((folder / PATH_SETTINGS_FILE).read_text())) == config
         for name, expected in tables.items():
             written = pl.read_parquet(folder / f"{name}.parquet")
             assert written.schema == expected.schema, name
