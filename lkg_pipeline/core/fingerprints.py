@@ -17,6 +17,7 @@ asset, and it does not see run configuration; so the comparison is made here, on
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import time
@@ -91,21 +92,13 @@ def code_closure(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> li
                 return candidate
         return None
 
-    def imported(path: Path) -> set[str]:
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-                names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        return {n for n in names if n == core or n.startswith(core + ".")}
-
     start = file_of(module)
     assert start is not None and module.split(".")[0] == package, f"no module {module} in {root}"
     seen, todo = {start}, [start]
     while todo:
-        for name in imported(todo.pop()):
+        path = todo.pop()
+        stat = path.stat()
+        for name in _imports_in(str(path), (stat.st_mtime_ns, stat.st_size), core):
             path = file_of(name)
             if path is not None and path not in seen:
                 seen.add(path)
@@ -113,19 +106,35 @@ def code_closure(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> li
     return sorted(seen)
 
 
+@functools.lru_cache(maxsize=256)
+def _imports_in(path: str, stamp: tuple[int, int], core: str) -> frozenset[str]:
+    """The `core` modules a source file names in its imports. Cached by (mtime, size): every
+    asset's `code_version` walks these closures when the definitions load, and most of them
+    share the same core files; an edit changes the stamp and the file is parsed again."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(), filename=path)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return frozenset(n for n in names if n == core or n.startswith(core + "."))
+
+
 def code_digest(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> str:
     """One digest of `code_closure(module)`: file names and contents."""
-    digest = hashlib.sha256()
-    for file in code_closure(module, root, core):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(sha256_of(file).encode())
-    return digest.hexdigest()
+    return files_digest(root, code_closure(module, root, core))
 
 
 def folder_digest_of(path: Path, pattern: str) -> str:
+    return files_digest(path, sorted(p for p in path.rglob(pattern) if p.is_file()))
+
+
+def files_digest(root: Path, files: Iterable[Path]) -> str:
+    """Each file's name relative to `root` and its content, in the order given."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob(pattern) if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         digest.update(sha256_of(file).encode())
     return digest.hexdigest()
 
