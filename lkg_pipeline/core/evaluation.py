@@ -380,6 +380,8 @@ def report_markdown(report: dict[str, Any], evaluation: Evaluation) -> str:
     from lkg_pipeline.core.tables import markdown_table
 
     lines = [f"# Evaluation: {report.get('dataset', '')}", ""]
+    if report.get("variants_missing"):  # said, never skipped silently
+        lines += [f"Not ranked (not in this report): {', '.join(report['variants_missing'])}.", ""]
     lines += [f"- {v}" for v in evaluation.verdicts] or ["- (no comparison)"]
     level = int(evaluation.config.confidence * 100)
     for population in evaluation.populations.iter_rows(named=True):

@@ -284,9 +284,6 @@ def evaluation_report(
         },
     )
     markdown = report_markdown(report, evaluation)
-    if missing:  # under the title
-        title, rest = markdown.split("\n", 1)
-        markdown = f"{title}\n\nNot ranked (not in this report): {', '.join(missing)}.\n{rest}"
     figure = _bar_chart(evaluation.metrics, dataset)
     target = reports_dir(lake.path, dataset)
 

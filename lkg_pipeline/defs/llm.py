@@ -12,12 +12,10 @@ import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
-from lkg_pipeline.core.paths import PathConfig
 from lkg_pipeline.core.prompts import (
     PATHS_KEY,
     SETTINGS_KEY,
     VARIANTS,
-    PathSelection,
     PromptConfig,
     PromptSettings,
     build_prompts,
@@ -158,9 +156,7 @@ def prompts(
         file = selected_paths_file(lake.path, dataset)
         selected = pl.read_parquet(file)
         made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
-        settings = PromptSettings(
-            core, PathConfig(**made_with["paths"]), PathSelection(**made_with["selection"])
-        )
+        settings = PromptSettings.from_dict({**made_with, "prompt": dataclasses.asdict(core)})
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
