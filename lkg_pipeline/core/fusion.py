@@ -37,6 +37,19 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def retriever_log_prior(scores: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (N, 20) retriever scores; a candidate the retriever masked
+    (-inf: an item already in the history) gets its row's lowest finite score instead, so
+    that a true item seen before stays learnable (a finite loss)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    assert finite.any(axis=1).all(), "a prompt has no finite retriever score"
+    lowest = np.where(finite, scores, np.inf).min(axis=1, keepdims=True)
+    scores = np.where(finite, scores, lowest)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def letter_prior(llm_scores: np.ndarray) -> np.ndarray:
     """(C,) mean log-probability of each letter over the prompts given (validation ones)."""
     assert llm_scores.ndim == 2 and llm_scores.shape[0] >= 1, f"shape {llm_scores.shape}"

@@ -36,6 +36,10 @@ PROMPT_COLUMNS = {
     # The `segments` format only (null for `letters`): one text per candidate, in candidate
     # order, each scored after `prompt` (the shared prefix) without seeing the others.
     "segments": pl.List(pl.String),
+    # The retriever's score of each candidate, in candidate order (null where the candidates
+    # table has none: train rows under the random policy). Training with `retriever_prior`
+    # learns the LLM's scores as a correction on top of these.
+    "retriever_scores": pl.List(pl.Float32),
 }
 ANSWER_CUE = "Answer:"
 # letters: the paper's listwise prompt, candidates lettered A–T, scored by the letter logits.
@@ -349,6 +353,7 @@ def build_prompts(
                 "target_index": slot.get(target, -1),
                 "n_tokens": n,
                 "segments": segments,
+                "retriever_scores": ex.get("candidate_scores"),
             }
         )
     return pl.DataFrame(rows, schema=PROMPT_COLUMNS)

@@ -8,6 +8,7 @@ selects the adapter by are the figures `rankings` reports.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from lkg_pipeline.core.fusion import retriever_log_prior
 from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
 from lkg_pipeline.core.metrics import rank_of_target
 
@@ -246,6 +248,15 @@ def load_ranker(
     return model.to(device=device or default_device()).eval()
 
 
+def trained_over(adapter: Path | None) -> bool:
+    """Whether the adapter was trained over the retriever's scores (`retriever_prior` in its
+    training.json): then it ranks by prior + LLM scores, as it was trained and validated."""
+    if adapter is None:
+        return False
+    summary = json.loads((Path(adapter) / "training.json").read_text())
+    return bool(summary["config"].get("retriever_prior", False))
+
+
 @dataclass
 class ProgressLog:
     """`emit`s "what: done/total (share), rate, ETA" each time another `every` share of the
@@ -278,13 +289,26 @@ def rank_prompts(
     prompts: pl.DataFrame,
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    retriever_prior: bool = False,
 ) -> pl.DataFrame:
     """Each prompt's candidates in the model's order, the true item's rank and the time taken.
 
     Ties go to the earlier letter (a stable sort), the rule every stage's metrics use.
     `batch_size` None: `default_batch_size`. `progress(prompts done)` after every batch, e.g.
-    a `ProgressLog`.
+    a `ProgressLog`. `retriever_prior`: rank by the retriever's log-prior + the LLM's scores,
+    as an adapter trained with `retriever_prior` was trained and validated (`trained_over`).
     """
+    priors = None
+    if retriever_prior:
+        missing = prompts["retriever_scores"].null_count()
+        if missing:
+            raise ValueError(
+                f"{missing} of {prompts.height} prompts have no retriever scores, which an "
+                "adapter trained over the retriever needs: rebuild the prompts from candidates "
+                "that carry them"
+            )
+        raw = np.asarray(prompts["retriever_scores"].to_list(), dtype=np.float64)
+        priors = torch.as_tensor(retriever_log_prior(raw.reshape(prompts.height, len(LETTERS))))
     batch_size = batch_size or default_batch_size(model)
     scored = score_prompts_timed(
         model,
@@ -295,6 +319,8 @@ def rank_prompts(
         progress,
     )
     scores = scored.scores  # (N, 20)
+    if priors is not None:
+        scores = scores + priors.to(scores.dtype)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (N, 20)
     candidates = torch.tensor(prompts["candidate_item_idxs"].to_list(), dtype=torch.long)
     target_index = torch.tensor(prompts["target_index"].to_list(), dtype=torch.long)  # (N,)

@@ -27,7 +27,7 @@ RECOMMENDATION_COLUMNS = {
     "rank": pl.Int32,  # 1 = the ranker's first choice
     "item_idx": pl.Int32,
     "title": pl.String,
-    "score": pl.Float32,  # the ranker's letter logit
+    "score": pl.Float32,  # the ranker's score (+ the retriever's log-prior if trained over it)
     "retriever_rank": pl.Int32,  # where the retriever had put it among the 20
     "explanation": pl.String,  # the first reason, or null when no path reached the item
     "explanations": pl.List(pl.String),  # every reason that was in the prompt

@@ -527,7 +527,9 @@ def training_candidates(
 
     Each row: the first `prefix_len` train items are the history, train[prefix_len] is the
     target, and `candidate_item_idxs` holds n_candidates distinct items with the target
-    exactly once, in seeded random order (the ranker must not learn a position).
+    exactly once, in seeded random order (the ranker must not learn a position), with
+    `candidate_scores` (the retriever's score of each, same order) and `target_rank` (the
+    target's full-ranking rank) under the retriever policy, null under the random one.
       - "random": target + uniform negatives the user never interacted with in train (its
         whole train sequence, so later positives are never negatives; val/test items are
         allowed, being unknown at training time).
@@ -541,6 +543,8 @@ def training_candidates(
     rng = np.random.default_rng(seed)
     users, prefix_lens, targets = _train_prefixes(data.train, examples_per_user)
 
+    scores_of = None  # (N, n_candidates) retriever scores of the candidates (retriever policy)
+    target_ranks = None  # (N,) the target's full-ranking retriever rank (retriever policy)
     if policy == "random":
         cands = np.empty((len(users), n_candidates), dtype=np.int64)
         cands[:, 0] = targets
@@ -555,19 +559,36 @@ def training_candidates(
     else:
         assert model is not None, "policy 'retriever' needs a model"
         cands = np.empty((len(users), n_candidates), dtype=np.int64)
+        scores_of = np.empty((len(users), n_candidates), dtype=np.float32)
+        target_ranks = np.empty(len(users), dtype=np.int64)
         for i in range(0, len(users), batch_size):
             sl = slice(i, i + batch_size)
             scores = _prefix_scores(model, data.train, users[sl], prefix_lens[sl], 256)
             cands[sl] = top_k(scores, n_candidates)[1].numpy()
-        missed = ~(cands == targets[:, None]).any(axis=1)
-        cands[missed, -1] = targets[missed]
-    cands = rng.permuted(cands, axis=1)
+            target = torch.as_tensor(targets[sl])
+            target_ranks[sl] = rank_of_target(scores, target, tie_break="index").numpy()
+            missed = ~(cands[sl] == targets[sl, None]).any(axis=1)
+            cands[sl][missed, -1] = targets[sl][missed]
+            scores_of[sl] = scores.gather(1, torch.from_numpy(cands[sl])).numpy()
+    # One seeded permutation per row, applied to the items and their scores alike (the draws
+    # depend on the shape only: the same order `rng.permuted(cands, axis=1)` gives).
+    order = rng.permuted(np.broadcast_to(np.arange(n_candidates), cands.shape).copy(), axis=1)
+    cands = np.take_along_axis(cands, order, axis=1)
     return pl.DataFrame(
         {
             "user_idx": users.astype(np.int32),
             "prefix_len": prefix_lens.astype(np.int32),
             "target_item_idx": targets.astype(np.int32),
             "candidate_item_idxs": pl.Series(cands.astype(np.int32)).cast(pl.List(pl.Int32)),
+            "candidate_scores": pl.Series(
+                [None] * len(users)
+                if scores_of is None
+                else list(np.take_along_axis(scores_of, order, axis=1)),
+                dtype=pl.List(pl.Float32),
+            ),
+            "target_rank": pl.Series(
+                [None] * len(users) if target_ranks is None else target_ranks, dtype=pl.Int64
+            ),
         }
     )
 
@@ -578,8 +599,10 @@ CANDIDATE_SCHEMA = {  # (`candidate_table` puts an `example_id` row key in front
     "prefix_len": pl.Int32,  # how many of the user's items (in order) form the input history
     "target_item_idx": pl.Int32,
     "candidate_item_idxs": pl.List(pl.Int32),
-    "candidate_scores": pl.List(pl.Float32),  # retriever scores (val/test; null for train)
-    "target_rank": pl.Int64,  # the target's full-ranking retriever rank (null for train)
+    # retriever scores in candidate order (train: under the retriever policy; else null)
+    "candidate_scores": pl.List(pl.Float32),
+    # the target's full-ranking retriever rank (train: before the target was put in)
+    "target_rank": pl.Int64,
     "in_candidates": pl.Boolean,
 }
 
@@ -606,12 +629,10 @@ def candidate_table(
         .join(train_len, on="user_idx")
         .with_columns(prefix_len=pl.col("n_train") + (pl.col("split") == "test").cast(pl.Int32))
     )
-    training = train_examples.with_columns(
-        split=pl.lit("train"),
-        candidate_scores=pl.lit(None, pl.List(pl.Float32)),
-        target_rank=pl.lit(None, pl.Int64),
-        in_candidates=pl.lit(True),
-    )
+    training = train_examples.with_columns(split=pl.lit("train"), in_candidates=pl.lit(True))
+    for name in ("candidate_scores", "target_rank"):  # older callers' frames lack them
+        if name not in training.columns:
+            training = training.with_columns(pl.lit(None, CANDIDATE_SCHEMA[name]).alias(name))
     columns = [pl.col(name).cast(dtype) for name, dtype in CANDIDATE_SCHEMA.items()]
     order = pl.col("split").replace_strict({"train": 0, "val": 1, "test": 2}, return_dtype=pl.Int8)
     return (

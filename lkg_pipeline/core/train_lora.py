@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from lkg_pipeline.core.fingerprints import folder_digest, library_versions
+from lkg_pipeline.core.fusion import retriever_log_prior
 from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
@@ -93,6 +94,11 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     loss: str = "letters"  # "letters": CE over the 20 letter logits; "lm": the reference's LM loss
     seed: int = 0  # LoRA init, dropout, data order and the train/val subsets
+    # Train the LLM's 20 scores as a correction to the retriever's: the loss is CE over
+    # log-softmax(retriever scores) + LLM scores, and validation ranks by that sum (what the
+    # `+prior` ranker with λ = 1 computes). Needs retriever scores on train prompts
+    # (candidates' train_policy "retriever"). Off: the LLM alone, as in the paper.
+    retriever_prior: bool = False
     max_steps: int | None = None  # stop early (tests, smoke runs); the LR schedule is unchanged
     # What the frozen base computes in (core.precision): auto = bf16 where it measures faster.
     # LoRA weights and the optimiser stay fp32 in every case.
@@ -117,6 +123,8 @@ class TrainConfig:
             assert value is None or value >= 1, f"{name} must be None or >= 1, got {value}"
         assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
         assert self.target_modules, "target_modules must name at least one module"
+        if self.retriever_prior and self.loss != "letters":
+            raise ValueError("retriever_prior needs loss 'letters' (a score per candidate)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
 
@@ -153,14 +161,20 @@ class Examples:
     prompts: list[str]
     targets: list[int]  # 0..19: the position of the true item among the candidates
     segments: list[list[str]] | None = None  # the segments format (prompts are the prefixes)
+    # (N, 20) log-softmax of the retriever's scores over the candidates, when asked for
+    priors: np.ndarray | None = None
 
 
-def read_examples(path: Path, split: str, limit: int | None, seed: int) -> Examples:
+def read_examples(
+    path: Path, split: str, limit: int | None, seed: int, with_prior: bool = False
+) -> Examples:
     """Rows of `split` whose true item is among the candidates (the only ones a ranker can learn
-    from or be scored on), a seeded sample of `limit` of them, in example_id order."""
+    from or be scored on), a seeded sample of `limit` of them, in example_id order; with
+    `with_prior`, the retriever's log-prior of each candidate too."""
     frame = pl.read_parquet(path)
-    if "segments" not in frame.columns:  # written before the segments format existed
-        frame = frame.with_columns(segments=pl.lit(None, PROMPT_COLUMNS["segments"]))
+    for name in ("segments", "retriever_scores"):  # files written before these columns existed
+        if name not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, PROMPT_COLUMNS[name]).alias(name))
     frame = frame.select(list(PROMPT_COLUMNS))
     wrong = {c: str(frame.schema[c]) for c, t in PROMPT_COLUMNS.items() if frame.schema[c] != t}
     assert not wrong, f"{path}: columns with unexpected types {wrong}; want {PROMPT_COLUMNS}"
@@ -172,11 +186,23 @@ def read_examples(path: Path, split: str, limit: int | None, seed: int) -> Examp
     if limit is not None and rows.height > limit:
         rows = rows.sample(n=limit, seed=seed)
     rows = rows.sort("example_id")
+    priors = None
+    if with_prior:
+        missing = rows["retriever_scores"].null_count()
+        if missing:
+            raise ValueError(
+                f"{path}: {missing} of {rows.height} {split} prompts have no retriever scores, "
+                "which retriever_prior needs; make the candidates with train_policy "
+                "'retriever' (and the prompts from them) or turn retriever_prior off"
+            )
+        scores = np.asarray(rows["retriever_scores"].to_list(), dtype=np.float64)
+        priors = retriever_log_prior(scores.reshape(rows.height, len(LETTERS)))
     return Examples(
         example_ids=rows["example_id"].to_list(),
         prompts=rows["prompt"].to_list(),
         targets=rows["target_index"].cast(pl.Int64).to_list(),
         segments=prompt_segments(rows),
+        priors=priors,
     )
 
 
@@ -210,6 +236,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         batch["letter_ids"] = torch.tensor([r["letter_ids"] for r in rows])  # (B, 20)
         batch["n_tokens"] = batch["attention_mask"].sum(dim=1)  # (B,) without padding
     batch["target"] = torch.tensor([r["target"] for r in rows])  # (B,)
+    if "prior" in rows[0]:
+        batch["prior"] = torch.tensor(np.stack([r["prior"] for r in rows]), dtype=torch.float32)
     return batch
 
 
@@ -250,12 +278,16 @@ def get_dataloaders(
 ) -> tuple[torch.utils.data.DataLoader, Examples, list[list[int]]]:
     """(train loader, val examples, distinct letter-id lists seen in the train prompts)."""
     with accelerator.main_process_first():
-        train = read_examples(prompts, "train", config.max_train_examples, config.seed)
-        val = read_examples(prompts, "val", config.max_val_examples, config.seed)
+        prior = config.retriever_prior
+        train = read_examples(prompts, "train", config.max_train_examples, config.seed, prior)
+        val = read_examples(prompts, "val", config.max_val_examples, config.seed, prior)
         if train.segments is not None:
             rows = _segment_rows(tokenizer, train, config, max_positions)
         else:
             rows = _letter_rows(tokenizer, train, config, max_positions)
+        if train.priors is not None:
+            for row, row_prior in zip(rows, train.priors, strict=True):
+                row["prior"] = row_prior
     assert rows, f"{prompts}: no train rows with the true item among the candidates"
     assert val.prompts, f"{prompts}: no val rows with the true item among the candidates"
     pad_id = pad_token_id(tokenizer)
@@ -271,18 +303,25 @@ def get_dataloaders(
 
 def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.Tensor:
     """Mean loss of a batch; only the logits the loss reads are computed (`token_logits`,
-    `logits_to_keep`)."""
+    `logits_to_keep`). With a `prior` in the batch (retriever_prior) the 20 scores are added
+    to the retriever's log-prior before the softmax: the LLM learns what the retriever misses."""
+    prior = batch.get("prior")  # (B, 20) or None
     if "ends" in batch:  # the segments format
         assert loss == "letters", f"the segments format has no {loss!r} loss"
         answers = batch["answer_ids"]  # (B, 2), one pair for the whole batch
         assert bool((answers == answers[0]).all()), "a batch mixes answer tokens"
         scores = segment_scores(model, batch, (int(answers[0, 0]), int(answers[0, 1])))
+        if prior is not None:
+            scores = scores + prior
         return F.cross_entropy(scores, batch["target"])  # (B, 20) → mean over the batch
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if loss == "letters":
         last = final_hidden(model, **inputs)[:, -1]  # (B, H)
         letters = token_logits(model, last, batch["letter_ids"])  # (B, 20), fp32
+        if prior is not None:
+            letters = letters + prior
         return F.cross_entropy(letters, batch["target"])
+    assert prior is None, "retriever_prior works with the 20-score losses, not 'lm'"
     if loss == "lm":
         # Left padding puts (last prompt token, letter, EOS) in the last 3 columns; the logits of
         # the first two predict the letter and EOS: the reference's LM loss on the answer
@@ -296,7 +335,8 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor], loss: str) -> torch.T
 def evaluate(
     accelerator: Accelerator, model: Any, tokenizer: Any, val: Examples, batch_size: int
 ) -> dict[str, float]:
-    """Subset metrics on val: each process scores its share, ranks are gathered."""
+    """Subset metrics on val: each process scores its share, ranks are gathered. With the
+    retriever's log-prior (retriever_prior) the ranking is by prior + LLM score."""
     from accelerate.utils import gather_object
 
     unwrapped = accelerator.unwrap_model(model)
@@ -304,6 +344,8 @@ def evaluate(
         segments = None if val.segments is None else [val.segments[i] for i in mine]
         prompts = [val.prompts[i] for i in mine]
         scores = score_prompts(unwrapped, tokenizer, prompts, batch_size, segments)
+        if val.priors is not None and mine:
+            scores = scores + torch.as_tensor(val.priors[list(mine)], dtype=scores.dtype)
         target = torch.tensor([val.targets[i] for i in mine], dtype=torch.long)  # (n,)
         ranks = rank_of_target(scores, target, tie_break="index").tolist() if mine else []
     ranks = gather_object(ranks)

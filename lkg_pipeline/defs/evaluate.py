@@ -33,7 +33,13 @@ from lkg_pipeline.core.prompts import (
     PromptSettings,
     recorded_settings,
 )
-from lkg_pipeline.core.ranking import ProgressLog, default_device, load_ranker, rank_prompts
+from lkg_pipeline.core.ranking import (
+    ProgressLog,
+    default_device,
+    load_ranker,
+    rank_prompts,
+    trained_over,
+)
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -160,7 +166,8 @@ def rankings(
     device = str(next(model.parameters()).device)
     context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}: {dtype.describe()}")
     progress = ProgressLog(f"rankings {context.partition_key}", chosen.height, context.log.info)
-    table = rank_prompts(model, tokenizer, chosen, config.batch_size, progress)
+    over = trained_over(adapter)  # ranks by retriever prior + LLM, as it was trained
+    table = rank_prompts(model, tokenizer, chosen, config.batch_size, progress, over)
     summary = []
     for split, rows in table.group_by("split", maintain_order=True):
         ranks = rows["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
@@ -175,6 +182,9 @@ def rankings(
     seconds = float(table["seconds"].sum())
     metadata = {
         "adapter": str(adapter) if adapter else "none (base model)",
+        "scores": "retriever log-prior + LLM (adapter trained over the retriever)"
+        if over
+        else "LLM",
         "device": device,
         "scope": config.scope,
         "prompts": table.height,
@@ -431,7 +441,7 @@ def recommendations(
     reuse.invalidate()
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
     examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
-    model, tokenizer, _, dtype = _ranker(
+    model, tokenizer, adapter, dtype = _ranker(
         lake.path, dataset, config.variant, config.use_adapter, config.dtype
     )
     context.log.info(f"recommendations: {dtype.describe()}")
@@ -455,7 +465,8 @@ def recommendations(
     if selected is not None:
         explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
     progress = ProgressLog(f"recommendations {dataset}", prompt_table.height, context.log.info)
-    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size, progress)
+    over = trained_over(adapter)  # ranks by retriever prior + LLM, as it was trained
+    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size, progress, over)
     table = recommendation_table(
         examples,
         ranked,
@@ -487,6 +498,7 @@ def recommendations(
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
         "prompt_format": settings.prompt.format,
+        "scores": "retriever log-prior + LLM" if over else "LLM",
         SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
         **dtype.metadata(),
     }

@@ -245,6 +245,8 @@ class LoraRunConfig(Recomputable):
     log_every: int = TrainConfig.log_every
     loss: Literal["letters", "lm"] = TrainConfig.loss
     seed: int = TrainConfig.seed
+    # Learn the LLM's scores on top of the retriever's (issue 15; README "Does the LLM help?")
+    retriever_prior: bool = TrainConfig.retriever_prior
     max_steps: int | None = TrainConfig.max_steps
     # core.precision: bf16 where it measures faster
     dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
@@ -260,6 +262,8 @@ class LoraRunConfig(Recomputable):
                 flag = f"--{name.replace('_', '-')}"
                 if isinstance(value, list):  # nargs="+"
                     args += [flag, *map(str, value)]
+                elif isinstance(value, bool):  # BooleanOptionalAction
+                    args.append(flag if value else f"--no-{flag.removeprefix('--')}")
                 else:
                     args += [flag, "none" if value is None else str(value)]
         # A partial run of other inputs cannot be resumed: this asset only trains when its

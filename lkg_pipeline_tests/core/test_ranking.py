@@ -1,10 +1,12 @@
 """The ranker at inference on a tiny random Llama: orders, ranks, and the same rankings after the
 adapter is saved and loaded again (merged), whatever the batch size."""
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lkg_pipeline.core.ranking import (
     load_ranker,
     rank_prompts,
     score_prompts,
+    trained_over,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +68,49 @@ def prompt_table(n: int = 9) -> pl.DataFrame:
             }
         )
     return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
+
+
+def test_an_adapter_trained_over_the_retriever_ranks_by_prior_plus_llm(
+    tiny_with_adapter, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    base, adapter, _ = tiny_with_adapter
+    model = load_ranker(base, adapter, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rng = np.random.default_rng(0)
+    retriever = rng.normal(scale=3.0, size=(9, len(LETTERS)))
+    retriever[2, 5] = -np.inf  # an item the retriever masked
+    prompts = prompt_table().with_columns(
+        retriever_scores=pl.Series(retriever.tolist(), dtype=pl.List(pl.Float32))
+    )
+    table = rank_prompts(model, tokenizer, prompts, retriever_prior=True)
+    llm = score_prompts(model, tokenizer, prompts["prompt"].to_list(), 1).double()
+    shifted = np.where(np.isfinite(retriever), retriever, -np.inf)
+    lowest = np.where(np.isfinite(shifted), shifted, np.inf).min(axis=1, keepdims=True)
+    shifted = np.where(np.isfinite(shifted), shifted, lowest).astype(np.float32)
+    log_prior = torch.log_softmax(torch.tensor(shifted, dtype=torch.float64), dim=1)
+    expected = llm + log_prior  # by hand: the prior a masked item gets is its row's lowest
+    for row, s, candidates in zip(
+        table.iter_rows(named=True), expected, prompts["candidate_item_idxs"], strict=True
+    ):
+        order = torch.sort(s.float(), descending=True, stable=True).indices.tolist()
+        assert row["ranked_item_idxs"] == [candidates[i] for i in order]
+        assert row["ranked_scores"] == pytest.approx(sorted(s.tolist(), reverse=True), abs=1e-4)
+    alone = rank_prompts(model, tokenizer, prompts)  # the same model, LLM scores only
+    assert alone["ranked_item_idxs"].to_list() != table["ranked_item_idxs"].to_list()
+    with pytest.raises(ValueError, match="9 of 9 prompts have no retriever scores"):
+        rank_prompts(model, tokenizer, prompt_table(), retriever_prior=True)
+
+    assert not trained_over(None)
+    for flag in (True, False):
+        folder = tmp_path / str(flag)
+        folder.mkdir()
+        (folder / "training.json").write_text(json.dumps({"config": {"retriever_prior": flag}}))
+        assert trained_over(folder) is flag
+    (tmp_path / "old").mkdir()  # an adapter trained before the setting existed
+    (tmp_path / "old" / "training.json").write_text(json.dumps({"config": {"lr": 1e-4}}))
+    assert not trained_over(tmp_path / "old")
 
 
 def without_time(frame: pl.DataFrame) -> pl.DataFrame:

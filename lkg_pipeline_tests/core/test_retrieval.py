@@ -246,6 +246,23 @@ def test_retriever_candidates_are_the_retrievers_top_items() -> None:
         assert set(row["candidate_item_idxs"]) == expected
 
 
+def test_retriever_training_candidates_carry_their_scores_and_the_targets_rank() -> None:
+    data, model = random_data(), random_model(max_len=8)
+    frame = training_candidates(data, "retriever", model=model, examples_per_user=6)
+    prefixes = [data.train[u][:p] for u, p in zip(frame["user_idx"], frame["prefix_len"])]
+    scores = score_users(model, prefixes)  # (N, I), the prefix masked
+    targets = torch.tensor(frame["target_item_idx"].to_list())
+    ranks = rank_of_target(scores, targets, tie_break="index")
+    assert frame["target_rank"].to_list() == ranks.tolist()
+    assert 0 < (frame["target_rank"] > 20).sum() < frame.height  # both kinds of row occur
+    for i, row in enumerate(frame.iter_rows(named=True)):
+        expected = scores[i, row["candidate_item_idxs"]].tolist()  # under each item, in order
+        assert row["candidate_scores"] == pytest.approx(expected, rel=1e-6)
+    uniform = training_candidates(data, "random", model=model, examples_per_user=6)
+    assert uniform["candidate_scores"].null_count() == uniform["target_rank"].null_count()
+    assert uniform["target_rank"].null_count() == uniform.height
+
+
 def test_training_candidates_unknown_policy() -> None:
     with pytest.raises(ValueError, match="random"):
         training_candidates(random_data(), "popular")  # type: ignore[arg-type]

@@ -20,13 +20,16 @@ import polars as pl
 import pytest
 import torch
 
+from lkg_pipeline.core.fusion import retriever_log_prior
 from lkg_pipeline.core.llm import LETTERS, letter_token_ids
+from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.train_lora import (
     PROMPT_COLUMNS,
     RunPaths,
     TrainConfig,
     batch_loss,
     build_parser,
+    collate,
     config_from_args,
     read_examples,
     score_prompts,
@@ -262,6 +265,87 @@ def test_lm_loss_trains_and_unknown_loss_is_refused(
     batch["position_ids"] = torch.zeros((1, 3), dtype=torch.long)
     with pytest.raises(ValueError, match="choose one of"):
         batch_loss(result.model, batch, "hinge")
+
+
+def with_retriever_scores(frame: pl.DataFrame, scores: np.ndarray) -> pl.DataFrame:
+    return frame.with_columns(
+        retriever_scores=pl.Series(scores.tolist(), dtype=pl.List(pl.Float32))
+    )
+
+
+def test_retriever_log_prior_is_a_log_softmax_that_keeps_masked_items_learnable() -> None:
+    scores = np.array([[3.0, 1.0, -np.inf, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    prior = retriever_log_prior(scores)
+    assert np.exp(prior).sum(axis=1) == pytest.approx([1.0, 1.0])
+    assert prior[0, 2] == prior[0, 3] and np.isfinite(prior).all()  # -inf → the row's lowest
+    assert prior[0, 0] - prior[0, 1] == pytest.approx(2.0)  # differences kept
+    assert prior[1] == pytest.approx(np.full(4, -np.log(4)))
+
+
+def test_retriever_prior_is_added_to_the_scores_in_the_loss_and_in_validation(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """The loss is CE over (retriever log-prior + LLM scores), validation ranks by the same
+    sum; a flat prior (a constant shift) changes nothing, an informative one what it should."""
+    frame = synthetic_prompts()
+    rng = np.random.default_rng(0)
+    informative = rng.normal(size=(frame.height, len(LETTERS)))
+    informative[:, TARGET] += 4.0  # the retriever is mostly right about "C"
+    prompts = tmp_path / "informative.parquet"
+    with_retriever_scores(frame, informative).write_parquet(prompts)
+    flat = tmp_path / "flat.parquet"
+    with_retriever_scores(frame, np.full((frame.height, len(LETTERS)), 2.5)).write_parquet(flat)
+
+    tokenizer = tokenizer_of(tiny_base)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    train = read_examples(prompts, "train", None, seed=0, with_prior=True)
+    assert train.priors is not None and train.priors.shape == (24, len(LETTERS))
+    rows = [
+        {
+            "input_ids": tokenizer(p)["input_ids"],
+            "letter_ids": letter_token_ids(tokenizer, p),
+            "target": t,
+            "prior": prior,
+        }
+        for p, t, prior in zip(train.prompts[:3], train.targets, train.priors, strict=False)
+    ]
+    batch = collate(rows, int(tokenizer.pad_token_id or tokenizer.eos_token_id))
+    raw = score_prompts(model, tokenizer, train.prompts[:3])  # (3, 20)
+    expected = torch.nn.functional.cross_entropy(
+        raw + torch.as_tensor(train.priors[:3], dtype=torch.float32), batch["target"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(batch_loss(model, batch, "letters"), expected)
+
+    config = quick(epochs=1, eval_every=1000, retriever_prior=True)
+    run = training_function(config, RunPaths(prompts, tiny_base, tmp_path / "prior"))
+    val = read_examples(prompts, "val", None, seed=0, with_prior=True)
+    fused = score_prompts(model, tokenizer, val.prompts) + torch.as_tensor(
+        val.priors, dtype=torch.float32
+    )  # step 0 is the untrained model
+    ranks = rank_of_target(fused, torch.tensor(val.targets), tie_break="index").numpy()
+    assert run.history[0]["val"] == pytest.approx(ranking_metrics(ranks.astype(float), (1, 5, 10)))
+
+    shifted = training_function(config, RunPaths(flat, tiny_base, tmp_path / "flat"))
+    alone = training_function(
+        quick(epochs=1, eval_every=1000), RunPaths(flat, tiny_base, tmp_path / "alone")
+    )
+    losses = [[h["loss"] for h in r.history if "loss" in h] for r in (shifted, alone)]
+    assert len(losses[0]) == 6
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert shifted.best_val == pytest.approx(alone.best_val)
+
+
+def test_retriever_prior_needs_scores_and_a_per_candidate_loss(
+    prompts_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"24 of 24 train prompts have no retriever scores"):
+        read_examples(prompts_file, "train", None, seed=0, with_prior=True)
+    assert read_examples(prompts_file, "train", None, seed=0).priors is None
+    with pytest.raises(ValueError, match="retriever_prior needs loss 'letters'"):
+        TrainConfig(loss="lm", retriever_prior=True)
 
 
 def test_command_line_mirrors_the_config() -> None:
