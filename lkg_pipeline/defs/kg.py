@@ -8,7 +8,7 @@ import polars as pl
 
 from lkg_pipeline.core import validate
 from lkg_pipeline.core.kg import RELATIONS, KGConfig, KnowledgeGraph, build_kg
-from lkg_pipeline.core.warehouse import write_duckdb, write_parquet
+from lkg_pipeline.core.warehouse import write_kg
 from lkg_pipeline.defs.layout import kg_folder, warehouse_path
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
@@ -91,8 +91,7 @@ def kg_triples(
     build_s = time.perf_counter() - start
     if kg.unmapped_relations:
         context.log.warning(f"Freebase relations not read: {kg.unmapped_relations}")
-    write_duckdb(kg, warehouse_path(lake.path, dataset))
-    paths = write_parquet(kg, kg_folder(lake.path, dataset))
+    paths = write_kg(kg, warehouse_path(lake.path, dataset), kg_folder(lake.path, dataset))
     context.log.info(
         f"{dataset}: {kg.entities.height} entities, {kg.triples.height} triples "
         f"built in {build_s:.1f}s"

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+import pytest
 
 from lkg_pipeline.core import validate
 from lkg_pipeline.core.kg import RELATIONS, KGConfig, build_kg
-from lkg_pipeline.core.warehouse import read_parquet, write_duckdb, write_parquet
+from lkg_pipeline.core.warehouse import read_parquet, write_duckdb, write_kg, write_parquet
 
 INVERSES = {r.name: r.inverse for r in RELATIONS.values()}
 
@@ -331,3 +332,42 @@ def test_failed_write_keeps_the_previous_database(tmp_path: Path) -> None:
         raise AssertionError("the broken write should have failed")
     assert db.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.duckdb"]
+
+
+def test_the_graphs_two_copies_are_replaced_together_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_kg stages the DuckDB file and the Parquet folder in full before replacing either:
+    a failure while writing the Parquet copy (after the DuckDB build) leaves both old copies."""
+    items, seqs = tiny_graph_inputs()
+    kg = build_kg(items, seqs)
+    db, folder = tmp_path / "wh" / "g.duckdb", tmp_path / "kg" / "g"
+    paths = write_kg(kg, db, folder)
+    assert sorted(p.name for p in paths.values()) == sorted(p.name for p in folder.iterdir())
+    db_before = db.read_bytes()
+    files_before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # a different graph (one triple fewer) whose Parquet write fails (a full disk, say) after
+    # its DuckDB build and after the first of its three tables
+    smaller = type(kg)(kg.entities, kg.triples.head(kg.triples.height - 1), kg.relations, {})
+    real_write = pl.DataFrame.write_parquet
+    written: list[str] = []
+
+    def fail_on_second(frame: pl.DataFrame, path, **kwargs) -> None:
+        written.append(str(path))
+        if len(written) == 2:
+            raise OSError("No space left on device")
+        real_write(frame, path, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", fail_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        write_kg(smaller, db, folder)
+    monkeypatch.undo()
+    assert len(written) == 2
+    assert db.read_bytes() == db_before
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files_before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["g.duckdb"]  # no temporary left
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["g"]
+    write_kg(type(kg)(kg.entities, kg.triples.head(5), kg.relations, {}), db, folder)
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.sql("select count(*) from triples").fetchall()[0][0] == 5
+    assert read_parquet(folder).triples.height == 5
