@@ -59,8 +59,9 @@ def preference_dir(lake: Path, dataset: str) -> Path:
 
 
 def selected_paths_file(lake: Path, dataset: str) -> Path:
-    """The paths each prompt shows, for the `kg_rag` and `lkg_rag` variants."""
-    return lake / "paths" / "selected_paths" / f"{dataset}.parquet"
+    """The `selected_paths` asset's file (the IO manager's layout, `io_file`), whose footer
+    records the settings the paths were selected with."""
+    return io_file(lake, "paths", "selected_paths", dataset)
 
 
 def base_model_root(lake: Path) -> Path:

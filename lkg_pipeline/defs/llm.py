@@ -126,10 +126,16 @@ class PromptRunConfig(dg.Config):
     code_version=versioned("2", __name__),
     kinds={"polars", "parquet"},
     ins={
-        name: dg.AssetIn(partition_mapping=BY_DATASET)
-        for name in ("candidates", "sequences", "items")
+        **{
+            name: dg.AssetIn(partition_mapping=BY_DATASET)
+            for name in ("candidates", "sequences", "items")
+        },
+        # only the KG variants read it: `llamarec` prompts can be made without it
+        "selected_paths": dg.AssetIn(
+            partition_mapping=BY_DATASET, metadata={"allow_missing_partitions": True}
+        ),
     },
-    deps=["base_model", dg.AssetDep("preference_model", partition_mapping=BY_DATASET)],
+    deps=["base_model"],
 )
 def prompts(
     context: dg.AssetExecutionContext,
@@ -138,6 +144,7 @@ def prompts(
     candidates: pl.DataFrame,
     sequences: pl.DataFrame,
     items: pl.DataFrame,
+    selected_paths: pl.DataFrame | None,
 ) -> dg.Output[pl.DataFrame]:
     """One rendered prompt per example (train/val/test) for a dataset and a variant."""
     from transformers import AutoTokenizer
@@ -153,8 +160,13 @@ def prompts(
     settings = PromptSettings(core)
     selected = None
     if variant != "llamarec":
-        file = selected_paths_file(lake.path, dataset)
-        selected = pl.read_parquet(file)
+        if selected_paths is None:
+            raise FileNotFoundError(
+                f"{variant} prompts show KG paths: materialise selected_paths for {dataset} "
+                "first (after kg_paths and preference_model)"
+            )
+        selected = selected_paths
+        file = selected_paths_file(lake.path, dataset)  # the settings it was selected with
         made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
         settings = PromptSettings.from_dict({**made_with, "prompt": dataclasses.asdict(core)})
 

@@ -32,7 +32,6 @@ from lkg_pipeline.defs.layout import (
     kg_folder,
     paths_folder,
     preference_dir,
-    selected_paths_file,
     warehouse_path,
 )
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
@@ -189,7 +188,7 @@ def kg_paths(
 
 
 class PreferenceRunConfig(dg.Config):
-    """The preference module (`PreferenceConfig`) and how prompts pick their paths."""
+    """The preference module (`PreferenceConfig`)."""
 
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
         "user_encoder": "auto: trains both encoders, keeps the better on val (core: one)",
@@ -204,8 +203,6 @@ class PreferenceRunConfig(dg.Config):
     epochs: int = PreferenceConfig.epochs
     batch_size: int | None = PreferenceConfig.batch_size
     seed: int = PreferenceConfig.seed
-    paths_per_history_item: int = PathSelection.per_history_item  # `PathSelection`
-    max_prompt_paths: int = PathSelection.max_paths
 
     def to_core(self) -> PreferenceConfig:
         fields = PreferenceConfig.__dataclass_fields__
@@ -252,22 +249,6 @@ def preference_model(
         "retriever order": evaluate_rankings(candidates, _retriever_order(candidates)),
     }
     preferences = user_preferences(result.model, None, history)
-    selected = pl.concat(
-        [
-            select_paths(
-                tables["paths"], None, config.paths_per_history_item, config.max_prompt_paths
-            ).with_columns(variant=pl.lit("kg_rag")),
-            select_paths(
-                tables["paths"], preferences, config.paths_per_history_item, config.max_prompt_paths
-            ).with_columns(variant=pl.lit("lkg_rag")),
-        ],
-        how="diagonal_relaxed",
-    ).drop("weight", strict=False)
-    made_with = path_settings_json(
-        read_path_config(lake.path, dataset),
-        PathSelection(config.paths_per_history_item, config.max_prompt_paths),
-    )
-    write_parquet_atomic(selected, selected_paths_file(lake.path, dataset), {PATHS_KEY: made_with})
 
     def write(folder: Path) -> None:
         save_preference(result, result.model.config, path_types, folder)
@@ -298,22 +279,75 @@ def preference_model(
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "selected_paths": dg.MetadataValue.path(str(selected_paths_file(lake.path, dataset))),
             "encoder": encoder,
             "val_ndcg10_by_encoder": dg.MetadataValue.json(by_encoder),
             "best_epoch": result.best_epoch,
             "pi_shift": dg.MetadataValue.json(result.pi_shift),
             "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
             "mean_preference_by_type": dg.MetadataValue.md(markdown_table(mean_pi)),
+            "loss_curve": dg.MetadataValue.md(_loss_plot(result.loss_history, dataset)),
+        }
+    )
+
+
+class SelectedPathsRunConfig(dg.Config):
+    """Which enumerated paths each prompt shows (`PathSelection`)."""
+
+    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
+    NOT_EXPOSED: ClassVar[dict[str, str]] = {}
+
+    per_history_item: int = PathSelection.per_history_item
+    max_paths: int = PathSelection.max_paths
+
+
+@dg.asset(
+    group_name="paths",
+    partitions_def=dataset_partitions,
+    code_version=versioned("1", __name__),
+    kinds={"polars", "parquet"},
+    deps=["kg_paths", "preference_model"],
+)
+def selected_paths(
+    context: dg.AssetExecutionContext, config: SelectedPathsRunConfig, lake: DataLake
+) -> dg.Output[pl.DataFrame]:
+    """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
+    ones the user's learned preferences rank first (per history item, then up to a cap)."""
+    dataset = context.partition_key
+    paths = read_paths(lake.path, dataset)["paths"]
+    preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
+    selection = PathSelection(config.per_history_item, config.max_paths)
+    table = pl.concat(
+        [
+            select_paths(paths, None, selection.per_history_item, selection.max_paths)
+            .with_columns(variant=pl.lit("kg_rag")),
+            select_paths(paths, preferences, selection.per_history_item, selection.max_paths)
+            .with_columns(variant=pl.lit("lkg_rag")),
+        ],
+        how="diagonal_relaxed",
+    ).drop("weight", strict=False)  # fmt: skip
+    made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
+    per_example = table.group_by("variant", "example_id").len()
+    return dg.Output(
+        table,
+        metadata={
+            "rows": table.height,
+            "paths_per_prompt": dg.MetadataValue.md(
+                markdown_table(
+                    per_example.group_by("variant")
+                    .agg(prompts=pl.len(), mean=pl.col("len").mean(), max=pl.col("len").max())
+                    .sort("variant")
+                )
+            ),
             "selected_paths_per_variant": dg.MetadataValue.md(
                 markdown_table(
-                    selected.group_by("variant", "path_type")
+                    table.group_by("variant", "path_type")
                     .len()
                     .sort("variant", "len", descending=[False, True])
                 )
             ),
-            "loss_curve": dg.MetadataValue.md(_loss_plot(result.loss_history, dataset)),
-        }
+            # also written into the file (ParquetIOManager): what prompts record as theirs
+            PATHS_KEY: dg.MetadataValue.json(json.loads(made_with)),
+        },
     )
 
 

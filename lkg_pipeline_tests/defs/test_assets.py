@@ -13,13 +13,13 @@ from upath import UPath
 
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
-from lkg_pipeline.core.prompts import SETTINGS_KEY
+from lkg_pipeline.core.prompts import PATHS_KEY, SETTINGS_KEY
 from lkg_pipeline.core.sources import RECBOLE_WHEEL
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
 from lkg_pipeline.defs.llm import base_model, lora_adapter, prompts
-from lkg_pipeline.defs.paths import kg_paths, preference_model
+from lkg_pipeline.defs.paths import kg_paths, preference_model, selected_paths
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
 from lkg_pipeline.defs.retrieval import candidates, retriever
@@ -48,6 +48,7 @@ DATASET_STAGES = [
     candidates,
     kg_paths,
     preference_model,
+    selected_paths,
 ]
 EVERYTHING = [*DATASET_STAGES, base_model, prompts]
 EVALUATED = [*EVERYTHING, lora_adapter, rankings, evaluation_report, recommendations]
@@ -215,6 +216,11 @@ def test_paths_selection_and_preferences(built: dict) -> None:
     )
     assert set(selected["variant"]) == {"kg_rag", "lkg_rag"}
     assert per_example["n"].max() <= 20 and (per_example["n"] == per_example["items"]).all()
+    selected_meta = result.asset_materializations_for_node("selected_paths")[0].metadata
+    assert selected_meta["rows"].value == selected.height
+    assert "| lkg_rag |" in selected_meta["paths_per_prompt"].value
+    footer = pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")
+    assert json.loads(footer[PATHS_KEY])["selection"] == {"per_history_item": 1, "max_paths": 20}
     pref_meta = result.asset_materializations_for_node("preference_model")[0].metadata
     assert pref_meta["encoder"].value in ("user_id", "history")
     assert "| preference | test | subset |" in pref_meta["metrics"].value

@@ -199,11 +199,11 @@ def requested(result: dg.EvaluateAutomationConditionsResult) -> dict[str, set[st
     return {name: keys for name, keys in found.items() if keys}
 
 
-def test_retrain_followups_request_prompts_after_preference_model_updates(
+def test_retrain_followups_request_prompts_after_the_selected_paths_update(
     defs: dg.Definitions,
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    for asset in ("candidates", "sequences", "items", "preference_model"):
+    for asset in ("candidates", "sequences", "items", "selected_paths"):
         report(instance, asset, "ml-100k")
     report(instance, "base_model")
 
@@ -211,7 +211,7 @@ def test_retrain_followups_request_prompts_after_preference_model_updates(
     first = evaluate(defs, instance)
     assert first.total_requested == 0
 
-    report(instance, "preference_model", "ml-100k")  # a retrain finished
+    report(instance, "selected_paths", "ml-100k")  # a retrain finished
     second = evaluate(defs, instance, first)
     assert second.get_requested_partitions(dg.AssetKey("prompts")) == dataset_variants("ml-100k")
     # Adapters and rankings share the dataset × variant partitions: the same run follows them.
@@ -229,7 +229,13 @@ def test_retrain_followups_request_prompts_after_preference_model_updates(
 def test_retrain_followups_report_waits_for_new_rankings(defs: dg.Definitions) -> None:
     instance = dg.DagsterInstance.ephemeral()
     upstream = ("candidates", "sequences", "items", "kg_triples", "retriever", "kg_paths")
-    for asset in (*upstream, "preference_model", "evaluation_report", "recommendations"):
+    for asset in (
+        *upstream,
+        "preference_model",
+        "selected_paths",
+        "evaluation_report",
+        "recommendations",
+    ):
         report(instance, asset, "ml-100k")
     for asset in ("prompts", "lora_adapter", "rankings"):
         for key in dataset_variants("ml-100k"):
@@ -237,7 +243,7 @@ def test_retrain_followups_report_waits_for_new_rankings(defs: dg.Definitions) -
     report(instance, "base_model")
     first = evaluate(defs, instance)
 
-    report(instance, "preference_model", "ml-100k")  # a weekly retrain, everything evaluated before
+    report(instance, "selected_paths", "ml-100k")  # a weekly retrain, everything evaluated before
     second = evaluate(defs, instance, first)
     assert second.get_requested_partitions(dg.AssetKey("rankings")) == dataset_variants("ml-100k")
     assert requested(second).keys() == {"prompts", "lora_adapter", "rankings"}
@@ -252,10 +258,10 @@ def test_retrain_followups_report_waits_for_new_rankings(defs: dg.Definitions) -
 
 def test_retrain_followups_wait_for_missing_upstream(defs: dg.Definitions) -> None:
     instance = dg.DagsterInstance.ephemeral()
-    for asset in ("candidates", "sequences", "items", "preference_model"):
+    for asset in ("candidates", "sequences", "items", "selected_paths"):
         report(instance, asset, "ml-100k")  # no base_model yet
     first = evaluate(defs, instance)
-    report(instance, "preference_model", "ml-100k")
+    report(instance, "selected_paths", "ml-100k")
     second = evaluate(defs, instance, first)
     assert second.total_requested == 0
 
@@ -274,6 +280,7 @@ def test_retrain_dataset_is_retrieval_and_paths(defs: dg.Definitions) -> None:
         "candidates",
         "kg_paths",
         "preference_model",
+        "selected_paths",
     }
 
 

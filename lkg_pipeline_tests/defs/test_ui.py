@@ -203,6 +203,7 @@ def test_ui_shows_graph_and_materializes_a_partition(webserver: Webserver, lake:
         "raw_items": "ingest",
         "sequences": "prepare",
         "kg_triples": "kg",
+        "selected_paths": "paths",
         "rankings": "evaluate",
         "evaluation_report": "evaluate",
         "recommendations": "evaluate",
