@@ -63,6 +63,7 @@ SHORT_TRAINING = {
             "eval_every": 1,
             "warmup_steps": 0,
             "lr": 1e-3,
+            "retriever_prior": True,  # trained over the retriever: served the same way
         }
     }
 }
@@ -269,6 +270,13 @@ def test_lora_adapter_trains_through_accelerate_and_pipes(built: dict) -> None:
     assert [len(set(ids)) for ids in summary["letter_token_ids"]] == [2]
     lora_meta = built["trained"].asset_materializations_for_node("lora_adapter")[0].metadata
     assert any("NDCG@10" in name for name in lora_meta)
+    assert summary["config"]["retriever_prior"] is True
+    # the train prompts carry the retriever's scores the prior is made of, in candidate order
+    prompts = read(built["lake"], "llm", "prompts", "ml-100k", "lkg_rag.parquet")
+    candidates = read(built["lake"], "retrieval", "candidates", "ml-100k.parquet")
+    joined = prompts.join(candidates, on="example_id")
+    assert joined["retriever_scores"].null_count() == 0
+    assert joined["retriever_scores"].to_list() == joined["candidate_scores"].to_list()
 
 
 def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> None:
@@ -296,6 +304,7 @@ def test_recommendations_are_made_as_the_training_prompts_were(built: dict) -> N
     lake = built["lake"]
     served = built["reported"].asset_materializations_for_node("recommendations")[0].metadata
     assert served[SETTINGS_KEY].value == recorded_settings_of(lake)  # not the defaults
+    assert served["scores"].value == "retriever log-prior + LLM"  # as the adapter was trained
     seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
 
