@@ -66,7 +66,7 @@ from lkg_pipeline.defs.llm import BY_DATASET, dataset_variant_partitions
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import read_paths
-from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
@@ -122,6 +122,7 @@ class RankingRunConfig(Recomputable):
 @dg.asset(
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="evaluate",
+    pool=TORCH_POOL,  # one such step at a time (dagster.yaml)
     partitions_def=dataset_variant_partitions,
     code_version=versioned("1", __name__),
     kinds={"pytorch", "parquet"},
@@ -421,6 +422,7 @@ class RecommendationRunConfig(Recomputable):
 @dg.asset(
     automation_condition=after_update_of("lora_adapter"),  # see sensors.py
     group_name="evaluate",
+    pool=TORCH_POOL,  # one such step at a time (dagster.yaml)
     partitions_def=dataset_partitions,
     code_version=versioned("2", __name__),
     kinds={"duckdb", "parquet"},

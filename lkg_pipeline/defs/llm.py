@@ -35,7 +35,7 @@ from lkg_pipeline.defs.layout import (
 )
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
-from lkg_pipeline.defs.resources import DEFAULT_LAKE, DataLake
+from lkg_pipeline.defs.resources import DEFAULT_LAKE, TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
@@ -305,6 +305,7 @@ class LoraRunConfig(Recomputable):
 @dg.asset(
     automation_condition=dg.AutomationCondition.eager(),  # see sensors.py
     group_name="llm",
+    pool=TORCH_POOL,  # one such step at a time (dagster.yaml)
     partitions_def=dataset_variant_partitions,
     code_version=versioned("1", __name__),
     kinds={"pytorch", "accelerate"},

@@ -11,8 +11,14 @@ from upath import UPath
 
 from lkg_pipeline.core.storage import write_parquet_atomic
 
-# The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
 FILE_METADATA_PREFIX = "lkg_pipeline."
+# The concurrency pool of the steps that keep every core (or a GPU) busy: the retriever's and
+# the LLM's training and ranking. dagster.yaml limits it to one step at a time on the instance,
+# so partitions materialised in parallel (a backfill, two `make run`s) queue there instead of
+# spinning against each other on 2 cores; raise it where there are cores or GPUs to share
+# (`dagster instance concurrency set torch N`; README "Partitions in parallel").
+TORCH_POOL = "torch"
+# The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
 DEFAULT_LAKE = Path(__file__).resolve().parents[2] / "data_lake"
 
 

@@ -24,7 +24,7 @@ from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
-from lkg_pipeline.defs.resources import DataLake
+from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
@@ -74,6 +74,7 @@ class CandidatesRunConfig(dg.Config):
 
 @dg.asset(
     group_name="retrieval",
+    pool=TORCH_POOL,  # one such step at a time (dagster.yaml)
     partitions_def=dataset_partitions,
     code_version=versioned("1", __name__),
     kinds={"pytorch", "safetensors"},

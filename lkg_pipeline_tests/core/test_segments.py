@@ -186,14 +186,13 @@ def test_training_on_segments_learns_in_both_dtypes(
     ranks = ranked["target_rank"].cast(pl.Float64).to_numpy()
     val_examples = read_examples(prompts, "val", None, seed=0)
     assert len(ranks) == len(val_examples.prompts)
-    served = np.mean(1.0 / np.log2(ranks + 1) * (ranks <= 10))
+    # bf16: the adapter stays an unmerged fp32 branch (merged into bf16 weights most of the
+    # update would round away), so ranking computes what validation computed
+    assert np.mean(1.0 / np.log2(ranks + 1) * (ranks <= 10)) == pytest.approx(
+        last["NDCG@10"], abs=1e-6
+    )
     lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
-    if dtype == "float32":  # merged: ranking computes exactly what validation computed
-        assert served == pytest.approx(last["NDCG@10"], abs=1e-6)
-        assert lora == set()
-    else:  # an unmerged bf16 branch (merged into bf16 weights the update would round away)
-        assert lora == {torch.bfloat16}
-        assert served > first["NDCG@10"] + 0.2, (served, val)  # what was learnt is served
+    assert lora == (set() if dtype == "float32" else {torch.float32})
 
 
 def test_segments_trained_over_the_retriever_rank_as_they_were_validated(
