@@ -24,12 +24,14 @@ def frames() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
             "prefix_len": [2],
             "target_item_idx": [1],
             "candidate_item_idxs": [[3, 1]],
+            "candidate_scores": [[2.5, -1.0]],  # the retriever's, in candidate order
         },
         schema_overrides={
             "user_idx": pl.Int32,
             "prefix_len": pl.Int32,
             "target_item_idx": pl.Int32,
             "candidate_item_idxs": pl.List(pl.Int32),
+            "candidate_scores": pl.List(pl.Float32),
             "example_id": pl.Int64,
         },
     )
@@ -94,6 +96,7 @@ def test_golden_prompts_for_each_variant() -> None:
         "target_index": 1,
         "n_tokens": words(GOLDEN_LKG),
         "segments": None,  # the letters format
+        "retriever_scores": [2.5, -1.0],  # carried over for retriever_prior
     }
     plain = build_prompts(examples, sequences, TITLES, None, "llamarec", PromptConfig(), words)
     assert plain["prompt"][0] == GOLDEN_LLAMAREC
