@@ -251,6 +251,21 @@ def load_ranker(
     return model.to(device=device or default_device()).eval()
 
 
+def prompt_log_priors(prompts: pl.DataFrame, described: str, where: str = "") -> np.ndarray:
+    """(N, 20) retriever log-prior of each prompt's candidates (`retriever_scores`); an error
+    naming how many of the `described` prompts (e.g. "train prompts") have none, after
+    `where` (e.g. the file)."""
+    missing = prompts["retriever_scores"].null_count()
+    if missing:
+        raise ValueError(
+            f"{where}{missing} of {prompts.height} {described} have no retriever scores, which a "
+            "ranker trained over the retriever needs: make the candidates with train_policy "
+            "'retriever' and the prompts from them, or turn retriever_prior off"
+        )
+    raw = np.asarray(prompts["retriever_scores"].to_list(), dtype=np.float64)
+    return retriever_log_prior(raw.reshape(prompts.height, len(LETTERS)))
+
+
 def trained_over(adapter: Path | None) -> bool:
     """Whether the adapter was trained over the retriever's scores (`retriever_prior` in its
     training.json): then it ranks by prior + LLM scores, as it was trained and validated."""
@@ -303,15 +318,7 @@ def rank_prompts(
     """
     priors = None
     if retriever_prior:
-        missing = prompts["retriever_scores"].null_count()
-        if missing:
-            raise ValueError(
-                f"{missing} of {prompts.height} prompts have no retriever scores, which an "
-                "adapter trained over the retriever needs: rebuild the prompts from candidates "
-                "that carry them"
-            )
-        raw = np.asarray(prompts["retriever_scores"].to_list(), dtype=np.float64)
-        priors = torch.as_tensor(retriever_log_prior(raw.reshape(prompts.height, len(LETTERS))))
+        priors = torch.as_tensor(prompt_log_priors(prompts, "prompts"))
     batch_size = batch_size or default_batch_size(model)
     scored = score_prompts_timed(
         model,

@@ -39,7 +39,6 @@ import torch
 from torch.nn import functional as F
 
 from lkg_pipeline.core.fingerprints import folder_digest, library_versions
-from lkg_pipeline.core.fusion import retriever_log_prior
 from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
@@ -48,6 +47,7 @@ from lkg_pipeline.core.ranking import (
     left_pad,
     max_positions,
     pad_token_id,
+    prompt_log_priors,
     prompt_segments,
     score_prompts,
     tokenize_prompt,
@@ -186,17 +186,7 @@ def read_examples(
     if limit is not None and rows.height > limit:
         rows = rows.sample(n=limit, seed=seed)
     rows = rows.sort("example_id")
-    priors = None
-    if with_prior:
-        missing = rows["retriever_scores"].null_count()
-        if missing:
-            raise ValueError(
-                f"{path}: {missing} of {rows.height} {split} prompts have no retriever scores, "
-                "which retriever_prior needs; make the candidates with train_policy "
-                "'retriever' (and the prompts from them) or turn retriever_prior off"
-            )
-        scores = np.asarray(rows["retriever_scores"].to_list(), dtype=np.float64)
-        priors = retriever_log_prior(scores.reshape(rows.height, len(LETTERS)))
+    priors = prompt_log_priors(rows, f"{split} prompts", f"{path}: ") if with_prior else None
     return Examples(
         example_ids=rows["example_id"].to_list(),
         prompts=rows["prompt"].to_list(),

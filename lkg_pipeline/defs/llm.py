@@ -158,14 +158,12 @@ def prompts(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, core.max_title_tokens
     )
     settings = PromptSettings(core)
-    selected = None
     if variant != "llamarec":
         if selected_paths is None:
             raise FileNotFoundError(
                 f"{variant} prompts show KG paths: materialise selected_paths for {dataset} "
                 "first (after kg_paths and preference_model)"
             )
-        selected = selected_paths
         file = selected_paths_file(lake.path, dataset)  # the settings it was selected with
         made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
         settings = PromptSettings.from_dict({**made_with, "prompt": dataclasses.asdict(core)})
@@ -173,7 +171,7 @@ def prompts(
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    table = build_prompts(candidates, sequences, titles, selected, variant, core, count)
+    table = build_prompts(candidates, sequences, titles, selected_paths, variant, core, count)
     if core.format == "letters":  # fails loudly if the answer is not one token
         letter_token_ids(tokenizer, table["prompt"][0])
     else:

@@ -82,9 +82,11 @@ def read_path_config(lake: Path, dataset: str) -> PathConfig:
     return PathConfig(**json.loads(file.read_text()))
 
 
-def read_paths(lake: Path, dataset: str) -> dict[str, pl.DataFrame]:
+def read_paths(
+    lake: Path, dataset: str, tables: tuple[str, ...] = PATH_TABLES
+) -> dict[str, pl.DataFrame]:
     folder = paths_folder(lake, dataset)
-    return {name: pl.read_parquet(folder / f"{name}.parquet") for name in PATH_TABLES}
+    return {name: pl.read_parquet(folder / f"{name}.parquet") for name in tables}
 
 
 @dg.asset(
@@ -313,7 +315,7 @@ def selected_paths(
     """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
     ones the user's learned preferences rank first (per history item, then up to a cap)."""
     dataset = context.partition_key
-    paths = read_paths(lake.path, dataset)["paths"]
+    paths = read_paths(lake.path, dataset, ("paths",))["paths"]
     preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
     selection = PathSelection(config.per_history_item, config.max_paths)
     table = pl.concat(

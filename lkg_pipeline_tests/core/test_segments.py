@@ -148,24 +148,29 @@ def marked_prompts(n_train: int = 24, n_val: int = 8, seed: int = 0) -> pl.DataF
     return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
 
 
+def marked_training(**overrides: Any) -> TrainConfig:
+    """Settings that learn the marked task in seconds on the tiny model."""
+    settings: dict[str, Any] = {
+        "lr": 2e-2,
+        "warmup_steps": 0,
+        "epochs": 4,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "eval_every": 1000,
+        "log_every": 1,
+        "max_val_examples": None,
+        "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
+    }
+    return TrainConfig(**(settings | overrides))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_training_on_segments_learns_in_both_dtypes(
     tiny_base: Path, tmp_path: Path, dtype: str
 ) -> None:
     prompts = tmp_path / "prompts.parquet"
     marked_prompts().write_parquet(prompts)
-    config = TrainConfig(
-        lr=2e-2,
-        warmup_steps=0,
-        epochs=4,
-        batch_size=2,
-        grad_accum=2,
-        eval_every=1000,
-        log_every=1,
-        max_val_examples=None,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
-        dtype=dtype,
-    )
+    config = marked_training(dtype=dtype)
     result = training_function(config, RunPaths(prompts, tiny_base, tmp_path / "adapter"))
     val = {h["step"]: h["val"] for h in result.history if "val" in h}
     first, last = val[0], val[result.step]
@@ -208,19 +213,7 @@ def test_segments_trained_over_the_retriever_rank_as_they_were_validated(
     frame.with_columns(
         retriever_scores=pl.Series(noise.tolist(), dtype=pl.List(pl.Float32))
     ).write_parquet(prompts)
-    config = TrainConfig(
-        lr=2e-2,
-        warmup_steps=0,
-        epochs=4,
-        batch_size=2,
-        grad_accum=2,
-        eval_every=1000,
-        log_every=1,
-        max_val_examples=None,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
-        dtype="float32",
-        retriever_prior=True,
-    )
+    config = marked_training(dtype="float32", retriever_prior=True)
     result = training_function(config, RunPaths(prompts, tiny_base, tmp_path / "adapter"))
     val = {h["step"]: h["val"] for h in result.history if "val" in h}
     assert val[result.step]["NDCG@10"] > val[0]["NDCG@10"] + 0.2, val
