@@ -59,11 +59,11 @@ class SourceUnavailableError(RuntimeError):
     """A dataset's files could not be found or fetched; the message says what to provide."""
 
 
-def what_to_provide(dataset: str, lake_root: Path) -> str:
+def what_to_provide(dataset: str, drop_folder: Path) -> str:
     """The sentence every "no usable source" error ends with: the files, and where they go."""
     return (
         f"Provide {EXPECTED_FILES[dataset]}: put them in the drop folder "
-        f"{lake_root / 'sources' / dataset} (source 'default'), or pass a folder or .zip holding "
+        f"{drop_folder} (source 'default'), or pass a folder or .zip holding "
         "them as the ingest config `source`."
     )
 
@@ -240,28 +240,29 @@ def download(url: str, cache_dir: Path, timeout_s: float = 60.0) -> Path:
     return target
 
 
-def resolve_source(dataset: str, source: str, lake_root: Path) -> SourceTree:
+def resolve_source(dataset: str, source: str, drop_folder: Path, cache: Path) -> SourceTree:
     """The tree a dataset is read from.
 
     `source` is `"default"`, a local folder / zip / file, or an http(s) URL. The default looks
-    first in the drop folder `data_lake/sources/<dataset>/` (files a person or a sensor put
-    there; if it has any file it is the whole source), then falls back to the built-in source:
-    the RecBole wheel for ml-100k, the official downloads for the others.
+    first in the dataset's drop folder (files a person or a sensor put there; if it has any
+    file it is the whole source), then falls back to the built-in source: the RecBole wheel
+    for ml-100k, the official downloads for the others. Downloads and wheels are kept under
+    `cache` (downloads in a folder per dataset). The lake's layout (`defs.layout`) names both
+    folders; this module only uses them.
     """
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
-    cache_dir = lake_root / "cache" / dataset
-    hint = what_to_provide(dataset, lake_root)
+    downloads = cache / dataset
+    hint = what_to_provide(dataset, drop_folder)
     if source.startswith(("http://", "https://")):
-        return _downloaded(dataset, (source,), cache_dir, hint)
+        return _downloaded(dataset, (source,), downloads, hint)
     if source != "default":
         return open_tree(Path(source).expanduser(), f"For {dataset}: {hint}")
-    drop = lake_root / "sources" / dataset
-    if drop.is_dir() and any(drop.iterdir()):
-        return FolderTree(drop)
+    if drop_folder.is_dir() and any(drop_folder.iterdir()):
+        return FolderTree(drop_folder)
     if dataset == "ml-100k":
-        return ZipTree(fetch_recbole_wheel(lake_root / "cache"))
-    return _downloaded(dataset, DEFAULT_URLS[dataset], cache_dir, hint)
+        return ZipTree(fetch_recbole_wheel(cache))
+    return _downloaded(dataset, DEFAULT_URLS[dataset], downloads, hint)
 
 
 def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path, hint: str) -> SourceTree:

@@ -5,6 +5,7 @@ from pydantic import Field
 
 from lkg_pipeline.core.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_dataset
 from lkg_pipeline.core.sources import EXPECTED_FILES, resolve_source
+from lkg_pipeline.defs.layout import cache_dir, sources_dir
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
 from lkg_pipeline.defs.reuse import versioned
@@ -70,7 +71,9 @@ class IngestConfig(dg.Config):
 def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: DataLake):
     """Read the partition's dataset once and publish all its raw tables together."""
     dataset = context.partition_key
-    tree = resolve_source(dataset, config.source, lake.path)
+    tree = resolve_source(
+        dataset, config.source, sources_dir(lake.path, dataset), cache_dir(lake.path)
+    )
     raw = read_dataset(dataset, tree, config.max_bad_lines, config.max_unknown_item_share)
     context.log.info(f"{dataset}: read {raw.layout} layout: {', '.join(raw.files_read)}")
     for report in raw.reports:

@@ -21,10 +21,12 @@ from lkg_pipeline.core.parsing import CorruptFileError, EmptyInputError, Malform
 from lkg_pipeline.core.sources import (
     FolderTree,
     RawFile,
+    SourceTree,
     SourceUnavailableError,
     ZipTree,
     resolve_source,
 )
+from lkg_pipeline.defs.layout import cache_dir, sources_dir
 
 U_ITEM = (
     "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
@@ -33,6 +35,11 @@ U_ITEM = (
 )
 U_DATA = "1\t1\t5\t100\n1\t2\t4\t101\n2\t1\t3\t102\n"
 U_USER = "1|24|M|technician|85711\n2|53|F|other|94043\n"
+
+
+def resolve_in(lake: Path, dataset: str, source: str) -> SourceTree:
+    """`resolve_source` with a lake's drop folder and cache, as `raw_tables` calls it."""
+    return resolve_source(dataset, source, sources_dir(lake, dataset), cache_dir(lake))
 
 
 def write_grouplens(folder: Path) -> Path:
@@ -179,7 +186,7 @@ def test_missing_files_say_what_to_provide(tmp_path: Path) -> None:
 
 def test_default_source_prefers_the_drop_folder(tmp_path: Path, lake: Path) -> None:
     write_grouplens(lake / "sources" / "ml-100k")
-    tree = resolve_source("ml-100k", "default", lake)
+    tree = resolve_in(lake, "ml-100k", "default")
     assert read_dataset("ml-100k", tree).layout == "grouplens"
 
 
@@ -187,7 +194,7 @@ def test_unreachable_download_explains_what_to_provide(tmp_path: Path) -> None:
     with pytest.raises(
         SourceUnavailableError, match=r"Download of http://127.0.0.1:9/x.zip failed"
     ):
-        resolve_source("ml-latest-small", "http://127.0.0.1:9/x.zip", tmp_path)
+        resolve_in(tmp_path, "ml-latest-small", "http://127.0.0.1:9/x.zip")
     assert not list((tmp_path / "cache").rglob("*.part")), "a partial download was left behind"
 
 
@@ -235,13 +242,13 @@ def test_truncated_zip_is_refused_and_siblings_are_never_read(tmp_path: Path) ->
         match=r"latest.zip is a file but not a valid zip archive.*nothing beside it is searched"
         r".*ratings.csv and movies.csv",
     ):
-        resolve_source("ml-latest-small", str(archive), tmp_path / "lake")
+        resolve_in(tmp_path / "lake", "ml-latest-small", str(archive))
 
 
 def test_a_single_data_file_as_source_is_refused(tmp_path: Path) -> None:
     folder = write_latest(tmp_path / "latest")
     with pytest.raises(SourceUnavailableError, match=r"ratings.csv is a file but not a valid zip"):
-        resolve_source("ml-latest-small", str(folder / "ratings.csv"), tmp_path / "lake")
+        resolve_in(tmp_path / "lake", "ml-latest-small", str(folder / "ratings.csv"))
 
 
 def test_zip_with_a_damaged_member_fails_naming_the_member(tmp_path: Path) -> None:
@@ -252,7 +259,7 @@ def test_zip_with_a_damaged_member_fails_naming_the_member(tmp_path: Path) -> No
     at = data.index(b"964982703")
     data[at] = ord("8")  # same length, wrong CRC: the directory still reads fine
     archive.write_bytes(bytes(data))
-    tree = resolve_source("ml-latest-small", str(archive), tmp_path / "lake")
+    tree = resolve_in(tmp_path / "lake", "ml-latest-small", str(archive))
     with pytest.raises(
         SourceUnavailableError,
         match=r"latest.zip!ml-latest-small/ratings.csv: the zip archive "
@@ -268,11 +275,11 @@ def test_folder_is_searched_only_inside_itself_and_files_read_are_named(tmp_path
         SourceUnavailableError, match=r"ratings.csv, movies.csv not found in .*/a\."
     ):
         read_dataset(
-            "ml-latest-small", resolve_source("ml-latest-small", str(tmp_path / "a"), tmp_path)
+            "ml-latest-small", resolve_in(tmp_path, "ml-latest-small", str(tmp_path / "a"))
         )
     nested = write_latest(tmp_path / "c" / "deeper")
     raw = read_dataset(
-        "ml-latest-small", resolve_source("ml-latest-small", str(tmp_path / "c"), tmp_path)
+        "ml-latest-small", resolve_in(tmp_path, "ml-latest-small", str(tmp_path / "c"))
     )
     assert raw.files_read == [str(nested / "ratings.csv"), str(nested / "movies.csv")]
     assert (raw.interactions_file, raw.items_file) == tuple(raw.files_read)
@@ -281,7 +288,7 @@ def test_folder_is_searched_only_inside_itself_and_files_read_are_named(tmp_path
 def test_missing_source_path_lists_the_expected_files_and_the_drop_folder(tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     with pytest.raises(SourceUnavailableError) as err:
-        resolve_source("beauty", str(tmp_path / "nowhere"), lake)
+        resolve_in(lake, "beauty", str(tmp_path / "nowhere"))
     message = str(err.value)
     assert f"Source path {tmp_path / 'nowhere'} does not exist." in message
     assert "ratings_Beauty.csv and meta_Beauty.json.gz" in message
@@ -316,7 +323,7 @@ def test_downloads_are_read_as_exactly_the_files_fetched(
     stale = lake / "cache" / "beauty" / "old" / "ratings_Beauty.csv"  # not part of this source
     stale.parent.mkdir(parents=True)
     stale.write_text("X,Y,1.0,1\n")
-    raw = read_dataset("beauty", resolve_source("beauty", "default", lake))
+    raw = read_dataset("beauty", resolve_in(lake, "beauty", "default"))
     cache = lake / "cache" / "beauty"
     assert raw.files_read == [str(cache / "ratings_Beauty.csv"), str(cache / "meta_Beauty.json.gz")]
     assert raw.frames["interactions"].height == 2
@@ -325,7 +332,7 @@ def test_downloads_are_read_as_exactly_the_files_fetched(
     with pytest.raises(
         SourceUnavailableError, match=r"broken.zip \(downloaded\) is not a valid zip"
     ):
-        resolve_source("beauty", f"{base}/broken.zip", lake)
+        resolve_in(lake, "beauty", f"{base}/broken.zip")
 
 
 # --- empty inputs fail naming the file (issue 16, item 3) ------------------------------------
