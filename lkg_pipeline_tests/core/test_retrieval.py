@@ -11,6 +11,7 @@ from lkg_pipeline.core.retrieval import (
     UserSequences,
     evaluate_model,
     evaluate_scores,
+    held_out_training_candidates,
     popularity_report,
     rank_users,
     retrieve_candidates,
@@ -261,6 +262,51 @@ def test_retriever_training_candidates_carry_their_scores_and_the_targets_rank()
     uniform = training_candidates(data, "random", model=model, examples_per_user=6)
     assert uniform["candidate_scores"].null_count() == uniform["target_rank"].null_count()
     assert uniform["target_rank"].null_count() == uniform.height
+
+
+def test_held_out_training_candidates_are_scored_by_retrievers_that_never_saw_them() -> None:
+    data = random_data(n_users=12, n_items=60)
+    config = LRURecConfig(n_items=60, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=1)
+    logged: list[dict[str, float]] = []
+    frame = held_out_training_candidates(
+        data, config, n_candidates=20, examples_per_user=2, seed=3, on_log=logged.append
+    )
+    assert len(logged) == 2 * 2  # two retrievers of two epochs
+    assert frame.height == 2 * data.n_users
+    assert frame.select("user_idx", "prefix_len").is_unique().all()
+    for shift in (1, 2):
+        # independently: a retriever trained on every sequence cut before its s-th last item,
+        # early-stopped on that item, scores the prefix that predicts it
+        cut = UserSequences(
+            train=[s[: len(s) - shift] for s in data.train],
+            val=np.array([s[-shift] for s in data.train]),
+            test=np.array([s[-1] if shift == 2 else int(v) for s, v in zip(data.train, data.val)]),
+            n_items=60,
+        )
+        model = train_lrurec(cut, config).model
+        rows = frame.join(
+            pl.DataFrame(
+                {"user_idx": range(data.n_users), "n": [len(s) for s in data.train]},
+                schema={"user_idx": pl.Int32, "n": pl.Int64},
+            ),
+            on="user_idx",
+        ).filter(pl.col("prefix_len") == pl.col("n") - shift)
+        assert rows.height == data.n_users
+        scores = score_users(
+            model, [data.train[u][:p] for u, p in rows.select("user_idx", "prefix_len").iter_rows()]
+        )
+        targets = torch.tensor(rows["target_item_idx"].to_list())
+        assert targets.tolist() == [data.train[u][-shift] for u in rows["user_idx"]]
+        assert rows["target_rank"].to_list() == rank_of_target(scores, targets, "index").tolist()
+        for i, row in enumerate(rows.iter_rows(named=True)):
+            expected = scores[i, row["candidate_item_idxs"]].tolist()
+            assert row["candidate_scores"] == pytest.approx(expected, rel=1e-6)
+            assert row["target_item_idx"] in row["candidate_item_idxs"]
+    retrieved = held_out_training_candidates(
+        data, config, n_candidates=20, examples_per_user=2, seed=3, retrieved_only=True
+    )
+    assert retrieved.equals(frame.filter(pl.col("target_rank") <= 20))
+    assert 0 < retrieved.height < frame.height
 
 
 def test_training_candidates_unknown_policy() -> None:
