@@ -1,8 +1,9 @@
 """Group `evaluate`: LLM rankings, the side-by-side evaluation report, recommendations."""
 
 import json
+import tempfile
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import dagster as dg
 import matplotlib
@@ -25,20 +26,12 @@ from lkg_pipeline.core.evaluation import (
 from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
-from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
 from lkg_pipeline.core.prompts import (
     SETTINGS_KEY,
     VARIANTS,
     PromptSettings,
     recorded_settings,
-)
-from lkg_pipeline.core.ranking import (
-    ProgressLog,
-    default_device,
-    load_ranker,
-    rank_prompts,
-    trained_over,
 )
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
@@ -60,9 +53,10 @@ from lkg_pipeline.defs.layout import (
     recommendations_file,
     reports_dir,
     retriever_dir,
+    scratch_dir,
     warehouse_path,
 )
-from lkg_pipeline.defs.llm import BY_DATASET, dataset_variant_partitions
+from lkg_pipeline.defs.llm import BY_DATASET, AccelerateLaunch, dataset_variant_partitions
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import read_paths
@@ -89,25 +83,60 @@ def _previous_table(path: Path) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
 
 
-def _ranker(lake: Path, dataset: str, variant: str, use_adapter: bool, dtype: str):
-    """The base model with the variant's adapter merged in, its tokenizer, the adapter folder
-    and the compute type chosen for this machine."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    base = current_base_model(lake)
-    device = default_device()
-    choice = choose_dtype(dtype, device, model_gemm_shape(AutoConfig.from_pretrained(base)))
-    adapter = adapter_dir(lake, dataset, variant) if use_adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").exists():
+def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path | None:
+    """The variant's adapter folder (None: rank with the base model), or a clear error."""
+    if not use_adapter:
+        return None
+    adapter = adapter_dir(lake, dataset, variant)
+    if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(
             f"{adapter} holds no adapter: materialise lora_adapter for {dataset}|{variant} "
             "first, or set use_adapter: false to rank with the base model"
         )
-    model = load_ranker(base, adapter, device, choice.torch_dtype)
-    return model, AutoTokenizer.from_pretrained(base), adapter, choice
+    return adapter
 
 
-class RankingRunConfig(Recomputable):
+def launch_ranking(
+    context: dg.AssetExecutionContext,
+    pipes: dg.PipesSubprocessClient,
+    lake: Path,
+    launch: AccelerateLaunch,
+    prompts: pl.DataFrame,
+    adapter: Path | None,
+    batch_size: int | None,
+    dtype: str,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """`prompts` ranked by `core.rank_llm` under `accelerate launch` (its processes share the
+    prompts; progress streams into this run's log through Pipes), and how it ran."""
+    scratch = scratch_dir(lake)
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
+        given, output = Path(folder) / "prompts.parquet", Path(folder) / "rankings.parquet"
+        prompts.write_parquet(given)
+        command = [
+            *launch.launcher(),
+            "-m",
+            "lkg_pipeline.core.rank_llm",
+            "--prompts",
+            str(given),
+            "--base-model",
+            str(current_base_model(lake)),
+            *(["--adapter", str(adapter)] if adapter is not None else []),
+            "--output",
+            str(output),
+            "--dtype",
+            dtype,
+            "--what",
+            f"{context.asset_key.to_user_string()} {context.partition_key}",
+            *(["--batch-size", str(batch_size)] if batch_size else []),
+        ]
+        context.log.info(" ".join(command))
+        reported = pipes.run(command=command, context=context)
+        metadata = dict(reported.get_materialize_result().metadata or {})
+        return pl.read_parquet(output), metadata
+
+
+class RankingRunConfig(Recomputable, AccelerateLaunch):
     # The report's verdicts are on test; val (~250 prompts more, 2-4 minutes on 2 CPU cores)
     # is where the report chooses the retriever-fusion weight of the `<variant>+prior` row.
     splits: list[str] = ["val", "test"]
@@ -133,6 +162,7 @@ def rankings(
     context: dg.AssetExecutionContext,
     config: RankingRunConfig,
     lake: DataLake,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
     prompts: pl.DataFrame,
 ) -> dg.Output[pl.DataFrame]:
     """The fine-tuned LLM's ranking of each val/test prompt's 20 candidates (one forward each)."""
@@ -150,25 +180,31 @@ def rankings(
             f"{config.scope!r} (no true item among the candidates?)"
         )
     adapter_path = adapter_dir(lake.path, dataset, variant) if config.use_adapter else None
-    reuse = Reuse.start(
-        context,
-        lake.path,
-        config,
-        {"prompts": chosen, "base_model": current_base_model(lake.path), "adapter": adapter_path},
-    )
+    inputs = {
+        "prompts": chosen,
+        "base_model": current_base_model(lake.path),
+        "adapter": adapter_path,
+        "accelerate_config": config.launch_file(),
+    }
+    reuse = Reuse.start(context, lake.path, config, inputs)
     output = rankings_file(lake.path, dataset, variant)
     previous = _previous_table(output)
     if (metadata := reuse.previous({"rankings": previous})) is not None:
         return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
     reuse.invalidate()
-    model, tokenizer, adapter, dtype = _ranker(
-        lake.path, dataset, variant, config.use_adapter, config.dtype
+    adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
+    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}")
+    # an adapter trained over the retriever ranks by retriever prior + LLM (core.rank_llm)
+    table, launched = launch_ranking(
+        context,
+        pipes_subprocess_client,
+        lake.path,
+        config,
+        chosen,
+        adapter,
+        config.batch_size,
+        config.dtype,
     )
-    device = str(next(model.parameters()).device)
-    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}: {dtype.describe()}")
-    progress = ProgressLog(f"rankings {context.partition_key}", chosen.height, context.log.info)
-    over = trained_over(adapter)  # ranks by retriever prior + LLM, as it was trained
-    table = rank_prompts(model, tokenizer, chosen, config.batch_size, progress, over)
     summary = []
     for split, rows in table.group_by("split", maintain_order=True):
         ranks = rows["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
@@ -180,20 +216,11 @@ def rankings(
                 "s_per_prompt": float(rows["seconds"].mean()),
             }
         )
-    seconds = float(table["seconds"].sum())
     metadata = {
         "adapter": str(adapter) if adapter else "none (base model)",
-        "scores": "retriever log-prior + LLM (adapter trained over the retriever)"
-        if over
-        else "LLM",
-        "device": device,
         "scope": config.scope,
-        "prompts": table.height,
-        "seconds": round(seconds, 1),
-        "prompts_per_s": round(table.height / seconds, 2) if seconds > 0 else 0.0,
-        "tokens_per_s": round(float(table["n_tokens"].sum()) / seconds, 1) if seconds else 0.0,
+        **launched,  # scores, device, processes, prompts, seconds, rates, dtype
         "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
-        **dtype.metadata(),
     }
     version = reuse.record({"rankings": table}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)
@@ -405,7 +432,7 @@ def _bar_chart(metrics: pl.DataFrame, dataset: str) -> "matplotlib.figure.Figure
     return fig
 
 
-class RecommendationRunConfig(Recomputable):
+class RecommendationRunConfig(Recomputable, AccelerateLaunch):
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
     NOT_EXPOSED: ClassVar[dict[str, str]] = {
         "n_candidates": "20: the candidates per prompt the adapter was trained to rank",
@@ -439,6 +466,7 @@ def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationRunConfig,
     lake: DataLake,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
     sequences: pl.DataFrame,
     items: pl.DataFrame,
 ) -> dg.Output[pl.DataFrame]:
@@ -456,6 +484,7 @@ def recommendations(
         "base_model": current_base_model(lake.path),
         "adapter": variant_adapter if config.use_adapter else None,
         "prompts": prompts_file(lake.path, dataset, config.variant),  # its format, see below
+        "accelerate_config": config.launch_file(),
     }
     reuse = Reuse.start(context, lake.path, config, inputs)
     database = warehouse_path(lake.path, dataset, "recommendations")
@@ -465,10 +494,10 @@ def recommendations(
     reuse.invalidate()
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
     examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
-    model, tokenizer, adapter, dtype = _ranker(
-        lake.path, dataset, config.variant, config.use_adapter, config.dtype
-    )
-    context.log.info(f"recommendations: {dtype.describe()}")
+    from transformers import AutoTokenizer
+
+    adapter = _adapter(lake.path, dataset, config.variant, config.use_adapter)
+    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake.path))
     # The adapter knows only prompts made as its training prompts were: every setting that
     # made them (prompt format and budgets, path enumeration, path selection) is read back
     # from the prompts file, never taken from defaults.
@@ -488,9 +517,16 @@ def recommendations(
     explanations = None
     if selected is not None:
         explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
-    progress = ProgressLog(f"recommendations {dataset}", prompt_table.height, context.log.info)
-    over = trained_over(adapter)  # ranks by retriever prior + LLM, as it was trained
-    ranked = rank_prompts(model, tokenizer, prompt_table, config.batch_size, progress, over)
+    ranked, launched = launch_ranking(
+        context,
+        pipes_subprocess_client,
+        lake.path,
+        config,
+        prompt_table,
+        adapter,
+        config.batch_size,
+        config.dtype,
+    )
     table = recommendation_table(
         examples,
         ranked,
@@ -512,7 +548,7 @@ def recommendations(
         "users": table["user_idx"].n_unique(),
         "distinct_items": table["item_idx"].n_unique(),
         "share_explained": round(explained, 4),
-        "seconds": round(float(ranked["seconds"].sum()), 1),
+        **launched,  # scores, device, processes, prompts, seconds, rates, dtype
         "sample": dg.MetadataValue.md(
             markdown_table(
                 table.filter(pl.col("user_idx") < 2).select(
@@ -522,9 +558,7 @@ def recommendations(
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
         "prompt_format": settings.prompt.format,
-        "scores": "retriever log-prior + LLM" if over else "LLM",
         SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
-        **dtype.metadata(),
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)

@@ -97,3 +97,8 @@ def cache_dir(lake: Path) -> Path:
 def fingerprints_dir(lake: Path) -> Path:
     """The reuse stamps of the expensive stages (`defs.reuse`)."""
     return lake / "fingerprints"
+
+
+def scratch_dir(lake: Path) -> Path:
+    """Temporary files a stage hands to a process it launches (removed when it returns)."""
+    return lake / "scratch"

@@ -209,7 +209,41 @@ def prompts(
     )
 
 
-class LoraRunConfig(Recomputable):
+class AccelerateLaunch(dg.Config):
+    """How an LLM stage's script is started: `accelerate launch`, one CPU process with two
+    threads unless an `accelerate config` file (GPUs, several processes or machines) says
+    otherwise. Shared by lora_adapter, rankings and recommendations."""
+
+    # An `accelerate config` file (relative paths: to the repository root); None: one CPU
+    # process.
+    accelerate_config: str | None = None
+
+    def launch_file(self) -> Path | None:
+        if not self.accelerate_config:
+            return None
+        return DEFAULT_LAKE.parent / Path(self.accelerate_config).expanduser()
+
+    def launcher(self) -> list[str]:
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+        if self.accelerate_config:
+            return [*accelerate, "--config_file", self.accelerate_config]
+        return [
+            *accelerate,
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_cpu_threads_per_process",
+            "2",
+        ]
+
+
+class LoraRunConfig(Recomputable, AccelerateLaunch):
     """`TrainConfig` plus how to launch it. The paper trains LoRA r=8 on q/v at lr 1e-4 for
     thousands of steps; at a CPU budget of 20 steps that learns nothing (issue 15), so the
     defaults here are the short-run recipe `make quality` measured (benchmarks/QUALITY.md):
@@ -260,8 +294,6 @@ class LoraRunConfig(Recomputable):
     max_steps: int | None = TrainConfig.max_steps
     # core.precision: bf16 where it measures faster
     dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
-    # An `accelerate config` file for GPUs or several processes; None: one CPU process.
-    accelerate_config: str | None = None
     resume: bool = True  # continue an interrupted run from its last checkpoint
 
     def script_args(self) -> list[str]:
@@ -279,25 +311,6 @@ class LoraRunConfig(Recomputable):
         # A partial run of other inputs cannot be resumed: this asset only trains when its
         # inputs or settings changed (or after an interruption, which resumes).
         return args + (["--resume", "--restart-other-run"] if self.resume else ["--no-resume"])
-
-    def launcher(self) -> list[str]:
-        accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-        if self.accelerate_config:
-            return [*accelerate, "--config_file", self.accelerate_config]
-        return [
-            *accelerate,
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--num_cpu_threads_per_process",
-            "2",
-        ]
 
 
 @dg.asset(
@@ -326,10 +339,11 @@ def lora_adapter(
     dataset, variant = keys["dataset"], keys["variant"]
     prompts_path, base = prompts_file(lake.path, dataset, variant), current_base_model(lake.path)
     output = adapter_dir(lake.path, dataset, variant)
-    launch_file = None
-    if config.accelerate_config:  # relative to where the launcher runs (the repository root)
-        launch_file = DEFAULT_LAKE.parent / Path(config.accelerate_config).expanduser()
-    inputs = {"prompts": prompts_path, "base_model": base, "accelerate_config": launch_file}
+    inputs = {
+        "prompts": prompts_path,
+        "base_model": base,
+        "accelerate_config": config.launch_file(),
+    }
     reuse = Reuse.start(context, lake.path, config, inputs)
     if (metadata := reuse.previous({"adapter": output})) is not None:
         return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)

@@ -2,17 +2,14 @@
 adapter is saved and loaded again (merged), whatever the batch size."""
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from lkg_pipeline.core.llm import LETTERS, load_base
-from lkg_pipeline.core.prompts import PROMPT_COLUMNS
+from lkg_pipeline.core.llm import LETTERS
 from lkg_pipeline.core.ranking import (
     RANKING_COLUMNS,
     ProgressLog,
@@ -21,53 +18,12 @@ from lkg_pipeline.core.ranking import (
     score_prompts,
     trained_over,
 )
+from lkg_pipeline_tests.core.tiny_llm import prompt_table
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_with_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
-    """(base folder, adapter folder, the in-memory PEFT model) with a non-zero LoRA update."""
-    from peft import LoraConfig, get_peft_model
-
-    cache = Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
-    model, tokenizer, _ = load_base("tiny-random", cache)
-    base = tmp_path_factory.mktemp("base")
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    torch.manual_seed(1)
-    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    peft_model = get_peft_model(model, lora)
-    with torch.no_grad():  # LoRA B starts at zero: give it weights so the adapter matters
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
-    adapter = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(adapter)
-    return base, adapter, peft_model.eval()
-
-
-def prompt_table(n: int = 9) -> pl.DataFrame:
-    rows = []
-    for i in range(n):
-        history = "\n".join(f"({j + 1}) film {i * 7 + j}" for j in range(1 + i % 4))
-        pool = "\n".join(f"({letter}) item {i}-{c}" for c, letter in enumerate(LETTERS))
-        rows.append(
-            {
-                "example_id": i,
-                "user_idx": i,
-                "split": "test",
-                "variant": "lkg_rag",
-                "prompt": f"User history:\n{history}\n\nCandidate pool:\n{pool}\nAnswer:",
-                "candidate_item_idxs": [100 * i + c for c in range(len(LETTERS))],
-                "target_index": -1 if i == 0 else i % len(LETTERS),
-                "n_tokens": 0,
-            }
-        )
-    return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
 
 
 def test_an_adapter_trained_over_the_retriever_ranks_by_prior_plus_llm(
