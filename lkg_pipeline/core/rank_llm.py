@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_parquet_atomic(outcome.table, job.output)
             pipes.report_asset_materialization(metadata=outcome_metadata(outcome))
         return 0
+
     def say(line: str) -> None:  # a run from a shell: progress and the summary on stderr
         sys.stderr.write(line + "\n")
 

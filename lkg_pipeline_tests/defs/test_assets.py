@@ -200,6 +200,53 @@ def test_retriever_and_candidates(built: dict) -> None:
     assert test["in_candidates"].sum() == (test["target_rank"] <= 20).sum()
 
 
+def test_candidates_scored_by_held_out_retrievers(built: dict, tmp_path: Path) -> None:
+    """train_scored_by: held_out on a copy of the built lake's inputs to `candidates`."""
+    lake = tmp_path / "lake"
+    for part in ("prepare", "models/retriever"):
+        shutil.copytree(built["lake"] / part, lake / part)
+    shared = read(built["lake"], "retrieval", "candidates", "ml-100k.parquet")
+
+    instance = dg.DagsterInstance.ephemeral()
+
+    def materialize(config: dict) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            DATASET_STAGES,
+            selection=[candidates],
+            partition_key="ml-100k",
+            resources=resources(lake),
+            run_config={"ops": {"candidates": {"config": config}}},
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    config = {"train_scored_by": "held_out", "train_examples_per_user": 2}
+    result = materialize({**config, "train_retrieved_only": True})
+    assert result.success
+    meta = result.asset_materializations_for_node("candidates")[0].metadata
+    assert meta["train_scored_by"].value == "held_out" and meta["train_retrieved"].value == 1.0
+    table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
+    train = table.filter(pl.col("split") == "train")
+    assert 0 < train.height < 2 * 943 and (train["target_rank"] <= 20).all()
+    for split in ("val", "test"):  # evaluated rows: the shared retriever's, unchanged
+        columns = ["user_idx", "candidate_item_idxs", "candidate_scores", "target_rank"]
+        assert (
+            table.filter(pl.col("split") == split)
+            .select(columns)
+            .equals(shared.filter(pl.col("split") == split).select(columns))
+        )
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert len([m for m in messages if "held-out LRURec epoch" in m]) == 2 * 2  # two retrievers, the built one's 2 epochs each
+    for bad, says in [
+        ({**config, "train_policy": "random"}, "need train_policy: retriever"),
+        ({**config, "train_examples_per_user": None}, "set train_examples_per_user"),
+    ]:
+        failed = materialize(bad)
+        assert not failed.success
+        assert says in str(failed.failure_data_for_node("candidates").error)
+    assert read(lake, "retrieval", "candidates", "ml-100k.parquet").equals(table)  # kept
+
+
 def test_paths_selection_and_preferences(built: dict) -> None:
     lake, result = built["lake"], built["dataset"]
     table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
