@@ -236,7 +236,8 @@ def test_candidates_scored_by_held_out_retrievers(built: dict, tmp_path: Path) -
             .equals(shared.filter(pl.col("split") == split).select(columns))
         )
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    assert len([m for m in messages if "held-out LRURec epoch" in m]) == 2 * 2  # two retrievers, the built one's 2 epochs each
+    held_out = [m for m in messages if "held-out LRURec epoch" in m]
+    assert len(held_out) == 2 * 2  # two retrievers, the built one's 2 epochs each
     for bad, says in [
         ({**config, "train_policy": "random"}, "need train_policy: retriever"),
         ({**config, "train_examples_per_user": None}, "set train_examples_per_user"),
