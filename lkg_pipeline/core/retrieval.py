@@ -27,6 +27,7 @@ from lkg_pipeline.core.lrurec import LRURec, LRURecConfig, left_pad
 from lkg_pipeline.core.metrics import DEFAULT_KS, rank_of_target, ranking_metrics
 
 SPLITS = ("train", "val", "test")
+DEVICES = ("auto", "cpu", "cuda")
 EvalSplit = Literal["val", "test"]
 CandidatePolicy = Literal["random", "retriever"]
 SELECTION_METRIC = "Recall@10"  # early stopping key (NDCG@10 breaks ties)
@@ -117,6 +118,21 @@ class TrainResult:
     n_steps: int = field(default=0)
 
 
+def resolve_device(requested: str) -> str:
+    """ "auto": CUDA when present, else the CPU; "cuda" where there is none: a clear error."""
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device here")
+    return requested
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def training_windows(train: list[list[int]], max_len: int, step: int) -> list[list[int]]:
     """Windows of <= max_len + 1 items (max_len inputs, as many next-item targets).
 
@@ -177,7 +193,7 @@ def train_step(
     """One AdamW step of full-softmax next-item cross-entropy on a batch of windows:
     (mean loss, number of targets). Every position is projected onto the whole catalogue, so
     this is the stage's cost that grows with the number of items."""
-    batch = left_pad(windows, config.max_len + 1)  # (B, L+1)
+    batch = left_pad(windows, config.max_len + 1).to(model_device(model))  # (B, L+1)
     inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, L) each
     mask = inp > 0  # (B, L): a real input always has a real next item
     hidden = model.encode(inp)[mask]  # (N, d)
@@ -193,13 +209,17 @@ def train_lrurec(
     data: UserSequences,
     config: LRURecConfig,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
-    """AdamW with full-softmax next-item loss; keep the epoch with the best val Recall@10."""
+    """AdamW with full-softmax next-item loss; keep the epoch with the best val Recall@10.
+
+    `device`: where the model and its batches live (the model is returned there); the
+    initial weights are drawn on the CPU whatever it is, so a CPU run is the reference."""
     assert config.n_items == data.n_items, f"config {config.n_items} vs data {data.n_items} items"
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # init and dropout
     generator = torch.Generator().manual_seed(config.seed)  # batch order
-    model = LRURec(config)
+    model = LRURec(config).to(device)
     optimizer = make_optimizer(model, config)
     windows = training_windows(data.train, config.max_len, config.sliding_step or config.max_len)
     assert windows, "no user has >= 2 train items: nothing to train on"
@@ -253,7 +273,8 @@ def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> t
     """Set each row's history items to -inf in place: candidates must be new items."""
     rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
     cols = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=len(rows))
-    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
+    at = scores.device
+    scores[torch.from_numpy(rows).to(at), torch.from_numpy(cols).to(at)] = float("-inf")
     return scores
 
 
@@ -267,13 +288,14 @@ def _scored_batches(
     assert all(len(s) > 0 for s in inputs), "every input sequence needs >= 1 item"
     was_training = model.training
     model.eval()
+    device = model_device(model)
     order = np.argsort([len(s) for s in inputs], kind="stable")
     try:
         for i in range(0, len(order), batch_size):
             chunk = order[i : i + batch_size]
             batch = [inputs[j] for j in chunk]
             with torch.no_grad():
-                scores = model(left_pad(batch, model.config.max_len))  # (b, I)
+                scores = model(left_pad(batch, model.config.max_len).to(device))  # (b, I)
             yield chunk, _mask_history(scores, batch)
     finally:
         model.train(was_training)
@@ -287,7 +309,7 @@ def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -
     """
     out = torch.empty((len(inputs), model.config.n_items))  # (U, I)
     for rows, scores in _scored_batches(model, inputs, batch_size):
-        out[torch.from_numpy(rows)] = scores
+        out[torch.from_numpy(rows)] = scores.cpu()
     return out
 
 
@@ -312,10 +334,11 @@ def rank_users(
     ranks = None if targets is None else np.empty(len(inputs), dtype=np.int64)
     for rows, scores in _scored_batches(model, inputs, batch_size):
         index = torch.from_numpy(rows)
-        values[index], items[index] = top_k(scores, k)
+        top_values, top_items = top_k(scores, k)
+        values[index], items[index] = top_values.cpu(), top_items.cpu()
         if ranks is not None:
             target = torch.as_tensor(targets[rows])
-            ranks[rows] = rank_of_target(scores, target, tie_break="index").numpy()
+            ranks[rows] = rank_of_target(scores, target, tie_break="index").cpu().numpy()
     return RankedUsers(values, items, ranks)
 
 
@@ -485,16 +508,18 @@ def _prefix_scores(
             jobs.append((train[u][p - max_len : p], [max_len - 1], [int(r)]))
     was_training = model.training
     model.eval()
-    hidden = torch.empty((len(users), model.config.d_model))  # (N, d)
+    device = model_device(model)
+    hidden = torch.empty((len(users), model.config.d_model), device=device)  # (N, d)
     jobs.sort(key=lambda j: len(j[0]))
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i : i + batch_size]
-        x = left_pad([j[0] for j in chunk], max_len)  # (b, L)
-        h = model.encode(x)  # (b, L, d)
-        for b, (window, positions, rows) in enumerate(chunk):
-            hidden[rows] = h[b, x.shape[1] - len(window) + np.asarray(positions)]
+    with torch.no_grad():
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i : i + batch_size]
+            x = left_pad([j[0] for j in chunk], max_len).to(device)  # (b, L)
+            h = model.encode(x)  # (b, L, d)
+            for b, (window, positions, rows) in enumerate(chunk):
+                hidden[rows] = h[b, x.shape[1] - len(window) + np.asarray(positions)]
+        scores = model.item_scores(hidden)  # (N, I)
     model.train(was_training)
-    scores = model.item_scores(hidden)  # (N, I)
     return _mask_history(scores, [train[u][:p] for u, p in zip(users, prefix_lens, strict=True)])
 
 
@@ -564,12 +589,13 @@ def training_candidates(
         for i in range(0, len(users), batch_size):
             sl = slice(i, i + batch_size)
             scores = _prefix_scores(model, data.train, users[sl], prefix_lens[sl], 256)
-            cands[sl] = top_k(scores, n_candidates)[1].numpy()
+            cands[sl] = top_k(scores, n_candidates)[1].cpu().numpy()
             target = torch.as_tensor(targets[sl])
-            target_ranks[sl] = rank_of_target(scores, target, tie_break="index").numpy()
+            target_ranks[sl] = rank_of_target(scores, target, tie_break="index").cpu().numpy()
             missed = ~(cands[sl] == targets[sl, None]).any(axis=1)
             cands[sl][missed, -1] = targets[sl][missed]
-            scores_of[sl] = scores.gather(1, torch.from_numpy(cands[sl])).numpy()
+            chosen = torch.from_numpy(cands[sl]).to(scores.device)
+            scores_of[sl] = scores.gather(1, chosen).cpu().numpy()
     # One seeded permutation per row, applied to the items and their scores alike (the draws
     # depend on the shape only: the same order `rng.permuted(cands, axis=1)` gives).
     order = rng.permuted(np.broadcast_to(np.arange(n_candidates), cands.shape).copy(), axis=1)
@@ -601,6 +627,7 @@ def held_out_training_candidates(
     seed: int = 0,
     retrieved_only: bool = False,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    device: str = "cpu",
 ) -> pl.DataFrame:
     """Training examples scored the way val is: by a retriever that never trained on them.
 
@@ -633,7 +660,7 @@ def held_out_training_candidates(
             test=np.array(after),
             n_items=data.n_items,
         )
-        model = train_lrurec(earlier, config, on_log=on_log).model
+        model = train_lrurec(earlier, config, on_log=on_log, device=device).model
         # every user's train sequence ending at this shift's target: its last prefix is it
         upto = UserSequences(
             train=[seq[: max(len(seq) - shift + 1, 0)] for seq in data.train],

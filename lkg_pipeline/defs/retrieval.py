@@ -15,7 +15,9 @@ from lkg_pipeline.core.retrieval import (
     UserSequences,
     candidate_table,
     held_out_training_candidates,
+    model_device,
     popularity_report,
+    resolve_device,
     retrieve_candidates,
     retriever_report,
     train_lrurec,
@@ -43,6 +45,7 @@ class RetrieverRunConfig(Recomputable):
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
         "max_len": "None: per dataset (200 MovieLens, 50 Amazon, DEFAULT_MAX_LEN), in to_core",
     }
+    NOT_CORE: ClassVar[tuple[str, ...]] = ("recompute", "device")
     NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
 
     d_model: int = LRURecConfig.d_model
@@ -60,9 +63,12 @@ class RetrieverRunConfig(Recomputable):
     r_max: float = LRURecConfig.r_max
     sliding_step: int | None = LRURecConfig.sliding_step
     eval_batch_size: int = LRURecConfig.eval_batch_size
+    # Where the model trains and scores: auto = CUDA when present (on the CPU the results are
+    # the reference, bit for bit the same as before the option existed).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def to_core(self, dataset: str, n_items: int) -> LRURecConfig:
-        values = self.model_dump(exclude={"recompute"})
+        values = self.model_dump(exclude=set(self.NOT_CORE))
         values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
         return LRURecConfig(n_items=n_items, **values)
 
@@ -81,6 +87,7 @@ class CandidatesRunConfig(dg.Config):
     # of putting it in): they then look like the val/test subset the ranker is scored on.
     train_retrieved_only: bool = False
     seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # as the retriever's
 
 
 @dg.asset(
@@ -107,6 +114,7 @@ def retriever(
     reuse.invalidate()
     data = user_sequences(sequences, n_items=items.height)
     core_config = config.to_core(dataset, items.height)
+    device = resolve_device(config.device)
 
     def log(record: dict) -> None:
         shown = {
@@ -116,7 +124,7 @@ def retriever(
         }
         context.log.info(f"{dataset} LRURec {shown}")
 
-    result = train_lrurec(data, core_config, on_log=log)
+    result = train_lrurec(data, core_config, on_log=log, device=device)
     report = {
         "LRURec": retriever_report(result.model, data, REPORT_KS, 20),
         "popularity": popularity_report(data, REPORT_KS, 20),
@@ -142,6 +150,7 @@ def retriever(
     replace_dir_atomically(target, write)
     metadata = {
         "path": dg.MetadataValue.path(str(target)),
+        "device": device,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "train_seconds": round(result.wall_time_s, 1),
@@ -200,6 +209,7 @@ def train_examples(
             examples_per_user=config.train_examples_per_user,
             seed=config.seed,
             retrieved_only=config.train_retrieved_only,
+            device=str(model_device(model)),
             on_log=lambda r: context.log.info(
                 f"held-out LRURec epoch {r['epoch']}: val Recall@10 {r['val_Recall@10']:.4f}"
             ),
@@ -237,7 +247,8 @@ def candidates(
     """Top-k retriever candidates for val/test and the ranker's training examples."""
     dataset = context.partition_key
     data = user_sequences(sequences, n_items=items.height)
-    model = load_lrurec(retriever_dir(lake.path, dataset))
+    device = resolve_device(config.device)
+    model = load_lrurec(retriever_dir(lake.path, dataset)).to(device)
     evaluated = retrieve_candidates(model, data, k=config.k)
     train = train_examples(context, config, data, model)
     table = candidate_table(evaluated, train, data)
@@ -250,6 +261,7 @@ def candidates(
     yield dg.Output(
         table,
         metadata={
+            "device": device,
             "train_policy": config.train_policy,
             "train_scored_by": config.train_scored_by,
             "train_retrieved_only": config.train_retrieved_only,

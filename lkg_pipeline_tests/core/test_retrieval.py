@@ -14,6 +14,7 @@ from lkg_pipeline.core.retrieval import (
     held_out_training_candidates,
     popularity_report,
     rank_users,
+    resolve_device,
     retrieve_candidates,
     retriever_report,
     score_users,
@@ -307,6 +308,31 @@ def test_held_out_training_candidates_are_scored_by_retrievers_that_never_saw_th
     )
     assert retrieved.equals(frame.filter(pl.col("target_rank") <= 20))
     assert 0 < retrieved.height < frame.height
+
+
+def test_the_device_setting_resolves_or_says_why_not() -> None:
+    has_cuda = torch.cuda.is_available()
+    assert resolve_device("auto") == ("cuda" if has_cuda else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not has_cuda:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_retriever_on_cuda_ranks_as_on_the_cpu() -> None:
+    data = random_data(n_users=16, n_items=40)
+    config = LRURecConfig(n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=7)
+    on_cpu = train_lrurec(data, config).model
+    on_gpu = train_lrurec(data, config, device="cuda").model
+    assert next(on_gpu.parameters()).is_cuda
+    for name, tensor in on_cpu.state_dict().items():
+        assert torch.allclose(tensor, on_gpu.state_dict()[name].cpu(), atol=1e-4), name
+    cpu_top = retrieve_candidates(on_cpu, data, k=10).top_k
+    gpu_top = retrieve_candidates(on_gpu, data, k=10).top_k
+    assert (cpu_top["item_idx"] == gpu_top["item_idx"]).mean() > 0.95
 
 
 def test_training_candidates_unknown_policy() -> None:
