@@ -45,6 +45,11 @@ class LRURecConfig:
     max_epochs: int = 100  # hard cap; early stopping normally ends training well before
     patience: int = 10  # epochs without a better validation Recall@10 before stopping
     eval_batch_size: int = 256  # users per forward pass when scoring
+    # Training loss over the target and this many uniformly drawn items per batch (shared by
+    # its positions) instead of the whole catalogue (sampled softmax); None: the full softmax.
+    # For catalogues where the full projection dominates an epoch (10x Beauty); scoring and
+    # evaluation always rank the whole catalogue.
+    sampled_negatives: int | None = None
     seed: int = 42  # seeds init, dropout and shuffling: CPU runs are repeatable
 
     def __post_init__(self) -> None:
@@ -52,6 +57,9 @@ class LRURecConfig:
         assert 0.0 < self.r_min < self.r_max < 1.0, f"need 0 < r_min < r_max < 1, got {self}"
         assert self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"
         assert self.sliding_step is None or self.sliding_step >= 1, "sliding_step must be >= 1"
+        assert self.sampled_negatives is None or 1 <= self.sampled_negatives < self.n_items, (
+            f"sampled_negatives must be in [1, n_items), got {self.sampled_negatives}"
+        )
 
 
 def _scan(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -189,20 +189,47 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     windows: list[list[int]],
     config: LRURecConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, int]:
-    """One AdamW step of full-softmax next-item cross-entropy on a batch of windows:
-    (mean loss, number of targets). Every position is projected onto the whole catalogue, so
-    this is the stage's cost that grows with the number of items."""
+    """One AdamW step of next-item cross-entropy on a batch of windows: (mean loss, number
+    of targets). With the full softmax every position is projected onto the whole catalogue,
+    the stage's cost that grows with the number of items; `sampled_negatives` projects onto
+    the target and that many shared uniform negatives instead (`generator` draws them)."""
     batch = left_pad(windows, config.max_len + 1).to(model_device(model))  # (B, L+1)
     inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, L) each
     mask = inp > 0  # (B, L): a real input always has a real next item
     hidden = model.encode(inp)[mask]  # (N, d)
-    loss = F.cross_entropy(model.item_scores(hidden), tgt[mask] - 1)  # over (N, I)
+    target = tgt[mask] - 1  # (N,) external item ids
+    if config.sampled_negatives is None:
+        loss = F.cross_entropy(model.item_scores(hidden), target)  # over (N, I)
+    else:
+        loss = _sampled_softmax_loss(model, hidden, target, config.sampled_negatives, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
     return loss.detach().item(), int(mask.sum())
+
+
+def _sampled_softmax_loss(
+    model: LRURec,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    n_negatives: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Cross-entropy over [target, negatives] with `n_negatives` uniform items shared by the
+    batch; a negative that is a row's own target is masked out (an accidental hit). Uniform
+    sampling makes the usual log-Q correction a constant, which cancels in the softmax."""
+    n_items = model.config.n_items
+    negatives = torch.randint(0, n_items, (n_negatives,), generator=generator)
+    negatives = negatives.to(hidden.device)  # (S,)
+    weight = model.item_emb.weight[1:]  # (I, d), external item j = row j
+    positive = (hidden * weight[target]).sum(-1) + model.item_bias[target]  # (N,)
+    sampled = hidden @ weight[negatives].T + model.item_bias[negatives]  # (N, S)
+    sampled = sampled.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([positive[:, None], sampled], dim=1)  # (N, 1 + S)
+    return F.cross_entropy(logits, torch.zeros_like(target))
 
 
 def train_lrurec(
@@ -233,7 +260,7 @@ def train_lrurec(
         model.train()
         loss_sum, n_targets = 0.0, 0
         for idx in bucketed_batches(lengths, config.batch_size, generator):
-            loss, n = train_step(model, optimizer, [windows[i] for i in idx], config)
+            loss, n = train_step(model, optimizer, [windows[i] for i in idx], config, generator)
             step += 1
             loss_sum += loss * n
             n_targets += n

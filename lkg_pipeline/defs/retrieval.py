@@ -63,6 +63,9 @@ class RetrieverRunConfig(Recomputable):
     r_max: float = LRURecConfig.r_max
     sliding_step: int | None = LRURecConfig.sliding_step
     eval_batch_size: int = LRURecConfig.eval_batch_size
+    # None: the full softmax; N: the target against N uniform negatives per batch (for very
+    # large catalogues; measured in benchmarks/RESULTS.md before you rely on it)
+    sampled_negatives: int | None = LRURecConfig.sampled_negatives
     # Where the model trains and scores: auto = CUDA when present (on the CPU the results are
     # the reference, bit for bit the same as before the option existed).
     device: Literal["auto", "cpu", "cuda"] = "auto"
