@@ -173,3 +173,16 @@ def test_end_to_end_quick_runs_make_run_twice_and_reuses_the_expensive_stages(
     assert assets[0] == assets[1] and {"kg_triples", "evaluation_report"} <= assets[0]
     text = end_to_end.to_markdown(result)
     assert "| yes |" in text and "recomputed" in text
+
+
+def test_sampled_softmax_quick() -> None:
+    from benchmarks import sampled_softmax
+
+    result = sampled_softmax.run(quick=True)
+    full, sampled = result["quality"][0], result["quality"][1]
+    assert full["loss"] == "full softmax" and sampled["loss"].startswith("sampled")
+    assert 0 < full["val_Recall@10"] <= 1 and sampled["recall_vs_full"] > 0
+    (step,) = result["step_time"]
+    assert step["full_s_per_step"] > 0 and step["sampled_s_per_step"] > 0
+    users = result["data"]["users"]
+    assert f"{users:,} users" in sampled_softmax.to_markdown(result)
