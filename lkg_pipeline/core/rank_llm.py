@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def script_args(job: RankJob) -> list[str]:
+    """The command-line arguments that make `job` again (`job_from_args`)."""
+    args = ["--prompts", str(job.prompts), "--base-model", str(job.base_model)]
+    if job.adapter is not None:
+        args += ["--adapter", str(job.adapter)]
+    args += ["--output", str(job.output), "--dtype", job.dtype, "--what", job.what]
+    if job.batch_size is not None:
+        args += ["--batch-size", str(job.batch_size)]
+    return args
+
+
 def job_from_args(args: argparse.Namespace) -> RankJob:
     return RankJob(
         prompts=args.prompts,

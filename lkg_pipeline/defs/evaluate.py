@@ -33,6 +33,7 @@ from lkg_pipeline.core.prompts import (
     PromptSettings,
     recorded_settings,
 )
+from lkg_pipeline.core.rank_llm import RankJob, script_args
 from lkg_pipeline.core.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -113,23 +114,16 @@ def launch_ranking(
     with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
         given, output = Path(folder) / "prompts.parquet", Path(folder) / "rankings.parquet"
         prompts.write_parquet(given)
-        command = [
-            *launch.launcher(),
-            "-m",
-            "lkg_pipeline.core.rank_llm",
-            "--prompts",
-            str(given),
-            "--base-model",
-            str(current_base_model(lake)),
-            *(["--adapter", str(adapter)] if adapter is not None else []),
-            "--output",
-            str(output),
-            "--dtype",
-            dtype,
-            "--what",
-            f"{context.asset_key.to_user_string()} {context.partition_key}",
-            *(["--batch-size", str(batch_size)] if batch_size else []),
-        ]
+        job = RankJob(
+            prompts=given,
+            base_model=current_base_model(lake),
+            adapter=adapter,
+            output=output,
+            batch_size=batch_size,
+            dtype=dtype,
+            what=f"{context.asset_key.to_user_string()} {context.partition_key}",
+        )
+        command = [*launch.launcher(), "-m", "lkg_pipeline.core.rank_llm", *script_args(job)]
         context.log.info(" ".join(command))
         reported = pipes.run(command=command, context=context)
         metadata = dict(reported.get_materialize_result().metadata or {})

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from transformers import AutoTokenizer
 
+from lkg_pipeline.core.rank_llm import RankJob, build_parser, job_from_args, script_args
 from lkg_pipeline.core.ranking import RANKING_COLUMNS, load_ranker, rank_prompts
 from lkg_pipeline_tests.core.tiny_llm import prompt_table
 
@@ -89,3 +90,11 @@ def test_prompts_split_over_two_processes_rank_as_one_process_does(
         assert table["target_rank"].to_list() == expected["target_rank"].to_list()
         for got, want in zip(table["ranked_scores"], expected["ranked_scores"], strict=True):
             assert got.to_list() == pytest.approx(want.to_list(), abs=1e-5)
+
+
+def test_the_launch_arguments_make_the_same_job() -> None:
+    for job in [
+        RankJob(Path("p.parquet"), Path("base"), None, Path("out.parquet")),
+        RankJob(Path("p"), Path("b"), Path("a"), Path("o"), 16, "bfloat16", "rankings x|y"),
+    ]:
+        assert job_from_args(build_parser().parse_args(script_args(job))) == job
