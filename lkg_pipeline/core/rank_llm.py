@@ -86,6 +86,10 @@ def rank_file(job: RankJob, log: Callable[[str], None] | None = None) -> RankOut
     choice = choose_dtype(
         job.dtype, device, model_gemm_shape(AutoConfig.from_pretrained(job.base_model))
     )
+    if state.num_processes > 1:  # `auto` measures: every share in the main process's choice
+        from accelerate.utils import broadcast_object_list
+
+        choice = broadcast_object_list([choice])[0]
     model = load_ranker(job.base_model, job.adapter, device, choice.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
     over = trained_over(job.adapter)
