@@ -36,8 +36,9 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[st
 }
 
 
-# results.json sections written by other commands (`make quality`), kept when this one rewrites
-FOREIGN_SECTIONS = ("quality", "llm_dtype")
+# results.json sections written by other commands (`make quality`, `benchmarks.sampled_softmax`,
+# `make bench-dtype`), kept when this one rewrites
+FOREIGN_SECTIONS = ("quality", "llm_dtype", "sampled_softmax")
 
 
 def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
