@@ -10,7 +10,7 @@ import matplotlib
 import polars as pl
 
 from lkg_pipeline.core import validate
-from lkg_pipeline.core.lrurec import LRURecConfig, load_lrurec, save_lrurec
+from lkg_pipeline.core.lrurec import LRURec, LRURecConfig, load_lrurec, save_lrurec
 from lkg_pipeline.core.retrieval import (
     UserSequences,
     candidate_table,
@@ -64,7 +64,7 @@ class RetrieverRunConfig(Recomputable):
     sliding_step: int | None = LRURecConfig.sliding_step
     eval_batch_size: int = LRURecConfig.eval_batch_size
     # None: the full softmax; N: the target against N uniform negatives per batch (for very
-    # large catalogues; measured in benchmarks/RESULTS.md before you rely on it)
+    # large catalogues; benchmarks/SAMPLED_SOFTMAX.md measures it against the full softmax)
     sampled_negatives: int | None = LRURecConfig.sampled_negatives
     # Where the model trains and scores: auto = CUDA when present (on the CPU the results are
     # the reference, bit for bit the same as before the option existed).
@@ -189,7 +189,10 @@ def _curves(history: list[dict], dataset: str) -> str:
 
 
 def train_examples(
-    context: dg.AssetExecutionContext, config: CandidatesRunConfig, data: UserSequences, model
+    context: dg.AssetExecutionContext,
+    config: CandidatesRunConfig,
+    data: UserSequences,
+    model: LRURec,
 ) -> pl.DataFrame:
     """The ranker's training examples as the run configuration asks, or a clear error."""
     if config.train_policy == "random" and (

@@ -12,13 +12,13 @@ import dagster as dg
 from lkg_pipeline.defs.evaluate import rankings, recommendations
 from lkg_pipeline.defs.llm import lora_adapter
 from lkg_pipeline.defs.resources import TORCH_POOL
-from lkg_pipeline.defs.retrieval import retriever
+from lkg_pipeline.defs.retrieval import candidates, retriever
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_training_and_ranking_steps_are_in_the_torch_pool() -> None:
-    for asset in (retriever, lora_adapter, rankings, recommendations):
+    for asset in (retriever, candidates, lora_adapter, rankings, recommendations):
         assert asset.op.pool == TORCH_POOL, asset.key
 
 
