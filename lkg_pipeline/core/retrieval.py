@@ -700,6 +700,7 @@ def held_out_training_candidates(
                 upto, "retriever", model, n_candidates, examples_per_user=1, seed=seed + shift - 1
             )
         )
+    assert frames, "no user has >= 2 train items: no training examples"
     table = pl.concat(frames).sort("user_idx", "prefix_len")
     if retrieved_only:
         table = table.filter(pl.col("target_rank") <= n_candidates)
