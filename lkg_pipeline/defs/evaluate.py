@@ -26,6 +26,7 @@ from lkg_pipeline.core.evaluation import (
 from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
 from lkg_pipeline.core.prompts import (
     SETTINGS_KEY,
@@ -109,6 +110,17 @@ def launch_ranking(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """`prompts` ranked by `core.rank_llm` under `accelerate launch` (its processes share the
     prompts; progress streams into this run's log through Pipes), and how it ran."""
+    chosen: dict[str, Any] = {}
+    if dtype == "auto" and launch.accelerate_config is None:
+        # One CPU process: `auto` is measured here, once per step process (choose_dtype caches
+        # it), as it was before ranking moved into a launched script. Measured anew in every
+        # launch, a near-threshold GEMM ratio could flip the type between two launches and
+        # with it the rankings (a forced recompute in the same process must repeat them).
+        from transformers import AutoConfig
+
+        base = current_base_model(lake)
+        choice = choose_dtype("auto", "cpu", model_gemm_shape(AutoConfig.from_pretrained(base)))
+        dtype, chosen = choice.chosen, choice.metadata()
     scratch = scratch_dir(lake)
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
@@ -127,7 +139,7 @@ def launch_ranking(
         context.log.info(" ".join(command))
         reported = pipes.run(command=command, context=context)
         metadata = dict(reported.get_materialize_result().metadata or {})
-        return pl.read_parquet(output), metadata
+        return pl.read_parquet(output), {**metadata, **chosen}
 
 
 class RankingRunConfig(Recomputable, AccelerateLaunch):
