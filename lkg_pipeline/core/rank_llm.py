@@ -15,6 +15,7 @@ depend on which other prompts share its process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -166,15 +167,8 @@ def script_args(job: RankJob) -> list[str]:
 
 
 def job_from_args(args: argparse.Namespace) -> RankJob:
-    return RankJob(
-        prompts=args.prompts,
-        base_model=args.base_model,
-        adapter=args.adapter,
-        output=args.output,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        what=args.what,
-    )
+    """The job `build_parser` reads (its options are named as RankJob's fields)."""
+    return RankJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RankJob)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import dagster as dg
 import polars as pl
 import pytest
 from transformers import AutoTokenizer
@@ -14,8 +13,8 @@ from transformers import AutoTokenizer
 from lkg_pipeline.core.rank_llm import RankJob, build_parser, job_from_args, script_args
 from lkg_pipeline.core.ranking import RANKING_COLUMNS, load_ranker, rank_prompts
 from lkg_pipeline_tests.core.tiny_llm import prompt_table
+from lkg_pipeline_tests.pipes_launch import launched
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = ["-m", "lkg_pipeline.core.rank_llm"]
 LAUNCH_1 = [
     sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
@@ -30,28 +29,6 @@ TORCHRUN_2 = [
 ]  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def launched(command: list[str], env: dict[str, str]) -> tuple[dict, list[str]]:
-    """The materialisation metadata the launch reported and the run's log messages."""
-
-    @dg.asset
-    def rankings(
-        context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient
-    ) -> dg.MaterializeResult:
-        run = pipes_subprocess_client.run(command=command, context=context, env=env)
-        return run.get_materialize_result()  # fails on zero or several reports
-
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        [rankings],
-        resources={"pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(REPO))},
-        instance=instance,
-    )
-    assert result.success
-    (materialization,) = result.asset_materializations_for_node("rankings")
-    messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    return {k: v.value for k, v in materialization.metadata.items()}, messages
 
 
 def test_prompts_split_over_two_processes_rank_as_one_process_does(
@@ -73,7 +50,7 @@ def test_prompts_split_over_two_processes_rank_as_one_process_does(
         output = tmp_path / f"{name}.parquet"
         args = ["--prompts", str(given), "--base-model", str(base), "--adapter", str(adapter)]
         args += ["--output", str(output), "--dtype", "float32", "--what", f"rank {name}"]
-        metadata, messages = launched([*command, *args], env)
+        metadata, messages = launched("rankings", [*command, *args], env)
         processes = 1 if name == "one" else 2
         assert metadata["processes"] == processes and metadata["prompts"] == prompts.height
         assert metadata["dtype_chosen"] == "float32" and metadata["device"] == "cpu"

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
@@ -35,6 +34,7 @@ from lkg_pipeline.core.train_lora import (
     score_prompts,
     training_function,
 )
+from lkg_pipeline_tests.pipes_launch import launched
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 2  # the true item is always candidate "C"
@@ -408,27 +408,10 @@ def test_under_dagster_pipes_only_rank_0_reports_once(
 ) -> None:
     paths = RunPaths(prompts_file, tiny_base, tmp_path / "adapter")
     command = [*launcher, *cli_args(paths, quick(max_steps=3))]
-
-    @dg.asset
-    def lora_adapter(
-        context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient
-    ) -> dg.MaterializeResult:
-        run = pipes_subprocess_client.run(command=command, context=context, env=env)
-        return run.get_materialize_result()  # fails on zero or several reports
-
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        [lora_adapter],
-        resources={"pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(REPO))},
-        instance=instance,
-    )
-    assert result.success
-    (materialization,) = result.asset_materializations_for_node("lora_adapter")
-    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    metadata, messages = launched("lora_adapter", command, env)
     assert metadata["steps"] == 3 and metadata["finished"] is False
     assert metadata["adapter"] == str(paths.output)
     assert 0 <= metadata["val_NDCG@10"] <= 1 and metadata["tokens_per_s"] > 0
-    messages = [e.user_message for e in instance.all_logs(result.run_id)]
     step_logs = [m for m in messages if '"loss"' in m and '"step": 3' in m]
     assert len(step_logs) == 1, messages[-20:]  # one report per step, from rank 0 only
     summary = json.loads((paths.output / "training.json").read_text())
