@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ class PathConfig:
 @dataclass
 class Paths:
     paths: pl.DataFrame  # concrete, capped: one row per kept path
-    pair_features: pl.DataFrame  # (example_id, candidate_item_idx, path_type, n_paths): all paths
+    # (example_id, candidate_item_idx, path_type, n_paths, user_idx): all paths; user_idx lets
+    # readers take a batch of users (`read_users`)
+    pair_features: pl.DataFrame
     # (user_idx, path_type, weight): path types linking consecutive items of the user's training
     # histories, never a target, so the history encoder sees no answer
     history_profile: pl.DataFrame
@@ -128,7 +131,8 @@ insert into pair_paths
 
 # What a batch yields, as queries (run to a frame, or copied straight to Parquet).
 PAIR_FEATURES_QUERY = """
-    select c.example_id, c.candidate_item_idx, pp.path_type, count(*)::integer as n_paths
+    select c.example_id, c.candidate_item_idx, pp.path_type, count(*)::integer as n_paths,
+           any_value(h.user_idx) as user_idx
     from cand c join hist h using (example_id)
     join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
     group by all order by all
@@ -163,7 +167,7 @@ PROFILE_QUERY = """
 COVERAGE_QUERY = """
     with totals as (
         select example_id, candidate_item_idx, sum(n_paths) as n
-        from ({pair_features}) group by all
+        from ({pair_features}) group by example_id, candidate_item_idx
     )
     select c.candidate_item_idx = t.target_item_idx as is_target, count(*) as candidates,
            count(*) filter (where coalesce(x.n, 0) > 0) as with_path,
@@ -384,6 +388,29 @@ def write_paths(
         "seconds": round(time.perf_counter() - start, 2),
         **_coverage_from_counts(coverage),
     }
+
+
+def read_users(
+    file: Path, users: pl.Series, columns: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """The rows of `users` in a Parquet table with a `user_idx` column, in file order.
+
+    What keeps the stages after `kg_paths` within a batch's memory: `write_paths` writes each
+    batch of users as its own row groups, users ascending, so the row-group statistics of
+    `user_idx` let the scan skip every row group outside [min, max] of the batch and a batch
+    reads about its own share of the file, whatever batch size the reader uses.
+    """
+    if "user_idx" not in pl.read_parquet_schema(file):
+        raise ValueError(
+            f"{file} has no user_idx column: it was written before the tables after kg_paths "
+            "were read a batch of users at a time; re-materialise kg_paths"
+        )
+    scan = pl.scan_parquet(file)
+    if users.len():
+        low, high = users.min(), users.max()
+        scan = scan.filter(pl.col("user_idx").is_between(low, high))
+    scan = scan.filter(pl.col("user_idx").is_in(users.cast(pl.Int32).implode()))
+    return (scan if columns is None else scan.select(columns)).collect()
 
 
 PARQUET = "(format parquet, compression zstd)"

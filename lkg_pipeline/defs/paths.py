@@ -92,7 +92,7 @@ def read_paths(
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version=versioned("3", __name__),
+    code_version=versioned("4", __name__),  # 4: pair_features carries user_idx
     kinds={"duckdb", "parquet"},
     deps=["kg_triples"],
     ins={"candidates": dg.AssetIn(), "sequences": dg.AssetIn(), "items": dg.AssetIn()},

@@ -11,7 +11,9 @@ from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
     enumerate_paths,
+    read_users,
     select_paths,
+    user_batches,
     write_paths,
 )
 from lkg_pipeline_tests.core.test_kg import sequences_frame, tiny_graph_inputs
@@ -66,10 +68,10 @@ def test_paths_of_a_hand_made_graph() -> None:
         (1, 2, 2, "has_genre", ["has_genre", "genre_of"], 6, "Comedy"),
         (0, 2, 2, "released_in", ["released_in", "release_year_of"], 8, "2000"),
     ]
-    assert out.pair_features.rows() == [
-        (0, 2, "co_rated", 1),
-        (0, 2, "has_genre", 1),
-        (0, 2, "released_in", 1),
+    assert out.pair_features.rows() == [  # (example, candidate, type, n_paths, its user)
+        (0, 2, "co_rated", 1, 0),
+        (0, 2, "has_genre", 1, 0),
+        (0, 2, "released_in", 1, 0),
     ]
     assert out.stats["share_targets_with_path"] == 1.0
     assert out.stats["share_non_targets_with_path"] == 0.0
@@ -173,6 +175,35 @@ def test_write_paths_in_user_batches_equals_enumerate_paths(tmp_path: Path, shap
         assert {k: stats[k] for k in same} == pytest.approx({k: whole.stats[k] for k in same})
         if users_per_batch == 100:
             assert stats["distinct_item_pairs"] == whole.stats["distinct_item_pairs"]
+
+
+def test_read_users_takes_a_batch_of_users_from_the_written_tables(tmp_path: Path) -> None:
+    """Readers after kg_paths take a batch of users at a time: in file order, nothing lost or
+    repeated, whichever batch size the reader uses; a table without user_idx is refused."""
+    spec = dataclasses.replace(SHAPES["beauty-like"], n_items=QUICK_ITEMS["beauty-like"])
+    inputs, _ = synthetic_inputs(spec, 25)
+    graph = (inputs.entities, inputs.triples, inputs.relations, inputs.n_items)
+    write_paths(inputs.examples, inputs.sequences, *graph, tmp_path, PathConfig(), 7)
+    user_of = inputs.examples.select("example_id", "user_idx")
+    for name in ("paths", "pair_features", "history_profile"):
+        file = tmp_path / f"{name}.parquet"
+        whole = pl.read_parquet(file)
+        assert whole.height > 0, name
+        if "example_id" in whole.columns:  # each row's user is its example's
+            joined = whole.join(user_of, on="example_id", suffix="_of_example")
+            assert joined.height == whole.height
+            assert (joined["user_idx"] == joined["user_idx_of_example"]).all(), name
+        for per_batch in (7, 5):  # the writer's batches, and others
+            batches = user_batches(inputs.examples, per_batch)
+            parts = [read_users(file, users) for users in batches]
+            for users, part in zip(batches, parts):
+                assert part.equals(whole.filter(pl.col("user_idx").is_in(users.implode())))
+            assert pl.concat(parts).sort(pl.all()).equals(whole.sort(pl.all())), name
+        assert read_users(file, pl.Series([999], dtype=pl.Int32)).height == 0
+        assert read_users(file, batches[0], ["user_idx"]).columns == ["user_idx"]
+    whole.drop("user_idx").write_parquet(tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match="no user_idx column.*re-materialise kg_paths"):
+        read_users(tmp_path / "old.parquet", batches[0])
 
 
 def test_enumerate_paths_is_deterministic_under_ties() -> None:
