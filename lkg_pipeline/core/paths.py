@@ -19,8 +19,8 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -391,21 +391,22 @@ def write_paths(
 
 
 def read_users(
-    file: Path, users: pl.Series, columns: Sequence[str] | None = None
+    source: Path | pl.LazyFrame, users: pl.Series, columns: Sequence[str] | None = None
 ) -> pl.DataFrame:
-    """The rows of `users` in a Parquet table with a `user_idx` column, in file order.
+    """The rows of `users` in a Parquet table with a `user_idx` column (a file, or a scan of
+    one), in file order.
 
     What keeps the stages after `kg_paths` within a batch's memory: `write_paths` writes each
     batch of users as its own row groups, users ascending, so the row-group statistics of
     `user_idx` let the scan skip every row group outside [min, max] of the batch and a batch
     reads about its own share of the file, whatever batch size the reader uses.
     """
-    if "user_idx" not in pl.read_parquet_schema(file):
+    scan = pl.scan_parquet(source) if isinstance(source, Path) else source
+    if "user_idx" not in scan.collect_schema():
         raise ValueError(
-            f"{file} has no user_idx column: it was written before the tables after kg_paths "
+            f"{source} has no user_idx column: it was written before the tables after kg_paths "
             "were read a batch of users at a time; re-materialise kg_paths"
         )
-    scan = pl.scan_parquet(file)
     if users.len():
         low, high = users.min(), users.max()
         scan = scan.filter(pl.col("user_idx").is_between(low, high))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,7 +19,7 @@ import polars as pl
 
 from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.paths import PathConfig
+from lkg_pipeline.core.paths import PathConfig, read_users
 
 T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
@@ -357,6 +357,34 @@ def build_prompts(
             }
         )
     return pl.DataFrame(rows, schema=PROMPT_COLUMNS)
+
+
+def prompts_in_batches(
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    titles: dict[int, str],
+    selected_paths: pl.LazyFrame | None,
+    variant: str,
+    config: PromptConfig,
+    count_tokens: Callable[[str], int],
+    examples_per_batch: int,
+) -> Iterator[pl.DataFrame]:
+    """`build_prompts` over consecutive slices of `examples`: the same rows in the same order,
+    with memory bounded by a slice. Only the slice's users' selected paths are read (the
+    selection is written a batch of users at a time, so the scan skips the rest); token counts
+    are cached across slices, as candidate segments recur across users."""
+    assert examples_per_batch >= 1, f"examples_per_batch={examples_per_batch} must be >= 1"
+    count_tokens = functools.lru_cache(maxsize=1 << 18)(count_tokens)
+    for start in range(0, max(examples.height, 1), examples_per_batch):
+        batch = examples.slice(start, examples_per_batch)
+        users = batch["user_idx"].unique()
+        chosen = None
+        if selected_paths is not None and variant != "llamarec":
+            chosen = read_users(selected_paths, users).filter(
+                pl.col("example_id").is_in(batch["example_id"].implode())
+            )
+        mine = sequences.filter(pl.col("user_idx").is_in(users.implode()))
+        yield build_prompts(batch, mine, titles, chosen, variant, config, count_tokens)
 
 
 def truncate_titles(titles: dict[int, str], tokenizer, max_tokens: int) -> dict[int, str]:

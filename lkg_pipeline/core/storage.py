@@ -63,3 +63,29 @@ def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+class ParquetParts:
+    """A table too large for memory, written a batch at a time as numbered Parquet parts.
+
+    `scan()` reads them back lazily and in order, so an IO manager can stream the whole table
+    into its file (`LazyFrame.sink_parquet`) holding one part's worth of rows at a time.
+    Parts from an earlier, failed run in the same folder are removed first.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.folder, self.files = folder, []
+
+    def write(self, frame: pl.DataFrame) -> None:
+        file = self.folder / f"part-{len(self.files):06d}.parquet"
+        frame.write_parquet(file, compression="zstd")
+        self.files.append(file)
+
+    def scan(self) -> pl.LazyFrame:
+        assert self.files, f"no part written in {self.folder}"
+        return pl.scan_parquet(self.files)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -18,12 +19,12 @@ from lkg_pipeline.core.prompts import (
     VARIANTS,
     PromptConfig,
     PromptSettings,
-    build_prompts,
+    prompts_in_batches,
     recorded_settings,
     truncate_titles,
 )
 from lkg_pipeline.core.segments import answer_token_ids
-from lkg_pipeline.core.storage import replace_atomically, replace_dir_atomically
+from lkg_pipeline.core.storage import ParquetParts, replace_atomically, replace_dir_atomically
 from lkg_pipeline.core.train_lora import TrainConfig
 from lkg_pipeline.defs.layout import (
     adapter_dir,
@@ -31,6 +32,7 @@ from lkg_pipeline.defs.layout import (
     cache_dir,
     current_base_model,
     prompts_file,
+    scratch_dir,
     selected_paths_file,
 )
 from lkg_pipeline.defs.metadata import markdown_table
@@ -117,6 +119,8 @@ class PromptRunConfig(dg.Config):
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.segments), no position bias
     format: Literal["letters", "segments"] = "segments"  # the default since make quality
+    # Examples rendered together: bounds memory (the texts), never changes a prompt.
+    examples_per_batch: int = 10_000
 
 
 @dg.asset(
@@ -144,16 +148,21 @@ def prompts(
     candidates: pl.DataFrame,
     sequences: pl.DataFrame,
     items: pl.DataFrame,
-    selected_paths: pl.DataFrame | None,
-) -> dg.Output[pl.DataFrame]:
-    """One rendered prompt per example (train/val/test) for a dataset and a variant."""
+    selected_paths: pl.LazyFrame | None,
+) -> Iterator[dg.Output[pl.LazyFrame]]:
+    """One rendered prompt per example (train/val/test) for a dataset and a variant.
+
+    Rendered a slice of examples at a time and streamed into the file (`ParquetParts`): the
+    texts are the largest thing the pipeline holds (~4 KB a prompt, 12 GB at 1M users)."""
     from transformers import AutoTokenizer
 
     keys = context.partition_key.keys_by_dimension
     dataset, variant = keys["dataset"], keys["variant"]
     tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake.path))
     noun, verb = ITEM_WORDS[dataset]
-    core = PromptConfig(item_noun=noun, item_verb=verb, **config.model_dump())
+    core = PromptConfig(
+        item_noun=noun, item_verb=verb, **config.model_dump(exclude={"examples_per_batch"})
+    )
     titles = truncate_titles(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, core.max_title_tokens
     )
@@ -171,42 +180,58 @@ def prompts(
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    table = build_prompts(candidates, sequences, titles, selected_paths, variant, core, count)
-    if core.format == "letters":  # fails loudly if the answer is not one token
-        letter_token_ids(tokenizer, table["prompt"][0])
-    else:
-        answer_token_ids(tokenizer, table["segments"][0][0])
-    lengths = table["n_tokens"].to_numpy()
-    stats = pl.DataFrame(
-        {
-            "split": ["all"],
-            "min": [int(lengths.min())],
-            "mean": [float(lengths.mean())],
-            "p95": [float(np.percentile(lengths, 95))],
-            "max": [int(lengths.max())],
-        }
-    )
-    shown = table.head(3).select(
-        text=pl.col("prompt") + pl.col("segments").list.join("").fill_null("")
-    )
-    samples = "\n\n".join(f"```\n{p}\n```" for p in shown["text"])
-    return dg.Output(
-        table,
-        metadata={
-            "examples": dg.MetadataValue.md(
-                markdown_table(
-                    table.group_by("split")
-                    .agg(examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean())
-                    .sort("split")
+    batches = prompts_in_batches(
+        candidates, sequences, titles, selected_paths, variant, core, count,
+        config.examples_per_batch,
+    )  # fmt: skip
+    parts = ParquetParts(scratch_dir(lake.path) / f"prompts-{dataset}-{variant}")
+    summaries, shown = [], None
+    try:
+        for table in batches:
+            if shown is None:  # the first slice: the answer-token check and the samples
+                if core.format == "letters":  # fails loudly if the answer is not one token
+                    letter_token_ids(tokenizer, table["prompt"][0])
+                else:
+                    answer_token_ids(tokenizer, table["segments"][0][0])
+                shown = table.head(3).select(
+                    text=pl.col("prompt") + pl.col("segments").list.join("").fill_null("")
                 )
-            ),
-            "token_lengths": dg.MetadataValue.md(markdown_table(stats)),
-            "samples": dg.MetadataValue.md(samples),
-            "max_tokens": int(lengths.max()),
-            # also written into the file (ParquetIOManager): what recommendations rebuild from
-            SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
-        },
-    )
+            parts.write(table)
+            summaries.append(table.select("split", "target_index", "n_tokens"))
+        summary = pl.concat(summaries)
+        lengths = summary["n_tokens"].to_numpy()
+        stats = pl.DataFrame(
+            {
+                "split": ["all"],
+                "min": [int(lengths.min())],
+                "mean": [float(lengths.mean())],
+                "p95": [float(np.percentile(lengths, 95))],
+                "max": [int(lengths.max())],
+            }
+        )
+        samples = "\n\n".join(f"```\n{p}\n```" for p in shown["text"])
+        yield dg.Output(  # the IO manager writes the file before the parts are removed
+            parts.scan(),
+            metadata={
+                "examples": dg.MetadataValue.md(
+                    markdown_table(
+                        summary.group_by("split")
+                        .agg(
+                            examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean()
+                        )
+                        .sort("split")
+                    )
+                ),
+                "token_lengths": dg.MetadataValue.md(markdown_table(stats)),
+                "samples": dg.MetadataValue.md(samples),
+                "max_tokens": int(lengths.max()),
+                "batches": len(parts.files),
+                # also written into the file (ParquetIOManager): what recommendations rebuild from
+                SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
+            },
+        )
+    finally:
+        parts.remove()
 
 
 class AccelerateLaunch(dg.Config):

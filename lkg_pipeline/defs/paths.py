@@ -1,6 +1,7 @@
 """Group `paths`: KG paths from each user's history to each candidate, and the preference module."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -12,8 +13,10 @@ from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
     quoted_path,
+    read_users,
     select_paths,
     signal_by_type,
+    user_batches,
     write_paths,
 )
 from lkg_pipeline.core.preference import (
@@ -26,12 +29,13 @@ from lkg_pipeline.core.preference import (
     user_preferences,
 )
 from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_json
-from lkg_pipeline.core.storage import replace_dir_atomically, write_parquet_atomic
+from lkg_pipeline.core.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
     kg_folder,
     paths_folder,
     preference_dir,
+    scratch_dir,
     warehouse_path,
 )
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
@@ -300,57 +304,80 @@ class SelectedPathsRunConfig(dg.Config):
 
     per_history_item: int = PathSelection.per_history_item
     max_paths: int = PathSelection.max_paths
+    # Users whose paths are selected together (as kg_paths enumerates them): bounds memory,
+    # never changes a selected path.
+    users_per_batch: int = 2_500
 
 
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version=versioned("1", __name__),
+    code_version=versioned("2", __name__),  # 2: rows by user batch (each example's unchanged)
     kinds={"polars", "parquet"},
     deps=["kg_paths", "preference_model"],
 )
 def selected_paths(
     context: dg.AssetExecutionContext, config: SelectedPathsRunConfig, lake: DataLake
-) -> dg.Output[pl.DataFrame]:
+) -> Iterator[dg.Output[pl.LazyFrame]]:
     """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
-    ones the user's learned preferences rank first (per history item, then up to a cap)."""
+    ones the user's learned preferences rank first (per history item, then up to a cap).
+
+    A batch of users at a time: the enumerated paths are the largest table of the pipeline
+    (~550M rows at 1M Beauty-like users), so they are never read whole; the selection is
+    written in parts and streamed into the asset's file by the IO manager.
+    """
     dataset = context.partition_key
-    paths = read_paths(lake.path, dataset, ("paths",))["paths"]
+    paths_file = paths_folder(lake.path, dataset) / "paths.parquet"
     preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
     selection = PathSelection(config.per_history_item, config.max_paths)
-    table = pl.concat(
-        [
-            select_paths(paths, None, selection.per_history_item, selection.max_paths)
-            .with_columns(variant=pl.lit("kg_rag")),
-            select_paths(paths, preferences, selection.per_history_item, selection.max_paths)
-            .with_columns(variant=pl.lit("lkg_rag")),
-        ],
-        how="diagonal_relaxed",
-    ).drop("weight", strict=False)  # fmt: skip
-    made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
-    per_example = table.group_by("variant", "example_id").len()
-    return dg.Output(
-        table,
-        metadata={
-            "rows": table.height,
-            "paths_per_prompt": dg.MetadataValue.md(
-                markdown_table(
-                    per_example.group_by("variant")
-                    .agg(prompts=pl.len(), mean=pl.col("len").mean(), max=pl.col("len").max())
-                    .sort("variant")
-                )
-            ),
-            "selected_paths_per_variant": dg.MetadataValue.md(
-                markdown_table(
-                    table.group_by("variant", "path_type")
-                    .len()
-                    .sort("variant", "len", descending=[False, True])
-                )
-            ),
-            # also written into the file (ParquetIOManager): what prompts record as theirs
-            PATHS_KEY: dg.MetadataValue.json(json.loads(made_with)),
-        },
-    )
+    parts = ParquetParts(scratch_dir(lake.path) / f"selected_paths-{dataset}")
+    per_example, by_type = [], []
+    try:
+        for users in user_batches(preferences, config.users_per_batch) or [
+            preferences["user_idx"]
+        ]:
+            paths = read_users(paths_file, users)
+            mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
+            table = pl.concat(
+                [
+                    select_paths(paths, None, selection.per_history_item, selection.max_paths)
+                    .with_columns(variant=pl.lit("kg_rag")),
+                    select_paths(paths, mine, selection.per_history_item, selection.max_paths)
+                    .with_columns(variant=pl.lit("lkg_rag")),
+                ],
+                how="diagonal_relaxed",
+            ).drop("weight", strict=False)  # fmt: skip
+            parts.write(table)
+            per_example.append(table.group_by("variant", "example_id").len())
+            by_type.append(table.group_by("variant", "path_type").len())
+        made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
+        counts = pl.concat(per_example)
+        yield dg.Output(  # the IO manager writes the file before the parts are removed
+            parts.scan(),
+            metadata={
+                "rows": int(counts["len"].sum()),
+                "user_batches": len(parts.files),
+                "paths_per_prompt": dg.MetadataValue.md(
+                    markdown_table(
+                        counts.group_by("variant")
+                        .agg(prompts=pl.len(), mean=pl.col("len").mean(), max=pl.col("len").max())
+                        .sort("variant")
+                    )
+                ),
+                "selected_paths_per_variant": dg.MetadataValue.md(
+                    markdown_table(
+                        pl.concat(by_type)
+                        .group_by("variant", "path_type")
+                        .agg(pl.col("len").sum())
+                        .sort("variant", "len", descending=[False, True])
+                    )
+                ),
+                # also written into the file (ParquetIOManager): what prompts record as theirs
+                PATHS_KEY: dg.MetadataValue.json(json.loads(made_with)),
+            },
+        )
+    finally:
+        parts.remove()
 
 
 def _retriever_order(candidates: pl.DataFrame) -> pl.DataFrame:

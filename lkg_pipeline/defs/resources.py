@@ -2,6 +2,8 @@
 
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import dagster as dg
 import polars as pl
 from upath import UPath
 
-from lkg_pipeline.core.storage import write_parquet_atomic
+from lkg_pipeline.core.storage import replace_atomically, write_parquet_atomic
 
 FILE_METADATA_PREFIX = "lkg_pipeline."
 # The concurrency pool of the steps that keep every core (or a GPU) busy: the retriever's and
@@ -41,16 +43,20 @@ class ParquetIOManager(dg.UPathIOManager):
 
     Hand-written because `dagster-polars` 0.27 still calls a polars 1.x API (shared DESIGN.md,
     known traps). A failed run leaves the previous file intact: the new one is written beside it
-    and renamed over it only when complete.
+    and renamed over it only when complete. A table too large for memory travels lazily: an
+    asset may return a `pl.LazyFrame` (e.g. `ParquetParts.scan()`), streamed into the file, and
+    an input annotated `pl.LazyFrame` is handed over as a scan of the file, to be read in parts.
     """
 
     extension: str = ".parquet"
 
-    def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
-        if not isinstance(obj, pl.DataFrame):
+    def dump_to_path(
+        self, context: dg.OutputContext, obj: pl.DataFrame | pl.LazyFrame, path: UPath
+    ) -> None:
+        if not isinstance(obj, pl.DataFrame | pl.LazyFrame):
             raise TypeError(
-                f"{context.asset_key.to_user_string()}: expected a polars DataFrame, "
-                f"got {type(obj).__name__}"
+                f"{context.asset_key.to_user_string()}: expected a polars DataFrame or "
+                f"LazyFrame, got {type(obj).__name__}"
             )
         # Output metadata under `lkg_pipeline.*` (the settings a table was made with) is also
         # written into the file, so the file says how it was made wherever it is read.
@@ -59,9 +65,30 @@ class ParquetIOManager(dg.UPathIOManager):
             for key, value in context.output_metadata.items()
             if key.startswith(FILE_METADATA_PREFIX)
         }
-        write_parquet_atomic(obj, Path(path.path), recorded or None)
+        target = Path(path.path)
+        if isinstance(obj, pl.DataFrame):
+            write_parquet_atomic(obj, target, recorded or None)
+            return
+        replace_atomically(
+            target,
+            lambda tmp: obj.sink_parquet(tmp, compression="zstd", metadata=recorded or None),
+        )
+        written = pl.scan_parquet(target)
+        schema, rows = written.collect_schema(), written.select(pl.len()).collect().item()
+        context.add_output_metadata(
+            {
+                "dagster/row_count": dg.MetadataValue.int(rows),
+                "dagster/column_schema": dg.MetadataValue.table_schema(
+                    table_schema(pl.DataFrame(schema=schema))
+                ),
+            }
+        )
 
-    def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
+    def load_from_path(
+        self, context: dg.InputContext, path: UPath
+    ) -> pl.DataFrame | pl.LazyFrame:
+        if _wants_lazy(context):
+            return pl.scan_parquet(Path(path.path))
         return pl.read_parquet(Path(path.path))
 
     def get_asset_relative_path(self, context: dg.InputContext | dg.OutputContext) -> UPath:
@@ -76,6 +103,14 @@ class ParquetIOManager(dg.UPathIOManager):
             "dagster/row_count": dg.MetadataValue.int(obj.height),
             "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(obj)),
         }
+
+
+def _wants_lazy(context: dg.InputContext) -> bool:
+    """Whether the input is annotated `pl.LazyFrame` (or `pl.LazyFrame | None`)."""
+    annotation = context.dagster_type.typing_type
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return pl.LazyFrame in typing.get_args(annotation)
+    return annotation is pl.LazyFrame
 
 
 def table_schema(frame: pl.DataFrame) -> dg.TableSchema:

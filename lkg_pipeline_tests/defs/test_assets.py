@@ -282,6 +282,58 @@ def test_paths_selection_and_preferences(built: dict) -> None:
     )
 
 
+def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
+    built: dict, tmp_path: Path
+) -> None:
+    """A batch of users (selection) or a slice of examples (prompts) at a time, streamed into
+    the file by the IO manager: the same rows and footer as in one batch, no parts left, and a
+    failed run keeps the stored file."""
+    lake = tmp_path / "lake"
+    shutil.copytree(built["lake"], lake)
+    chosen = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
+    table, footer = pl.read_parquet(file), pl.read_parquet_metadata(file)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def materialize(asset: dg.AssetsDefinition, key, config: dict) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            EVERYTHING,
+            selection=[asset],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": {asset.op.name: {"config": config}}},
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    result = materialize(selected_paths, "ml-100k", {"users_per_batch": 100})
+    assert result.success
+    meta = result.asset_materializations_for_node("selected_paths")[0].metadata
+    assert meta["user_batches"].value == 10  # 943 users
+    assert meta["dagster/row_count"].value == meta["rows"].value == chosen.height
+    again = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    assert again.schema == chosen.schema
+    assert again.sort(pl.all()).equals(chosen.sort(pl.all()))  # rows by user batch now
+    assert pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")[
+        PATHS_KEY
+    ] == pl.read_parquet_metadata(built["lake"] / "paths" / "selected_paths" / "ml-100k.parquet")[
+        PATHS_KEY
+    ]
+    config = {**TITLES_8["prompts"]["config"], "examples_per_batch": 500}
+    result = materialize(prompts, LKG_RAG, config)
+    assert result.success
+    meta = result.asset_materializations_for_node("prompts")[0].metadata
+    assert meta["batches"].value == -(-table.height // 500) > 1
+    assert meta["dagster/row_count"].value == table.height
+    assert pl.read_parquet(file).equals(table)  # same rows, same order
+    assert pl.read_parquet_metadata(file) == footer
+    assert not list((lake / "scratch").iterdir())
+    failed = materialize(prompts, LKG_RAG, {**config, "max_prompt_tokens": 64})
+    assert not failed.success
+    assert "cannot hold the candidates" in str(failed.failure_data_for_node("prompts").error)
+    assert pl.read_parquet(file).equals(table) and not list((lake / "scratch").iterdir())
+
+
 def recorded_settings_of(lake: Path) -> dict:
     file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
     return json.loads(pl.read_parquet_metadata(file)[SETTINGS_KEY])
