@@ -501,19 +501,44 @@ def coverage_stats(examples: pl.DataFrame, pair_features: pl.DataFrame) -> dict[
     }
 
 
-def signal_by_type(examples: pl.DataFrame, pair_features: pl.DataFrame) -> pl.DataFrame:
-    """Per path type: share of true items and of other candidates reached by ≥1 such path."""
-    flagged = _flag_targets(examples)
-    n_targets = int(flagged["is_target"].sum())
-    n_others = flagged.height - n_targets
-    reached = pair_features.select("example_id", "candidate_item_idx", "path_type").join(
-        flagged, on=["example_id", "candidate_item_idx"]
-    )
+def signal_by_type(
+    examples: pl.DataFrame, pair_features: pl.DataFrame | Path, users_per_batch: int | None = None
+) -> pl.DataFrame:
+    """Per path type: share of true items and of other candidates reached by ≥1 such path.
+
+    From a file, a batch of users at a time (`read_users`): the counts add up over batches,
+    so the whole pair table (~87M rows at 1M Beauty-like users) is never in memory.
+    """
+    if isinstance(pair_features, Path):
+        assert users_per_batch is not None, "reading a file needs users_per_batch"
+        columns = ["example_id", "candidate_item_idx", "path_type"]
+        batches = [
+            (
+                examples.filter(pl.col("user_idx").is_in(users.implode())),
+                read_users(pair_features, users, columns),
+            )
+            for users in user_batches(examples, users_per_batch) or [examples["user_idx"]]
+        ]
+    else:
+        batches = [(examples, pair_features)]
+    n_targets = n_others = 0
+    reached = []
+    for mine, features in batches:
+        flagged = _flag_targets(mine)
+        targets = int(flagged["is_target"].sum())
+        n_targets, n_others = n_targets + targets, n_others + flagged.height - targets
+        reached.append(
+            features.select("example_id", "candidate_item_idx", "path_type")
+            .join(flagged, on=["example_id", "candidate_item_idx"])
+            .group_by("path_type")
+            .agg(targets=pl.col("is_target").sum(), non_targets=(~pl.col("is_target")).sum())
+        )
     return (
-        reached.group_by("path_type")
+        pl.concat(reached)
+        .group_by("path_type")
         .agg(
-            targets=pl.col("is_target").sum() / max(n_targets, 1),
-            non_targets=(~pl.col("is_target")).sum() / max(n_others, 1),
+            targets=pl.col("targets").sum() / max(n_targets, 1),
+            non_targets=pl.col("non_targets").sum() / max(n_others, 1),
         )
         .with_columns(lift=pl.col("targets") / pl.col("non_targets"))
         .sort("lift", descending=True)

@@ -138,19 +138,22 @@ def kg_paths(
         )
 
     replace_dir_atomically(folder, write)
-    # The (per-pair) features are small enough to summarise in memory; the concrete paths,
-    # the largest table, only lend their first rows.
-    pair_features = pl.read_parquet(folder / "pair_features.parquet")
+    # Summaries that never hold a whole table: the pair features streamed or a batch of
+    # users at a time, the concrete paths (the largest table) only lend their first rows.
+    features_file = folder / "pair_features.parquet"
     sample = pl.scan_parquet(folder / "paths.parquet").head(10).collect()
     database = warehouse_path(lake.path, dataset, "paths")
     files = {name: quoted_path(folder / f"{name}.parquet") for name in PATH_TABLES}
     write_tables({}, PATHS_DDL.format(**files), database)
     context.log.info(f"{dataset}: {stats}")
     by_type = (
-        pair_features.group_by("path_type")
+        pl.scan_parquet(features_file)
+        .group_by("path_type")
         .agg(pairs=pl.len(), paths=pl.col("n_paths").sum())
         .sort("paths", descending=True)
+        .collect(engine="streaming")
     )
+    signal = signal_by_type(candidates, features_file, config.users_per_batch)
     yield dg.MaterializeResult(
         metadata={
             "parquet": dg.MetadataValue.path(str(folder)),
@@ -167,7 +170,7 @@ def kg_paths(
             ),
             "paths_by_type": dg.MetadataValue.md(markdown_table(by_type)),
             "signal_by_type": dg.MetadataValue.md(
-                markdown_table(signal_by_type(candidates, pair_features))
+                markdown_table(signal)
             ),
             "sample": dg.MetadataValue.md(
                 markdown_table(

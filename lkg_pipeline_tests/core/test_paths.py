@@ -13,6 +13,7 @@ from lkg_pipeline.core.paths import (
     enumerate_paths,
     read_users,
     select_paths,
+    signal_by_type,
     user_batches,
     write_paths,
 )
@@ -201,6 +202,13 @@ def test_read_users_takes_a_batch_of_users_from_the_written_tables(tmp_path: Pat
             assert pl.concat(parts).sort(pl.all()).equals(whole.sort(pl.all())), name
         assert read_users(file, pl.Series([999], dtype=pl.Int32)).height == 0
         assert read_users(file, batches[0], ["user_idx"]).columns == ["user_idx"]
+    # kg_paths' signal table, a batch of users at a time from the file: the same shares
+    features = pl.read_parquet(tmp_path / "pair_features.parquet")
+    in_memory = signal_by_type(inputs.examples, features).sort("path_type")
+    assert in_memory.height >= 2 and (in_memory["targets"] > 0).all()
+    for per_batch in (7, 5, 100):
+        batched = signal_by_type(inputs.examples, tmp_path / "pair_features.parquet", per_batch)
+        assert batched.sort("path_type").equals(in_memory), per_batch
     whole.drop("user_idx").write_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match="no user_idx column.*re-materialise kg_paths"):
         read_users(tmp_path / "old.parquet", batches[0])
