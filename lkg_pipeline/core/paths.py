@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -543,6 +543,30 @@ def signal_by_type(
         .with_columns(lift=pl.col("targets") / pl.col("non_targets"))
         .sort("lift", descending=True)
     )
+
+
+def selections_in_batches(
+    paths_file: Path,
+    preferences: pl.DataFrame,
+    per_history_item: int,
+    max_paths: int,
+    users_per_batch: int,
+) -> Iterator[pl.DataFrame]:
+    """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
+    `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
+    are the largest table of the pipeline (~550M rows at 1M Beauty-like users)."""
+    for users in user_batches(preferences, users_per_batch) or [preferences["user_idx"]]:
+        paths = read_users(paths_file, users)
+        mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
+        yield pl.concat(
+            [
+                select_paths(paths, None, per_history_item, max_paths)
+                .with_columns(variant=pl.lit("kg_rag")),
+                select_paths(paths, mine, per_history_item, max_paths)
+                .with_columns(variant=pl.lit("lkg_rag")),
+            ],
+            how="diagonal_relaxed",
+        ).drop("weight", strict=False)  # fmt: skip
 
 
 def select_paths(
