@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks import end_to_end, paths_bench, ranking_bench, retriever_bench, run, training_bench
+from benchmarks import (
+    after_paths,
+    end_to_end,
+    paths_bench,
+    ranking_bench,
+    retriever_bench,
+    run,
+    training_bench,
+)
 from benchmarks.common import ceiling, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +53,20 @@ def training_result() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def retriever_result() -> dict[str, Any]:
     return retriever_bench.run(quick=True)
+
+
+def test_after_paths_quick(tiny_base: Path) -> None:
+    """The stages after kg_paths, each in its own process, at two tiny sizes."""
+    result = after_paths.run(quick=True, tokenizer=str(tiny_base))
+    rows = result["rows"]
+    assert {(r["users"], r["stage"]) for r in rows} == {
+        (n, stage) for n in after_paths.QUICK_SIZES for stage in after_paths.STAGES
+    }
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["seconds"] > 0 and row["stage_peak_rss_mb"] >= row["rss_before_mb"] > 0
+    assert set(result["verdict"]) == set(after_paths.STAGES)
+    assert "| 120 | prompts |" in after_paths.to_markdown(result)
 
 
 def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:

@@ -19,6 +19,12 @@ the example's history items to c):
 π_u says *which* types matter to this user, w_t how informative a type is for everybody; w also
 plays the role of a global temperature (all w_t can grow together), so there is no separate one.
 A candidate without paths scores 0.
+
+At 1M users the path counts do not fit in memory as frames (pair_features: ~87M rows), so
+`read_grid` builds the training grid from kg_paths' files a batch of users at a time and keeps
+the exact integer counts (uint16, 160 B per example); `preference_ranks` scores and ranks the
+other examples batch by batch. Every computation over the grid runs in chunks of rows, in an
+order that gives the same numbers, bit for bit, as one pass over in-memory frames.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -39,12 +45,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
+from lkg_pipeline.core.paths import read_users, user_batches
 
 UserEncoder = Literal["user_id", "history"]
 ENCODERS: tuple[str, ...] = get_args(UserEncoder)
 WEIGHTS_FILE = "preference.safetensors"
 CONFIG_FILE = "preference.json"
 SELECT_METRIC = "NDCG@10"  # validation metric (subset population) that picks the best epoch
+USERS_PER_BATCH = 2_500  # users whose path counts are read together: bounds memory only
+CHUNK_ROWS = 65_536  # examples per chunk of a pass over the grid: (65,536, 20, 4) float32 = 21 MB
+FEATURE_COLUMNS = ("example_id", "candidate_item_idx", "path_type", "n_paths")
+HISTORY_COLUMNS = ("user_idx", "path_type", "weight")
 
 
 @dataclass(frozen=True)
@@ -114,17 +125,31 @@ class PreferenceModel(nn.Module):
 
 
 @dataclass
-class _Grid:
-    """Examples as padded tensors; candidate position k is the order of candidate_item_idxs."""
+class PathGrid:
+    """Examples as padded arrays; candidate position k is the order of candidate_item_idxs.
 
+    Path counts are kept as exact integers and decoded to log1p(float32) a chunk of rows at a
+    time (`_feats`): at 20 candidates × 4 types, 160 B an example instead of 320 B, and no
+    float32 copy of the whole grid.
+    """
+
+    path_types: list[str]
     example_id: np.ndarray  # (E,) int64
     split: np.ndarray  # (E,) str
-    cand: np.ndarray  # (E, K) int64, -1 on padding
+    cand: np.ndarray  # (E, K) int32, -1 on padding; (E, 0) from read_grid: training needs none
     mask: torch.Tensor  # (E, K) bool
     users: torch.Tensor  # (E,) long
     target: torch.Tensor  # (E,) long position of the target, -1 if not among the candidates
-    feats: torch.Tensor  # (E, K, T) log1p(n_paths)
+    counts: np.ndarray  # (E, K, T) n_paths, uint16 unless a count needs a wider type
     profile: torch.Tensor  # (E, T) normalised history profile of the example's user
+    user_ids: torch.Tensor  # (U,) long: every user of the examples, ascending (π statistics)
+    user_profile: torch.Tensor  # (U, T) their profiles
+
+    def feats(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, K, T) float32 log1p(n_paths) of grid rows: decoded per use, by np.log1p of the
+        float32 counts, so the numbers are those of a float32 grid kept whole."""
+        counts = self.counts.take(rows.numpy(), axis=0).astype(np.float32)
+        return torch.from_numpy(np.log1p(counts))
 
 
 @dataclass
@@ -161,17 +186,19 @@ def _profiles(history: pl.DataFrame | None, path_types: Sequence[str], users: np
     return torch.from_numpy(np.divide(out, total, out=np.zeros_like(out), where=total > 0)).float()
 
 
-def _candidates(examples: pl.DataFrame) -> _Grid:
-    """The candidate grid of the examples, without features (those are filled by _grid)."""
+def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
+    """The candidate grid of the examples, without features (those are filled by _grid), with
+    `width` columns (default: the longest list)."""
     ids = examples["example_id"].cast(pl.Int64).to_numpy()
     assert len(np.unique(ids)) == len(ids), "example_id must be unique"
     lengths = examples["candidate_item_idxs"].list.len().to_numpy().astype(np.int64)
     assert len(ids) > 0 and (lengths >= 1).all(), "every example needs >= 1 candidate"
-    n, k = len(ids), int(lengths.max())
+    n, k = len(ids), int(lengths.max()) if width is None else width
+    assert k >= lengths.max(), f"width {k} < the longest candidate list {lengths.max()}"
     row = np.repeat(np.arange(n), lengths)
     pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    cand = np.full((n, k), -1, dtype=np.int64)
-    cand[row, pos] = examples["candidate_item_idxs"].explode().cast(pl.Int64).to_numpy()
+    cand = np.full((n, k), -1, dtype=np.int32)
+    cand[row, pos] = examples["candidate_item_idxs"].explode().cast(pl.Int32).to_numpy()
     targets = examples["target_item_idx"].cast(pl.Int64).to_numpy()
     hit = cand == targets[:, None]  # (E, K)
     target = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
@@ -186,14 +213,21 @@ def _candidates(examples: pl.DataFrame) -> _Grid:
     users = torch.tensor(examples["user_idx"].to_numpy(), dtype=torch.long)
     assert bool((users >= 0).all()), "user_idx must be >= 0"
     mask, empty = torch.from_numpy(cand >= 0), torch.zeros((n, 0))
-    return _Grid(ids, split, cand, mask, users, torch.from_numpy(target), empty, empty)
+    counts = np.zeros((n, k, 0), dtype=np.uint16)
+    target = torch.from_numpy(target)
+    return PathGrid([], ids, split, cand, mask, users, target, counts, empty, users[:0], empty)
 
 
-def _cells(g: _Grid) -> pl.DataFrame:
+def _cells(g: PathGrid) -> pl.DataFrame:
     """(example_id, candidate_item_idx, r, p): every real candidate and its grid cell."""
     r, p = np.nonzero(g.cand >= 0)
-    keys = {"example_id": g.example_id[r], "candidate_item_idx": g.cand[r, p], "r": r, "p": p}
-    return pl.DataFrame(keys)
+    cand = g.cand[r, p].astype(np.int64)
+    return pl.DataFrame({"example_id": g.example_id[r], "candidate_item_idx": cand, "r": r, "p": p})
+
+
+def _count_dtype(largest: int) -> np.dtype:
+    """uint16, or the smallest unsigned type that holds `largest` (counts are exact)."""
+    return np.promote_types(np.uint16, np.min_scalar_type(largest))
 
 
 def _grid(
@@ -201,34 +235,151 @@ def _grid(
     pair_features: pl.DataFrame,
     history: pl.DataFrame | None,
     path_types: Sequence[str],
-) -> _Grid:
+    width: int | None = None,
+) -> PathGrid:
     """Candidates plus features. Pair features of candidates not in an example's list (or of
     absent examples) are ignored; duplicate (example, candidate, type) rows add up."""
-    g = _candidates(examples)
+    g = _candidates(examples, width)
+    g.path_types = list(path_types)
     pf = pair_features.select(
         pl.col("example_id").cast(pl.Int64),
         pl.col("candidate_item_idx").cast(pl.Int64),
         "path_type",
-        pl.col("n_paths").cast(pl.Float64),
+        pl.col("n_paths").cast(pl.Int64),
     )
     codes = _type_codes(pf["path_type"], path_types, "pair_features")
-    pf = pf.with_columns(code=pl.Series(codes)).join(
+    pf = pf.with_columns(code=pl.Series(codes, dtype=pl.Int64)).join(
         _cells(g), on=["example_id", "candidate_item_idx"]
     )
     assert (pf["n_paths"] >= 0).all(), "n_paths must be >= 0"
-    counts = np.zeros((*g.cand.shape, len(path_types)), dtype=np.float32)  # (E, K, T)
-    cell = (pf["r"].to_numpy(), pf["p"].to_numpy(), pf["code"].to_numpy())
-    np.add.at(counts, cell, pf["n_paths"].to_numpy().astype(np.float32))
-    g.feats = torch.from_numpy(np.log1p(counts))
+    cells = pf.group_by("r", "p", "code").agg(pl.col("n_paths").sum())
+    largest = int(cells["n_paths"].max() or 0)
+    g.counts = np.zeros((*g.cand.shape, len(path_types)), dtype=_count_dtype(largest))
+    cell = (cells["r"].to_numpy(), cells["p"].to_numpy(), cells["code"].to_numpy())
+    g.counts[cell] = cells["n_paths"].to_numpy()
     uniq, inverse = np.unique(g.users.numpy(), return_inverse=True)
-    g.profile = _profiles(history, path_types, uniq)[torch.from_numpy(inverse)]  # (E, T)
+    g.user_ids = torch.from_numpy(uniq)
+    g.user_profile = _profiles(history, path_types, uniq)  # (U, T)
+    g.profile = g.user_profile[torch.from_numpy(inverse)]  # (E, T)
     return g
 
 
-def _forward(model: PreferenceModel, g: _Grid, rows: torch.Tensor):
-    # index_select, not g.feats[rows]: advanced indexing is ~100x slower on a busy 2-core CPU
-    pick = [x.index_select(0, rows) for x in (g.users, g.profile, g.feats, g.mask)]
-    return model(*pick)
+def _positions(examples: pl.DataFrame, splits: Sequence[str] | None) -> np.ndarray:
+    """Ascending row positions of the examples of `splits` (None: every example)."""
+    assert examples["example_id"].n_unique() == examples.height, "example_id must be unique"
+    if splits is None:
+        return np.arange(examples.height)
+    return np.flatnonzero(examples["split"].is_in(list(splits)).to_numpy())
+
+
+def _user_rows(
+    examples: pl.DataFrame, keep: np.ndarray, users_per_batch: int
+) -> Iterator[tuple[pl.Series, np.ndarray]]:
+    """Each batch of users of `examples` (`user_batches`), with the ascending indices into
+    `keep` of the kept examples of those users (empty for a user with none)."""
+    users = examples["user_idx"].to_numpy()[keep]
+    order = np.argsort(users, kind="stable")
+    ordered = users[order]
+    for batch in user_batches(examples, users_per_batch):
+        low = np.searchsorted(ordered, batch.min(), side="left")
+        high = np.searchsorted(ordered, batch.max(), side="right")
+        yield batch, np.sort(order[low:high])
+
+
+def _read_batch(
+    examples: pl.DataFrame,
+    folder: Path,
+    users: pl.Series,
+    path_types: Sequence[str],
+    width: int,
+) -> tuple[PathGrid, pl.DataFrame]:
+    """`_grid` of `examples` (examples of `users` only) from those users' rows of kg_paths'
+    tables, and their history profile rows."""
+    history = read_users(folder / "history_profile.parquet", users, HISTORY_COLUMNS)
+    features = read_users(folder / "pair_features.parquet", users, FEATURE_COLUMNS)
+    return _grid(examples, features, history, path_types, width), history
+
+
+def read_grid(
+    examples: pl.DataFrame,
+    folder: str | Path,
+    path_types: Sequence[str],
+    users_per_batch: int = USERS_PER_BATCH,
+    splits: Sequence[str] | None = ("train", "val"),
+) -> PathGrid:
+    """The grid of the examples of `splits` from kg_paths' tables in `folder`, read a batch
+    of users at a time: the rows of `_grid` on the whole frames, in `examples` order and as
+    wide (K) as the longest list, so training on it gives the same numbers. Training never
+    looks at the test split, and `preference_ranks` scores it, hence the default. The user
+    profiles cover every user of `examples`, as the π statistics of `train_preference` do.
+    """
+    folder = Path(folder)
+    keep = _positions(examples, splits)
+    n, k, t = len(keep), int(examples["candidate_item_idxs"].list.len().max()), len(path_types)
+    n_users = examples["user_idx"].n_unique()
+    g = PathGrid(
+        list(path_types),
+        np.zeros(n, dtype=np.int64),
+        np.empty(n, dtype=f"<U{examples['split'].str.len_chars().max()}"),
+        np.zeros((n, 0), dtype=np.int32),  # 160 MB at 1M users that training never reads
+        torch.zeros((n, k), dtype=torch.bool),
+        torch.zeros(n, dtype=torch.long),
+        torch.full((n,), -1, dtype=torch.long),
+        np.zeros((n, k, t), dtype=np.uint16),
+        torch.zeros((n, t)),
+        torch.zeros(n_users, dtype=torch.long),
+        torch.zeros((n_users, t)),
+    )
+    done = 0
+    for users, rows in _user_rows(examples, keep, users_per_batch):
+        ids = users.to_numpy().astype(np.int64)
+        if len(rows):
+            b, history = _read_batch(examples[keep[rows]], folder, users, path_types, k)
+            at = torch.from_numpy(rows)
+            g.example_id[rows], g.split[rows] = b.example_id, b.split
+            for mine, theirs in ((g.mask, b.mask), (g.users, b.users), (g.target, b.target)):
+                mine[at] = theirs
+            g.profile[at] = b.profile
+            if b.counts.dtype.itemsize > g.counts.dtype.itemsize:
+                g.counts = g.counts.astype(b.counts.dtype)
+            g.counts[rows] = b.counts
+        else:  # only examples outside `splits`: their profile still counts for π statistics
+            history = read_users(folder / "history_profile.parquet", users, HISTORY_COLUMNS)
+        g.user_ids[done : done + len(ids)] = torch.from_numpy(ids)
+        g.user_profile[done : done + len(ids)] = _profiles(history, path_types, ids)
+        done += len(ids)
+    assert done == n_users, f"{done} users read of {n_users}"
+    return g
+
+
+def read_path_types(folder: str | Path) -> list[str]:
+    """The path types of kg_paths' pair_features and history_profile, sorted: the vocabulary
+    of the preference module. Streamed: the column alone is GBs at 1M users."""
+    found: set[str] = set()
+    for name in ("pair_features", "history_profile"):
+        scan = pl.scan_parquet(Path(folder) / f"{name}.parquet").select(pl.col("path_type"))
+        found |= set(scan.unique().collect(engine="streaming")["path_type"].to_list())
+    return sorted(found)
+
+
+def _chunks(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`rows` in near-equal chunks of at most CHUNK_ROWS. Equal, not CHUNK_ROWS and a
+    remainder: the history encoder's matmul rounds differently for fewer than 12 rows (MKL's
+    small-M kernels, measured), so a tiny last chunk would change the last bit of its scores.
+    """
+    return rows.tensor_split(max(1, -(-len(rows) // CHUNK_ROWS)))
+
+
+def _forward(model: PreferenceModel, g: PathGrid, rows: torch.Tensor):
+    # index_select, not g.users[rows]: advanced indexing is ~100x slower on a busy 2-core CPU
+    users, profile, mask = (x.index_select(0, rows) for x in (g.users, g.profile, g.mask))
+    return model(users, profile, g.feats(rows), mask)
+
+
+@torch.no_grad()
+def _scores(model: PreferenceModel, g: PathGrid, rows: torch.Tensor) -> torch.Tensor:
+    """(N, K) scores of grid rows, a chunk at a time; each row's are those of any batch."""
+    return torch.cat([_forward(model, g, chunk)[0] for chunk in _chunks(rows)])
 
 
 def _loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,16 +397,37 @@ def _ranks(scores: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     return ranks
 
 
+def _mean_nll(log_prob: torch.Tensor) -> float:
+    """F.cross_entropy (mean) from the targets' log-probabilities (N, 1). nll_loss adds them
+    up in an order set by N alone, so log-probabilities gathered a chunk at a time give the
+    loss of one pass over the (N, K) scores, bit for bit."""
+    if not len(log_prob):
+        return math.nan
+    return float(F.nll_loss(log_prob, torch.zeros(len(log_prob), dtype=torch.long)))
+
+
 @torch.no_grad()
-def _epoch_log(model: PreferenceModel, g: _Grid, train: torch.Tensor, val: torch.Tensor):
-    scores, _ = _forward(model, g, torch.cat([train, val]))
-    s_train, s_val = scores[: len(train)], scores[len(train) :]
-    log = {
-        "loss": float(_loss(s_train, g.target[train])),
-        "val_loss": float(_loss(s_val, g.target[val])),
-    }
+def _target_log_probs(
+    model: PreferenceModel, g: PathGrid, rows: torch.Tensor, with_ranks: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 1) log-probability of each row's target and (N,) its rank (if asked), by chunk."""
+    log_probs, ranks = [torch.zeros((0, 1))], [np.zeros(0)]
+    for chunk in _chunks(rows):
+        scores, _ = _forward(model, g, chunk)  # (C, K)
+        target = g.target.index_select(0, chunk)
+        log_probs.append(F.log_softmax(scores, dim=1).gather(1, target[:, None]))
+        if with_ranks:
+            ranks.append(_ranks(scores, target))
+    return torch.cat(log_probs), np.concatenate(ranks)
+
+
+@torch.no_grad()
+def _epoch_log(model: PreferenceModel, g: PathGrid, train: torch.Tensor, val: torch.Tensor):
+    train_log_probs, _ = _target_log_probs(model, g, train, with_ranks=False)
+    val_log_probs, val_ranks = _target_log_probs(model, g, val, with_ranks=True)
+    log = {"loss": _mean_nll(train_log_probs), "val_loss": _mean_nll(val_log_probs)}
     if len(val):
-        metrics = ranking_metrics(_ranks(s_val, g.target[val]), ks=(1, 5, 10))
+        metrics = ranking_metrics(val_ranks, ks=(1, 5, 10))
         log |= {f"val_{name}": value for name, value in metrics.items()}
     return log
 
@@ -263,17 +435,31 @@ def _epoch_log(model: PreferenceModel, g: _Grid, train: torch.Tensor, val: torch
 @torch.no_grad()
 def _pi_stats(model: PreferenceModel, users: torch.Tensor, profile: torch.Tensor):
     """Mean KL(π_u ‖ uniform) and total-variation distance to uniform, over the given users."""
-    pi = model.logits(users, profile).softmax(dim=-1).double()  # (U, T)
+    chunks = zip(_chunks(users), _chunks(profile))
+    pi = torch.cat([model.logits(u, p).softmax(dim=-1).double() for u, p in chunks])  # (U, T)
     t = pi.shape[1]
     kl = (pi * (pi * t).clamp_min(1e-300).log()).sum(dim=1)
     tv = 0.5 * (pi - 1.0 / t).abs().sum(dim=1)
     return float(kl.mean()), float(tv.mean())
 
 
+@torch.no_grad()
+def _idf(g: PathGrid, train: torch.Tensor) -> torch.Tensor:
+    """(T,) idf_t over the training (example, candidate) pairs, counted a chunk at a time."""
+    present = torch.zeros(len(g.path_types), dtype=torch.long)  # pairs with >= 1 path of t
+    n_pairs = 0
+    for rows in _chunks(train):
+        mask = g.mask.index_select(0, rows).numpy()  # (C, K)
+        has = (g.counts.take(rows.numpy(), axis=0) > 0) & mask[..., None]  # (C, K, T)
+        present += torch.from_numpy(has.sum(axis=(0, 1), dtype=np.int64))
+        n_pairs += int(mask.sum())
+    return torch.log((1 + float(n_pairs)) / (1 + present.float())) + 1
+
+
 def _train_epoch(
     model: PreferenceModel,
     opt: torch.optim.Optimizer,
-    g: _Grid,
+    g: PathGrid,
     train: torch.Tensor,
     config: PreferenceConfig,
     gen: torch.Generator,
@@ -302,24 +488,31 @@ def train_preference(
     """Fit on the train split and keep the epoch (0 = untrained, uniform π) with the best val
     subset NDCG@10. NDCG saturates on easy data, so ties go to the lower val loss (then the
     earlier epoch); without val examples the lowest train loss wins."""
-    g = _grid(examples, pair_features, history, path_types)
+    grid = _grid(examples, pair_features, history, path_types)
+    return train_on_grid(grid, n_users, config, on_log)
+
+
+def train_on_grid(
+    g: PathGrid,
+    n_users: int,
+    config: PreferenceConfig = PreferenceConfig(),
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> PreferenceResult:
+    """`train_preference` on a grid already built, e.g. by `read_grid` from kg_paths' files."""
     train = torch.from_numpy(np.flatnonzero(g.split == "train"))
     val = torch.from_numpy(np.flatnonzero((g.split == "val") & (g.target.numpy() >= 0)))
     assert len(train), "no train examples"
-    present = (g.feats[train] > 0) & g.mask[train][..., None]  # (N_train, K, T)
-    n_pairs = float(g.mask[train].sum())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = PreferenceModel(config, path_types, n_users)
-    model.idf.copy_(torch.log((1 + n_pairs) / (1 + present.sum(dim=(0, 1)).float())) + 1)
+        model = PreferenceModel(config, g.path_types, n_users)
+    model.idf.copy_(_idf(g, train))
     groups = [
         {"params": model.encoder.parameters(), "weight_decay": config.weight_decay},
         {"params": [model.type_weight_raw], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    first = torch.from_numpy(np.unique(g.users.numpy(), return_index=True)[1])  # one row per user
-    users, profiles = g.users[first], g.profile[first]
+    users, profiles = g.user_ids, g.user_profile
     kl_init, tv_init = _pi_stats(model, users, profiles)
     metric = f"val_{SELECT_METRIC}"
 
@@ -366,9 +559,19 @@ def choose_encoder(
 ) -> EncoderChoice:
     """Train both encoders with the same config; the better val NDCG@10 wins (ties: user_id,
     the paper's choice). config.user_encoder is overridden."""
-    data = (examples, pair_features, history, path_types, n_users)
+    grid = _grid(examples, pair_features, history, path_types)
+    return choose_encoder_on_grid(grid, n_users, config, on_log)
+
+
+def choose_encoder_on_grid(
+    g: PathGrid,
+    n_users: int,
+    config: PreferenceConfig = PreferenceConfig(),
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> EncoderChoice:
+    """`choose_encoder` on a grid already built: both encoders train on the one grid."""
     results = {
-        name: train_preference(*data, dataclasses.replace(config, user_encoder=name), on_log)
+        name: train_on_grid(g, n_users, dataclasses.replace(config, user_encoder=name), on_log)
         for name in ENCODERS
     }
     scores = {name: r.best_val_ndcg10 for name, r in results.items()}
@@ -389,7 +592,7 @@ def score_examples(
     )
     g = _grid(examples, pair_features, history, model.path_types)
     model.eval()
-    scores, _ = _forward(model, g, torch.arange(len(g.example_id)))  # (E, K)
+    scores = _scores(model, g, torch.arange(len(g.example_id)))  # (E, K)
     m = g.mask.numpy()
     return pl.DataFrame(
         {
@@ -426,6 +629,60 @@ def example_ranks(examples: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+@torch.no_grad()
+def preference_ranks(
+    model: PreferenceModel,
+    examples: pl.DataFrame,
+    folder: str | Path,
+    users_per_batch: int = USERS_PER_BATCH,
+    splits: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """(example_id, split, rank) of the examples of `splits` (None: all), in `examples` order:
+    `example_ranks` of `score_examples` on the whole tables of kg_paths' `folder`, scored a
+    batch of users at a time, without a row per candidate (60M at 1M users)."""
+    folder = Path(folder)
+    keep = _positions(examples, splits)
+    width = int(examples["candidate_item_idxs"].list.len().max()) if examples.height else 0
+    ranks = np.full(len(keep), np.inf)
+    model.eval()
+    for users, rows in _user_rows(examples, keep, users_per_batch):
+        if not len(rows):
+            continue
+        g, _ = _read_batch(examples[keep[rows]], folder, users, model.path_types, width)
+        everything = torch.arange(len(rows))
+        ranks[rows] = np.concatenate(
+            [
+                _ranks(_forward(model, g, chunk)[0], g.target.index_select(0, chunk))
+                for chunk in _chunks(everything)
+            ]
+        )
+    return pl.DataFrame(
+        {
+            "example_id": examples["example_id"].cast(pl.Int64).gather(keep),
+            "split": examples["split"].gather(keep),
+            "rank": ranks,
+        }
+    )
+
+
+def retriever_ranks(examples: pl.DataFrame, splits: Sequence[str] | None = None) -> pl.DataFrame:
+    """(example_id, split, rank) of the examples of `splits` (None: all) under the order of
+    their own candidate lists (the retriever's, for val/test): the target's position + 1, inf
+    if absent. What `example_ranks` makes of scores falling along each list, by chunks."""
+    keep = _positions(examples, splits)
+    ranks = [np.zeros(0)]
+    for start in range(0, len(keep), CHUNK_ROWS):
+        target = _candidates(examples[keep[start : start + CHUNK_ROWS]]).target.numpy()
+        ranks.append(np.where(target >= 0, target + 1.0, np.inf))
+    return pl.DataFrame(
+        {
+            "example_id": examples["example_id"].cast(pl.Int64).gather(keep),
+            "split": examples["split"].gather(keep),
+            "rank": np.concatenate(ranks),
+        }
+    )
+
+
 def evaluate_rankings(
     examples: pl.DataFrame, scores: pl.DataFrame, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -434,7 +691,15 @@ def evaluate_rankings(
     Ranks as in `example_ranks`; an example whose target is not a candidate is a miss and only
     counts in "overall". An empty population gets NaN metrics.
     """
-    ranked = example_ranks(examples, scores)
+    return rank_metrics(example_ranks(examples, scores), ks)
+
+
+def rank_metrics(
+    ranked: pl.DataFrame, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`evaluate_rankings` from (example_id, split, rank) rows: `example_ranks`,
+    `preference_ranks` or `retriever_ranks`. Means follow the rows' order, so rows in
+    `examples` order give evaluate_rankings' numbers exactly."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for split in ("val", "test"):
         ranks = ranked.filter(pl.col("split") == split)["rank"].to_numpy()
@@ -511,3 +776,50 @@ def load_preference(directory: str | Path) -> PreferenceModel:
     model = PreferenceModel(PreferenceConfig(**meta["config"]), meta["path_types"], meta["n_users"])
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
     return model.eval()
+
+
+@dataclass
+class FittedPreferences:
+    """What the `preference_model` stage produces (`fit_preferences`)."""
+
+    result: PreferenceResult  # of the chosen encoder
+    encoder: str
+    val_ndcg10_by_encoder: dict[str, float]
+    path_types: list[str]
+    report: dict  # {"preference" | "retriever order": evaluate_rankings' dict} on val/test
+    preferences: pl.DataFrame  # user_preferences of every user
+
+
+def fit_preferences(
+    candidates: pl.DataFrame,
+    folder: str | Path,
+    user_encoder: Literal["auto", "user_id", "history"] = "auto",
+    config: PreferenceConfig = PreferenceConfig(),
+    users_per_batch: int = USERS_PER_BATCH,
+) -> FittedPreferences:
+    """The preference module from kg_paths' tables in `folder`, in memory bounded by the
+    train/val grid: the tables are read a batch of users at a time (~87M pair rows at 1M
+    Beauty-like users), once into the grid the encoder(s) train on, once more to score val and
+    test. `auto` trains both encoders and keeps the better on val."""
+    folder = Path(folder)
+    path_types = read_path_types(folder)
+    n_users = int(candidates["user_idx"].max()) + 1
+    grid = read_grid(candidates, folder, path_types, users_per_batch)
+    if user_encoder == "auto":
+        choice = choose_encoder_on_grid(grid, n_users, config)
+        result, encoder, by_encoder = choice.best, choice.encoder, choice.val_ndcg10
+    else:
+        result = train_on_grid(
+            grid, n_users, dataclasses.replace(config, user_encoder=user_encoder)
+        )
+        encoder, by_encoder = user_encoder, {user_encoder: result.best_val_ndcg10}
+    del grid
+    evaluated = ("val", "test")
+    ranked = preference_ranks(result.model, candidates, folder, users_per_batch, evaluated)
+    report = {
+        "preference": rank_metrics(ranked),
+        "retriever order": rank_metrics(retriever_ranks(candidates, evaluated)),
+    }
+    history = pl.read_parquet(folder / "history_profile.parquet")  # (user, type): small
+    preferences = user_preferences(result.model, None, history)
+    return FittedPreferences(result, encoder, by_encoder, path_types, report, preferences)

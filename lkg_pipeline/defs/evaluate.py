@@ -27,7 +27,7 @@ from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
-from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
+from lkg_pipeline.core.preference import load_preference, preference_ranks
 from lkg_pipeline.core.prompts import (
     SETTINGS_KEY,
     VARIANTS,
@@ -49,6 +49,7 @@ from lkg_pipeline.defs.layout import (
     adapter_dir,
     current_base_model,
     kg_folder,
+    paths_folder,
     preference_dir,
     prompts_file,
     rankings_file,
@@ -61,7 +62,6 @@ from lkg_pipeline.defs.layout import (
 from lkg_pipeline.defs.llm import BY_DATASET, AccelerateLaunch, dataset_variant_partitions
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
-from lkg_pipeline.defs.paths import read_paths
 from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
@@ -379,12 +379,12 @@ def evaluation_report(
 
 
 def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.DataFrame:
-    """The preference module's ranking of the val/test candidates, recomputed from its weights."""
-    tables = read_paths(lake, dataset)
+    """The preference module's ranking of the val/test candidates, recomputed from its weights
+    a batch of users at a time (`preference_ranks`)."""
     model = load_preference(preference_dir(lake, dataset))
-    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
-    scores = score_examples(model, evaluated, tables["pair_features"], tables["history_profile"])
-    return example_based_ranks(candidates, example_ranks(evaluated, scores), PREFERENCE)
+    folder = paths_folder(lake, dataset)
+    ranked = preference_ranks(model, candidates, folder, splits=("val", "test"))
+    return example_based_ranks(candidates, ranked, PREFERENCE)
 
 
 def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetCheckResult:

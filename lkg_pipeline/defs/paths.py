@@ -13,20 +13,15 @@ from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
     quoted_path,
-    read_users,
-    select_paths,
+    selections_in_batches,
     signal_by_type,
-    user_batches,
     write_paths,
 )
 from lkg_pipeline.core.preference import (
+    USERS_PER_BATCH,
     PreferenceConfig,
-    choose_encoder,
-    evaluate_rankings,
+    fit_preferences,
     save_preference,
-    score_examples,
-    train_preference,
-    user_preferences,
 )
 from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_json
 from lkg_pipeline.core.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
@@ -84,13 +79,6 @@ def read_path_config(lake: Path, dataset: str) -> PathConfig:
             "re-materialise kg_paths"
         )
     return PathConfig(**json.loads(file.read_text()))
-
-
-def read_paths(
-    lake: Path, dataset: str, tables: tuple[str, ...] = PATH_TABLES
-) -> dict[str, pl.DataFrame]:
-    folder = paths_folder(lake, dataset)
-    return {name: pl.read_parquet(folder / f"{name}.parquet") for name in tables}
 
 
 @dg.asset(
@@ -169,9 +157,7 @@ def kg_paths(
                 )
             ),
             "paths_by_type": dg.MetadataValue.md(markdown_table(by_type)),
-            "signal_by_type": dg.MetadataValue.md(
-                markdown_table(signal)
-            ),
+            "signal_by_type": dg.MetadataValue.md(markdown_table(signal)),
             "sample": dg.MetadataValue.md(
                 markdown_table(
                     sample.select(
@@ -212,6 +198,10 @@ class PreferenceRunConfig(dg.Config):
     epochs: int = PreferenceConfig.epochs
     batch_size: int | None = PreferenceConfig.batch_size
     seed: int = PreferenceConfig.seed
+    # Users whose path counts are read (and val/test examples scored) together: bounds memory,
+    # never changes a result. The training grid itself (exact counts, 160 B per train or val
+    # example) stays in memory.
+    users_per_batch: int = USERS_PER_BATCH
 
     def to_core(self) -> PreferenceConfig:
         fields = PreferenceConfig.__dataclass_fields__
@@ -236,28 +226,19 @@ def preference_model(
 ) -> dg.MaterializeResult:
     """Per-user preferences over path types, learned so that paths to the next item win."""
     dataset = context.partition_key
-    tables = read_paths(lake.path, dataset)
-    features, history = tables["pair_features"], tables["history_profile"]
-    path_types = sorted(set(features["path_type"]) | set(history["path_type"]))
-    n_users = int(candidates["user_idx"].max()) + 1
-    core_config = config.to_core()
-    args = (candidates, features, history, path_types, n_users, core_config)
-    if config.user_encoder == "auto":
-        choice = choose_encoder(*args)
-        result, encoder, by_encoder = choice.best, choice.encoder, choice.val_ndcg10
-    else:
-        result = train_preference(*args)
-        encoder, by_encoder = config.user_encoder, {config.user_encoder: result.best_val_ndcg10}
+    fitted = fit_preferences(
+        candidates,
+        paths_folder(lake.path, dataset),
+        config.user_encoder,
+        config.to_core(),
+        config.users_per_batch,
+    )
+    result, encoder, by_encoder = fitted.result, fitted.encoder, fitted.val_ndcg10_by_encoder
+    report, preferences, path_types = fitted.report, fitted.preferences, fitted.path_types
     context.log.info(
         f"{dataset}: encoder {encoder} (val NDCG@10 {by_encoder}), "
         f"best epoch {result.best_epoch}, π shift {result.pi_shift}"
     )
-    scores = score_examples(result.model, candidates, features, history)
-    report = {
-        "preference": evaluate_rankings(candidates, scores),
-        "retriever order": evaluate_rankings(candidates, _retriever_order(candidates)),
-    }
-    preferences = user_preferences(result.model, None, history)
 
     def write(folder: Path) -> None:
         save_preference(result, result.model.config, path_types, folder)
@@ -336,20 +317,11 @@ def selected_paths(
     parts = ParquetParts(scratch_dir(lake.path) / f"selected_paths-{dataset}")
     per_example, by_type = [], []
     try:
-        for users in user_batches(preferences, config.users_per_batch) or [
-            preferences["user_idx"]
-        ]:
-            paths = read_users(paths_file, users)
-            mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
-            table = pl.concat(
-                [
-                    select_paths(paths, None, selection.per_history_item, selection.max_paths)
-                    .with_columns(variant=pl.lit("kg_rag")),
-                    select_paths(paths, mine, selection.per_history_item, selection.max_paths)
-                    .with_columns(variant=pl.lit("lkg_rag")),
-                ],
-                how="diagonal_relaxed",
-            ).drop("weight", strict=False)  # fmt: skip
+        per_item, cap = selection.per_history_item, selection.max_paths
+        batches = selections_in_batches(
+            paths_file, preferences, per_item, cap, config.users_per_batch
+        )
+        for table in batches:
             parts.write(table)
             per_example.append(table.group_by("variant", "example_id").len())
             by_type.append(table.group_by("variant", "path_type").len())
@@ -381,19 +353,6 @@ def selected_paths(
         )
     finally:
         parts.remove()
-
-
-def _retriever_order(candidates: pl.DataFrame) -> pl.DataFrame:
-    """Scores that reproduce each list's own order: the retriever's ranking for val/test."""
-    return (
-        candidates.select(
-            "example_id",
-            candidate_item_idx=pl.col("candidate_item_idxs"),
-            score=pl.int_ranges(pl.col("candidate_item_idxs").list.len()).list.eval(-pl.element()),
-        )
-        .explode("candidate_item_idx", "score")
-        .with_columns(pl.col("score").cast(pl.Float32))
-    )
 
 
 def _metrics_frame(report: dict) -> pl.DataFrame:

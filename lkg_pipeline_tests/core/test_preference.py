@@ -5,17 +5,28 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from polars.testing import assert_frame_equal
 
+from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+from lkg_pipeline.core import preference
+from lkg_pipeline.core.paths import PathConfig, write_paths
 from lkg_pipeline.core.preference import (
     ENCODERS,
     PreferenceConfig,
     PreferenceResult,
     choose_encoder,
+    choose_encoder_on_grid,
     evaluate_rankings,
     load_preference,
+    preference_ranks,
+    rank_metrics,
+    read_grid,
+    read_path_types,
+    retriever_ranks,
     save_preference,
     score_examples,
+    train_on_grid,
     train_preference,
     user_preferences,
 )
@@ -234,3 +245,123 @@ def test_contract_violations(data) -> None:
         )
     with pytest.raises(ValueError, match="user_id"):
         PreferenceConfig(user_encoder="gnn")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Beauty-like synthetic examples with their path tables as kg_paths writes them."""
+    folder = tmp_path_factory.mktemp("paths")
+    spec = dataclasses.replace(SHAPES["beauty-like"], n_items=QUICK_ITEMS["beauty-like"])
+    inputs, _ = synthetic_inputs(spec, 40)
+    graph = (inputs.entities, inputs.triples, inputs.relations, inputs.n_items)
+    write_paths(inputs.examples, inputs.sequences, *graph, folder, PathConfig(), 7)
+    features = pl.read_parquet(folder / "pair_features.parquet")
+    history = pl.read_parquet(folder / "history_profile.parquet")
+    return {
+        "folder": folder,
+        "examples": inputs.examples,
+        "tables": (features, history),
+        "path_types": sorted(set(features["path_type"]) | set(history["path_type"])),
+        "n_users": int(inputs.examples["user_idx"].max()) + 1,
+    }
+
+
+def assert_same_result(a: PreferenceResult, b: PreferenceResult) -> None:
+    assert a.loss_history == b.loss_history and a.pi_shift == b.pi_shift
+    assert (a.best_epoch, a.model.config) == (b.best_epoch, b.model.config)
+    ours, theirs = a.model.state_dict(), b.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "weights differ"
+
+
+def in_list_order(examples: pl.DataFrame) -> pl.DataFrame:
+    """Scores falling along each candidate list: the retriever's own order."""
+    return (
+        examples.select(
+            "example_id",
+            candidate_item_idx="candidate_item_idxs",
+            score=pl.int_ranges(pl.col("candidate_item_idxs").list.len()).list.eval(-pl.element()),
+        )
+        .explode("candidate_item_idx", "score")
+        .with_columns(pl.col("score").cast(pl.Float32))
+    )
+
+
+@pytest.mark.parametrize("users_per_batch", [3, 16, 1000])
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_batches_of_users_train_and_rank_as_the_whole_tables(
+    written: dict, encoder: str, users_per_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit for bit: read a batch of users at a time and passed over in chunks of rows, the
+    path tables give the loss history, weights and ranks of the in-memory frames."""
+    examples, folder, (features, history) = [written[k] for k in ("examples", "folder", "tables")]
+    path_types, n_users = written["path_types"], written["n_users"]
+    config = PreferenceConfig(user_encoder=encoder, epochs=4, batch_size=32, seed=3)
+    whole = train_preference(examples, features, history, path_types, n_users, config)
+
+    assert read_path_types(folder) == path_types
+    monkeypatch.setattr(preference, "CHUNK_ROWS", 32)  # 40 train rows: two chunks
+    grid = read_grid(examples, folder, path_types, users_per_batch)
+    assert set(grid.split) == {"train", "val"} and grid.counts.dtype == np.uint16
+    assert grid.mask.shape[0] == examples.filter(pl.col("split") != "test").height
+    assert grid.user_ids.tolist() == examples["user_idx"].unique().sort().to_list()
+    batched = train_on_grid(grid, n_users, config)
+    assert_same_result(whole, batched)
+
+    scores = score_examples(whole.model, examples, features, history)
+    assert_frame_equal(scores, score_examples(batched.model, examples, features, history))
+    ranked = preference_ranks(batched.model, examples, folder, users_per_batch)
+    assert_frame_equal(ranked, preference.example_ranks(examples, scores))
+    evaluated = preference_ranks(batched.model, examples, folder, users_per_batch, ("val", "test"))
+    assert set(evaluated["split"]) == {"val", "test"}
+    assert rank_metrics(evaluated) == evaluate_rankings(examples, scores)
+    order = retriever_ranks(examples, ("val", "test"))
+    assert rank_metrics(order) == evaluate_rankings(examples, in_list_order(examples))
+    assert_frame_equal(
+        retriever_ranks(examples), preference.example_ranks(examples, in_list_order(examples))
+    )
+
+
+def test_both_encoders_train_on_one_grid(written: dict) -> None:
+    examples, folder, tables = written["examples"], written["folder"], written["tables"]
+    path_types, n_users = written["path_types"], written["n_users"]
+    config = PreferenceConfig(epochs=3, batch_size=32)
+    whole = choose_encoder(examples, *tables, path_types, n_users, config)
+    grid = read_grid(examples, folder, path_types, 5)
+    batched = choose_encoder_on_grid(grid, n_users, config)
+    assert (batched.encoder, batched.val_ndcg10) == (whole.encoder, whole.val_ndcg10)
+    assert_same_result(whole.best, batched.best)
+
+
+def write_tables(folder: Path, examples, features, history) -> Path:
+    """The frames as kg_paths' files: pair_features with its user_idx, users ascending."""
+    folder.mkdir(parents=True, exist_ok=True)
+    features = features.join(examples.select("example_id", "user_idx"), on="example_id")
+    features.sort("user_idx").write_parquet(folder / "pair_features.parquet")
+    history.sort("user_idx").write_parquet(folder / "history_profile.parquet")
+    return folder
+
+
+def test_compact_counts_decode_to_the_float32_features(tmp_path: Path, data) -> None:
+    """Exact integer counts, log1p'd per chunk, are the float32 log1p(n_paths) grid that
+    duplicate rows add up in; a count beyond uint16 widens the counts, nothing else."""
+    examples, features, history = data
+    duplicate = features.head(1)  # the same (example, candidate, type) twice: counts add up
+    lists = examples.select("example_id", "candidate_item_idxs").rows()
+    position = {(e, c): (i, k) for i, (e, cs) in enumerate(lists) for k, c in enumerate(cs)}
+    for extra, dtype in (
+        (duplicate, np.uint16),
+        (duplicate.with_columns(n_paths=70_000), np.uint32),
+    ):
+        rows = pl.concat([features, extra])
+        folder = write_tables(tmp_path / str(dtype.__name__), examples, rows, history)
+        grid = read_grid(examples, folder, TYPES, 7, splits=None)
+        assert grid.counts.dtype == dtype
+        expected = np.zeros((examples.height, 20, len(TYPES)), dtype=np.float32)
+        for e, c, t, n in rows.rows():
+            expected[(*position[(e, c)], TYPES.index(t))] += np.float32(n)
+        decoded = grid.feats(torch.arange(examples.height))
+        assert torch.equal(decoded, torch.from_numpy(np.log1p(expected)))
+    first = features.row(0)
+    i, k = position[first[:2]]
+    assert int(grid.counts[i, k, TYPES.index(first[2])]) == first[3] + 70_000

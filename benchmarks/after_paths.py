@@ -1,0 +1,322 @@
+"""After the paths, in bounded memory: the preference module, the path selection and the
+prompts at growing numbers of Beauty-like users.
+
+`kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the
+stages after it read them the same way (`core.paths.read_users`) and write their outputs in
+parts that the IO manager streams into one file. This benchmark checks that on synthetic
+data shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at
+each size, the paths are enumerated with `write_paths`, then each stage runs in its own process
+as its asset runs it. A stage first loads what the IO manager hands its asset (the candidates,
+sequences, titles, preferences, a tokenizer): that process's RSS then is its baseline,
+"inputs"; the peak after it (VmHWM, reset once the inputs are loaded) is what the stage adds.
+
+The issue's bar: at 1M Beauty-like users each stage's peak stays within the inputs + 1 GB,
+and time per user stays within 2× of the 10K figure.
+
+    python -m benchmarks.after_paths            # 10K, 100K and 1M users (~1.5 h on 2 cores)
+    python -m benchmarks.after_paths --quick    # two tiny sizes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from benchmarks.common import (
+    REPO,
+    child_memory_limit_mb,
+    current_rss_mb,
+    lake_root,
+    machine_info,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_isolated,
+    table,
+)
+from benchmarks.paths_bench import QUICK_ITEMS, USERS_PER_BATCH
+
+SHAPE = "beauty-like"
+EXAMPLES_PER_BATCH = 10_000  # PromptRunConfig.examples_per_batch
+STAGES = ("preference", "selection", "prompts")
+# users → seconds one stage may take (build and write_paths get 2× that)
+SIZES = {10_000: 900, 100_000: 1_800, 1_000_000: 4_800}
+QUICK_SIZES = {40: 120, 120: 120}
+BUDGET_MB = 1024  # the issue's bar: a stage's peak within its inputs + 1 GB
+OUT_MD = REPO / "benchmarks" / "AFTER_PATHS.md"
+RESULTS_JSON = REPO / "benchmarks" / "results.json"
+
+
+def _tokenizer_folder() -> str | None:
+    """The lake's base model (its tokenizer counts the prompts' tokens), if materialised."""
+    from lkg_pipeline.defs.layout import current_base_model
+
+    try:
+        return str(current_base_model(lake_root()))
+    except FileNotFoundError:
+        return None
+
+
+def _phase(start_rss_mb: float) -> dict[str, float]:
+    return {"rss_before_mb": start_rss_mb, "stage_peak_rss_mb": peak_rss_mb()}
+
+
+def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
+    """Child: what `preference_model` runs (both encoders, scores, metrics, preferences)."""
+    from lkg_pipeline.core.preference import fit_preferences
+
+    src = Path(folder)
+    candidates = pl.read_parquet(src / "examples.parquet")
+    before = current_rss_mb()
+    reset_peak_rss()
+    tick = time.perf_counter()
+    fitted = fit_preferences(candidates, src / "paths", "auto", users_per_batch=users_per_batch)
+    out = src / "preference"
+    out.mkdir(exist_ok=True)
+    fitted.preferences.write_parquet(out / "preferences.parquet")
+    seconds = time.perf_counter() - tick
+    subset = fitted.report["preference"]["test"]["subset"]
+    return {"seconds": seconds, **_phase(before), "test_subset_ndcg10": subset["NDCG@10"]}
+
+
+def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
+    """Child: what `selected_paths` runs, and its IO manager's streamed write."""
+    from lkg_pipeline.core.paths import selections_in_batches
+    from lkg_pipeline.core.storage import ParquetParts
+
+    src = Path(folder)
+    preferences = pl.read_parquet(src / "preference" / "preferences.parquet")
+    before = current_rss_mb()
+    reset_peak_rss()
+    tick = time.perf_counter()
+    parts = ParquetParts(src / "selection-parts")
+    for batch in selections_in_batches(
+        src / "paths" / "paths.parquet", preferences, 1, 20, users_per_batch
+    ):
+        parts.write(batch)
+    parts.scan().sink_parquet(src / "selected_paths.parquet", compression="zstd")
+    parts.remove()
+    seconds = time.perf_counter() - tick
+    rows = pl.scan_parquet(src / "selected_paths.parquet").select(pl.len()).collect().item()
+    return {"seconds": seconds, **_phase(before), "rows": rows}
+
+
+def stage_prompts(folder: str, examples_per_batch: int, tokenizer: str) -> dict[str, Any]:
+    """Child: what `prompts` runs for `lkg_rag` (segments format), and the streamed write."""
+    from transformers import AutoTokenizer
+
+    from lkg_pipeline.core.prompts import PromptConfig, prompts_in_batches, truncate_titles
+    from lkg_pipeline.core.storage import ParquetParts
+
+    src = Path(folder)
+    candidates = pl.read_parquet(src / "examples.parquet")
+    sequences = pl.read_parquet(src / "sequences.parquet")
+    items = pl.read_parquet(src / "items.parquet")
+    counter = AutoTokenizer.from_pretrained(tokenizer)
+    # the prompts asset's defaults (PromptRunConfig) for Beauty
+    config = PromptConfig(
+        item_noun="product", item_verb="buy", max_prompt_tokens=2048, format="segments"
+    )
+    titles = truncate_titles(
+        dict(items.select("item_idx", "title").iter_rows()), counter, config.max_title_tokens
+    )
+
+    def count(text: str) -> int:
+        return len(counter(text, add_special_tokens=False)["input_ids"])
+
+    selected = pl.scan_parquet(src / "selected_paths.parquet")
+    before = current_rss_mb()
+    reset_peak_rss()
+    tick = time.perf_counter()
+    parts = ParquetParts(src / "prompt-parts")
+    tokens = 0
+    for batch in prompts_in_batches(
+        candidates, sequences, titles, selected, "lkg_rag", config, count, examples_per_batch
+    ):
+        parts.write(batch)
+        tokens += int(batch["n_tokens"].sum())
+    parts.scan().sink_parquet(src / "prompts.parquet", compression="zstd")
+    parts.remove()
+    seconds = time.perf_counter() - tick
+    return {
+        "seconds": seconds,
+        **_phase(before),
+        "prompts": candidates.height,
+        "mean_tokens": tokens / max(candidates.height, 1),
+        "output_mb": (src / "prompts.parquet").stat().st_size / 2**20,
+    }
+
+
+def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
+    """Child: the synthetic dataset (as paths_bench builds it, plus its items) and its paths."""
+    from benchmarks.paths_bench import build_synthetic, measure_enumerate
+
+    stats = build_synthetic(SHAPE, n_users, folder, QUICK_ITEMS[SHAPE] if quick else None)
+    n_items = json.loads((Path(folder) / "meta.json").read_text())["n_items"]
+    pl.DataFrame(  # the titles synthetic_items gives its items
+        {"item_idx": range(n_items), "title": [f"Synthetic item {i}" for i in range(n_items)]},
+        schema={"item_idx": pl.Int32, "title": pl.String},
+    ).write_parquet(Path(folder) / "items.parquet")
+    paths = measure_enumerate(folder, 20 if quick else USERS_PER_BATCH)
+    return {**stats, "write_paths_s": paths["seconds"], "paths_rows": paths["paths_rows"]}
+
+
+def run(quick: bool, tokenizer: str | None = None) -> dict[str, Any]:
+    """Every size smallest first, each stage in its own process; stop at the first failure.
+    `tokenizer`: a model folder whose tokenizer counts the prompts' tokens (default: the lake's
+    base model)."""
+    sizes = QUICK_SIZES if quick else SIZES
+    tokenizer = tokenizer or _tokenizer_folder()
+    memory_limit_mb = child_memory_limit_mb()
+    rows: list[dict[str, Any]] = []
+    stopped = ""
+    for n_users, limit_s in sizes.items():
+        if stopped:
+            rows.append({"users": n_users, "status": f"not run: {stopped}"})
+            continue
+        folder = tempfile.mkdtemp(prefix=f"lkg_after_paths_{n_users}_")
+        try:
+            print(f"after paths: {n_users:,} users: building the data and its paths …", flush=True)
+            built = run_isolated(
+                "benchmarks.after_paths:build_with_paths",
+                {"folder": folder, "n_users": n_users, "quick": quick},
+                timeout_s=2 * limit_s,
+                memory_limit_mb=memory_limit_mb,
+            )
+            if not built.ok:
+                stopped = f"building {n_users:,} users: {built.status} ({built.error[:300]})"
+                rows.append({"users": n_users, "status": stopped})
+                continue
+            base = {"users": n_users, **{k: built.result[k] for k in ("examples", "paths_rows")}}
+            kwargs = {
+                "preference": {"users_per_batch": 20 if quick else USERS_PER_BATCH},
+                "selection": {"users_per_batch": 20 if quick else USERS_PER_BATCH},
+                "prompts": {
+                    "examples_per_batch": 50 if quick else EXAMPLES_PER_BATCH,
+                    "tokenizer": tokenizer,
+                },
+            }
+            for stage in STAGES:
+                row = {**base, "stage": stage}
+                rows.append(row)
+                if stage == "prompts" and tokenizer is None:
+                    row["status"] = "not run: no base_model in the lake (its tokenizer counts)"
+                    continue
+                print(f"  {stage} …", flush=True)
+                measured = run_isolated(
+                    f"benchmarks.after_paths:stage_{stage}",
+                    {"folder": folder, **kwargs[stage]},
+                    timeout_s=limit_s,
+                    memory_limit_mb=memory_limit_mb,
+                )
+                if not measured.ok:
+                    stopped = f"{stage} at {n_users:,} users: {measured.status}"
+                    row["status"] = f"{stopped} ({measured.error[:300]})"
+                    break
+                result = measured.result
+                added = result["stage_peak_rss_mb"] - result["rss_before_mb"]
+                row |= {
+                    "status": "ok",
+                    **result,
+                    "ms_per_user": 1e3 * result["seconds"] / n_users,
+                    "added_mb": added,
+                    "within_budget": added <= BUDGET_MB,
+                }
+                print(
+                    f"    {result['seconds']:,.1f} s ({row['ms_per_user']:.3f} ms/user), inputs "
+                    f"{result['rss_before_mb']:,.0f} MB, peak +{added:,.0f} MB",
+                    flush=True,
+                )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_info(),
+        "shape": SHAPE,
+        "budget_mb": BUDGET_MB,
+        "memory_limit_mb": memory_limit_mb,
+        "rows": rows,
+        "verdict": verdict(rows),
+    }
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per stage: within budget at the largest size, and time per user largest / smallest."""
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        done = [r for r in rows if r.get("stage") == stage and r.get("status") == "ok"]
+        if not done:
+            continue
+        small, large = done[0], done[-1]
+        out[stage] = {
+            "largest_users": large["users"],
+            "added_mb_at_largest": large["added_mb"],
+            "within_budget_at_largest": large["within_budget"],
+            "time_per_user_ratio": large["ms_per_user"] / small["ms_per_user"],
+        }
+    return out
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    lines = [
+        "# After the paths: preference module, path selection and prompts in bounded memory",
+        "",
+        f"*Measured {result['measured_at']} on {machine['cpu_model']} ({machine['nproc']} "
+        f"CPUs, {machine['ram_gib']} GiB, load {machine['load_average_1m']} at the start). "
+        "`python -m benchmarks.after_paths`.*",
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        "Inputs: the RSS once the stage's inputs are loaded; peak added: its high-water mark "
+        f"above that. Bar: at most {result['budget_mb']:,} MB added.",
+        "",
+    ]
+    shown = []
+    for r in result["rows"]:
+        shown.append(
+            {
+                "users": f"{r['users']:,}",
+                "stage": r.get("stage", ""),
+                "examples": f"{r['examples']:,}" if "examples" in r else "",
+                "paths rows": f"{r['paths_rows']:,}" if "paths_rows" in r else "",
+                "time": f"{r['seconds']:,.1f} s" if "seconds" in r else "",
+                "per user": f"{r['ms_per_user']:.3f} ms" if "ms_per_user" in r else "",
+                "inputs": f"{r['rss_before_mb']:,.0f} MB" if "rss_before_mb" in r else "",
+                "peak added": f"{r['added_mb']:,.0f} MB" if "added_mb" in r else "",
+                "status": r["status"],
+            }
+        )
+    lines += [table(shown), ""]
+    for stage, v in result["verdict"].items():
+        lines.append(
+            f"- {stage}: at {v['largest_users']:,} users peak +{v['added_mb_at_largest']:,.0f} MB "
+            f"({'within' if v['within_budget_at_largest'] else 'over'} the bar); time per user "
+            f"×{v['time_per_user_ratio']:.2f} of the smallest size"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.after_paths")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.quick)
+    markdown = to_markdown(result)
+    print(markdown)
+    if not args.quick:
+        OUT_MD.write_text(markdown)
+        results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+        results["after_paths"] = result
+        RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
