@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
-.PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype
+.PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype \
+	bench-after-paths
 
 venv: $(VENV)/.installed
 
@@ -75,6 +76,12 @@ quality: venv
 ## (results.json `llm_dtype`; ~15 min on 2 CPU cores).
 bench-dtype: venv
 	$(BIN)/python -m benchmarks.llm_dtype
+
+## The stages after kg_paths (preference module, path selection, prompts) at 10K, 100K and 1M
+## Beauty-like users: peak memory over the inputs and time per user (~1.5 h on 2 CPU cores;
+## benchmarks/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts tokens).
+bench-after-paths: venv
+	$(BIN)/python -m benchmarks.after_paths
 
 ## `make run` from an empty data lake, then again with nothing changed: time and peak memory
 ## per step, what was reused (~50 min; temporary lake and instance; benchmarks/end_to_end.json).

@@ -216,9 +216,7 @@ def prompts(
                 "examples": dg.MetadataValue.md(
                     markdown_table(
                         summary.group_by("split")
-                        .agg(
-                            examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean()
-                        )
+                        .agg(examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean())
                         .sort("split")
                     )
                 ),

@@ -84,9 +84,7 @@ class ParquetIOManager(dg.UPathIOManager):
             }
         )
 
-    def load_from_path(
-        self, context: dg.InputContext, path: UPath
-    ) -> pl.DataFrame | pl.LazyFrame:
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame | pl.LazyFrame:
         if _wants_lazy(context):
             return pl.scan_parquet(Path(path.path))
         return pl.read_parquet(Path(path.path))

@@ -314,11 +314,12 @@ def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
     again = read(lake, "paths", "selected_paths", "ml-100k.parquet")
     assert again.schema == chosen.schema
     assert again.sort(pl.all()).equals(chosen.sort(pl.all()))  # rows by user batch now
-    assert pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")[
-        PATHS_KEY
-    ] == pl.read_parquet_metadata(built["lake"] / "paths" / "selected_paths" / "ml-100k.parquet")[
-        PATHS_KEY
-    ]
+    assert (
+        pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")[PATHS_KEY]
+        == pl.read_parquet_metadata(built["lake"] / "paths" / "selected_paths" / "ml-100k.parquet")[
+            PATHS_KEY
+        ]
+    )
     config = {**TITLES_8["prompts"]["config"], "examples_per_batch": 500}
     result = materialize(prompts, LKG_RAG, config)
     assert result.success
