@@ -100,7 +100,7 @@ def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
         src / "paths" / "paths.parquet", preferences, 1, 20, users_per_batch
     ):
         parts.write(batch)
-    parts.scan().sink_parquet(src / "selected_paths.parquet", compression="zstd")
+    parts.concatenate(src / "selected_paths.parquet")  # as the IO manager does
     parts.remove()
     seconds = time.perf_counter() - tick
     rows = pl.scan_parquet(src / "selected_paths.parquet").select(pl.len()).collect().item()
@@ -141,7 +141,7 @@ def stage_prompts(folder: str, examples_per_batch: int, tokenizer: str) -> dict[
     ):
         parts.write(batch)
         tokens += int(batch["n_tokens"].sum())
-    parts.scan().sink_parquet(src / "prompts.parquet", compression="zstd")
+    parts.concatenate(src / "prompts.parquet")  # as the IO manager does
     parts.remove()
     seconds = time.perf_counter() - tick
     return {

@@ -65,11 +65,16 @@ class Row:
     # trained over the retriever's scores (TrainConfig.retriever_prior): its `+prior` row is
     # the ranker it was trained to be
     over_retriever: bool = False
+    # the training candidates: the retriever's top 20 (the pipeline's, hard negatives) or the
+    # target and 19 uniform negatives (the reference's; UNIFORM below)
+    negatives: str = "retriever"
 
     @property
     def kind(self) -> str:
         if self.over_retriever:
             return "residual"
+        if self.negatives == "uniform":
+            return "tuned_uniform"
         return "tuned" if self.tuned else "zero_shot"
 
     @property
@@ -79,6 +84,89 @@ class Row:
     @property
     def recipe(self) -> TrainConfig:
         return RESIDUAL_RECIPE if self.over_retriever else RECIPE
+
+
+def train_prompts_file(lake: Path, row: Row) -> Path:
+    """Where the row's training prompts are (val/test prompts are every row's own format's)."""
+    if row.negatives == "uniform":
+        return lake / "quality" / "prompts" / f"{row.variant}-{row.format}-uniform.parquet"
+    return prompts_file(lake, row.variant, row.format)
+
+
+UNIFORM_ID_OFFSET = 10_000_000  # the uniform rows' train example ids, apart from the pipeline's
+
+
+def build_uniform_prompts(lake: Path, row: Row) -> Path:
+    """The row's train prompts: the pipeline's train prefixes and targets (one per user, seed
+    42 as `candidates`), each with 19 negatives drawn uniformly from the items the user never
+    rated in train (`training_candidates(policy="random")`), their paths enumerated and
+    selected with the pipeline's settings; followed by the format's own val/test prompts, so
+    the row is validated on the same prompts as every other. Cached."""
+    target = train_prompts_file(lake, row)
+    if target.exists():
+        return target
+    from transformers import AutoTokenizer
+
+    from lkg_pipeline.core.paths import PATH_SETTINGS_FILE, PathConfig, select_paths, write_paths
+    from lkg_pipeline.core.prompts import PATHS_KEY, PromptConfig, build_prompts, truncate_titles
+    from lkg_pipeline.core.retrieval import training_candidates, user_sequences
+    from lkg_pipeline.core.warehouse import read_parquet
+
+    work = lake / "quality" / "uniform"
+    sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
+    items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
+    data = user_sequences(sequences, n_items=items.height)
+    examples = (
+        training_candidates(data, "random", n_candidates=20, examples_per_user=1, seed=42)
+        .with_columns(split=pl.lit("train"), in_candidates=pl.lit(True))
+        .sort("user_idx", "prefix_len")
+        .with_row_index("example_id", offset=UNIFORM_ID_OFFSET)
+        .with_columns(pl.col("example_id").cast(pl.Int64))
+    )
+    kg_paths = lake / "paths" / "kg_paths" / DATASET
+    path_config = PathConfig(**json.loads((kg_paths / PATH_SETTINGS_FILE).read_text()))
+    kg = read_parquet(lake / "kg" / "kg_triples" / DATASET)
+    paths_dir = work / "paths"
+    write_paths(
+        examples,
+        sequences,
+        kg.entities,
+        kg.triples,
+        kg.relations,
+        items.height,
+        paths_dir,
+        path_config,
+    )
+    selected_file = lake / "paths" / "selected_paths" / f"{DATASET}.parquet"
+    selection = json.loads(pl.read_parquet_metadata(selected_file)[PATHS_KEY])["selection"]
+    preferences = pl.read_parquet(lake / "models" / "preference" / DATASET / "preferences.parquet")
+    selected = select_paths(
+        pl.read_parquet(paths_dir / "paths.parquet"),
+        preferences if row.variant == "lkg_rag" else None,
+        selection["per_history_item"],
+        selection["max_paths"],
+    ).with_columns(variant=pl.lit(row.variant))
+    tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
+    config = PromptConfig(format=row.format, max_prompt_tokens=SEGMENT_TOKENS)
+    titles = truncate_titles(
+        dict(items.select("item_idx", "title").iter_rows()), tokenizer, config.max_title_tokens
+    )
+    train_prompts = build_prompts(
+        examples,
+        sequences,
+        titles,
+        selected if row.variant != "llamarec" else None,
+        row.variant,
+        config,
+        lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+    )
+    evaluated = pl.read_parquet(prompts_file(lake, row.variant, row.format)).filter(
+        pl.col("split") != "train"
+    )
+    partial = target.with_suffix(".part")
+    pl.concat([train_prompts, evaluated]).write_parquet(partial)
+    partial.replace(target)
+    return target
 
 
 def prompts_file(lake: Path, variant: str, fmt: str) -> Path:
@@ -215,9 +303,11 @@ def train_row(lake: Path, row: Row) -> Path:
     output = lake / "quality" / row.name / "adapter"
     if (output / "training.json").exists():
         return output
-    prompts = prompts_file(lake, row.variant, row.format)
+    prompts = train_prompts_file(lake, row)
     if row.format != "letters":
         build_format_prompts(lake, row.variant, row.format, SEGMENT_TOKENS)
+    if row.negatives == "uniform":
+        build_uniform_prompts(lake, row)
     training_function(row.recipe, RunPaths(prompts, base_model(lake), output))
     return output
 
@@ -306,8 +396,10 @@ def baselines_of(name: str) -> list[str]:
     out = [RETRIEVER]
     if variant != "llamarec":
         out.append(f"llamarec-{fmt}-{kind}{suffix}")
-    if kind in ("tuned", "residual"):
+    if kind in ("tuned", "residual", "tuned_uniform"):
         out.append(f"{variant}-{fmt}-zero_shot{suffix}")
+    if kind == "tuned_uniform":  # the same recipe on the retriever's hard negatives
+        out.append(f"{variant}-{fmt}-tuned{suffix}")
     if kind == "residual":  # the same recipe trained without the retriever's scores
         out.append(f"{variant}-{fmt}-tuned{suffix}")
     if suffix:

@@ -26,7 +26,8 @@ from typing import Any
 
 import duckdb
 import polars as pl
-import pyarrow.parquet as pq
+
+from lkg_pipeline.core.storage import concatenate_parquet
 
 PATH_SETTINGS_FILE = "settings.json"  # the PathConfig, beside the tables write_paths makes
 
@@ -415,25 +416,6 @@ def read_users(
 
 
 PARQUET = "(format parquet, compression zstd)"
-
-
-def concatenate_parquet(parts: list[Path], target: Path) -> None:
-    """`parts` as one Parquet file, in order, a row group at a time.
-
-    By hand because DuckDB's `COPY (select * from read_parquet([...]))` keeps insertion order
-    by buffering: at 100K users it tripled the peak memory of the whole run (2.8 → 6.7 GB,
-    benchmarks/README.md). Copying row groups through Arrow holds one row group at a time.
-    A single part is renamed.
-    """
-    if len(parts) == 1:
-        parts[0].replace(target)
-        return
-    schema = pq.read_schema(parts[0])
-    with pq.ParquetWriter(target, schema, compression="zstd") as writer:
-        for part in parts:
-            file = pq.ParquetFile(part)
-            for group in range(file.num_row_groups):
-                writer.write_table(file.read_row_group(group))
 
 
 def quoted_path(path: Path) -> str:

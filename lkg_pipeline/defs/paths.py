@@ -302,13 +302,13 @@ class SelectedPathsRunConfig(dg.Config):
 )
 def selected_paths(
     context: dg.AssetExecutionContext, config: SelectedPathsRunConfig, lake: DataLake
-) -> Iterator[dg.Output[pl.LazyFrame]]:
+) -> Iterator[dg.Output[ParquetParts]]:
     """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
     ones the user's learned preferences rank first (per history item, then up to a cap).
 
     A batch of users at a time: the enumerated paths are the largest table of the pipeline
     (~550M rows at 1M Beauty-like users), so they are never read whole; the selection is
-    written in parts and streamed into the asset's file by the IO manager.
+    written in parts, which the IO manager concatenates into the asset's file.
     """
     dataset = context.partition_key
     paths_file = paths_folder(lake.path, dataset) / "paths.parquet"
@@ -328,7 +328,7 @@ def selected_paths(
         made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
         counts = pl.concat(per_example)
         yield dg.Output(  # the IO manager writes the file before the parts are removed
-            parts.scan(),
+            parts,
             metadata={
                 "rows": int(counts["len"].sum()),
                 "user_batches": len(parts.files),

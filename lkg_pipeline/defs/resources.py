@@ -9,9 +9,10 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
+import pyarrow.parquet as pq
 from upath import UPath
 
-from lkg_pipeline.core.storage import replace_atomically, write_parquet_atomic
+from lkg_pipeline.core.storage import ParquetParts, replace_atomically, write_parquet_atomic
 
 FILE_METADATA_PREFIX = "lkg_pipeline."
 # The concurrency pool of the steps that keep every core (or a GPU) busy: the retriever's and
@@ -43,20 +44,20 @@ class ParquetIOManager(dg.UPathIOManager):
 
     Hand-written because `dagster-polars` 0.27 still calls a polars 1.x API (shared DESIGN.md,
     known traps). A failed run leaves the previous file intact: the new one is written beside it
-    and renamed over it only when complete. A table too large for memory travels lazily: an
-    asset may return a `pl.LazyFrame` (e.g. `ParquetParts.scan()`), streamed into the file, and
-    an input annotated `pl.LazyFrame` is handed over as a scan of the file, to be read in parts.
+    and renamed over it only when complete. A table too large for memory travels in parts: an
+    asset may return `ParquetParts`, concatenated into the file a row group at a time, and an
+    input annotated `pl.LazyFrame` is handed over as a scan of the file, to be read in parts.
     """
 
     extension: str = ".parquet"
 
     def dump_to_path(
-        self, context: dg.OutputContext, obj: pl.DataFrame | pl.LazyFrame, path: UPath
+        self, context: dg.OutputContext, obj: pl.DataFrame | ParquetParts, path: UPath
     ) -> None:
-        if not isinstance(obj, pl.DataFrame | pl.LazyFrame):
+        if not isinstance(obj, pl.DataFrame | ParquetParts):
             raise TypeError(
                 f"{context.asset_key.to_user_string()}: expected a polars DataFrame or "
-                f"LazyFrame, got {type(obj).__name__}"
+                f"ParquetParts, got {type(obj).__name__}"
             )
         # Output metadata under `lkg_pipeline.*` (the settings a table was made with) is also
         # written into the file, so the file says how it was made wherever it is read.
@@ -69,17 +70,13 @@ class ParquetIOManager(dg.UPathIOManager):
         if isinstance(obj, pl.DataFrame):
             write_parquet_atomic(obj, target, recorded or None)
             return
-        replace_atomically(
-            target,
-            lambda tmp: obj.sink_parquet(tmp, compression="zstd", metadata=recorded or None),
-        )
-        written = pl.scan_parquet(target)
-        schema, rows = written.collect_schema(), written.select(pl.len()).collect().item()
+        replace_atomically(target, lambda tmp: obj.concatenate(tmp, recorded))
+        written = pq.ParquetFile(target)
         context.add_output_metadata(
             {
-                "dagster/row_count": dg.MetadataValue.int(rows),
+                "dagster/row_count": dg.MetadataValue.int(written.metadata.num_rows),
                 "dagster/column_schema": dg.MetadataValue.table_schema(
-                    table_schema(pl.DataFrame(schema=schema))
+                    table_schema(pl.DataFrame(schema=pl.read_parquet_schema(target)))
                 ),
             }
         )
