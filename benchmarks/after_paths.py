@@ -167,11 +167,17 @@ def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
     return {**stats, "write_paths_s": paths["seconds"], "paths_rows": paths["paths_rows"]}
 
 
-def run(quick: bool, tokenizer: str | None = None) -> dict[str, Any]:
+def run(
+    quick: bool, tokenizer: str | None = None, only_sizes: list[int] | None = None
+) -> dict[str, Any]:
     """Every size smallest first, each stage in its own process; stop at the first failure.
     `tokenizer`: a model folder whose tokenizer counts the prompts' tokens (default: the lake's
-    base model)."""
+    base model); `only_sizes`: measure these sizes only."""
     sizes = QUICK_SIZES if quick else SIZES
+    if only_sizes:
+        unknown = set(only_sizes) - set(sizes)
+        assert not unknown, f"sizes {sorted(unknown)} not in {sorted(sizes)}"
+        sizes = {n: limit for n, limit in sizes.items() if n in only_sizes}
     tokenizer = tokenizer or _tokenizer_folder()
     memory_limit_mb = child_memory_limit_mb()
     rows: list[dict[str, Any]] = []
@@ -193,7 +199,11 @@ def run(quick: bool, tokenizer: str | None = None) -> dict[str, Any]:
                 stopped = f"building {n_users:,} users: {built.status} ({built.error[:300]})"
                 rows.append({"users": n_users, "status": stopped})
                 continue
-            base = {"users": n_users, **{k: built.result[k] for k in ("examples", "paths_rows")}}
+            base = {
+                "users": n_users,
+                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                **{k: built.result[k] for k in ("examples", "paths_rows")},
+            }
             kwargs = {
                 "preference": {"users_per_batch": 20 if quick else USERS_PER_BATCH},
                 "selection": {"users_per_batch": 20 if quick else USERS_PER_BATCH},
@@ -283,6 +293,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         shown.append(
             {
                 "users": f"{r['users']:,}",
+                "measured": r.get("measured_at", ""),
                 "stage": r.get("stage", ""),
                 "examples": f"{r['examples']:,}" if "examples" in r else "",
                 "paths rows": f"{r['paths_rows']:,}" if "paths_rows" in r else "",
@@ -306,8 +317,22 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.after_paths")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--sizes",
+        default="",
+        help="comma-separated user counts to re-measure; the other sizes' rows are kept from "
+        "results.json",
+    )
     args = parser.parse_args(argv)
-    result = run(args.quick)
+    only = [int(n) for n in args.sizes.split(",") if n]
+    result = run(args.quick, only_sizes=only)
+    if only and RESULTS_JSON.exists():
+        kept = json.loads(RESULTS_JSON.read_text()).get("after_paths", {}).get("rows", [])
+        rows = [r for r in kept if r["users"] not in only] + result["rows"]
+        result["rows"] = sorted(
+            rows, key=lambda r: (r["users"], STAGES.index(r.get("stage", STAGES[0])))
+        )
+        result["verdict"] = verdict(result["rows"])
     markdown = to_markdown(result)
     print(markdown)
     if not args.quick:
