@@ -3,7 +3,7 @@ prompts at growing numbers of Beauty-like users.
 
 `kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the
 stages after it read them the same way (`core.paths.read_users`) and write their outputs in
-parts that the IO manager streams into one file. This benchmark checks that on synthetic
+parts that the IO manager concatenates into one file. This benchmark checks that on synthetic
 data shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at
 each size, the paths are enumerated with `write_paths`, then each stage runs in its own process
 as its asset runs it. A stage first loads what the IO manager hands its asset (the candidates,
@@ -86,7 +86,7 @@ def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
 
 
 def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
-    """Child: what `selected_paths` runs, and its IO manager's streamed write."""
+    """Child: what `selected_paths` runs, and the IO manager's concatenation of its parts."""
     from lkg_pipeline.core.paths import selections_in_batches
     from lkg_pipeline.core.storage import ParquetParts
 
@@ -108,7 +108,7 @@ def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
 
 
 def stage_prompts(folder: str, examples_per_batch: int, tokenizer: str) -> dict[str, Any]:
-    """Child: what `prompts` runs for `lkg_rag` (segments format), and the streamed write."""
+    """Child: what `prompts` runs for `lkg_rag` (segments format), and the concatenation."""
     from transformers import AutoTokenizer
 
     from lkg_pipeline.core.prompts import PromptConfig, prompts_in_batches, truncate_titles
