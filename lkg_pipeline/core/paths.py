@@ -326,6 +326,45 @@ def user_batches(examples: pl.DataFrame, users_per_batch: int) -> list[pl.Series
     return [users.slice(i, users_per_batch) for i in range(0, users.len(), users_per_batch)]
 
 
+def bounded_user_batches(
+    rows_per_user: pl.DataFrame, users_per_batch: int, rows_per_batch: int | None
+) -> list[pl.Series]:
+    """Users of `rows_per_user` (user_idx, rows) ascending, cut where a batch would pass
+    `users_per_batch` users or `rows_per_batch` rows (a user with more rows than that is a batch
+    alone). A row budget is what bounds a stage's memory: a user count alone lets the batch
+    grow with the graph's density (2,500 Beauty-like users hold 1.4M paths, 2,500 ml-100k-like
+    ones ~9M)."""
+    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
+    assert rows_per_batch is None or rows_per_batch >= 1, (
+        f"rows_per_batch={rows_per_batch} must be ≥ 1 (or None: no row budget)"
+    )
+    ordered = rows_per_user.sort("user_idx")
+    users, rows = ordered["user_idx"], ordered["rows"].to_numpy()
+    # A greedy cut has to be sequential (each cut depends on where the last one fell); one pass
+    # over the counts takes 0.2 s at 1M users.
+    starts, held, count = [0], 0, 0
+    for i, n in enumerate(rows.tolist()):
+        if count and (count == users_per_batch or (rows_per_batch and held + n > rows_per_batch)):
+            starts.append(i)
+            held = count = 0
+        held, count = held + n, count + 1
+    ends = starts[1:] + [users.len()]
+    return [users.slice(a, b - a) for a, b in zip(starts, ends) if b > a]
+
+
+def rows_per_user(file: Path, users: pl.Series) -> pl.DataFrame:
+    """(user_idx, rows): how many rows each of `users` has in a Parquet table with a `user_idx`
+    column (0 for none), from that one column, streamed."""
+    counts = (
+        pl.scan_parquet(file).group_by("user_idx").agg(rows=pl.len()).collect(engine="streaming")
+    )
+    return (
+        pl.DataFrame({"user_idx": users.unique()})
+        .join(counts.with_columns(pl.col("user_idx").cast(users.dtype)), on="user_idx", how="left")
+        .with_columns(pl.col("rows").fill_null(0))
+    )
+
+
 def write_paths(
     examples: pl.DataFrame,
     sequences: pl.DataFrame,
@@ -533,11 +572,18 @@ def selections_in_batches(
     per_history_item: int,
     max_paths: int,
     users_per_batch: int,
+    paths_per_batch: int | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
     `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
-    are the largest table of the pipeline (~550M rows at 1M Beauty-like users)."""
-    for users in user_batches(preferences, users_per_batch) or [preferences["user_idx"]]:
+    are the largest table of the pipeline (~550M rows at 1M Beauty-like users). A batch holds
+    at most `users_per_batch` users and `paths_per_batch` paths (`bounded_user_batches`)."""
+    if paths_per_batch is None:
+        batches = user_batches(preferences, users_per_batch)
+    else:
+        counts = rows_per_user(paths_file, preferences["user_idx"])
+        batches = bounded_user_batches(counts, users_per_batch, paths_per_batch)
+    for users in batches or [preferences["user_idx"]]:
         paths = read_users(paths_file, users)
         mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
         yield pl.concat(

@@ -288,9 +288,13 @@ class SelectedPathsRunConfig(dg.Config):
 
     per_history_item: int = PathSelection.per_history_item
     max_paths: int = PathSelection.max_paths
-    # Users whose paths are selected together (as kg_paths enumerates them): bounds memory,
-    # never changes a selected path.
+    # Users whose paths are selected together, at most this many users and this many
+    # enumerated paths (a user with more is a batch alone): bounds memory, never changes a
+    # selected path. The path budget is what holds with a dense graph: a batch of 1.4M
+    # Beauty-like paths added ~0.75 GB (benchmarks/AFTER_PATHS.md), and 2,500 ml-100k-like
+    # users hold ~9M. `paths_per_batch: null` cuts by users alone.
     users_per_batch: int = 2_500
+    paths_per_batch: int | None = 1_500_000
 
 
 @dg.asset(
@@ -319,7 +323,7 @@ def selected_paths(
     try:
         per_item, cap = selection.per_history_item, selection.max_paths
         batches = selections_in_batches(
-            paths_file, preferences, per_item, cap, config.users_per_batch
+            paths_file, preferences, per_item, cap, config.users_per_batch, config.paths_per_batch
         )
         for table in batches:
             parts.write(table)

@@ -10,9 +10,12 @@ from lkg_pipeline.core.kg import build_kg
 from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
+    bounded_user_batches,
     enumerate_paths,
     read_users,
+    rows_per_user,
     select_paths,
+    selections_in_batches,
     signal_by_type,
     user_batches,
     write_paths,
@@ -212,6 +215,61 @@ def test_read_users_takes_a_batch_of_users_from_the_written_tables(tmp_path: Pat
     whole.drop("user_idx").write_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match="no user_idx column.*re-materialise kg_paths"):
         read_users(tmp_path / "old.parquet", batches[0])
+
+
+def test_bounded_user_batches_cut_by_users_and_by_rows() -> None:
+    counts = pl.DataFrame(
+        {"user_idx": [5, 1, 3, 2, 4], "rows": [1, 4, 0, 2, 9]},
+        schema={"user_idx": pl.Int32, "rows": pl.UInt32},
+    )
+
+    def cut(users: int, rows: int | None) -> list[list[int]]:
+        return [b.to_list() for b in bounded_user_batches(counts, users, rows)]
+
+    # users 1..5 hold 4, 2, 0, 9, 1 rows
+    assert cut(10, None) == [[1, 2, 3, 4, 5]]
+    assert cut(2, None) == [[1, 2], [3, 4], [5]]
+    assert cut(10, 6) == [[1, 2, 3], [4], [5]]  # 4 + 2 + 0 fits; user 4 alone exceeds 6
+    assert cut(2, 6) == [[1, 2], [3], [4], [5]]
+    assert cut(10, 1) == [[1], [2], [3], [4], [5]]  # 2 is over the budget alone: 3 starts anew
+    assert cut(10, 4) == [[1], [2, 3], [4], [5]]
+    assert cut(10, 10**9) == [[1, 2, 3, 4, 5]]
+    assert bounded_user_batches(counts.head(0), 3, 5) == []
+    with pytest.raises(AssertionError, match="rows_per_batch=0"):
+        bounded_user_batches(counts, 3, 0)
+
+
+def test_selection_under_a_path_budget_is_the_same_selection(tmp_path: Path) -> None:
+    """Batches cut by a budget of enumerated paths select exactly what one batch selects, and
+    no batch but a single user's passes the budget."""
+    spec = dataclasses.replace(SHAPES["beauty-like"], n_items=QUICK_ITEMS["beauty-like"])
+    inputs, _ = synthetic_inputs(spec, 25)
+    graph = (inputs.entities, inputs.triples, inputs.relations, inputs.n_items)
+    write_paths(inputs.examples, inputs.sequences, *graph, tmp_path, PathConfig(), 7)
+    file = tmp_path / "paths.parquet"
+    paths = pl.read_parquet(file)
+    users = inputs.examples["user_idx"].unique()
+    preferences = (
+        pl.DataFrame({"user_idx": users})
+        .join(paths.select(pl.col("path_type").unique()), how="cross")
+        .with_columns(weight=(pl.col("user_idx") * 7 + pl.col("path_type").str.len_chars()) % 5)
+    )
+    counts = rows_per_user(file, pl.concat([users, pl.Series([999], dtype=users.dtype)]))
+    assert counts.filter(pl.col("user_idx") == 999)["rows"].to_list() == [0]
+    assert counts["rows"].sum() == paths.height
+    assert (
+        counts.join(paths.group_by("user_idx").len(), on="user_idx")
+        .filter(pl.col("rows") != pl.col("len"))
+        .is_empty()
+    )
+    budget = int(counts["rows"].max()) + 1
+    whole = pl.concat(list(selections_in_batches(file, preferences, 1, 20, 10**6)))
+    parts = list(selections_in_batches(file, preferences, 1, 20, 10**6, budget))
+    assert len(parts) > 1
+    assert pl.concat(parts).sort(pl.all()).equals(whole.sort(pl.all()))
+    for batch in bounded_user_batches(counts, 10**6, budget):
+        held = counts.filter(pl.col("user_idx").is_in(batch.implode()))["rows"].sum()
+        assert held <= budget or batch.len() == 1
 
 
 def test_enumerate_paths_is_deterministic_under_ties() -> None:

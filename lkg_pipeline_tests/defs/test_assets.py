@@ -306,7 +306,17 @@ def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
             raise_on_error=False,
         )
 
-    result = materialize(selected_paths, "ml-100k", {"users_per_batch": 100})
+    enumerated = pl.scan_parquet(lake / "paths" / "kg_paths" / "ml-100k" / "paths.parquet")
+    budget = enumerated.select(pl.len()).collect().item() // 4
+    result = materialize(selected_paths, "ml-100k", {"paths_per_batch": budget})
+    assert result.success
+    meta = result.asset_materializations_for_node("selected_paths")[0].metadata
+    assert meta["user_batches"].value >= 4  # 943 users < users_per_batch: the path budget cuts
+    again = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    assert again.sort(pl.all()).equals(chosen.sort(pl.all()))
+    result = materialize(
+        selected_paths, "ml-100k", {"users_per_batch": 100, "paths_per_batch": None}
+    )
     assert result.success
     meta = result.asset_materializations_for_node("selected_paths")[0].metadata
     assert meta["user_batches"].value == 10  # 943 users
