@@ -528,7 +528,7 @@ def signal_by_type(
     """Per path type: share of true items and of other candidates reached by ≥1 such path.
 
     From a file, a batch of users at a time (`read_users`): the counts add up over batches,
-    so the whole pair table (~87M rows at 1M Beauty-like users) is never in memory.
+    so the whole pair table (102M rows at 1M Beauty-like users) is never in memory.
     """
     if isinstance(pair_features, Path):
         assert users_per_batch is not None, "reading a file needs users_per_batch"
@@ -576,7 +576,7 @@ def selections_in_batches(
 ) -> Iterator[pl.DataFrame]:
     """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
     `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
-    are the largest table of the pipeline (~550M rows at 1M Beauty-like users). A batch holds
+    are the largest table of the pipeline (608M rows at 1M Beauty-like users). A batch holds
     at most `users_per_batch` users and `paths_per_batch` paths (`bounded_user_batches`)."""
     if paths_per_batch is None:
         batches = user_batches(preferences, users_per_batch)

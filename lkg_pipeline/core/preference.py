@@ -20,7 +20,7 @@ the example's history items to c):
 plays the role of a global temperature (all w_t can grow together), so there is no separate one.
 A candidate without paths scores 0.
 
-At 1M users the path counts do not fit in memory as frames (pair_features: ~87M rows), so
+At 1M users the path counts do not fit in memory as frames (pair_features: 102M rows), so
 `read_grid` builds the training grid from kg_paths' files a batch of users at a time and keeps
 the exact integer counts (uint16, 160 B per example); `preference_ranks` scores and ranks the
 other examples batch by batch. Every computation over the grid runs in chunks of rows, in an
@@ -798,7 +798,7 @@ def fit_preferences(
     users_per_batch: int = USERS_PER_BATCH,
 ) -> FittedPreferences:
     """The preference module from kg_paths' tables in `folder`, in memory bounded by the
-    train/val grid: the tables are read a batch of users at a time (~87M pair rows at 1M
+    train/val grid: the tables are read a batch of users at a time (102M pair rows at 1M
     Beauty-like users), once into the grid the encoder(s) train on, once more to score val and
     test. `auto` trains both encoders and keeps the better on val."""
     folder = Path(folder)

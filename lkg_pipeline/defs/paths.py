@@ -311,7 +311,7 @@ def selected_paths(
     ones the user's learned preferences rank first (per history item, then up to a cap).
 
     A batch of users at a time: the enumerated paths are the largest table of the pipeline
-    (~550M rows at 1M Beauty-like users), so they are never read whole; the selection is
+    (608M rows at 1M Beauty-like users), so they are never read whole; the selection is
     written in parts, which the IO manager concatenates into the asset's file.
     """
     dataset = context.partition_key
