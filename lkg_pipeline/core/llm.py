@@ -186,14 +186,16 @@ def token_logits(model: Any, hidden: torch.Tensor, token_ids: torch.Tensor) -> t
     of 0.125, coarser than the differences between candidates' scores, so bf16 rankings were
     mostly ties broken by rounding (top-1 agreement with fp32 0.575 on real prompts). Here
     only the J weight rows are taken, in fp32, so the score keeps the hidden state's precision.
-    A head that is not a plain Linear (LoRA on `lm_head`) runs as it is.
+    A head that is not a plain Linear (LoRA on `lm_head`) runs as it is. An ambient autocast
+    (bf16 training) is left for this product, or it would round the logits again.
     """
     head = unwrapped(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         logits = head(hidden).float()
         return logits.gather(-1, token_ids.expand(*hidden.shape[:-1], token_ids.shape[-1]))
-    weight = head.weight[token_ids].float()  # (..., J, H)
-    out = torch.matmul(weight, hidden.float().unsqueeze(-1)).squeeze(-1)  # (..., J)
-    if head.bias is not None:
-        out = out + head.bias[token_ids].float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        weight = head.weight[token_ids].float()  # (..., J, H)
+        out = torch.matmul(weight, hidden.float().unsqueeze(-1)).squeeze(-1)  # (..., J)
+        if head.bias is not None:
+            out = out + head.bias[token_ids].float()
     return out

@@ -229,25 +229,26 @@ def load_ranker(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """The base model with the LoRA adapter (no adapter: the base model), in eval mode.
+    """The base model with the LoRA adapter (no adapter: the base model), in eval mode, with
+    the segments format's windowed attention (`segments.use_segment_attention`).
 
     In fp32 the adapter is merged (B·A folded into the weights once: no extra matmuls). In a
-    lower precision it stays a separate fp32 branch over the cast base, exactly as training
-    computed it: merged into bf16 weights, an update about 1e-3 of a weight's size is mostly
-    rounded away by bf16's 8-bit mantissa (measured: top-1 agreement with fp32 fell to 72%).
-    The branch stays fp32 too: in bf16 it ranked 19% faster but not as trained (100 real val
-    prompts, AMD EPYC, 2026-12-01: 0.505 → 0.602 prompts/s, NDCG@10 0.359 → 0.345, Recall@10
-    0.73 → 0.67, top-1 agreement 0.95), past the 0.01 quality guard of issue 19.
+    lower precision merging would round it away (an update about 1e-3 of a weight's size is
+    mostly below bf16's 8-bit mantissa: top-1 agreement with fp32 fell to 72%), so each adapted
+    layer is folded instead (`lowrank.fold_lora`): one GEMM over the input widened by its
+    LoRA projection, the update summed in the kernel's fp32 accumulator.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    from lkg_pipeline.core.lowrank import fold_lora
+    from lkg_pipeline.core.segments import use_segment_attention
+
+    model = use_segment_attention(AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype))
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=True)
-        if dtype == torch.float32:
-            model = model.merge_and_unload()
+        model = model.merge_and_unload() if dtype == torch.float32 else fold_lora(model)
     return model.to(device=device or default_device()).eval()
 
 

@@ -12,8 +12,23 @@ of one letter prompt.
 
 Transformers takes a ready 4D mask as it is (`masking_utils` returns a 4D `attention_mask`
 unchanged), so this needs no change to the model: an additive float mask (0 where allowed, the
-dtype's minimum elsewhere) works for the SDPA and eager attention paths alike. Batches are
-right-padded; padded positions see only the prefix, so no row of the softmax is empty.
+dtype's minimum elsewhere) works for the SDPA and eager attention paths alike. In a batch every
+prefix is right-padded to the longest, so the segments of every row start at the same index P,
+and the rows are right-padded to the longest; padded positions see only the prefix, so no row
+of the softmax is empty.
+
+That mask is right under any attention kernel, but a kernel given a dense T×T mask computes
+every (query, key) pair and masks afterwards, while a segments prompt allows far fewer: the
+prefix's causal triangle and each segment × (prefix + itself), about a quarter of T² on ml-100k
+(a ~330-token prefix, 20 segments of ~35 tokens). `segment_attention` (registered with
+transformers' attention interface as `SEGMENT_ATTENTION` by `use_segment_attention`) computes
+the prefix as causal attention (the kernel skips the upper triangle), then the segment tokens
+in windows of whole segments, each window's queries over [prefix keys + the window's own keys]
+with its slice of the same mask. Same softmax over the same keys, so the same scores to
+rounding (tests compare both paths, values and gradients). Only calls that carry the window
+layout `segment_batch` adds take that path; every other call (letter prompts, generation) is
+transformers' own SDPA. Hand-written because no library offers attention over this block
+structure on CPU (FlexAttention's block-sparse kernels need CUDA or `torch.compile`).
 """
 
 from __future__ import annotations
@@ -23,11 +38,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lkg_pipeline.core.llm import final_hidden, token_logits, unwrapped
 
 ANSWERS = (" Yes", " No")
 PREFIX, PAD = -1, -2  # segment index of prefix and padding tokens
+SEGMENT_ATTENTION = "lkg_segments_sdpa"  # the attention implementation `use_segment_attention` sets
+# Query tokens per attention window over the segments: whole segments are added to a window
+# until it holds this many. Smaller windows attend to fewer other segments' keys but run the
+# kernel on shorter blocks; measured on ml-100k prompts (README, Evaluation).
+WINDOW_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -69,9 +90,13 @@ def tokenize_segments(tokenizer: Any, prefix: str, segments: Sequence[str]) -> S
 def segment_batch(
     prompts: Sequence[SegmentPrompt], pad_id: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """input_ids and position_ids (B, T), the additive block mask (B, 1, T, T), and `ends`
-    (B, C): the index of each segment's last token."""
-    width = max(p.n_tokens for p in prompts)
+    """input_ids and position_ids (B, T), the additive block mask (B, 1, T, T), `ends`
+    (B, C): the index of each segment's last token, and the windows `segment_attention` reads:
+    `segment_windows` (W, 3), each window's (first query, end, first key of its own segments)
+    over the segment tokens, and `segment_masks` (W, B, Q, P + K), each window's slice of the
+    mask (additive, padded to the largest window: Q queries, P prefix and K own keys)."""
+    prefix_width = max(len(p.prefix) for p in prompts)  # P: where every row's segments start
+    width = prefix_width + max(p.n_tokens - len(p.prefix) for p in prompts)
     n_segments = len(prompts[0].segments)
     assert all(len(p.segments) == n_segments for p in prompts), "prompts differ in candidates"
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
@@ -83,7 +108,7 @@ def segment_batch(
         input_ids[b, :p] = torch.tensor(prompt.prefix)
         positions[b, :p] = torch.arange(p)
         owner[b, :p] = PREFIX
-        start = p
+        start = prefix_width
         for c, segment in enumerate(prompt.segments):
             stop = start + len(segment)
             input_ids[b, start:stop] = torch.tensor(segment)
@@ -96,12 +121,110 @@ def segment_batch(
     query, key = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
     allowed = causal[None] & ((key == PREFIX) | ((key == query) & (key != PAD)))  # (B, T, T)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    windows = segment_windows(owner, prefix_width)
+    shape = (len(windows), len(prompts), max(e - q for q, e, _ in windows))
+    masks = torch.full((*shape, prefix_width + max(e - k for _, e, k in windows)), True)
+    for w, (first, end, first_key) in enumerate(windows):
+        keys = torch.cat([torch.arange(prefix_width), torch.arange(first_key, end)])
+        masks[w, :, : end - first, : len(keys)] = ~allowed[:, first:end][:, :, keys]
     return {
         "input_ids": input_ids,
         "position_ids": positions,
         "attention_mask": mask[:, None],  # (B, 1, T, T)
         "ends": ends,
+        "segment_windows": torch.tensor(windows, dtype=torch.long),  # (W, 3)
+        "segment_masks": torch.zeros(masks.shape, dtype=dtype).masked_fill_(
+            masks, torch.finfo(dtype).min
+        ),  # (W, B, Q, P + K)
     }
+
+
+def segment_windows(owner: torch.Tensor, prefix_width: int) -> list[tuple[int, int, int]]:
+    """(first query, end, first key) of each window over positions [P, T): whole segments of
+    the first row until a window holds `WINDOW_TOKENS`; its keys beyond the prefix start where
+    the earliest segment (of any row) that a query of the window belongs to starts."""
+    width = owner.shape[1]
+    first_row = owner[0].tolist()
+    bounds = [prefix_width]  # window starts, at segment starts of the first row
+    for t in range(prefix_width + 1, width):
+        if first_row[t] != first_row[t - 1] and t - bounds[-1] >= WINDOW_TOKENS:
+            bounds.append(t)
+    bounds.append(width)
+    # where the segment holding each position starts (the position itself for padding)
+    starts = torch.arange(width).expand_as(owner).clone()  # (B, T)
+    for t in range(prefix_width + 1, width):
+        same = (owner[:, t] == owner[:, t - 1]) & (owner[:, t] >= 0)
+        starts[:, t] = torch.where(same, starts[:, t - 1], starts[:, t])
+    return [
+        (first, end, int(starts[:, first:end].min()))
+        for first, end in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segment_windows: torch.Tensor | None = None,
+    segment_masks: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for transformers' `AttentionInterface`, returning (B, T, H, D) as its SDPA
+    function does: with `segment_batch`'s windows, the prefix causally and then each window
+    of segments over [prefix keys + its own keys]; without them, transformers' SDPA as is."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if segment_windows is None or segment_masks is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    key = repeat_kv(key, module.num_key_value_groups)  # (B, H, T, D): grouped-query heads
+    value = repeat_kv(value, module.num_key_value_groups)
+    windows = segment_windows.tolist()
+    p = windows[0][0]
+    parts = [  # (B, H, P, D): prefix padding is seen only by padding queries
+        F.scaled_dot_product_attention(
+            query[:, :, :p],
+            key[:, :, :p],
+            value[:, :, :p],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+        )
+    ]
+    for w, (first, end, first_key) in enumerate(windows):
+        keys = torch.cat([key[:, :, :p], key[:, :, first_key:end]], dim=2)
+        values = torch.cat([value[:, :, :p], value[:, :, first_key:end]], dim=2)
+        mask = segment_masks[w, :, None, : end - first, : keys.shape[2]]  # (B, 1, Q, P + K)
+        parts.append(
+            F.scaled_dot_product_attention(
+                query[:, :, first:end],
+                keys,
+                values,
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        )  # (B, H, Q, D)
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_segment_attention(model: Any) -> Any:
+    """`model` (a Hugging Face model, before PEFT wraps it) computing attention with
+    `segment_attention`; registered once per process, with SDPA's mask builder for the calls
+    that carry no windows."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+        AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return model
 
 
 def segment_scores(
@@ -113,11 +236,19 @@ def segment_scores(
     segment end (`llm.token_logits`: 20 positions × 2 tokens, not the vocabulary).
     """
     ends = batch["ends"]  # (B, C)
+    dtype = unwrapped(model).dtype
+    windows = {}  # read by segment_attention; any other attention reads attention_mask alone
+    if "segment_windows" in batch:
+        windows = {
+            "segment_windows": batch["segment_windows"],
+            "segment_masks": batch["segment_masks"].to(dtype),
+        }
     hidden = final_hidden(
         model,
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"].to(unwrapped(model).dtype),
+        attention_mask=batch["attention_mask"].to(dtype),
+        **windows,
     )  # (B, T, H)
     at_ends = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, C, H)
     pair = torch.tensor(answer_ids, device=hidden.device)  # (2,)

@@ -71,7 +71,10 @@ def test_token_logits_are_the_heads_logits_in_fp32_without_its_bf16_rounding(tin
         exact = hidden.double() @ model.lm_head.weight[picked].double().T  # (1, T, 3)
         ours = token_logits(model, hidden, picked)
         head = model.lm_head(hidden)[..., picked].double()
-    assert ours.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16 training runs
+            under_autocast = token_logits(model, hidden, picked)
+    assert ours.dtype == under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, ours), "autocast must not round the logits again"
     assert exact.abs().max() > 4.0, "the scaled head should give large logits"
     assert (ours.double() - exact).abs().max() < 1e-4
     assert (head - exact).abs().max() > 100 * (ours.double() - exact).abs().max()

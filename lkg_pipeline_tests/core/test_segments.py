@@ -73,6 +73,50 @@ def test_scores_follow_the_candidate_not_its_place_or_batch(tiny) -> None:
     assert not torch.allclose(single[1], single[0])  # the history does reach every segment
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_windowed_attention_computes_what_the_dense_mask_computes(
+    tiny, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, tolerance: float
+) -> None:
+    """Scores and gradients of `segment_attention` (several windows, rows with different
+    prefix and segment lengths) equal those of SDPA under the dense block mask."""
+    import copy
+
+    import lkg_pipeline.core.segments as segments
+
+    monkeypatch.setattr(segments, "WINDOW_TOKENS", 40)  # several windows on short prompts
+    model, tokenizer = tiny
+    dense = copy.deepcopy(model).to(dtype)
+    windowed = segments.use_segment_attention(copy.deepcopy(model)).to(dtype)
+    parts = [
+        [segment(f"film {i}" + " sequel" * (7 * i % 5)) for i in range(len(LETTERS))],
+        [segment(f"movie {i}" + " remake" * (3 * i % 4)) for i in range(len(LETTERS))],
+    ]
+    prompts = [
+        tokenize_segments(tokenizer, PREFIX, parts[0]),
+        tokenize_segments(tokenizer, PREFIX + "\n(3) Alien\n(4) The Thing", parts[1]),
+    ]
+    answers = answer_token_ids(tokenizer, parts[0][0])
+    batch = segment_batch(prompts, 0)
+    assert len(batch["segment_windows"]) >= 4
+    without = {k: v for k, v in batch.items() if not k.startswith("segment_")}
+    expected = segment_scores(dense, without, answers)  # (2, 20)
+    ours = segment_scores(windowed, batch, answers)
+    torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(  # a row scores the same alone as beside a longer one
+        segment_scores(windowed, segment_batch(prompts[:1], 0), answers), ours[:1],
+        rtol=tolerance, atol=tolerance,
+    )  # fmt: skip
+    expected.square().sum().backward()
+    ours.square().sum().backward()
+    for (name, a), b in zip(dense.named_parameters(), windowed.parameters(), strict=True):
+        scale = a.grad.abs().max().clamp_min(1e-12)
+        assert (a.grad - b.grad).abs().max() / scale < tolerance, name
+    # calls without windows (letter prompts, generation) are transformers' own SDPA
+    ids = torch.tensor([prompts[1].prefix])
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
 def test_segments_render_each_candidate_with_its_own_relations() -> None:
     examples = pl.DataFrame(
         {
@@ -191,13 +235,16 @@ def test_training_on_segments_learns_in_both_dtypes(
     ranks = ranked["target_rank"].cast(pl.Float64).to_numpy()
     val_examples = read_examples(prompts, "val", None, seed=0)
     assert len(ranks) == len(val_examples.prompts)
-    # bf16: the adapter stays an unmerged fp32 branch (merged into bf16 weights most of the
+    # bf16: the adapter is folded into widened GEMMs (merged into bf16 weights most of the
     # update would round away), so ranking computes what validation computed
     assert np.mean(1.0 / np.log2(ranks + 1) * (ranks <= 10)) == pytest.approx(
         last["NDCG@10"], abs=1e-6
     )
-    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
-    assert lora == (set() if dtype == "float32" else {torch.float32})
+    from lkg_pipeline.core.lowrank import FoldedLoraLinear
+
+    folded = [m for m in model.modules() if isinstance(m, FoldedLoraLinear)]
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert len(folded) == (0 if dtype == "float32" else 2 * len(config.target_modules))
 
 
 def test_segments_trained_over_the_retriever_rank_as_they_were_validated(
