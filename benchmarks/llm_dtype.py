@@ -8,7 +8,10 @@ Measured in one process, one dtype after the other, with nothing else running: t
 ceilings of the model's own shapes, ranking prompts/s on the real ml-100k test prompts whose
 true item is a candidate, LoRA training tokens/s (a few optimizer steps of the pipeline's
 recipe), and the quality guard: subset NDCG@10 of each dtype's rankings and the share of
-prompts whose top candidate agrees. Writes the `llm_dtype` section of benchmarks/results.json.
+prompts whose top candidate agrees. Then the ablation (`--ablation-prompts`, default 12): what
+each bf16 change of issue 19 buys, the configurations taking turns on the same prompts.
+Prompts and adapter: `make quality`'s for the row where it ran, else the pipeline's own
+(`make run`). Writes the `llm_dtype` section of benchmarks/results.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ import polars as pl
 import torch
 
 from benchmarks.common import REPO, lake_root, machine_info
-from benchmarks.quality import RECIPE, Row, base_model, prompts_file
+from benchmarks.quality import DATASET, RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import (
     choose_dtype,
@@ -37,6 +41,7 @@ from lkg_pipeline.core.precision import (
 )
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts
 from lkg_pipeline.core.train_lora import RunPaths, training_function
+from lkg_pipeline.defs import layout
 
 RESULTS_JSON = REPO / "benchmarks" / "results.json"
 DTYPES = ("float32", "bfloat16")
@@ -59,16 +64,135 @@ def ceilings(config: Any) -> dict[str, Any]:
     return out
 
 
-def run(n_prompts: int | None, row: Row, train_steps: int) -> dict[str, Any]:
+def _segment_rows(tokenizer: Any, prompts: pl.DataFrame) -> tuple[list[Any], tuple[int, int]]:
+    from lkg_pipeline.core.ranking import prompt_segments
+    from lkg_pipeline.core.segments import answer_token_ids, tokenize_segments
+
+    segments = prompt_segments(prompts)
+    assert segments is not None, "the ablation measures the segments format"
+    rows = [tokenize_segments(tokenizer, p, s) for p, s in zip(prompts["prompt"], segments)]
+    return rows, answer_token_ids(tokenizer, segments[0][0])
+
+
+def ablation(
+    base: Path, adapter: Path | None, prompts: pl.DataFrame, tokenizer: Any
+) -> dict[str, Any]:
+    """What each bf16 change buys, side by side in one process: the configurations take turns
+    on every prompt (so drifts of the machine's speed hit all alike) and each reports its
+    median seconds per prompt. Ranking: the previous path (dense T×T block mask, the adapter
+    as peft's fp32 branch), windowed attention, then the adapter folded too (the pipeline's
+    path now). Training (forward + backward of one prompt, LoRA on all linear layers): peft's
+    fp32 branch, then under autocast (the pipeline's path now)."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lkg_pipeline.core.segments import segment_batch, segment_scores, use_segment_attention
+    from lkg_pipeline.core.train_lora import Run, lora_config
+
+    rows, answers = _segment_rows(tokenizer, prompts)
+
+    def base_model(windowed: bool) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        return use_segment_attention(model) if windowed else model
+
+    def batch(row: Any, windowed: bool) -> dict[str, torch.Tensor]:
+        out = segment_batch([row], 0)
+        return out if windowed else {k: v for k, v in out.items() if not k.startswith("segment_")}
+
+    def timed(configs: dict[str, Any]) -> dict[str, float]:
+        seconds: dict[str, list[float]] = {name: [] for name in configs}
+        for i, row in enumerate(rows):
+            for name, step in configs.items():
+                tick = time.perf_counter()
+                step(row)
+                if i:  # the first prompt warms kernels and the allocator
+                    seconds[name].append(time.perf_counter() - tick)
+        return {name: round(float(np.median(s)), 4) for name, s in seconds.items()}
+
+    out: dict[str, Any] = {"prompts": len(rows) - 1, "adapter": str(adapter)}
+    ranking: dict[str, Any] = {}
+    if adapter is not None:
+        ranking["dense + peft branch (before)"] = (
+            PeftModel.from_pretrained(base_model(False), adapter, autocast_adapter_dtype=True),
+            False,
+        )
+        ranking["windowed + peft branch"] = (
+            PeftModel.from_pretrained(base_model(True), adapter, autocast_adapter_dtype=True),
+            True,
+        )
+        ranking["windowed + folded (now)"] = (
+            load_ranker(base, adapter, "cpu", torch.bfloat16),
+            True,
+        )
+    ranking["base model, dense"] = (base_model(False), False)
+    ranking["base model, windowed"] = (base_model(True), True)
+
+    def scorer(model: Any, windowed: bool) -> Any:
+        model.eval()
+
+        def step(row: Any) -> None:
+            with torch.inference_mode():
+                segment_scores(model, batch(row, windowed), answers)
+
+        return step
+
+    out["ranking_s_per_prompt"] = timed({k: scorer(*v) for k, v in ranking.items()})
+    del ranking
+    config = dataclasses.replace(RECIPE, lora_dropout=0.0)
+
+    def trainer(autocast: bool) -> Any:
+        torch.manual_seed(0)
+        model = get_peft_model(base_model(True), lora_config(config), autocast_adapter_dtype=True)
+        model.train()
+        holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
+        holder.model, holder.autocast = model, torch.bfloat16 if autocast else None
+        holder.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
+
+        def step(row: Any) -> None:
+            with holder.low_precision():
+                scores = segment_scores(model, batch(row, True), answers)
+            torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
+            model.zero_grad()
+
+        return step
+
+    out["training_s_per_prompt"] = timed(
+        {
+            "windowed + peft fp32 branch (before)": trainer(False),
+            "windowed + autocast (now)": trainer(True),
+        }
+    )
+    print(f"ablation: {out}", flush=True)
+    return out
+
+
+def inputs(lake: Path, row: Row) -> tuple[Path, Path | None]:
+    """(prompts file, adapter or None) of `row`: the `make quality` run's where it ran, else
+    the pipeline's own (`make run`: its `prompts` and `lora_adapter` for the variant, when
+    they are in the row's format)."""
+    prompts = prompts_file(lake, row.variant, row.format)
+    adapter = lake / "quality" / row.name / "adapter"
+    pipeline_prompts = layout.prompts_file(lake, DATASET, row.variant)
+    if not prompts.exists() and pipeline_prompts.exists():
+        has_segments = "segments" in pl.read_parquet_schema(pipeline_prompts)
+        if has_segments == (row.format == "segments"):
+            prompts = pipeline_prompts
+            adapter = layout.adapter_dir(lake, DATASET, row.variant)
+    adapter = adapter if (adapter / "adapter_config.json").exists() else None
+    return prompts, adapter if row.tuned else None
+
+
+def run(
+    n_prompts: int | None, row: Row, train_steps: int, ablation_prompts: int = 0
+) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     lake = lake_root()
     base = base_model(lake)
     config = AutoConfig.from_pretrained(base)
     auto = choose_dtype("auto", "cpu", model_gemm_shape(config))
-    adapter = lake / "quality" / row.name / "adapter"
-    adapter = adapter if (adapter / "adapter_config.json").exists() else None
-    prompts = pl.read_parquet(prompts_file(lake, row.variant, row.format)).filter(
+    source, adapter = inputs(lake, row)
+    prompts = pl.read_parquet(source).filter(
         (pl.col("split") == "test") & (pl.col("target_index") >= 0)
     )
     if n_prompts:
@@ -82,7 +206,12 @@ def run(n_prompts: int | None, row: Row, train_steps: int) -> dict[str, Any]:
         "chosen_dtype": auto.chosen,
         "auto_reason": auto.reason,
         "ceilings": ceilings(config),
-        "prompts": {"row": row.name, "adapter": str(adapter), "n": prompts.height},
+        "prompts": {
+            "row": row.name,
+            "file": str(source),
+            "adapter": str(adapter),
+            "n": prompts.height,
+        },
     }
     for dtype in DTYPES:
         model = load_ranker(base, adapter, "cpu", getattr(torch, dtype))
@@ -117,13 +246,11 @@ def run(n_prompts: int | None, row: Row, train_steps: int) -> dict[str, Any]:
                 checkpoint_every=10_000,
                 log_every=1,
             )
-            result = training_function(
-                probe,
-                RunPaths(prompts_file(lake, row.variant, row.format), base, Path(tmp) / "a"),
-                resume=False,
-            )
+            result = training_function(probe, RunPaths(source, base, Path(tmp) / "a"), resume=False)
             section[dtype][key] = result.summary["tokens_per_s"]
         print(f"{dtype} {key} (dropout {dropout}): {section[dtype][key]:.0f}", flush=True)
+    if ablation_prompts:
+        section["ablation"] = ablation(base, adapter, prompts.head(ablation_prompts + 1), tokenizer)
     fp32, bf16 = ranked["float32"], ranked["bfloat16"]
     top = [a[0] == b[0] for a, b in zip(fp32["ranked_item_idxs"], bf16["ranked_item_idxs"])]
     section.update(
@@ -147,10 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=None, help="test prompts (default: all)")
     parser.add_argument("--row", default="lkg_rag-segments-tuned", help="a benchmarks.quality row")
     parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument(
+        "--ablation-prompts", type=int, default=12, help="prompts per ablation (0: none)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     variant, fmt, kind = args.row.split("-")
-    section = run(args.prompts, Row(variant, fmt, kind == "tuned"), args.train_steps)
+    section = run(
+        args.prompts, Row(variant, fmt, kind == "tuned"), args.train_steps, args.ablation_prompts
+    )
     saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     saved["llm_dtype"] = json.loads(json.dumps(section, default=str))
     partial = RESULTS_JSON.with_suffix(".partial")

@@ -209,3 +209,25 @@ def test_sampled_softmax_quick() -> None:
     assert step["full_s_per_step"] > 0 and step["sampled_s_per_step"] > 0
     users = result["data"]["users"]
     assert f"{users:,} users" in sampled_softmax.to_markdown(result)
+
+
+def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
+    """`make bench-dtype`'s side-by-side ablation runs every configuration on real code paths
+    (tiny model, a random adapter, segments prompts) and reports a median for each."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.llm_dtype import ablation
+    from lkg_pipeline.core.train_lora import lora_config
+    from lkg_pipeline_tests.core.test_segments import marked_prompts, marked_training
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    get_peft_model(model, lora_config(marked_training())).save_pretrained(tmp_path / "adapter")
+    prompts = marked_prompts(n_train=0, n_val=3)
+    out = ablation(
+        tiny_base, tmp_path / "adapter", prompts, AutoTokenizer.from_pretrained(tiny_base)
+    )
+    assert out["prompts"] == 2
+    assert len(out["ranking_s_per_prompt"]) == 5 and len(out["training_s_per_prompt"]) == 2
+    seconds = [*out["ranking_s_per_prompt"].values(), *out["training_s_per_prompt"].values()]
+    assert all(s > 0 for s in seconds)
