@@ -91,7 +91,8 @@ class PreferenceModel(nn.Module):
         self.register_buffer("idf", torch.ones(t))  # (T,), set by train_preference
         self.type_weight_raw = nn.Parameter(torch.full((t,), math.log(math.e - 1.0)))  # w = 1
         if config.user_encoder == "user_id":
-            self.encoder: nn.Module = nn.Embedding(n_users, t)
+            # sparse gradients: a step touches only its batch's rows (`train_on_grid`)
+            self.encoder: nn.Module = nn.Embedding(n_users, t, sparse=True)
             nn.init.zeros_(self.encoder.weight)  # uniform π at init, as in the paper
         else:
             self.encoder = nn.Sequential(
@@ -458,7 +459,7 @@ def _idf(g: PathGrid, train: torch.Tensor) -> torch.Tensor:
 
 def _train_epoch(
     model: PreferenceModel,
-    opt: torch.optim.Optimizer,
+    opts: Sequence[torch.optim.Optimizer],
     g: PathGrid,
     train: torch.Tensor,
     config: PreferenceConfig,
@@ -470,10 +471,36 @@ def _train_epoch(
     ):
         scores, logits = _forward(model, g, rows)  # (B, K), (B, T)
         loss = _loss(scores, g.target[rows]) + config.logit_l2 * logits.square().mean()
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
     model.eval()
+
+
+def _optimizers(model: PreferenceModel, config: PreferenceConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for the weights every step uses; for the user_id table, lazy Adam on the rows a
+    step touched.
+
+    Dense AdamW on an (n_users, T) table updates every row on every step, and an epoch has
+    n_users / batch steps, so the encoder cost grew as users² (20 ms a step at 1M users: 24 min
+    of the stage there; benchmarks/AFTER_PATHS.md). `SparseAdam` updates a batch's rows only.
+    It has no weight decay, so a user_id config with `weight_decay` > 0 keeps dense AdamW.
+    """
+    weights = [model.type_weight_raw]
+    if config.user_encoder == "user_id" and config.weight_decay == 0:
+        return [
+            torch.optim.SparseAdam(list(model.encoder.parameters()), lr=config.lr),
+            torch.optim.AdamW(weights, lr=config.lr, weight_decay=0.0),
+        ]
+    if config.user_encoder == "user_id":
+        model.encoder.sparse = False  # AdamW takes dense gradients only
+    groups = [
+        {"params": model.encoder.parameters(), "weight_decay": config.weight_decay},
+        {"params": weights, "weight_decay": 0.0},
+    ]
+    return [torch.optim.AdamW(groups, lr=config.lr)]
 
 
 def train_preference(
@@ -506,11 +533,7 @@ def train_on_grid(
         torch.manual_seed(config.seed)
         model = PreferenceModel(config, g.path_types, n_users)
     model.idf.copy_(_idf(g, train))
-    groups = [
-        {"params": model.encoder.parameters(), "weight_decay": config.weight_decay},
-        {"params": [model.type_weight_raw], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=config.lr)
+    opts = _optimizers(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     users, profiles = g.user_ids, g.user_profile
     kl_init, tv_init = _pi_stats(model, users, profiles)
@@ -524,7 +547,7 @@ def train_on_grid(
     best_state: dict[str, torch.Tensor] = {}
     for epoch in range(config.epochs + 1):  # epoch 0 only logs the untrained model
         if epoch:
-            _train_epoch(model, opt, g, train, config, gen)
+            _train_epoch(model, opts, g, train, config, gen)
         log.append({"epoch": epoch, **_epoch_log(model, g, train, val)})
         if not best or key(log[-1]) > key(best):
             best_state, best = {k: v.clone() for k, v in model.state_dict().items()}, log[-1]

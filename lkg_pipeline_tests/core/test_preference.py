@@ -365,3 +365,28 @@ def test_compact_counts_decode_to_the_float32_features(tmp_path: Path, data) -> 
     first = features.row(0)
     i, k = position[first[:2]]
     assert int(grid.counts[i, k, TYPES.index(first[2])]) == first[3] + 70_000
+
+
+def test_user_table_steps_update_only_the_batch_rows(data) -> None:
+    """The user_id encoder learns through lazy (sparse) Adam, so a step costs its batch, not
+    every user (dense AdamW made the stage grow as users²); with weight decay it keeps dense
+    AdamW, and both still learn the planted preferences."""
+    from lkg_pipeline.core.preference import PreferenceModel, _optimizers
+
+    config = dataclasses.replace(CONFIG, user_encoder="user_id")
+    model = PreferenceModel(config, TYPES, N_USERS)
+    sparse, weights = _optimizers(model, config)
+    assert isinstance(sparse, torch.optim.SparseAdam)
+    model.logits(torch.tensor([1, 3]), torch.zeros(2, len(TYPES))).sum().backward()
+    grad = model.encoder.weight.grad
+    assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == {1, 3}
+    before = model.encoder.weight.detach().clone()
+    sparse.step()
+    moved = (model.encoder.weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [1, 3]
+
+    decayed = dataclasses.replace(config, weight_decay=1e-3)
+    dense = _optimizers(PreferenceModel(decayed, TYPES, N_USERS), decayed)
+    assert [type(o) for o in dense] == [torch.optim.AdamW]
+    result = train_preference(*data, TYPES, N_USERS, decayed)
+    assert result.best_val_ndcg10 >= 0.9
