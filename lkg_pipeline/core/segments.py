@@ -121,7 +121,7 @@ def segment_batch(
     query, key = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
     allowed = causal[None] & ((key == PREFIX) | ((key == query) & (key != PAD)))  # (B, T, T)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    windows = segment_windows(owner, prefix_width)
+    windows = window_bounds(owner, prefix_width)
     shape = (len(windows), len(prompts), max(e - q for q, e, _ in windows))
     masks = torch.full((*shape, prefix_width + max(e - k for _, e, k in windows)), True)
     for w, (first, end, first_key) in enumerate(windows):
@@ -139,7 +139,7 @@ def segment_batch(
     }
 
 
-def segment_windows(owner: torch.Tensor, prefix_width: int) -> list[tuple[int, int, int]]:
+def window_bounds(owner: torch.Tensor, prefix_width: int) -> list[tuple[int, int, int]]:
     """(first query, end, first key) of each window over positions [P, T): whole segments of
     the first row until a window holds `WINDOW_TOKENS`; its keys beyond the prefix start where
     the earliest segment (of any row) that a query of the window belongs to starts."""
