@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 from upath import UPath
@@ -476,9 +477,18 @@ def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -
     )
     event = forced.asset_materializations_for_node("rankings")[0]
     assert "reused_from" not in event.metadata
-    # Recomputed: the same ranks; only the measured seconds differ, hence a new data version.
+    # Recomputed: the same ranks; the measured seconds differ, hence a new data version, and
+    # on the Intel Xeon with AMX of 2026-12-02 the fp32 scores differed in their last bits
+    # between two launches (the ranks did not), so scores are compared to 1e-5.
     recomputed = pl.read_parquet(ranked_file)
-    assert recomputed.drop("seconds").equals(ranked_before.drop("seconds"))
+    exact = [c for c in recomputed.columns if c not in ("seconds", "ranked_scores")]
+    assert recomputed.select(exact).equals(ranked_before.select(exact))
+    np.testing.assert_allclose(
+        np.array(recomputed["ranked_scores"].to_list()),
+        np.array(ranked_before["ranked_scores"].to_list()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert data_version(forced, "rankings") != first_rankings
     changed = dg.materialize(
         EVALUATED,
