@@ -91,7 +91,7 @@ def ablation(
 
     rows, answers = _segment_rows(tokenizer, prompts)
 
-    def base_model(windowed: bool) -> Any:
+    def bf16_base(windowed: bool) -> Any:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         return use_segment_attention(model) if windowed else model
 
@@ -113,19 +113,19 @@ def ablation(
     ranking: dict[str, Any] = {}
     if adapter is not None:
         ranking["dense + peft branch (before)"] = (
-            PeftModel.from_pretrained(base_model(False), adapter, autocast_adapter_dtype=True),
+            PeftModel.from_pretrained(bf16_base(False), adapter, autocast_adapter_dtype=True),
             False,
         )
         ranking["windowed + peft branch"] = (
-            PeftModel.from_pretrained(base_model(True), adapter, autocast_adapter_dtype=True),
+            PeftModel.from_pretrained(bf16_base(True), adapter, autocast_adapter_dtype=True),
             True,
         )
         ranking["windowed + folded (now)"] = (
             load_ranker(base, adapter, "cpu", torch.bfloat16),
             True,
         )
-    ranking["base model, dense"] = (base_model(False), False)
-    ranking["base model, windowed"] = (base_model(True), True)
+    ranking["base model, dense"] = (bf16_base(False), False)
+    ranking["base model, windowed"] = (bf16_base(True), True)
 
     def scorer(model: Any, windowed: bool) -> Any:
         model.eval()
@@ -142,7 +142,7 @@ def ablation(
 
     def trainer(autocast: bool) -> Any:
         torch.manual_seed(0)
-        model = get_peft_model(base_model(True), lora_config(config), autocast_adapter_dtype=True)
+        model = get_peft_model(bf16_base(True), lora_config(config), autocast_adapter_dtype=True)
         model.train()
         holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
         holder.model, holder.autocast = model, torch.bfloat16 if autocast else None

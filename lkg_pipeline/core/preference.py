@@ -91,8 +91,10 @@ class PreferenceModel(nn.Module):
         self.register_buffer("idf", torch.ones(t))  # (T,), set by train_preference
         self.type_weight_raw = nn.Parameter(torch.full((t,), math.log(math.e - 1.0)))  # w = 1
         if config.user_encoder == "user_id":
-            # sparse gradients: a step touches only its batch's rows (`train_on_grid`)
-            self.encoder: nn.Module = nn.Embedding(n_users, t, sparse=True)
+            # sparse gradients, so a step touches only its batch's rows (`_optimizers`);
+            # SparseAdam has no weight decay, so a decayed table stays dense
+            sparse = config.weight_decay == 0
+            self.encoder: nn.Module = nn.Embedding(n_users, t, sparse=sparse)
             nn.init.zeros_(self.encoder.weight)  # uniform π at init, as in the paper
         else:
             self.encoder = nn.Sequential(
@@ -489,13 +491,11 @@ def _optimizers(model: PreferenceModel, config: PreferenceConfig) -> list[torch.
     It has no weight decay, so a user_id config with `weight_decay` > 0 keeps dense AdamW.
     """
     weights = [model.type_weight_raw]
-    if config.user_encoder == "user_id" and config.weight_decay == 0:
+    if getattr(model.encoder, "sparse", False):  # the user_id table (PreferenceModel)
         return [
             torch.optim.SparseAdam(list(model.encoder.parameters()), lr=config.lr),
             torch.optim.AdamW(weights, lr=config.lr, weight_decay=0.0),
         ]
-    if config.user_encoder == "user_id":
-        model.encoder.sparse = False  # AdamW takes dense gradients only
     groups = [
         {"params": model.encoder.parameters(), "weight_decay": config.weight_decay},
         {"params": weights, "weight_decay": 0.0},

@@ -102,6 +102,8 @@ def segment_batch(
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
     positions = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
     owner = torch.full((len(prompts), width), PAD, dtype=torch.long)  # (B, T) segment of token
+    # where the segment holding each position starts (the position itself elsewhere)
+    starts = torch.arange(width).repeat(len(prompts), 1)  # (B, T)
     ends = torch.empty((len(prompts), n_segments), dtype=torch.long)  # (B, C)
     for b, prompt in enumerate(prompts):
         p = len(prompt.prefix)
@@ -114,6 +116,7 @@ def segment_batch(
             input_ids[b, start:stop] = torch.tensor(segment)
             positions[b, start:stop] = torch.arange(p, p + len(segment))
             owner[b, start:stop] = c
+            starts[b, start:stop] = start
             ends[b, c] = stop - 1
             start = stop
     index = torch.arange(width)
@@ -121,7 +124,7 @@ def segment_batch(
     query, key = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
     allowed = causal[None] & ((key == PREFIX) | ((key == query) & (key != PAD)))  # (B, T, T)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    windows = window_bounds(owner, prefix_width)
+    windows = window_bounds(owner, starts, prefix_width)
     shape = (len(windows), len(prompts), max(e - q for q, e, _ in windows))
     masks = torch.full((*shape, prefix_width + max(e - k for _, e, k in windows)), True)
     for w, (first, end, first_key) in enumerate(windows):
@@ -139,10 +142,13 @@ def segment_batch(
     }
 
 
-def window_bounds(owner: torch.Tensor, prefix_width: int) -> list[tuple[int, int, int]]:
+def window_bounds(
+    owner: torch.Tensor, starts: torch.Tensor, prefix_width: int
+) -> list[tuple[int, int, int]]:
     """(first query, end, first key) of each window over positions [P, T): whole segments of
     the first row until a window holds `WINDOW_TOKENS`; its keys beyond the prefix start where
-    the earliest segment (of any row) that a query of the window belongs to starts."""
+    the earliest segment (of any row) that a query of the window belongs to starts (`starts`,
+    (B, T): each position's segment start)."""
     width = owner.shape[1]
     first_row = owner[0].tolist()
     bounds = [prefix_width]  # window starts, at segment starts of the first row
@@ -150,11 +156,6 @@ def window_bounds(owner: torch.Tensor, prefix_width: int) -> list[tuple[int, int
         if first_row[t] != first_row[t - 1] and t - bounds[-1] >= WINDOW_TOKENS:
             bounds.append(t)
     bounds.append(width)
-    # where the segment holding each position starts (the position itself for padding)
-    starts = torch.arange(width).expand_as(owner).clone()  # (B, T)
-    for t in range(prefix_width + 1, width):
-        same = (owner[:, t] == owner[:, t - 1]) & (owner[:, t] >= 0)
-        starts[:, t] = torch.where(same, starts[:, t - 1], starts[:, t])
     return [
         (first, end, int(starts[:, first:end].min()))
         for first, end in zip(bounds[:-1], bounds[1:], strict=True)
