@@ -231,3 +231,36 @@ def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
     assert len(out["ranking_s_per_prompt"]) == 5 and len(out["training_s_per_prompt"]) == 2
     seconds = [*out["ranking_s_per_prompt"].values(), *out["training_s_per_prompt"].values()]
     assert all(s > 0 for s in seconds)
+
+
+def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
+    """The frozen-probe benchmark reads one state per candidate and depth through the ranker's
+    own model and attention, caches them resumably, and a head trained on them learns a task
+    the segments reveal (the marked title) far above chance on held-out prompts."""
+    import numpy as np
+    import polars as pl
+    import torch
+    from transformers import AutoTokenizer
+
+    from benchmarks.frozen_probe import DEPTHS, extract, load, per_user, train_head
+    from lkg_pipeline.core.ranking import load_ranker
+    from lkg_pipeline_tests.core.test_segments import marked_prompts
+
+    prompts = marked_prompts(n_train=160, n_val=40)
+    prompts = prompts.with_columns(
+        split=pl.when(pl.col("example_id") >= 180).then(pl.lit("test")).otherwise("split"),
+        retriever_scores=pl.Series([[float(-c) for c in range(20)]] * prompts.height),
+    )
+    model = load_ranker(tiny_base, None, "cpu", torch.float32)
+    extract(model, AutoTokenizer.from_pretrained(tiny_base), prompts, tmp_path)
+    states, targets, prior = load(tmp_path, "train")
+    assert states.shape == (160, 20, len(DEPTHS), model.config.hidden_size)
+    assert targets.tolist() == prompts.filter(pl.col("split") == "train")["target_index"].to_list()
+    assert np.allclose(np.exp(prior).sum(axis=1), 1.0)
+    cached = {f.name: f.stat().st_mtime_ns for f in tmp_path.glob("*.npz")}
+    extract(model, AutoTokenizer.from_pretrained(tiny_base), prompts, tmp_path)  # resumes
+    assert {f.name: f.stat().st_mtime_ns for f in tmp_path.glob("*.npz")} == cached
+    head = train_head(states, targets, prior, [2], 0, 30, False, seed=0)
+    val_states, val_targets, _ = load(tmp_path, "val")
+    mrr1 = per_user(head(val_states), val_targets)[:, 1].mean()
+    assert mrr1 > 0.5, f"the probe found the marked candidate in only {mrr1:.0%} of val prompts"
