@@ -119,6 +119,9 @@ class PromptRunConfig(dg.Config):
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.segments), no position bias
     format: Literal["letters", "segments"] = "segments"  # the default since make quality
+    # How each candidate's segment ends ({noun}, {verb} filled in): the cue alone, the prefix
+    # asks the question; e.g. "Is it the {noun} they will {verb} next? Answer:" as before
+    segment_question: str = PromptConfig.segment_question
     # Examples rendered together: bounds memory (the texts), never changes a prompt.
     examples_per_batch: int = 10_000
 

@@ -2,7 +2,9 @@
 scores do not depend on a candidate's place or its batch, prompts render each candidate's own
 relations, and training learns a task only the segment content reveals, in fp32 and bf16."""
 
+import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,13 @@ import pytest
 import torch
 
 from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.prompts import PROMPT_COLUMNS, PromptConfig, build_prompts
+from lkg_pipeline.core.prompts import (
+    LEGACY_SEGMENT_QUESTION,
+    PROMPT_COLUMNS,
+    PromptConfig,
+    PromptSettings,
+    build_prompts,
+)
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts, score_prompts, trained_over
 from lkg_pipeline.core.segments import (
     answer_token_ids,
@@ -151,7 +159,7 @@ def test_segments_render_each_candidate_with_its_own_relations() -> None:
     assert len(row["segments"]) == len(LETTERS) and row["target_index"] == 2
     assert row["segments"][2] == (
         "\nCandidate: title 12\nRelations: (2) both Comedy; (3) often rated by the same people"
-        "\nIs it the movie they will watch next? Answer:"
+        "\nAnswer:"
     )
     assert all("Relations" not in s for i, s in enumerate(row["segments"]) if i != 2)
     assert row["n_tokens"] == len(row["prompt"].split()) + sum(
@@ -163,6 +171,25 @@ def test_segments_render_each_candidate_with_its_own_relations() -> None:
     assert letters["segments"].to_list() == [None]  # the letter format has no segments
     with pytest.raises(ValueError, match="unknown prompt format"):
         PromptConfig(format="pointwise")
+    asked = replace(config, segment_question="Would they {verb} this {noun}? Answer:")
+    table = build_prompts(examples, sequences, titles, selected, "lkg_rag", asked, len)
+    assert all(s.endswith("\nWould they watch this movie? Answer:") for s in table["segments"][0])
+    for wrong in ("Is it {title}? Answer:", " "):
+        with pytest.raises(ValueError, match="segment_question"):
+            PromptConfig(format="segments", segment_question=wrong)
+
+
+def test_prompt_settings_without_a_segment_question_read_as_the_old_one() -> None:
+    """Prompts files (and the adapters trained on them) made before the question was a
+    setting ended every segment in it: `recommendations` must render theirs the same way."""
+    old = json.loads(PromptSettings(PromptConfig(format="segments")).to_json())
+    del old["prompt"]["segment_question"]
+    read = PromptSettings.from_dict(old)
+    assert read.prompt.segment_question == LEGACY_SEGMENT_QUESTION
+    assert read.prompt == replace(
+        PromptConfig(format="segments"), segment_question=read.prompt.segment_question
+    )
+    assert PromptSettings.from_dict(json.loads(PromptSettings(read.prompt).to_json())) == read
 
 
 def marked_prompts(n_train: int = 24, n_val: int = 8, seed: int = 0) -> pl.DataFrame:
