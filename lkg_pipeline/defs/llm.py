@@ -105,7 +105,7 @@ def base_model(
 
 class PromptRunConfig(dg.Config):
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "max_prompt_tokens": "2048: segments prompts of ml-100k (~1,030 tokens) are never cut",
+        "max_prompt_tokens": "2048: segments prompts of ml-100k (~850 tokens) are never cut",
         "format": "segments: the format `make quality` measured to learn (QUALITY.md)",
     }
     NOT_EXPOSED: ClassVar[dict[str, str]] = {
@@ -115,7 +115,7 @@ class PromptRunConfig(dg.Config):
 
     max_history: int = PromptConfig.max_history
     max_title_tokens: int = PromptConfig.max_title_tokens
-    max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~1,030 segments tokens, none cut
+    max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~850 segments tokens, none cut
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.segments), no position bias
     format: Literal["letters", "segments"] = "segments"  # the default since make quality
