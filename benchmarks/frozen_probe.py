@@ -35,9 +35,10 @@ import torch
 
 from benchmarks.common import REPO, lake_root, machine_info
 from lkg_pipeline.core.evaluation import paired_randomization_test
-from lkg_pipeline.core.fusion import LAMBDA_GRID, log_softmax, retriever_log_prior
+from lkg_pipeline.core.fusion import LAMBDA_GRID, log_softmax, retriever_log_prior, target_ranks
+from lkg_pipeline.core.metrics import per_user_metrics
 from lkg_pipeline.core.ranking import load_ranker, pad_token_id
-from lkg_pipeline.core.segments import segment_batch, tokenize_segments
+from lkg_pipeline.core.segments import decoder_inputs, segment_batch, tokenize_segments
 
 RESULTS_JSON = REPO / "benchmarks" / "results.json"
 # Where the states are read: after a third and two thirds of the layers (10 and 20 of
@@ -58,7 +59,6 @@ def extract(model: Any, tokenizer: Any, prompts: pl.DataFrame, folder: Path) -> 
     folder.mkdir(parents=True, exist_ok=True)
     layers = layer_indices(model)
     pad = pad_token_id(tokenizer)
-    dtype = model.dtype
     for split in ("val", "test", "train"):
         rows = prompts.filter(pl.col("split") == split)
         for first in range(0, rows.height, CHUNK):
@@ -72,11 +72,7 @@ def extract(model: Any, tokenizer: Any, prompts: pl.DataFrame, folder: Path) -> 
                 for prefix, segments in zip(part["prompt"], part["segments"], strict=True):
                     batch = segment_batch([tokenize_segments(tokenizer, prefix, segments)], pad)
                     out = model.model(
-                        input_ids=batch["input_ids"],
-                        position_ids=batch["position_ids"],
-                        attention_mask=batch["attention_mask"].to(dtype),
-                        segment_windows=batch["segment_windows"],
-                        segment_masks=batch["segment_masks"].to(dtype),
+                        **decoder_inputs(batch, model.dtype),
                         output_hidden_states=True,
                         use_cache=False,
                     )
@@ -109,9 +105,8 @@ def load(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def per_user(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(N, 2) NDCG@10 and MRR@1 of each prompt (ties to the earlier candidate)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    rank = (order == targets[:, None]).argmax(axis=1) + 1
-    return np.stack([np.where(rank <= 10, 1 / np.log2(rank + 1), 0.0), rank == 1], axis=1)
+    metrics = per_user_metrics(target_ranks(scores, targets), ks=(1, 10))
+    return np.stack([metrics["NDCG@10"], metrics["MRR@1"]], axis=1)
 
 
 def train_head(
@@ -182,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     train, val, test = (load(cache, s) for s in ("train", "val", "test"))
-    rank = (np.argsort(-train[2], 1, kind="stable") == train[1][:, None]).argmax(1) + 1
+    rank = target_ranks(train[2], train[1])  # the retriever's rank of each train target
     pools = {"all": np.ones(len(rank), bool), "retrieved": rank < 20}
     retriever_val = float(per_user(val[2], val[1])[:, 0].mean())
     print(f"retriever, val subset NDCG@10 {retriever_val:.4f}")

@@ -232,6 +232,21 @@ def use_segment_attention(model: Any) -> Any:
     return model
 
 
+def decoder_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    """The decoder's keyword arguments for a `segment_batch`: ids, positions, the masks in the
+    model's dtype, and the windows `segment_attention` reads when the batch has them (any other
+    attention reads `attention_mask` alone)."""
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "attention_mask": batch["attention_mask"].to(dtype),
+    }
+    if "segment_windows" in batch:
+        inputs["segment_windows"] = batch["segment_windows"]
+        inputs["segment_masks"] = batch["segment_masks"].to(dtype)
+    return inputs
+
+
 def segment_scores(
     model: Any, batch: dict[str, torch.Tensor], answer_ids: tuple[int, int]
 ) -> torch.Tensor:
@@ -241,20 +256,7 @@ def segment_scores(
     segment end (`llm.token_logits`: 20 positions × 2 tokens, not the vocabulary).
     """
     ends = batch["ends"]  # (B, C)
-    dtype = unwrapped(model).dtype
-    windows = {}  # read by segment_attention; any other attention reads attention_mask alone
-    if "segment_windows" in batch:
-        windows = {
-            "segment_windows": batch["segment_windows"],
-            "segment_masks": batch["segment_masks"].to(dtype),
-        }
-    hidden = final_hidden(
-        model,
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"].to(dtype),
-        **windows,
-    )  # (B, T, H)
+    hidden = final_hidden(model, **decoder_inputs(batch, unwrapped(model).dtype))  # (B, T, H)
     at_ends = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, C, H)
     pair = torch.tensor(answer_ids, device=hidden.device)  # (2,)
     logits = token_logits(model, at_ends, pair)  # (B, C, 2), fp32
