@@ -17,13 +17,16 @@ bf16, so the update keeps bf16's relative precision of the update itself, not of
 on one layer of SmolLM2's shape (README, Evaluation): 0.86 ms against 0.72 ms for the base
 GEMM alone and 6.7 ms for peft's fp32 branch, and closer to the fp32 result than that branch.
 
-For inference only (ranking, recommendations): training keeps peft's branch, whose fp32
+For inference only (ranking, recommendations, and the training script's validation through
+`folded`, which puts the peft layers back afterwards): training keeps peft's branch, whose fp32
 master weights take the gradients. Hand-written because peft offers merging or the branch,
 not this folded form.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -80,19 +83,50 @@ def fold_linear(module: Any) -> FoldedLoraLinear:
     return FoldedLoraLinear(weight, down.to(dtype).contiguous(), bias)
 
 
+def _adapted(model: Any) -> list[tuple[str, Any]] | None:
+    """(name, layer) of every peft LoRA Linear inside `model`, when all of them can be folded;
+    None when there are none or one cannot be (DoRA, LoRA bias, merged, …)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    inner = model.get_base_model()
+    adapted = [(n, m) for n, m in inner.named_modules() if isinstance(m, LoraLinear)]
+    return adapted if adapted and all(foldable(m) for _, m in adapted) else None
+
+
+def _swap(inner: Any, name: str, module: Any) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(inner.get_submodule(parent), child, module)
+
+
 def fold_lora(model: Any) -> Any:
     """The transformers model inside a peft LoRA `model`, every adapted Linear folded.
 
     An adapter with a layer `foldable` rejects (DoRA, LoRA bias, …) is returned unchanged,
     as peft's branch computes it: slower, never wrong.
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
-    inner = model.get_base_model()
-    adapted = [(n, m) for n, m in inner.named_modules() if isinstance(m, LoraLinear)]
-    if not adapted or not all(foldable(m) for _, m in adapted):
+    adapted = _adapted(model)
+    if adapted is None:
         return model
+    inner = model.get_base_model()
     for name, module in adapted:
-        parent, _, child = name.rpartition(".")
-        setattr(inner.get_submodule(parent), child, fold_linear(module))
+        _swap(inner, name, fold_linear(module))
     return inner
+
+
+@contextlib.contextmanager
+def folded(model: Any) -> Iterator[Any]:
+    """`fold_lora` for a while: the folded transformers model inside the block, the peft layers
+    (and their fp32 trainable weights, untouched) back in place after it, even on an error.
+    For scoring in the middle of training; a model it cannot fold is yielded as it is."""
+    adapted = _adapted(model)
+    if adapted is None:
+        yield model
+        return
+    inner = model.get_base_model()
+    try:
+        for name, module in adapted:
+            _swap(inner, name, fold_linear(module))
+        yield inner
+    finally:
+        for name, module in adapted:
+            _swap(inner, name, module)

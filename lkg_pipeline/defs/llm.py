@@ -295,6 +295,7 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]  # fmt: skip
+    lora_layers: int | None = TrainConfig.lora_layers
     lr: float = 5e-4
     # The paper warms up over 100 steps of a far longer run; at the CPU budget below (20
     # optimizer steps) that would never reach the peak rate, so warm up over 3 steps.

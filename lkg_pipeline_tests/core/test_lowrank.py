@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from lkg_pipeline.core.lowrank import FoldedLoraLinear, fold_lora
+from lkg_pipeline.core.lowrank import FoldedLoraLinear, fold_lora, folded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,3 +76,31 @@ def test_what_cannot_be_folded_stays_peft(tiny_base: Path) -> None:
 
     model = adapted(tiny_base, torch.bfloat16, use_dora=True)
     assert isinstance(fold_lora(model), PeftModel)
+
+
+def test_folded_scores_as_fold_lora_and_puts_the_peft_layers_back(tiny_base: Path) -> None:
+    """Validation in the middle of training folds the adapter for a while: inside, the model
+    computes what `fold_lora` computes; after it (even after an error) the peft layers and
+    their trainable fp32 weights are back, so training goes on where it was."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = adapted(tiny_base, torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    with folded(model) as scorer:
+        inside = hidden(scorer, IDS)
+        assert isinstance(scorer.model.layers[0].mlp.up_proj, FoldedLoraLinear)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)} == layers
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    assert sum(p.requires_grad for p in model.parameters()) == len(layers) * 2
+    with pytest.raises(RuntimeError, match="stop"), folded(model):
+        raise RuntimeError("stop")
+    assert {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)} == layers
+    torch.testing.assert_close(inside, hidden(fold_lora(model), IDS), rtol=0, atol=0)
+
+
+def test_folded_leaves_what_it_cannot_fold(tiny_base: Path) -> None:
+    model = adapted(tiny_base, torch.bfloat16, use_dora=True)
+    with folded(model) as scorer:
+        assert scorer is model

@@ -30,6 +30,7 @@ from lkg_pipeline.core.train_lora import (
     build_parser,
     collate,
     config_from_args,
+    lora_config,
     read_examples,
     score_prompts,
     training_function,
@@ -265,6 +266,43 @@ def test_lm_loss_trains_and_unknown_loss_is_refused(
     batch["position_ids"] = torch.zeros((1, 3), dtype=torch.long)
     with pytest.raises(ValueError, match="choose one of"):
         batch_loss(result.model, batch, "hinge")
+
+
+def test_lora_in_the_top_layers_only_trains_there_and_backward_stops_there(
+    tiny_base: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    """lora_layers=1 on the 2-layer model: adapters only in the top layer, the bottom layer's
+    output carries no autograd graph (nothing below is kept for backward), and it learns."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = quick(lora_layers=1, eval_every=1000, target_modules=("q_proj", "v_proj", "up_proj"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        lora_config(config, n_layers=2),
+    )
+    adapted = {
+        n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_" in n
+    }
+    assert adapted == {"1"}
+    seen: list[bool] = []
+    layers = model.get_base_model().model.layers
+    layers[0].register_forward_hook(lambda _m, _i, out: seen.append(out[0].requires_grad))
+    layers[1].register_forward_hook(lambda _m, _i, out: seen.append(out[0].requires_grad))
+    ids = torch.tensor([[5, 17, 300, 42]])
+    model(input_ids=ids).logits.sum().backward()
+    assert seen == [False, True]
+
+    result = training_function(config, RunPaths(prompts_file, tiny_base, tmp_path / "top"))
+    val = {h["step"]: h["val"] for h in result.history if "val" in h}
+    assert val[12]["NDCG@10"] > val[0]["NDCG@10"] + 0.2, val
+    saved = json.loads((tmp_path / "top" / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [1]
+
+    with pytest.raises(ValueError, match="lora_layers 3 exceeds the model's 2 decoder layers"):
+        lora_config(quick(lora_layers=3), n_layers=2)
+    with pytest.raises(AssertionError, match="lora_layers must be None or >= 1"):
+        quick(lora_layers=0)
 
 
 def with_retriever_scores(frame: pl.DataFrame, scores: np.ndarray) -> pl.DataFrame:
