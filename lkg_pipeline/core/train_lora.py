@@ -495,18 +495,15 @@ def _publish(best: Path, output: Path, summary: dict[str, Any]) -> None:
 
 def lora_config(config: TrainConfig, n_layers: int | None = None) -> Any:
     """The PEFT `LoraConfig` of a run: adapters on `target_modules` only, no bias; with
-    `lora_layers`, only in the top that many of the model's `n_layers` decoder layers."""
+    `lora_layers`, only in the top that many of the model's `n_layers` decoder layers (all of
+    them in a model that has no more: the same setting serves a 2-layer test model and 7B)."""
     from peft import LoraConfig
 
     layers = None
     if config.lora_layers is not None:
         if n_layers is None:
             raise ValueError("lora_layers needs the model's number of decoder layers")
-        if config.lora_layers > n_layers:
-            raise ValueError(
-                f"lora_layers {config.lora_layers} exceeds the model's {n_layers} decoder layers"
-            )
-        layers = list(range(n_layers - config.lora_layers, n_layers))
+        layers = list(range(max(n_layers - config.lora_layers, 0), n_layers))
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -516,6 +513,15 @@ def lora_config(config: TrainConfig, n_layers: int | None = None) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def layers_described(model: Any) -> str:
+    """Which decoder layers carry LoRA, e.g. "layers 20-29 of 30" or "all 30 layers"."""
+    n_layers = model.get_base_model().config.num_hidden_layers
+    chosen = model.peft_config[model.active_adapter].layers_to_transform
+    if chosen is None or len(chosen) == n_layers:
+        return f"all {n_layers} layers"
+    return f"layers {min(chosen)}-{max(chosen)} of {n_layers}"
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -835,8 +841,10 @@ def training_function(
     run.earlier_wall = state.wall_seconds
     best_file = run.best_dir / "best.json"
     run.best = json.loads(best_file.read_text()) if best_file.exists() else None
+    where = layers_described(accelerator.unwrap_model(run.model))
     accelerator.print(
-        f"LoRA on {list(config.target_modules)}: {n_trainable:,} trainable of {n_total:,} params;"
+        f"LoRA on {list(config.target_modules)} ({where}): "
+        f"{n_trainable:,} trainable of {n_total:,} params;"
         f" {len(run.train_dl.dataset)} train / {len(run.val.prompts)} val prompts; "
         f"{run.steps_per_epoch} steps per epoch; loss={config.loss}; "
         f"processes={accelerator.num_processes}"

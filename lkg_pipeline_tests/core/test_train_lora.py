@@ -299,8 +299,9 @@ def test_lora_in_the_top_layers_only_trains_there_and_backward_stops_there(
     saved = json.loads((tmp_path / "top" / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1]
 
-    with pytest.raises(ValueError, match="lora_layers 3 exceeds the model's 2 decoder layers"):
-        lora_config(quick(lora_layers=3), n_layers=2)
+    assert lora_config(quick(lora_layers=3), n_layers=2).layers_to_transform == [0, 1]
+    with pytest.raises(ValueError, match="needs the model's number of decoder layers"):
+        lora_config(quick(lora_layers=3))
     with pytest.raises(AssertionError, match="lora_layers must be None or >= 1"):
         quick(lora_layers=0)
 
