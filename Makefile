@@ -6,7 +6,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
 .PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype \
-	bench-after-paths
+	bench-after-paths bench-lora-layers
 
 venv: $(VENV)/.installed
 
@@ -38,7 +38,7 @@ config = $(if $(1),--config-json '$(1)')
 
 ## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
 ## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
-## On 2 CPU cores: ~22 minutes cold (Intel Xeon with AMX), under 2 when nothing changed (README).
+## On 2 CPU cores: ~15 minutes cold (Intel Xeon with AMX), under 2 when nothing changed (README).
 ## Re-running it when nothing changed reuses the expensive stages' outputs (README: re-running).
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION) $(call config,$(DATASET_CONFIG))
@@ -77,6 +77,11 @@ quality: venv
 bench-dtype: venv
 	$(BIN)/python -m benchmarks.llm_dtype
 
+## LoRA in the top 5, 10, 15 or every decoder layer: training tokens/s against validation
+## NDCG@10 (needs the lake of `make run`; results.json `lora_layers`; ~30 min on 2 CPU cores).
+bench-lora-layers: venv
+	$(BIN)/python -m benchmarks.lora_layers
+
 ## The stages after kg_paths (preference module, path selection, prompts) at 10K, 100K and 1M
 ## Beauty-like users: peak memory over the inputs and time per user (~1.5 h on 2 CPU cores;
 ## benchmarks/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts tokens).
@@ -84,7 +89,7 @@ bench-after-paths: venv
 	$(BIN)/python -m benchmarks.after_paths
 
 ## `make run` from an empty data lake, then again with nothing changed: time and peak memory
-## per step, what was reused (~50 min; temporary lake and instance; benchmarks/end_to_end.json).
+## per step, what was reused (~17 min; temporary lake and instance; benchmarks/end_to_end.json).
 bench-e2e: venv
 	$(BIN)/python -m benchmarks.end_to_end
 

@@ -264,3 +264,17 @@ def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
     val_states, val_targets, _ = load(tmp_path, "val")
     mrr1 = per_user(head(val_states), val_targets)[:, 1].mean()
     assert mrr1 > 0.5, f"the probe found the marked candidate in only {mrr1:.0%} of val prompts"
+
+
+def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_path: Path) -> None:
+    from benchmarks.lora_layers import measure
+    from lkg_pipeline_tests.core.test_train_lora import synthetic_prompts
+
+    prompts = tmp_path / "prompts.parquet"
+    synthetic_prompts().write_parquet(prompts)
+    rows = measure(prompts, tiny_base, [1, None], n_val=4)
+    assert [r["lora_layers"] for r in rows] == [1, "all"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert set(row["val_final"]) >= {"NDCG@10", "MRR@1"}
+        assert row["val_step0"] == rows[0]["val_step0"]  # the same untrained model, same prompts
