@@ -521,6 +521,8 @@ def layers_described(model: Any) -> str:
     chosen = model.peft_config[model.active_adapter].layers_to_transform
     if chosen is None or len(chosen) == n_layers:
         return f"all {n_layers} layers"
+    if len(chosen) == 1:
+        return f"layer {chosen[0]} of {n_layers}"
     return f"layers {min(chosen)}-{max(chosen)} of {n_layers}"
 
 
@@ -787,6 +789,7 @@ def _summary(
         "n_val": len(run.val.prompts),
         "trainable_params": n_trainable,
         "total_params": n_total,
+        "adapted_layers": layers_described(accelerator.unwrap_model(run.model)),
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
         "precision": dtype.metadata(),
@@ -964,6 +967,7 @@ def pipes_metadata(result: TrainResult) -> dict[str, Any]:
         **{f"val_{k}": v for k, v in result.best_val.items()},
         "n_train": s["n_train"],
         "n_val": s["n_val"],
+        "adapted_layers": s["adapted_layers"],
         "loss": s["config"]["loss"],
         "final_train_loss": next(
             (h["loss"] for h in reversed(result.history) if "loss" in h), None

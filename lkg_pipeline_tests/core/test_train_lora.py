@@ -184,6 +184,7 @@ def test_fine_tune_learns_and_the_published_adapter_reloads(
     assert summary["best_step"] == 12 and summary["step"] == 12 and summary["finished"]
     assert summary["config"]["lr"] == 1e-2 and summary["n_train"] == 24 and summary["n_val"] == 8
     assert summary["tokens_per_s"] > 0 and summary["peak_rss_mb"] > 0
+    assert summary["adapted_layers"] == "all 2 layers"
     tokenizer = tokenizer_of(tiny_base)
     val_prompts = read_examples(prompts_file, "val", None, seed=0).prompts
     assert summary["letter_token_ids"] == [letter_token_ids(tokenizer, val_prompts[0])]
@@ -298,6 +299,7 @@ def test_lora_in_the_top_layers_only_trains_there_and_backward_stops_there(
     assert val[12]["NDCG@10"] > val[0]["NDCG@10"] + 0.2, val
     saved = json.loads((tmp_path / "top" / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1]
+    assert result.summary["adapted_layers"] == "layer 1 of 2"
 
     assert lora_config(quick(lora_layers=3), n_layers=2).layers_to_transform == [0, 1]
     with pytest.raises(ValueError, match="needs the model's number of decoder layers"):
