@@ -32,9 +32,11 @@ from typing import Any
 import polars as pl
 import psutil
 
+from lkg_pipeline.core.storage import replace_atomically
 from lkg_pipeline.core.tables import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS_JSON = REPO / "benchmarks" / "results.json"  # one section per benchmark
 DATASET = "ml-100k"
 VARIANT = "lkg_rag"
 BASE_MODEL = "smollm2-135m"
@@ -316,3 +318,12 @@ def si(value: float, unit: str = "") -> str:
 
 if __name__ == "__main__":
     _child_main(*sys.argv[1:4])
+
+
+def save_results_section(results: Path, name: str, section: dict[str, Any]) -> None:
+    """Replace one benchmark's section of `results` (benchmarks/results.json), keeping the
+    others; written beside it and renamed over it, so an interrupted write loses nothing."""
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    saved[name] = section
+    text = json.dumps(saved, indent=2, default=str) + "\n"
+    replace_atomically(results, lambda tmp: tmp.write_text(text))

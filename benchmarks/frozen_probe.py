@@ -33,14 +33,18 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import REPO, lake_root, machine_info
+from benchmarks.common import (
+    RESULTS_JSON,
+    lake_root,
+    machine_info,
+    save_results_section,
+)
 from lkg_pipeline.core.evaluation import paired_randomization_test
 from lkg_pipeline.core.fusion import LAMBDA_GRID, log_softmax, retriever_log_prior, target_ranks
 from lkg_pipeline.core.metrics import per_user_metrics
 from lkg_pipeline.core.ranking import load_ranker, pad_token_id
 from lkg_pipeline.core.segments import decoder_inputs, segment_batch, tokenize_segments
 
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
 # Where the states are read: after a third and two thirds of the layers (10 and 20 of
 # SmolLM2's 30) and after the final norm.
 DEPTHS = (1 / 3, 2 / 3, 1.0)
@@ -240,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json.dumps(finals[-1]), flush=True)
-    saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    saved["frozen_probe"] = {
+    section = {
         "machine": machine_info(),
         "prompts": str(args.prompts),
         "retriever_val_ndcg10": round(retriever_val, 4),
@@ -249,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "chosen": chosen,
         "test": finals,
     }
-    partial = RESULTS_JSON.with_suffix(".partial")
-    partial.write_text(json.dumps(saved, indent=2) + "\n")
-    partial.replace(RESULTS_JSON)
+    save_results_section(RESULTS_JSON, "frozen_probe", section)
     return 0
 
 

@@ -29,7 +29,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import REPO, lake_root, machine_info
+from benchmarks.common import (
+    RESULTS_JSON,
+    lake_root,
+    machine_info,
+    save_results_section,
+)
 from benchmarks.quality import DATASET, RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import (
@@ -43,7 +48,6 @@ from lkg_pipeline.core.ranking import load_ranker, rank_prompts
 from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
 from lkg_pipeline.defs import layout
 
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -186,9 +190,7 @@ def pipeline_recipe() -> TrainConfig:
     """`lora_adapter`'s default training settings as a TrainConfig."""
     from lkg_pipeline.defs.llm import LoraRunConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = {k: v for k, v in LoraRunConfig().model_dump().items() if k in fields}
-    return TrainConfig(**settings | {"target_modules": tuple(settings["target_modules"])})
+    return LoraRunConfig().to_core()
 
 
 def run(
@@ -311,11 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     section = run(
         args.prompts, Row(variant, fmt, kind == "tuned"), args.train_steps, args.ablation_prompts
     )
-    saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    saved["llm_dtype"] = json.loads(json.dumps(section, default=str))
-    partial = RESULTS_JSON.with_suffix(".partial")
-    partial.write_text(json.dumps(saved, indent=2, default=str))
-    partial.replace(RESULTS_JSON)
+    save_results_section(RESULTS_JSON, "llm_dtype", section)
     keys = ("chosen_dtype", "ranking_speedup_vs_fp32", "training_speedup_vs_fp32",
             "no_dropout_training_speedup", "pipeline_training_speedup_vs_fp32",
             "pipeline_training_speedup_vs_recipe_fp32", "top1_agreement", "ndcg10_fp32",

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import lake_root, machine_info
-from benchmarks.llm_dtype import RESULTS_JSON, pipeline_recipe
+from benchmarks.common import RESULTS_JSON, lake_root, machine_info, save_results_section
+from benchmarks.llm_dtype import pipeline_recipe
 from lkg_pipeline.core.train_lora import RunPaths, training_function
 from lkg_pipeline.defs.layout import current_base_model, prompts_file
 
@@ -69,17 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(
         prompts_file(lake, "ml-100k", "lkg_rag"), current_base_model(lake), layers, args.val
     )
-    saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     recipe = pipeline_recipe()
-    saved["lora_layers"] = {
+    section = {
         "machine": machine_info(),
         "recipe": {**dataclasses.asdict(recipe), "target_modules": list(recipe.target_modules)},
         "n_val": args.val,
         "rows": rows,
     }
-    partial = RESULTS_JSON.with_suffix(".partial")
-    partial.write_text(json.dumps(saved, indent=2, default=str))
-    partial.replace(RESULTS_JSON)
+    save_results_section(RESULTS_JSON, "lora_layers", section)
     return 0
 
 

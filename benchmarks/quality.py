@@ -32,7 +32,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import REPO, lake_root, machine_info
+from benchmarks.common import (
+    REPO,
+    RESULTS_JSON,
+    lake_root,
+    machine_info,
+    save_results_section,
+)
 from lkg_pipeline.core.evaluation import (
     PREFERENCE,
     PRIOR_SUFFIX,
@@ -53,7 +59,6 @@ from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_functio
 
 DATASET = "ml-100k"
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
 QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
 
 
@@ -631,11 +636,7 @@ def report(lake: Path) -> dict[str, Any]:
     lines += ["", "![training curves](quality_curve.png)", ""]
     lines += ["![positions](quality_positions.png)", ""]
     QUALITY_MD.write_text("\n".join(lines) + "\n")
-    saved = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    saved["quality"] = json.loads(json.dumps(section, default=str))
-    partial = RESULTS_JSON.with_suffix(".partial")
-    partial.write_text(json.dumps(saved, indent=2, default=str))
-    partial.replace(RESULTS_JSON)
+    save_results_section(RESULTS_JSON, "quality", section)
     print(f"wrote {QUALITY_MD}")
     return section
 

@@ -278,3 +278,14 @@ def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_p
         assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert set(row["val_final"]) >= {"NDCG@10", "MRR@1"}
         assert row["val_step0"] == rows[0]["val_step0"]  # the same untrained model, same prompts
+
+
+def test_save_results_section_replaces_one_section_and_keeps_the_others(tmp_path: Path) -> None:
+    from benchmarks.common import save_results_section
+
+    results = tmp_path / "results.json"
+    save_results_section(results, "a", {"x": 1})
+    save_results_section(results, "b", {"when": Path("p")})  # not JSON: written as its str
+    save_results_section(results, "a", {"x": 2})
+    assert json.loads(results.read_text()) == {"a": {"x": 2}, "b": {"when": "p"}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left

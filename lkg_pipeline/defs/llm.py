@@ -329,6 +329,11 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
     resume: bool = True  # continue an interrupted run from its last checkpoint
 
+    def to_core(self) -> TrainConfig:
+        fields = TrainConfig.__dataclass_fields__
+        values = {k: v for k, v in self.model_dump().items() if k in fields}
+        return TrainConfig(**values | {"target_modules": tuple(self.target_modules)})
+
     def script_args(self) -> list[str]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         args = []

@@ -40,6 +40,7 @@ def test_the_launch_arguments_rebuild_the_configured_training() -> None:
     }
     expected["target_modules"] = tuple(expected["target_modules"])
     assert rebuilt == TrainConfig(**expected)
+    assert config.to_core() == rebuilt  # what the benchmarks train with (pipeline_recipe)
 
 
 PAIRS = [
