@@ -84,19 +84,24 @@ def ablation(
     """What each bf16 change buys, side by side in one process: the configurations take turns
     on every prompt (so drifts of the machine's speed hit all alike) and each reports its
     median seconds per prompt. Ranking: the previous path (dense T×T block mask, the adapter
-    as peft's fp32 branch), windowed attention, then the adapter folded too (the pipeline's
-    path now). Training (forward + backward of one prompt, LoRA on all linear layers): peft's
-    fp32 branch, then under autocast (the pipeline's path now)."""
+    as peft's fp32 branch), windowed attention, then the adapter folded, then the RMSNorms
+    fused too (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
+    all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms
+    (the pipeline's path now)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lkg_pipeline.core.llm import fuse_rms_norms
+    from lkg_pipeline.core.lowrank import fold_lora
     from lkg_pipeline.core.segments import segment_batch, segment_scores, use_segment_attention
     from lkg_pipeline.core.train_lora import Run, lora_config
 
     rows, answers = _segment_rows(tokenizer, prompts)
 
-    def bf16_base(windowed: bool) -> Any:
+    def bf16_base(windowed: bool, fused_norms: bool = False) -> Any:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        if fused_norms:
+            fuse_rms_norms(model)
         return use_segment_attention(model) if windowed else model
 
     def batch(row: Any, windowed: bool) -> dict[str, torch.Tensor]:
@@ -124,12 +129,19 @@ def ablation(
             PeftModel.from_pretrained(bf16_base(True), adapter, autocast_adapter_dtype=True),
             True,
         )
-        ranking["windowed + folded (now)"] = (
+        ranking["windowed + folded"] = (
+            fold_lora(
+                PeftModel.from_pretrained(bf16_base(True), adapter, autocast_adapter_dtype=True)
+            ),
+            True,
+        )
+        ranking["windowed + folded + fused norms (now)"] = (
             load_ranker(base, adapter, "cpu", torch.bfloat16),
             True,
         )
     ranking["base model, dense"] = (bf16_base(False), False)
     ranking["base model, windowed"] = (bf16_base(True), True)
+    ranking["base model, windowed + fused norms"] = (bf16_base(True, True), True)
 
     def scorer(model: Any, windowed: bool) -> Any:
         model.eval()
@@ -144,9 +156,11 @@ def ablation(
     del ranking
     config = dataclasses.replace(RECIPE, lora_dropout=0.0)
 
-    def trainer(autocast: bool) -> Any:
+    def trainer(autocast: bool, fused_norms: bool = False) -> Any:
         torch.manual_seed(0)
-        model = get_peft_model(bf16_base(True), lora_config(config), autocast_adapter_dtype=True)
+        model = get_peft_model(
+            bf16_base(True, fused_norms), lora_config(config), autocast_adapter_dtype=True
+        )
         model.train()
         holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
         holder.model, holder.autocast = model, torch.bfloat16 if autocast else None
@@ -163,7 +177,8 @@ def ablation(
     out["training_s_per_prompt"] = timed(
         {
             "windowed + peft fp32 branch (before)": trainer(False),
-            "windowed + autocast (now)": trainer(True),
+            "windowed + autocast": trainer(True),
+            "windowed + autocast + fused norms (now)": trainer(True, True),
         }
     )
     print(f"ablation: {out}", flush=True)

@@ -230,7 +230,8 @@ def load_ranker(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """The base model with the LoRA adapter (no adapter: the base model), in eval mode, with
-    the segments format's windowed attention (`segments.use_segment_attention`).
+    the segments format's windowed attention (`segments.use_segment_attention`) and fused
+    RMSNorms (`llm.fuse_rms_norms`).
 
     In fp32 the adapter is merged (B·A folded into the weights once: no extra matmuls). In a
     lower precision merging would round it away (an update about 1e-3 of a weight's size is
@@ -240,10 +241,12 @@ def load_ranker(
     """
     from transformers import AutoModelForCausalLM
 
+    from lkg_pipeline.core.llm import fuse_rms_norms
     from lkg_pipeline.core.lowrank import fold_lora
     from lkg_pipeline.core.segments import use_segment_attention
 
     model = use_segment_attention(AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype))
+    fuse_rms_norms(model)
     if adapter is not None:
         from peft import PeftModel
 

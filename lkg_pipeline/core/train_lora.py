@@ -40,7 +40,13 @@ import torch
 from torch.nn import functional as F
 
 from lkg_pipeline.core.fingerprints import folder_digest, library_versions
-from lkg_pipeline.core.llm import LETTERS, final_hidden, letter_token_ids, token_logits
+from lkg_pipeline.core.llm import (
+    LETTERS,
+    final_hidden,
+    fuse_rms_norms,
+    letter_token_ids,
+    token_logits,
+)
 from lkg_pipeline.core.lowrank import folded
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
@@ -734,6 +740,7 @@ def _prepare_run(
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
     use_segment_attention(base)  # the segments format's windowed attention, as ranking
+    fuse_rms_norms(base)  # one kernel per norm, as ranking
     base.config.use_cache = False
     position_limit = max_positions(base)
     # autocast_adapter_dtype: LoRA weights in fp32 over a bf16 base (fp32 master weights)

@@ -78,3 +78,45 @@ def test_token_logits_are_the_heads_logits_in_fp32_without_its_bf16_rounding(tin
     assert exact.abs().max() > 4.0, "the scaled head should give large logits"
     assert (ours.double() - exact).abs().max() < 1e-4
     assert (head - exact).abs().max() > 100 * (ours.double() - exact).abs().max()
+
+
+def test_fused_rms_norms_compute_what_transformers_norms_compute(tiny_base) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lkg_pipeline.core.llm import FusedRMSNorm, final_hidden, fuse_rms_norms
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 7, 64]])
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        own = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=dtype)
+        fused = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=dtype)
+        with torch.no_grad():  # norm weights that are not all ones, the same in both
+            for a, b in zip(own.modules(), fused.modules()):
+                if type(a).__name__.endswith("RMSNorm"):
+                    a.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+                    b.weight.copy_(a.weight)
+        layers = own.config.num_hidden_layers
+        assert fuse_rms_norms(fused) == 2 * layers + 1  # two per layer and the final one
+        assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 2 * layers + 1
+        assert fused.state_dict().keys() == own.state_dict().keys()
+        assert all(p.dtype == dtype for p in fused.parameters())
+        outputs = []
+        for model in (own, fused):
+            embeddings = model.get_input_embeddings()
+            embeddings.weight.requires_grad_(True)
+            hidden = final_hidden(model, input_ids=ids)
+            hidden.float().square().sum().backward()
+            outputs.append((hidden.float(), embeddings.weight.grad.float()))
+        (hidden_own, grad_own), (hidden_fused, grad_fused) = outputs
+        assert (hidden_own - hidden_fused).abs().max() <= tolerance * hidden_own.abs().max()
+        assert (grad_own - grad_fused).abs().max() <= tolerance * grad_own.abs().max()
+        if dtype == torch.float32:
+            assert torch.equal(hidden_own, hidden_fused)
+
+    class ShiftedRMSNorm(LlamaRMSNorm):  # Llama's attributes, other arithmetic (as Gemma's)
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return super().forward(hidden) + 1.0
+
+    other = torch.nn.Sequential(ShiftedRMSNorm(16), LlamaRMSNorm(16))
+    assert fuse_rms_norms(other) == 1, "only the norm the probe finds equal is replaced"
+    assert isinstance(other[0], ShiftedRMSNorm) and isinstance(other[1], FusedRMSNorm)
