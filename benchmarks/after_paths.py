@@ -168,11 +168,16 @@ def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
 
 
 def run(
-    quick: bool, tokenizer: str | None = None, only_sizes: list[int] | None = None
+    quick: bool,
+    tokenizer: str | None = None,
+    only_sizes: list[int] | None = None,
+    only_stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every size smallest first, each stage in its own process; stop at the first failure.
     `tokenizer`: a model folder whose tokenizer counts the prompts' tokens (default: the lake's
-    base model); `only_sizes`: measure these sizes only."""
+    base model); `only_sizes`, `only_stages`: measure these sizes, these stages only."""
+    stages = [s for s in STAGES if not only_stages or s in only_stages]
+    assert not set(only_stages or ()) - set(STAGES), f"stages are {STAGES}, not {only_stages}"
     sizes = QUICK_SIZES if quick else SIZES
     if only_sizes:
         unknown = set(only_sizes) - set(sizes)
@@ -202,6 +207,7 @@ def run(
             base = {
                 "users": n_users,
                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "cpu_model": machine_info()["cpu_model"],
                 **{k: built.result[k] for k in ("examples", "paths_rows")},
             }
             kwargs = {
@@ -212,7 +218,7 @@ def run(
                     "tokenizer": tokenizer,
                 },
             }
-            for stage in STAGES:
+            for stage in stages:
                 row = {**base, "stage": stage}
                 rows.append(row)
                 if stage == "prompts" and tokenizer is None:
@@ -278,9 +284,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# After the paths: preference module, path selection and prompts in bounded memory",
         "",
-        f"*Measured {result['measured_at']} on {machine['cpu_model']} ({machine['nproc']} "
-        f"CPUs, {machine['ram_gib']} GiB, load {machine['load_average_1m']} at the start). "
-        "`python -m benchmarks.after_paths`.*",
+        f"*Last run {result['measured_at']} on {machine['cpu_model']} ({machine['nproc']} "
+        f"CPUs, {machine['ram_gib']} GiB, load {machine['load_average_1m']} at the start); "
+        "each row names when and where it was measured. `python -m benchmarks.after_paths`.*",
         "",
         __doc__.split("\n\n")[1].replace("\n", " "),
         "",
@@ -293,7 +299,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         shown.append(
             {
                 "users": f"{r['users']:,}",
-                "measured": r.get("measured_at", ""),
+                "measured": f"{r.get('measured_at', '')}, {r.get('cpu_model', '?')}",
                 "stage": r.get("stage", ""),
                 "examples": f"{r['examples']:,}" if "examples" in r else "",
                 "paths rows": f"{r['paths_rows']:,}" if "paths_rows" in r else "",
@@ -301,7 +307,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 "per user": f"{r['ms_per_user']:.3f} ms" if "ms_per_user" in r else "",
                 "inputs": f"{r['rss_before_mb']:,.0f} MB" if "rss_before_mb" in r else "",
                 "peak added": f"{r['added_mb']:,.0f} MB" if "added_mb" in r else "",
-                "status": r["status"],
+                "status": r["status"] if r.get("within_budget", True) else "over the bar",
             }
         )
     lines += [table(shown), ""]
@@ -318,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.after_paths")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--stages",
+        default="",
+        help=f"comma-separated stages to re-measure (of {', '.join(STAGES)}); the other "
+        "stages' rows are kept from results.json",
+    )
+    parser.add_argument(
         "--sizes",
         default="",
         help="comma-separated user counts to re-measure; the other sizes' rows are kept from "
@@ -325,10 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = [int(n) for n in args.sizes.split(",") if n]
-    result = run(args.quick, only_sizes=only)
-    if only and RESULTS_JSON.exists():
-        kept = json.loads(RESULTS_JSON.read_text()).get("after_paths", {}).get("rows", [])
-        rows = [r for r in kept if r["users"] not in only] + result["rows"]
+    stages = [s for s in args.stages.split(",") if s]
+    result = run(args.quick, only_sizes=only, only_stages=stages)
+    if (only or stages) and not args.quick and RESULTS_JSON.exists():
+        before = json.loads(RESULTS_JSON.read_text()).get("after_paths", {})
+        kept = before.get("rows", [])
+        for r in kept:  # rows from before rows named their machine: the run's own
+            r.setdefault("cpu_model", before.get("machine", {}).get("cpu_model", "?"))
+        remeasured = {(r["users"], r.get("stage")) for r in result["rows"]}
+        rows = [r for r in kept if (r["users"], r.get("stage")) not in remeasured]
+        rows += result["rows"]
         result["rows"] = sorted(
             rows, key=lambda r: (r["users"], STAGES.index(r.get("stage", STAGES[0])))
         )

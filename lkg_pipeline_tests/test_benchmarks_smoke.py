@@ -67,7 +67,14 @@ def test_after_paths_quick(tiny_base: Path) -> None:
         assert row["seconds"] > 0 and row["stage_peak_rss_mb"] >= row["rss_before_mb"] > 0
     assert set(result["verdict"]) == set(after_paths.STAGES)
     markdown = after_paths.to_markdown(result)
-    assert all(f"| {r['measured_at']} | {r['stage']} |" in markdown for r in rows)
+    assert all(f"| {r['measured_at']}, {r['cpu_model']} | {r['stage']} |" in markdown for r in rows)
+    smallest = min(after_paths.QUICK_SIZES)
+    again = after_paths.run(
+        quick=True, tokenizer=str(tiny_base), only_sizes=[smallest], only_stages=["selection"]
+    )
+    assert [(r["users"], r["stage"], r["status"]) for r in again["rows"]] == [
+        (smallest, "selection", "ok")
+    ]
 
 
 def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:

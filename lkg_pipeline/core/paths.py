@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -573,6 +573,7 @@ def selections_in_batches(
     max_paths: int,
     users_per_batch: int,
     paths_per_batch: int | None = None,
+    exclude_path_types: Collection[str] = (),
 ) -> Iterator[pl.DataFrame]:
     """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
     `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
@@ -588,9 +589,9 @@ def selections_in_batches(
         mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
         yield pl.concat(
             [
-                select_paths(paths, None, per_history_item, max_paths)
+                select_paths(paths, None, per_history_item, max_paths, exclude_path_types)
                 .with_columns(variant=pl.lit("kg_rag")),
-                select_paths(paths, mine, per_history_item, max_paths)
+                select_paths(paths, mine, per_history_item, max_paths, exclude_path_types)
                 .with_columns(variant=pl.lit("lkg_rag")),
             ],
             how="diagonal_relaxed",
@@ -602,8 +603,10 @@ def select_paths(
     preferences: pl.DataFrame | None,
     per_history_item: int = 1,
     max_paths: int = 20,
+    exclude_path_types: Collection[str] = (),
 ) -> pl.DataFrame:
-    """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`.
+    """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`,
+    none of a type in `exclude_path_types`.
 
     With `preferences` (user_idx, path_type, weight) the path type that counts most for this
     user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win,
@@ -614,11 +617,14 @@ def select_paths(
     # then gathered with their lists and names: sorting the whole batch's paths with every
     # column held ~+500 MB at 2,500 Beauty-like users (1.4M paths), this a fraction of it.
     # The row number is the last key, so ties keep the (deterministic) order of the table.
-    ranked = paths.select(
+    ranked = paths.with_row_index("row").select(
+        "row",
         "example_id", "history_position", "history_item_idx", "path_type",
         "hops", "candidate_position", "via_degree",
         *(["user_idx"] if preferences is not None else []),
-    ).with_row_index("row")  # fmt: skip
+    )  # fmt: skip
+    if exclude_path_types:
+        ranked = ranked.filter(~pl.col("path_type").is_in(list(exclude_path_types)))
     if preferences is not None:
         ranked = ranked.join(
             preferences.select("user_idx", "path_type", "weight"),

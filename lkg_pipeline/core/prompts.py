@@ -114,6 +114,12 @@ class PathSelection:
 
     per_history_item: int = 1  # the reference: one relation line per history item
     max_paths: int = 20
+    # path types (a 1-hop relation, or the relation into a shared attribute, e.g. "co_rated",
+    # "from_country") never shown: a history item without another path gets no line
+    exclude_path_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives a list; a tuple keeps it hashable, comparable
+        object.__setattr__(self, "exclude_path_types", tuple(self.exclude_path_types))
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,13 @@ def prompts_as_trained(
             len(titles),
             settings.paths,
         ).paths
+        selection = settings.selection
         selected = select_paths(
-            paths, preferences, settings.selection.per_history_item, settings.selection.max_paths
+            paths,
+            preferences,
+            selection.per_history_item,
+            selection.max_paths,
+            selection.exclude_path_types,
         ).with_columns(variant=pl.lit(variant))
 
     def count(text: str) -> int:

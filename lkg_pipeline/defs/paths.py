@@ -288,6 +288,10 @@ class SelectedPathsRunConfig(dg.Config):
 
     per_history_item: int = PathSelection.per_history_item
     max_paths: int = PathSelection.max_paths
+    # Path types never shown (e.g. ["co_rated", "from_country"]): the relation of a 1-hop path
+    # or the one into a 2-hop path's shared attribute, as `selected_paths_per_variant` names
+    # them. Empty: every type, as the reference.
+    exclude_path_types: list[str] = []
     # Users whose paths are selected together, at most this many users and this many
     # enumerated paths (a user with more is a batch alone): bounds memory, never changes a
     # selected path. The path budget is what holds with a dense graph: a batch of 1.4M
@@ -317,13 +321,28 @@ def selected_paths(
     dataset = context.partition_key
     paths_file = paths_folder(lake.path, dataset) / "paths.parquet"
     preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
-    selection = PathSelection(config.per_history_item, config.max_paths)
+    selection = PathSelection(
+        config.per_history_item, config.max_paths, tuple(config.exclude_path_types)
+    )
+    known = set(preferences["path_type"].unique().to_list())
+    unknown = sorted(set(selection.exclude_path_types) - known)
+    if unknown:
+        raise ValueError(
+            f"selected_paths {dataset}: exclude_path_types {unknown} are not path types of this "
+            f"dataset's paths; they are {sorted(known)}"
+        )
     parts = ParquetParts(scratch_dir(lake.path) / f"selected_paths-{dataset}")
     per_example, by_type = [], []
     try:
         per_item, cap = selection.per_history_item, selection.max_paths
         batches = selections_in_batches(
-            paths_file, preferences, per_item, cap, config.users_per_batch, config.paths_per_batch
+            paths_file,
+            preferences,
+            per_item,
+            cap,
+            config.users_per_batch,
+            config.paths_per_batch,
+            selection.exclude_path_types,
         )
         for table in batches:
             parts.write(table)

@@ -141,6 +141,22 @@ def test_selection_by_fewest_hops_or_by_preference() -> None:
     ]
     assert select_paths(out.paths, likes_genres, max_paths=1).height == 1
 
+    # Excluded types are never shown; the next path of the same history item takes the place,
+    # and an item with no other path gets no line.
+    both = out.paths.filter(pl.col("history_item_idx") == 1)["path_type"].unique().to_list()
+    assert {"co_rated", "has_genre"} <= set(both)
+    no_co = select_paths(out.paths, None, exclude_path_types=["co_rated"])
+    assert no_co.select("history_item_idx", "path_type").rows() == [
+        (1, "has_genre"),
+        (0, "released_in"),
+    ]
+    only_item_0 = select_paths(out.paths, likes_genres, exclude_path_types=set(both))
+    assert "co_rated" not in only_item_0["path_type"].to_list()
+    assert only_item_0["history_item_idx"].to_list() == [0]
+    assert only_item_0["selection_rank"].to_list() == [1]
+    picked = out.paths.filter(pl.col("history_item_idx") == 0).row(0, named=True)
+    assert only_item_0.row(0, named=True)["candidate_item_idx"] == picked["candidate_item_idx"]
+
 
 @pytest.mark.parametrize("shape", ["ml-100k-like", "beauty-like"])
 def test_write_paths_in_user_batches_equals_enumerate_paths(tmp_path: Path, shape: str) -> None:

@@ -353,6 +353,46 @@ def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
     assert pl.read_parquet(file).equals(table) and not list((lake / "scratch").iterdir())
 
 
+def test_selected_paths_leave_out_excluded_path_types_and_prompts_record_it(
+    built: dict, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    shutil.copytree(built["lake"], lake)
+    before = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    assert before.filter(pl.col("path_type") == "co_rated").height  # something to leave out
+    instance = dg.DagsterInstance.ephemeral()
+
+    def materialize(asset: dg.AssetsDefinition, key, config: dict) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            EVERYTHING,
+            selection=[asset],
+            partition_key=key,
+            resources=resources(lake),
+            run_config={"ops": {asset.op.name: {"config": config}}},
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    failed = materialize(selected_paths, "ml-100k", {"exclude_path_types": ["co_rates"]})
+    assert not failed.success
+    error = str(failed.failure_data_for_node("selected_paths").error)
+    assert "['co_rates'] are not path types" in error and "'co_rated'" in error
+    assert read(lake, "paths", "selected_paths", "ml-100k.parquet").equals(before)
+
+    assert materialize(selected_paths, "ml-100k", {"exclude_path_types": ["co_rated"]}).success
+    after = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    assert after.filter(pl.col("path_type") == "co_rated").height == 0
+    kept = before.filter(pl.col("path_type") != "co_rated")
+    assert after.height > kept.height  # other paths of the same history items take the place
+    footer = pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")
+    assert json.loads(footer[PATHS_KEY])["selection"]["exclude_path_types"] == ["co_rated"]
+    assert materialize(prompts, LKG_RAG, TITLES_8["prompts"]["config"]).success
+    assert recorded_settings_of(lake)["selection"]["exclude_path_types"] == ["co_rated"]
+    table = read(lake, "llm", "prompts", "ml-100k", "lkg_rag.parquet")
+    shown = " ".join(" ".join(s) for s in table["segments"].to_list())
+    assert "often rated by the same people" not in shown
+
+
 def recorded_settings_of(lake: Path) -> dict:
     file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
     return json.loads(pl.read_parquet_metadata(file)[SETTINGS_KEY])
