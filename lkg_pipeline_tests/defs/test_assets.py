@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -290,17 +291,9 @@ def test_paths_selection_and_preferences(built: dict) -> None:
     )
 
 
-def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
-    built: dict, tmp_path: Path
-) -> None:
-    """A batch of users (selection) or a slice of examples (prompts) at a time, streamed into
-    the file by the IO manager: the same rows and footer as in one batch, no parts left, and a
-    failed run keeps the stored file."""
-    lake = tmp_path / "lake"
-    shutil.copytree(built["lake"], lake)
-    chosen = read(lake, "paths", "selected_paths", "ml-100k.parquet")
-    file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
-    table, footer = pl.read_parquet(file), pl.read_parquet_metadata(file)
+def materializer(lake: Path) -> Callable[..., dg.ExecuteInProcessResult]:
+    """materialize(asset, partition key, config) on `lake`, one instance for all its runs,
+    failures returned rather than raised."""
     instance = dg.DagsterInstance.ephemeral()
 
     def materialize(asset: dg.AssetsDefinition, key, config: dict) -> dg.ExecuteInProcessResult:
@@ -313,6 +306,22 @@ def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
             instance=instance,
             raise_on_error=False,
         )
+
+    return materialize
+
+
+def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
+    built: dict, tmp_path: Path
+) -> None:
+    """A batch of users (selection) or a slice of examples (prompts) at a time, streamed into
+    the file by the IO manager: the same rows and footer as in one batch, no parts left, and a
+    failed run keeps the stored file."""
+    lake = tmp_path / "lake"
+    shutil.copytree(built["lake"], lake)
+    chosen = read(lake, "paths", "selected_paths", "ml-100k.parquet")
+    file = lake / "llm" / "prompts" / "ml-100k" / "lkg_rag.parquet"
+    table, footer = pl.read_parquet(file), pl.read_parquet_metadata(file)
+    materialize = materializer(lake)
 
     enumerated = pl.scan_parquet(lake / "paths" / "kg_paths" / "ml-100k" / "paths.parquet")
     budget = enumerated.select(pl.len()).collect().item() // 4
@@ -360,18 +369,7 @@ def test_selected_paths_leave_out_excluded_path_types_and_prompts_record_it(
     shutil.copytree(built["lake"], lake)
     before = read(lake, "paths", "selected_paths", "ml-100k.parquet")
     assert before.filter(pl.col("path_type") == "co_rated").height  # something to leave out
-    instance = dg.DagsterInstance.ephemeral()
-
-    def materialize(asset: dg.AssetsDefinition, key, config: dict) -> dg.ExecuteInProcessResult:
-        return dg.materialize(
-            EVERYTHING,
-            selection=[asset],
-            partition_key=key,
-            resources=resources(lake),
-            run_config={"ops": {asset.op.name: {"config": config}}},
-            instance=instance,
-            raise_on_error=False,
-        )
+    materialize = materializer(lake)
 
     failed = materialize(selected_paths, "ml-100k", {"exclude_path_types": ["co_rates"]})
     assert not failed.success
