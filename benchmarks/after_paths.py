@@ -175,9 +175,11 @@ def run(
 ) -> dict[str, Any]:
     """Every size smallest first, each stage in its own process; stop at the first failure.
     `tokenizer`: a model folder whose tokenizer counts the prompts' tokens (default: the lake's
-    base model); `only_sizes`, `only_stages`: measure these sizes, these stages only."""
-    stages = [s for s in STAGES if not only_stages or s in only_stages]
+    base model); `only_sizes`, `only_stages`: measure these sizes, these stages only (a
+    stage still runs, unrecorded, where a later one reads its output)."""
     assert not set(only_stages or ()) - set(STAGES), f"stages are {STAGES}, not {only_stages}"
+    recorded = [s for s in STAGES if not only_stages or s in only_stages]
+    stages = STAGES[: STAGES.index(recorded[-1]) + 1]  # each reads the one before's output
     sizes = QUICK_SIZES if quick else SIZES
     if only_sizes:
         unknown = set(only_sizes) - set(sizes)
@@ -220,7 +222,8 @@ def run(
             }
             for stage in stages:
                 row = {**base, "stage": stage}
-                rows.append(row)
+                if stage in recorded:
+                    rows.append(row)
                 if stage == "prompts" and tokenizer is None:
                     row["status"] = "not run: no base_model in the lake (its tokenizer counts)"
                     continue
@@ -234,6 +237,8 @@ def run(
                 if not measured.ok:
                     stopped = f"{stage} at {n_users:,} users: {measured.status}"
                     row["status"] = f"{stopped} ({measured.error[:300]})"
+                    if stage not in recorded:  # a failed prerequisite is still reported
+                        rows.append(row)
                     break
                 result = measured.result
                 added = result["stage_peak_rss_mb"] - result["rss_before_mb"]
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if (only or stages) and not args.quick and RESULTS_JSON.exists():
         before = json.loads(RESULTS_JSON.read_text()).get("after_paths", {})
         kept = before.get("rows", [])
-        for r in kept:  # rows from before rows named their machine: the run's own
+        for r in kept:  # a row from before rows named their CPU gets its run's
             r.setdefault("cpu_model", before.get("machine", {}).get("cpu_model", "?"))
         remeasured = {(r["users"], r.get("stage")) for r in result["rows"]}
         rows = [r for r in kept if (r["users"], r.get("stage")) not in remeasured]
