@@ -304,7 +304,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         shown.append(
             {
                 "users": f"{r['users']:,}",
-                "measured": f"{r.get('measured_at', '')}, {r.get('cpu_model', '?')}",
+                "measured": ", ".join(r[k] for k in ("measured_at", "cpu_model") if k in r),
                 "stage": r.get("stage", ""),
                 "examples": f"{r['examples']:,}" if "examples" in r else "",
                 "paths rows": f"{r['paths_rows']:,}" if "paths_rows" in r else "",
@@ -350,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in kept:  # a row from before rows named their CPU gets its run's
             r.setdefault("cpu_model", before.get("machine", {}).get("cpu_model", "?"))
         remeasured = {(r["users"], r.get("stage")) for r in result["rows"]}
-        rows = [r for r in kept if (r["users"], r.get("stage")) not in remeasured]
+        sizes = {users for users, _ in remeasured}
+        rows = [  # a re-measured size keeps no old stop ("not run", a failed build)
+            r
+            for r in kept
+            if (r["users"], r.get("stage")) not in remeasured
+            and not (r["users"] in sizes and "stage" not in r)
+        ]
         rows += result["rows"]
         result["rows"] = sorted(
             rows, key=lambda r: (r["users"], STAGES.index(r.get("stage", STAGES[0])))

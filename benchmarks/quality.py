@@ -150,6 +150,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         preferences if row.variant == "lkg_rag" else None,
         selection["per_history_item"],
         selection["max_paths"],
+        selection.get("exclude_path_types", ()),
     ).with_columns(variant=pl.lit(row.variant))
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
     config = PromptConfig(format=row.format, max_prompt_tokens=SEGMENT_TOKENS)

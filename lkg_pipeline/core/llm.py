@@ -217,7 +217,10 @@ class FusedRMSNorm(torch.nn.Module):
         self.weight, self.eps = weight, eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(hidden, hidden.shape[-1:], self.weight, self.eps)
+        # CUDA autocast lists rms_norm among its fp32 ops: it would return fp32 activations
+        # where transformers' norm returns the input's dtype. Off, both stay in the model's.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.rms_norm(hidden, hidden.shape[-1:], self.weight, self.eps)
 
 
 def fuse_rms_norms(model: torch.nn.Module) -> int:
@@ -229,7 +232,9 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         eps = getattr(module, "variance_epsilon", None)
-        if not type(module).__name__.endswith("RMSNorm") or weight is None or eps is None:
+        if not type(module).__name__.endswith("RMSNorm") or eps is None:
+            continue
+        if not isinstance(weight, torch.nn.Parameter) or weight.device.type == "meta":
             continue
         reference = copy.deepcopy(module).float()  # probed in fp32; the model keeps its dtype
         probe = torch.randn(3, weight.shape[-1], generator=generator).to(weight.device)

@@ -114,12 +114,18 @@ class PathSelection:
 
     per_history_item: int = 1  # the reference: one relation line per history item
     max_paths: int = 20
-    # path types (a 1-hop relation, or the relation into a shared attribute, e.g. "co_rated",
-    # "from_country") never shown: a history item without another path gets no line
+    # path types never shown (a path's type is its first relation: the 1-hop relation, or the
+    # one into a 2-hop path's shared attribute, e.g. "co_rated", "from_country"; a 3-hop path
+    # of another type may still step through an excluded relation); a history item without
+    # another path gets no line
     exclude_path_types: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:  # JSON gives a list; a tuple keeps it hashable, comparable
-        object.__setattr__(self, "exclude_path_types", tuple(self.exclude_path_types))
+    def __post_init__(self) -> None:
+        excluded = self.exclude_path_types
+        if isinstance(excluded, str):
+            raise TypeError(f"exclude_path_types is a list of path types, not {excluded!r}")
+        # sorted and unique: the same exclusion records the same settings in any order
+        object.__setattr__(self, "exclude_path_types", tuple(sorted(set(excluded))))
 
 
 @dataclass(frozen=True)

@@ -740,7 +740,7 @@ def _prepare_run(
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
     use_segment_attention(base)  # the segments format's windowed attention, as ranking
-    fuse_rms_norms(base)  # one kernel per norm, as ranking
+    fuse_rms_norms(base)  # torch's rms_norm for transformers', as ranking
     base.config.use_cache = False
     position_limit = max_positions(base)
     # autocast_adapter_dtype: LoRA weights in fp32 over a bf16 base (fp32 master weights)

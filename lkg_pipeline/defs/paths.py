@@ -288,9 +288,9 @@ class SelectedPathsRunConfig(dg.Config):
 
     per_history_item: int = PathSelection.per_history_item
     max_paths: int = PathSelection.max_paths
-    # Path types never shown (e.g. ["co_rated", "from_country"]): the relation of a 1-hop path
-    # or the one into a 2-hop path's shared attribute, as `selected_paths_per_variant` names
-    # them. Empty: every type, as the reference.
+    # Path types never shown (e.g. ["co_rated", "from_country"]), as the materialisation's
+    # `selected_paths_per_variant` names them (`PathSelection`). Empty: every type, as the
+    # reference.
     exclude_path_types: list[str] = []
     # Users whose paths are selected together, at most this many users and this many
     # enumerated paths (a user with more is a batch alone): bounds memory, never changes a

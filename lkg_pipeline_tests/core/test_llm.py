@@ -112,6 +112,14 @@ def test_fused_rms_norms_compute_what_transformers_norms_compute(tiny_base) -> N
         assert (grad_own - grad_fused).abs().max() <= tolerance * grad_own.abs().max()
         if dtype == torch.float32:
             assert torch.equal(hidden_own, hidden_fused)
+        # under autocast (bf16 training) both keep the model's dtype; on CUDA autocast would
+        # otherwise run rms_norm in fp32 and return fp32 activations
+        devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+        for device in devices:
+            norm_own, norm_fused = own.model.norm.to(device), fused.model.norm.to(device)
+            probe = torch.randn(2, 5, own.config.hidden_size, dtype=dtype, device=device)
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+                assert norm_fused(probe).dtype == norm_own(probe).dtype == dtype
 
     class ShiftedRMSNorm(LlamaRMSNorm):  # Llama's attributes, other arithmetic (as Gemma's)
         def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,15 @@
+import json
+
 import polars as pl
 import pytest
 
-from lkg_pipeline.core.prompts import PromptConfig, build_prompts, render
+from lkg_pipeline.core.prompts import (
+    PathSelection,
+    PromptConfig,
+    PromptSettings,
+    build_prompts,
+    render,
+)
 
 TITLES = {0: "Heat (1995)", 1: "Ronin (1998)", 2: "Toy Story (1995)", 3: "Casino (1995)"}
 
@@ -134,3 +142,17 @@ def test_unknown_variant_and_missing_paths() -> None:
         build_prompts(examples, sequences, TITLES, None, "rag", PromptConfig(), words)
     with pytest.raises(ValueError, match="needs the selected paths"):
         build_prompts(examples, sequences, TITLES, None, "kg_rag", PromptConfig(), words)
+
+
+def test_path_selection_settings_round_trip_and_normalise() -> None:
+    excluded = PathSelection(exclude_path_types=["from_country", "co_rated", "co_rated"])
+    assert excluded.exclude_path_types == ("co_rated", "from_country")  # order, repeats: one
+    assert excluded == PathSelection(exclude_path_types=("from_country", "co_rated"))
+    settings = PromptSettings(PromptConfig(), selection=excluded)
+    assert PromptSettings.from_dict(json.loads(settings.to_json())) == settings
+    # a file recorded before the setting existed: nothing was excluded
+    old = json.loads(PromptSettings(PromptConfig(), selection=PathSelection()).to_json())
+    del old["selection"]["exclude_path_types"]
+    assert PromptSettings.from_dict(old).selection == PathSelection()
+    with pytest.raises(TypeError, match="a list of path types"):
+        PathSelection(exclude_path_types="co_rated")

@@ -369,6 +369,8 @@ def test_selected_paths_leave_out_excluded_path_types_and_prompts_record_it(
     shutil.copytree(built["lake"], lake)
     before = read(lake, "paths", "selected_paths", "ml-100k.parquet")
     assert before.filter(pl.col("path_type") == "co_rated").height  # something to leave out
+    segments = read(lake, "llm", "prompts", "ml-100k", "lkg_rag.parquet")["segments"].to_list()
+    assert "often rated by the same people" in " ".join(" ".join(s) for s in segments)
     materialize = materializer(lake)
 
     failed = materialize(selected_paths, "ml-100k", {"exclude_path_types": ["co_rates"]})

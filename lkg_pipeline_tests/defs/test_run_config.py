@@ -11,13 +11,13 @@ from lkg_pipeline.core.lrurec import LRURecConfig
 from lkg_pipeline.core.paths import PathConfig
 from lkg_pipeline.core.preference import PreferenceConfig
 from lkg_pipeline.core.prepare import PrepareConfig
-from lkg_pipeline.core.prompts import PromptConfig
+from lkg_pipeline.core.prompts import PathSelection, PromptConfig
 from lkg_pipeline.core.recommend import RecommendConfig
 from lkg_pipeline.core.train_lora import TrainConfig, build_parser, config_from_args
 from lkg_pipeline.defs.evaluate import EvaluationRunConfig, RecommendationRunConfig
 from lkg_pipeline.defs.kg import KGRunConfig
 from lkg_pipeline.defs.llm import LoraRunConfig, PromptRunConfig
-from lkg_pipeline.defs.paths import PathRunConfig, PreferenceRunConfig
+from lkg_pipeline.defs.paths import PathRunConfig, PreferenceRunConfig, SelectedPathsRunConfig
 from lkg_pipeline.defs.prepare import PrepareRunConfig
 from lkg_pipeline.defs.retrieval import RetrieverRunConfig
 
@@ -49,6 +49,7 @@ PAIRS = [
     (RetrieverRunConfig, LRURecConfig),
     (PathRunConfig, PathConfig),
     (PreferenceRunConfig, PreferenceConfig),
+    (SelectedPathsRunConfig, PathSelection),
     (PromptRunConfig, PromptConfig),
     (LoraRunConfig, TrainConfig),
     (RecommendationRunConfig, RecommendConfig),
