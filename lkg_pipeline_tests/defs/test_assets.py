@@ -278,7 +278,11 @@ def test_paths_selection_and_preferences(built: dict) -> None:
     assert selected_meta["rows"].value == selected.height
     assert "| lkg_rag |" in selected_meta["paths_per_prompt"].value
     footer = pl.read_parquet_metadata(lake / "paths" / "selected_paths" / "ml-100k.parquet")
-    assert json.loads(footer[PATHS_KEY])["selection"] == {"per_history_item": 1, "max_paths": 20}
+    assert json.loads(footer[PATHS_KEY])["selection"] == {
+        "per_history_item": 1,
+        "max_paths": 20,
+        "exclude_path_types": [],
+    }
     pref_meta = result.asset_materializations_for_node("preference_model")[0].metadata
     assert pref_meta["encoder"].value in ("user_id", "history")
     assert "| preference | test | subset |" in pref_meta["metrics"].value
