@@ -15,6 +15,9 @@ and time per user stays within 2× of the 10K figure.
 
     python -m benchmarks.after_paths            # 10K, 100K and 1M users (~1.5 h on 2 cores)
     python -m benchmarks.after_paths --quick    # two tiny sizes, seconds
+    python -m benchmarks.after_paths --stages preference --sizes 1000000 --data DIR
+        # keep each size's data and paths in DIR/<users>, and reuse them on the next run:
+        # the 1M build (~50 min) is most of a run that re-measures one stage
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,8 +157,12 @@ def stage_prompts(folder: str, examples_per_batch: int, tokenizer: str) -> dict[
     }
 
 
+BUILT_FILE = "built.json"  # written last by build_with_paths: the folder is complete
+
+
 def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
-    """Child: the synthetic dataset (as paths_bench builds it, plus its items) and its paths."""
+    """Child: the synthetic dataset (as paths_bench builds it, plus its items) and its paths;
+    `BUILT_FILE` records what was built once all of it is written."""
     from benchmarks.paths_bench import build_synthetic, measure_enumerate
 
     stats = build_synthetic(SHAPE, n_users, folder, QUICK_ITEMS[SHAPE] if quick else None)
@@ -164,7 +172,18 @@ def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
         schema={"item_idx": pl.Int32, "title": pl.String},
     ).write_parquet(Path(folder) / "items.parquet")
     paths = measure_enumerate(folder, 20 if quick else USERS_PER_BATCH)
-    return {**stats, "write_paths_s": paths["seconds"], "paths_rows": paths["paths_rows"]}
+    built = {**stats, "write_paths_s": paths["seconds"], "paths_rows": paths["paths_rows"]}
+    (Path(folder) / BUILT_FILE).write_text(json.dumps({**built, "quick": quick}))
+    return built
+
+
+def _kept_build(folder: Path, n_users: int, quick: bool) -> dict[str, Any] | None:
+    """What a complete earlier build in `folder` built, if it was this size and kind."""
+    try:
+        built = json.loads((folder / BUILT_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    return built if (built.get("users"), built.get("quick")) == (n_users, quick) else None
 
 
 def run(
@@ -172,11 +191,13 @@ def run(
     tokenizer: str | None = None,
     only_sizes: list[int] | None = None,
     only_stages: list[str] | None = None,
+    data: Path | None = None,
 ) -> dict[str, Any]:
     """Every size smallest first, each stage in its own process; stop at the first failure.
     `tokenizer`: a model folder whose tokenizer counts the prompts' tokens (default: the lake's
     base model); `only_sizes`, `only_stages`: measure these sizes, these stages only (a
-    stage still runs, unrecorded, where a later one reads its output)."""
+    stage still runs, unrecorded, where a later one reads its output); `data`: keep each
+    size's built data in `data`/<users> and reuse a complete one instead of building again."""
     assert not set(only_stages or ()) - set(STAGES), f"stages are {STAGES}, not {only_stages}"
     recorded = [s for s in STAGES if not only_stages or s in only_stages]
     stages = STAGES[: STAGES.index(recorded[-1]) + 1]  # each reads the one before's output
@@ -193,24 +214,35 @@ def run(
         if stopped:
             rows.append({"users": n_users, "status": f"not run: {stopped}"})
             continue
-        folder = tempfile.mkdtemp(prefix=f"lkg_after_paths_{n_users}_")
+        if data is None:
+            folder = tempfile.mkdtemp(prefix=f"lkg_after_paths_{n_users}_")
+        else:
+            folder = str(data / str(n_users))
+            Path(folder).mkdir(parents=True, exist_ok=True)
         try:
-            print(f"after paths: {n_users:,} users: building the data and its paths …", flush=True)
-            built = run_isolated(
-                "benchmarks.after_paths:build_with_paths",
-                {"folder": folder, "n_users": n_users, "quick": quick},
-                timeout_s=2 * limit_s,
-                memory_limit_mb=memory_limit_mb,
-            )
-            if not built.ok:
-                stopped = f"building {n_users:,} users: {built.status} ({built.error[:300]})"
-                rows.append({"users": n_users, "status": stopped})
-                continue
+            built = _kept_build(Path(folder), n_users, quick)
+            if built is None:
+                print(f"after paths: {n_users:,} users: building the data and its paths …")
+                sys.stdout.flush()
+                made = run_isolated(
+                    "benchmarks.after_paths:build_with_paths",
+                    {"folder": folder, "n_users": n_users, "quick": quick},
+                    timeout_s=2 * limit_s,
+                    memory_limit_mb=memory_limit_mb,
+                )
+                if not made.ok:
+                    stopped = f"building {n_users:,} users: {made.status} ({made.error[:300]})"
+                    rows.append({"users": n_users, "status": stopped})
+                    continue
+                built = made.result
+            else:
+                print(f"after paths: {n_users:,} users: reusing the data built in {folder}")
+                sys.stdout.flush()
             base = {
                 "users": n_users,
                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "cpu_model": machine_info()["cpu_model"],
-                **{k: built.result[k] for k in ("examples", "paths_rows")},
+                **{k: built[k] for k in ("examples", "paths_rows")},
             }
             kwargs = {
                 "preference": {"users_per_batch": 20 if quick else USERS_PER_BATCH},
@@ -255,7 +287,8 @@ def run(
                     flush=True,
                 )
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if data is None:
+                shutil.rmtree(folder, ignore_errors=True)
     return {
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(),
@@ -340,10 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated user counts to re-measure; the other sizes' rows are kept from "
         "results.json",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="folder that keeps each size's built data and paths (in <users>/) and reuses a "
+        "complete earlier build; default: a temporary folder, removed after each size",
+    )
     args = parser.parse_args(argv)
     only = [int(n) for n in args.sizes.split(",") if n]
     stages = [s for s in args.stages.split(",") if s]
-    result = run(args.quick, only_sizes=only, only_stages=stages)
+    result = run(args.quick, only_sizes=only, only_stages=stages, data=args.data)
     if (only or stages) and not args.quick and RESULTS_JSON.exists():
         before = json.loads(RESULTS_JSON.read_text()).get("after_paths", {})
         kept = before.get("rows", [])

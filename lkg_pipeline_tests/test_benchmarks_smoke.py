@@ -77,6 +77,23 @@ def test_after_paths_quick(tiny_base: Path) -> None:
     ]
 
 
+def test_after_paths_reuses_a_kept_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--data` keeps a size's build and the next run measures on it without building."""
+    smallest, kept = min(after_paths.QUICK_SIZES), tmp_path / "data"
+    options = {"quick": True, "only_sizes": [smallest], "only_stages": ["preference"]}
+    first = after_paths.run(**options, data=kept)
+    built = kept / str(smallest) / after_paths.BUILT_FILE
+    stamp = built.stat().st_mtime_ns
+    assert "building the data" in capsys.readouterr().out
+    again = after_paths.run(**options, data=kept)
+    assert "reusing the data built" in capsys.readouterr().out
+    assert built.stat().st_mtime_ns == stamp
+    for row in (*first["rows"], *again["rows"]):
+        assert (row["stage"], row["status"]) == ("preference", "ok"), row
+    assert [r["paths_rows"] for r in first["rows"]] == [r["paths_rows"] for r in again["rows"]]
+    assert after_paths._kept_build(kept / str(smallest), smallest + 1, True) is None
+
+
 def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:
     c = paths_result["comparison"]
     assert c["ours_s"] > 0 and c["sample_pairs"] > 0

@@ -22,9 +22,10 @@ A candidate without paths scores 0.
 
 At 1M users the path counts do not fit in memory as frames (pair_features: 102M rows), so
 `read_grid` builds the training grid from kg_paths' files a batch of users at a time and keeps
-the exact integer counts (uint16, 160 B per example); `preference_ranks` scores and ranks the
-other examples batch by batch. Every computation over the grid runs in chunks of rows, in an
-order that gives the same numbers, bit for bit, as one pass over in-memory frames.
+the exact integer counts (uint8 where they fit, 80 B per example); `preference_ranks` scores
+and ranks the other examples batch by batch. Every computation over the grid runs in chunks
+of rows, in an order that gives the same numbers, bit for bit, as one pass over in-memory
+frames.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ CONFIG_FILE = "preference.json"
 SELECT_METRIC = "NDCG@10"  # validation metric (subset population) that picks the best epoch
 USERS_PER_BATCH = 2_500  # users whose path counts are read together: bounds memory only
 CHUNK_ROWS = 65_536  # examples per chunk of a pass over the grid: (65,536, 20, 4) float32 = 21 MB
+SPLITS = ("train", "val", "test")  # PathGrid.split holds the index of an example's split
 FEATURE_COLUMNS = ("example_id", "candidate_item_idx", "path_type", "n_paths")
 HISTORY_COLUMNS = ("user_idx", "path_type", "weight")
 
@@ -131,19 +133,22 @@ class PreferenceModel(nn.Module):
 class PathGrid:
     """Examples as padded arrays; candidate position k is the order of candidate_item_idxs.
 
-    Path counts are kept as exact integers and decoded to log1p(float32) a chunk of rows at a
-    time (`_feats`): at 20 candidates × 4 types, 160 B an example instead of 320 B, and no
-    float32 copy of the whole grid.
+    Path counts are kept as exact integers in the narrowest unsigned type that holds them and
+    decoded to log1p(float32) a chunk of rows at a time (`feats`): at 20 candidates × 4 types,
+    80 B an example (uint8) instead of 320 B, and no float32 copy of the whole grid. Splits are
+    indices into SPLITS (1 B, not a 20 B string). At 1M Beauty-like users the grid is what the
+    preference stage holds (benchmarks/AFTER_PATHS.md), so every byte an example saves is
+    2 MB there.
     """
 
     path_types: list[str]
     example_id: np.ndarray  # (E,) int64
-    split: np.ndarray  # (E,) str
+    split: np.ndarray  # (E,) uint8 index into SPLITS
     cand: np.ndarray  # (E, K) int32, -1 on padding; (E, 0) from read_grid: training needs none
     mask: torch.Tensor  # (E, K) bool
     users: torch.Tensor  # (E,) long
     target: torch.Tensor  # (E,) long position of the target, -1 if not among the candidates
-    counts: np.ndarray  # (E, K, T) n_paths, uint16 unless a count needs a wider type
+    counts: np.ndarray  # (E, K, T) n_paths, uint8 unless a count needs a wider type
     profile: torch.Tensor  # (E, T) normalised history profile of the example's user
     user_ids: torch.Tensor  # (U,) long: every user of the examples, ascending (π statistics)
     user_profile: torch.Tensor  # (U, T) their profiles
@@ -153,6 +158,14 @@ class PathGrid:
         float32 counts, so the numbers are those of a float32 grid kept whole."""
         counts = self.counts.take(rows.numpy(), axis=0).astype(np.float32)
         return torch.from_numpy(np.log1p(counts))
+
+    def in_split(self, name: str) -> np.ndarray:
+        """(E,) bool: which examples belong to split `name`."""
+        return self.split == SPLITS.index(name)
+
+    def split_names(self) -> np.ndarray:
+        """(E,) str: each example's split by name."""
+        return np.asarray(SPLITS)[self.split]
 
 
 @dataclass
@@ -174,19 +187,33 @@ def _type_codes(values: pl.Series, path_types: Sequence[str], what: str) -> np.n
     return values.replace_strict(index, return_dtype=pl.Int64).to_numpy()
 
 
+def _split_codes(values: pl.Series) -> np.ndarray:
+    """(E,) uint8 index into SPLITS of each example's split."""
+    values = values.cast(pl.String)
+    unknown = sorted(map(str, set(values.unique().to_list()) - set(SPLITS)))
+    if unknown:
+        raise ValueError(f"unknown split values in the examples: {unknown}; expected {SPLITS}")
+    codes = values.replace_strict(list(SPLITS), list(range(len(SPLITS))), return_dtype=pl.UInt8)
+    return codes.to_numpy()
+
+
 def _profiles(history: pl.DataFrame | None, path_types: Sequence[str], users: np.ndarray):
-    """(len(users), T) L1-normalised history bag of path types; zeros for an empty history."""
-    out = np.zeros((len(users), len(path_types)), dtype=np.float64)
+    """(len(users), T) L1-normalised history bag of path types; zeros for an empty history.
+    Users are found by a sorted search, not a dict: a dict of 1M users costs ~100 MB."""
+    uniq, inverse = np.unique(np.asarray(users, dtype=np.int64), return_inverse=True)
+    out = np.zeros((len(uniq), len(path_types)), dtype=np.float64)
     if history is not None and history.height:
         w = history["weight"].cast(pl.Float64).to_numpy()
         assert np.isfinite(w).all() and (w >= 0).all(), "history weights must be finite and >= 0"
-        rows = {int(u): i for i, u in enumerate(users)}
-        pos = np.array([rows.get(int(u), -1) for u in history["user_idx"].to_numpy()])
-        keep = pos >= 0
+        wanted = history["user_idx"].to_numpy().astype(np.int64)
+        at = np.searchsorted(uniq, wanted)
+        keep = at < len(uniq)
+        keep[keep] = uniq[at[keep]] == wanted[keep]
         codes = _type_codes(history["path_type"], path_types, "history")
-        np.add.at(out, (pos[keep], codes[keep]), w[keep])
+        np.add.at(out, (at[keep], codes[keep]), w[keep])
     total = out.sum(axis=1, keepdims=True)
-    return torch.from_numpy(np.divide(out, total, out=np.zeros_like(out), where=total > 0)).float()
+    out = np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+    return torch.from_numpy(out[inverse.reshape(-1)]).float()
 
 
 def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
@@ -205,8 +232,10 @@ def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
     targets = examples["target_item_idx"].cast(pl.Int64).to_numpy()
     hit = cand == targets[:, None]  # (E, K)
     target = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
-    split = examples["split"].to_numpy().astype(str)
-    assert (target[split == "train"] >= 0).all(), "train examples must contain their target"
+    split = _split_codes(examples["split"])
+    assert (target[split == SPLITS.index("train")] >= 0).all(), (
+        "train examples must contain their target"
+    )
     if "in_candidates" in examples.columns:
         flag = examples["in_candidates"].to_list()
         known = np.array([f is not None for f in flag])
@@ -216,7 +245,7 @@ def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
     users = torch.tensor(examples["user_idx"].to_numpy(), dtype=torch.long)
     assert bool((users >= 0).all()), "user_idx must be >= 0"
     mask, empty = torch.from_numpy(cand >= 0), torch.zeros((n, 0))
-    counts = np.zeros((n, k, 0), dtype=np.uint16)
+    counts = np.zeros((n, k, 0), dtype=np.uint8)
     target = torch.from_numpy(target)
     return PathGrid([], ids, split, cand, mask, users, target, counts, empty, users[:0], empty)
 
@@ -229,8 +258,9 @@ def _cells(g: PathGrid) -> pl.DataFrame:
 
 
 def _count_dtype(largest: int) -> np.dtype:
-    """uint16, or the smallest unsigned type that holds `largest` (counts are exact)."""
-    return np.promote_types(np.uint16, np.min_scalar_type(largest))
+    """The smallest unsigned type that holds `largest` (counts are exact): uint8 on the data
+    seen so far (ml-100k's largest count is 56, Beauty-like 46)."""
+    return np.promote_types(np.uint8, np.min_scalar_type(largest))
 
 
 def _grid(
@@ -323,12 +353,12 @@ def read_grid(
     g = PathGrid(
         list(path_types),
         np.zeros(n, dtype=np.int64),
-        np.empty(n, dtype=f"<U{examples['split'].str.len_chars().max()}"),
+        np.zeros(n, dtype=np.uint8),
         np.zeros((n, 0), dtype=np.int32),  # 160 MB at 1M users that training never reads
         torch.zeros((n, k), dtype=torch.bool),
         torch.zeros(n, dtype=torch.long),
         torch.full((n,), -1, dtype=torch.long),
-        np.zeros((n, k, t), dtype=np.uint16),
+        np.zeros((n, k, t), dtype=np.uint8),
         torch.zeros((n, t)),
         torch.zeros(n_users, dtype=torch.long),
         torch.zeros((n_users, t)),
@@ -438,12 +468,13 @@ def _epoch_log(model: PreferenceModel, g: PathGrid, train: torch.Tensor, val: to
 @torch.no_grad()
 def _pi_stats(model: PreferenceModel, users: torch.Tensor, profile: torch.Tensor):
     """Mean KL(π_u ‖ uniform) and total-variation distance to uniform, over the given users."""
-    chunks = zip(_chunks(users), _chunks(profile))
-    pi = torch.cat([model.logits(u, p).softmax(dim=-1).double() for u, p in chunks])  # (U, T)
-    t = pi.shape[1]
-    kl = (pi * (pi * t).clamp_min(1e-300).log()).sum(dim=1)
-    tv = 0.5 * (pi - 1.0 / t).abs().sum(dim=1)
-    return float(kl.mean()), float(tv.mean())
+    kl, tv = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
+    for u, p in zip(_chunks(users), _chunks(profile)):  # per user, a chunk at a time
+        pi = model.logits(u, p).softmax(dim=-1).double()  # (C, T)
+        t = pi.shape[1]
+        kl.append((pi * (pi * t).clamp_min(1e-300).log()).sum(dim=1))
+        tv.append(0.5 * (pi - 1.0 / t).abs().sum(dim=1))
+    return float(torch.cat(kl).mean()), float(torch.cat(tv).mean())
 
 
 @torch.no_grad()
@@ -526,8 +557,8 @@ def train_on_grid(
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> PreferenceResult:
     """`train_preference` on a grid already built, e.g. by `read_grid` from kg_paths' files."""
-    train = torch.from_numpy(np.flatnonzero(g.split == "train"))
-    val = torch.from_numpy(np.flatnonzero((g.split == "val") & (g.target.numpy() >= 0)))
+    train = torch.from_numpy(np.flatnonzero(g.in_split("train")))
+    val = torch.from_numpy(np.flatnonzero(g.in_split("val") & (g.target.numpy() >= 0)))
     assert len(train), "no train examples"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -646,7 +677,7 @@ def example_ranks(examples: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "example_id": g.example_id,
-            "split": g.split,
+            "split": g.split_names(),
             "rank": _ranks(torch.from_numpy(matrix), g.target),
         }
     )
@@ -756,7 +787,7 @@ def user_preferences(
     return pl.DataFrame(
         {
             "user_idx": np.repeat(ids, t),
-            "path_type": model.path_types * len(ids),
+            "path_type": pl.Series(model.path_types).gather(np.tile(np.arange(t), len(ids))),
             "pi": probs.numpy().reshape(-1),
             "weight": weight.numpy().reshape(-1),
         },

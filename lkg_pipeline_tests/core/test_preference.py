@@ -245,6 +245,28 @@ def test_contract_violations(data) -> None:
         )
     with pytest.raises(ValueError, match="user_id"):
         PreferenceConfig(user_encoder="gnn")
+    with pytest.raises(ValueError, match=r"unknown split values .*'holdout'"):
+        train_preference(
+            examples.with_columns(split=pl.lit("holdout")), features, history, TYPES, N_USERS
+        )
+
+
+def test_history_profiles_follow_the_requested_users(data) -> None:
+    """Profiles are looked up by a sorted search: any order of users, users without history
+    (zeros), a history of users nobody asked for (ignored), a user asked for twice."""
+    _, _, history = data
+    known = history["user_idx"].unique().sort().to_numpy()
+    users = np.array([known[3], 10_000, known[0], known[3], known[1]])
+    profiles = preference._profiles(history, TYPES, users).numpy()
+    for i, user in enumerate(users):
+        rows = history.filter(pl.col("user_idx") == user)
+        expected = np.zeros(len(TYPES))
+        for path_type, weight in rows.select("path_type", "weight").rows():
+            expected[TYPES.index(path_type)] += weight
+        total = expected.sum()
+        np.testing.assert_allclose(profiles[i], expected / total if total else expected, 1e-6)
+    assert profiles[1].sum() == 0 and np.array_equal(profiles[0], profiles[3])
+    assert preference._profiles(history, TYPES, np.zeros(0, dtype=np.int64)).shape == (0, 5)
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +324,7 @@ def test_batches_of_users_train_and_rank_as_the_whole_tables(
     assert read_path_types(folder) == path_types
     monkeypatch.setattr(preference, "CHUNK_ROWS", 32)  # 40 train rows: two chunks
     grid = read_grid(examples, folder, path_types, users_per_batch)
-    assert set(grid.split) == {"train", "val"} and grid.counts.dtype == np.uint16
+    assert set(grid.split_names()) == {"train", "val"} and grid.counts.dtype == np.uint8
     assert grid.mask.shape[0] == examples.filter(pl.col("split") != "test").height
     assert grid.user_ids.tolist() == examples["user_idx"].unique().sort().to_list()
     batched = train_on_grid(grid, n_users, config)
@@ -344,13 +366,15 @@ def write_tables(folder: Path, examples, features, history) -> Path:
 
 def test_compact_counts_decode_to_the_float32_features(tmp_path: Path, data) -> None:
     """Exact integer counts, log1p'd per chunk, are the float32 log1p(n_paths) grid that
-    duplicate rows add up in; a count beyond uint16 widens the counts, nothing else."""
+    duplicate rows add up in; a count beyond uint8 (or uint16) widens the counts, nothing
+    else."""
     examples, features, history = data
     duplicate = features.head(1)  # the same (example, candidate, type) twice: counts add up
     lists = examples.select("example_id", "candidate_item_idxs").rows()
     position = {(e, c): (i, k) for i, (e, cs) in enumerate(lists) for k, c in enumerate(cs)}
     for extra, dtype in (
-        (duplicate, np.uint16),
+        (duplicate, np.uint8),
+        (duplicate.with_columns(n_paths=300), np.uint16),
         (duplicate.with_columns(n_paths=70_000), np.uint32),
     ):
         rows = pl.concat([features, extra])
