@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -222,8 +221,10 @@ def run(
         try:
             built = _kept_build(Path(folder), n_users, quick)
             if built is None:
-                print(f"after paths: {n_users:,} users: building the data and its paths …")
-                sys.stdout.flush()
+                print(
+                    f"after paths: {n_users:,} users: building the data and its paths …",
+                    flush=True,
+                )
                 made = run_isolated(
                     "benchmarks.after_paths:build_with_paths",
                     {"folder": folder, "n_users": n_users, "quick": quick},
@@ -236,8 +237,10 @@ def run(
                     continue
                 built = made.result
             else:
-                print(f"after paths: {n_users:,} users: reusing the data built in {folder}")
-                sys.stdout.flush()
+                print(
+                    f"after paths: {n_users:,} users: reusing the data built in {folder}",
+                    flush=True,
+                )
             base = {
                 "users": n_users,
                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -297,40 +297,44 @@ def _grid(
     return g
 
 
+def _in_splits(splits: Sequence[str] | None) -> pl.Expr:
+    """Whether an example belongs to `splits` (None: every split)."""
+    return pl.lit(True) if splits is None else pl.col("split").is_in(list(splits))
+
+
 def _positions(examples: pl.DataFrame, splits: Sequence[str] | None) -> np.ndarray:
     """Ascending row positions of the examples of `splits` (None: every example)."""
     assert examples["example_id"].n_unique() == examples.height, "example_id must be unique"
     if splits is None:
         return np.arange(examples.height)
-    return np.flatnonzero(examples["split"].is_in(list(splits)).to_numpy())
+    return np.flatnonzero(examples.select(_in_splits(splits)).to_series().to_numpy())
 
 
 def _user_rows(
-    examples: pl.DataFrame, keep: np.ndarray, users_per_batch: int
-) -> Iterator[tuple[pl.Series, np.ndarray]]:
+    examples: pl.DataFrame,
+    keep: np.ndarray,
+    splits: Sequence[str] | None,
+    users_per_batch: int,
+) -> Iterator[tuple[pl.Series, np.ndarray, pl.DataFrame]]:
     """Each batch of users of `examples` (`user_batches`), with the ascending indices into
-    `keep` of the kept examples of those users (empty for a user with none)."""
+    `keep` (`_positions(examples, splits)`) of the kept examples of those users (empty for a
+    user with none), and those examples, in the same order.
+
+    The examples are selected by a filter rather than gathered by position: a frame read from
+    Parquet comes in chunks (24 for 3M examples), and a gather from it copies the whole
+    candidate-list column into one chunk first, 256 MB and 0.14 s a batch at 1M users
+    (measured), where the filter costs 5 ms and the batch's rows."""
     users = examples["user_idx"].to_numpy()[keep]
     order = np.argsort(users, kind="stable")
     ordered = users[order]
     for batch in user_batches(examples, users_per_batch):
         low = np.searchsorted(ordered, batch.min(), side="left")
         high = np.searchsorted(ordered, batch.max(), side="right")
-        yield batch, np.sort(order[low:high])
-
-
-def _examples_of(
-    examples: pl.DataFrame, users: pl.Series, splits: Sequence[str] | None
-) -> pl.DataFrame:
-    """The examples of `users` (and `splits`) in `examples` order, i.e. the rows `_user_rows`
-    names, selected by a filter rather than gathered by position: a frame read from Parquet
-    comes in chunks (24 for 3M examples), and a gather from it copies the whole candidate-list
-    column into one chunk first, 256 MB and 0.14 s a batch at 1M users (measured), where the
-    filter costs 5 ms and the batch's rows."""
-    wanted = pl.col("user_idx").is_in(users.cast(examples.schema["user_idx"]).implode())
-    if splits is not None:
-        wanted &= pl.col("split").is_in(list(splits))
-    return examples.filter(wanted)
+        rows = np.sort(order[low:high])
+        mine = pl.col("user_idx").is_in(batch.cast(examples.schema["user_idx"]).implode())
+        selected = examples.filter(mine & _in_splits(splits)) if len(rows) else examples.clear()
+        assert selected.height == len(rows), "a batch's examples differ from its rows"
+        yield batch, rows, selected
 
 
 def _read_batch(
@@ -378,11 +382,9 @@ def read_grid(
         torch.zeros((n_users, t)),
     )
     done = 0
-    for users, rows in _user_rows(examples, keep, users_per_batch):
+    for users, rows, batch in _user_rows(examples, keep, splits, users_per_batch):
         ids = users.to_numpy().astype(np.int64)
         if len(rows):
-            batch = _examples_of(examples, users, splits)
-            assert batch.height == len(rows), "a batch's examples differ from its rows"
             b, history = _read_batch(batch, folder, users, path_types, k)
             at = torch.from_numpy(rows)
             g.example_id[rows], g.split[rows] = b.example_id, b.split
@@ -715,11 +717,9 @@ def preference_ranks(
     width = int(examples["candidate_item_idxs"].list.len().max()) if examples.height else 0
     ranks = np.full(len(keep), np.inf)
     model.eval()
-    for users, rows in _user_rows(examples, keep, users_per_batch):
+    for users, rows, batch in _user_rows(examples, keep, splits, users_per_batch):
         if not len(rows):
             continue
-        batch = _examples_of(examples, users, splits)
-        assert batch.height == len(rows), "a batch's examples differ from its rows"
         g, _ = _read_batch(batch, folder, users, model.path_types, width)
         everything = torch.arange(len(rows))
         ranks[rows] = np.concatenate(
@@ -743,10 +743,8 @@ def retriever_ranks(examples: pl.DataFrame, splits: Sequence[str] | None = None)
     if absent. What `example_ranks` makes of scores falling along each list, by chunks."""
     keep = _positions(examples, splits)
     ranks = [np.zeros(0)]
-    for start in range(0, examples.height, CHUNK_ROWS):  # slices: no copy (`_examples_of`)
-        chunk = examples.slice(start, CHUNK_ROWS)
-        if splits is not None:
-            chunk = chunk.filter(pl.col("split").is_in(list(splits)))
+    for start in range(0, examples.height, CHUNK_ROWS):  # slices: no copy (`_user_rows`)
+        chunk = examples.slice(start, CHUNK_ROWS).filter(_in_splits(splits))
         if chunk.height:
             target = _candidates(chunk).target.numpy()
             ranks.append(np.where(target >= 0, target + 1.0, np.inf))
