@@ -35,7 +35,7 @@ from benchmarks.common import (
     machine_info,
     save_results_section,
 )
-from benchmarks.quality import DATASET, RECIPE, Row, base_model, prompts_file
+from benchmarks.quality import DATASET, EVERY_LAYER_RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import (
     choose_dtype,
@@ -154,7 +154,7 @@ def ablation(
 
     out["ranking_s_per_prompt"] = timed({k: scorer(*v) for k, v in ranking.items()})
     del ranking
-    config = dataclasses.replace(RECIPE, lora_dropout=0.0)
+    config = dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=0.0)
 
     def trainer(autocast: bool, fused_norms: bool = False) -> Any:
         torch.manual_seed(0)
@@ -259,11 +259,11 @@ def run(
     # layers only) in each dtype
     pipeline = pipeline_recipe()
     for dtype, recipe, key in (
-        ("float32", RECIPE, "training_tokens_per_s"),
-        ("bfloat16", RECIPE, "training_tokens_per_s"),
+        ("float32", EVERY_LAYER_RECIPE, "training_tokens_per_s"),
+        ("bfloat16", EVERY_LAYER_RECIPE, "training_tokens_per_s"),
         (
             "bfloat16",
-            dataclasses.replace(RECIPE, lora_dropout=0.0),
+            dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=0.0),
             "training_tokens_per_s_no_dropout",
         ),
         ("float32", pipeline, "pipeline_training_tokens_per_s"),

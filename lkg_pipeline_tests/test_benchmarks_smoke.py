@@ -313,3 +313,50 @@ def test_save_results_section_replaces_one_section_and_keeps_the_others(tmp_path
     save_results_section(results, "a", {"x": 2})
     assert json.loads(results.read_text()) == {"a": {"x": 2}, "b": {"when": "p"}}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_quality_recipe_is_lora_adapters_at_a_larger_budget() -> None:
+    """`make quality` measures what `make run` ships: only the budget fields differ."""
+    import dataclasses
+
+    from benchmarks.quality import RECIPE, RESIDUAL_RECIPE
+    from lkg_pipeline.defs.llm import LoraRunConfig
+
+    shipped = dataclasses.asdict(LoraRunConfig().to_core())
+    differ = {k for k, v in dataclasses.asdict(RECIPE).items() if shipped[k] != v}
+    assert differ == {
+        "max_train_examples", "max_val_examples", "eval_every", "checkpoint_every", "log_every",
+    }  # fmt: skip
+    assert RECIPE.max_train_examples > shipped["max_train_examples"]
+    assert RESIDUAL_RECIPE.retriever_prior and not RECIPE.retriever_prior
+
+
+def test_quality_cache_of_another_recipe_is_set_aside(tmp_path: Path) -> None:
+    """A tuned row cached under an earlier recipe is not reported, and is moved (not deleted)
+    out of the cache so that `make quality` trains it again; a current one is kept."""
+    import dataclasses
+
+    import polars as pl
+
+    from benchmarks.quality import ROWS, recipe_record, scored, superseded
+
+    tuned = next(r for r in ROWS if r.tuned)
+    zero_shot = next(r for r in ROWS if not r.tuned)
+    for row in (tuned, zero_shot):
+        (tmp_path / "quality" / row.name / "adapter").mkdir(parents=True)
+        pl.DataFrame({"example_id": [1]}).write_parquet(
+            tmp_path / "quality" / row.name / "rankings.parquet"
+        )
+    log = tmp_path / "quality" / tuned.name / "adapter" / "training.json"
+    log.write_text(json.dumps({"config": recipe_record(tuned.recipe)}))
+    assert scored(tmp_path, tuned) is not None and scored(tmp_path, zero_shot) is not None
+
+    older = recipe_record(dataclasses.replace(tuned.recipe, lora_layers=None))
+    log.write_text(json.dumps({"config": older}))
+    assert scored(tmp_path, tuned) is None
+    superseded(tmp_path, tuned, older)
+    assert not (tmp_path / "quality" / tuned.name).exists()
+    (kept,) = (tmp_path / "quality" / "superseded").iterdir()
+    assert kept.name.startswith(tuned.name + "-")
+    assert json.loads((kept / "adapter" / "training.json").read_text())["config"] == older
+    assert (kept / "rankings.parquet").exists()
