@@ -68,8 +68,9 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 
 ## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
 ## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
-## resumes from data_lake/quality/; benchmarks/QUALITY.md; about 1.5 h on 2 CPU cores: three
-## LoRA trainings of 800 prompts, nine rankings of the 565 val/test subset prompts).
+## resumes from data_lake/quality/; benchmarks/QUALITY.md; three LoRA trainings of 800 prompts
+## and nine rankings of the 565 val/test subset prompts: 2026-12-03 on 2 cores of an Intel Xeon
+## with AMX, 25-29 min per training and 6-8 min per ranking, about 2 h 15 min in all).
 quality: venv
 	$(BIN)/python -m benchmarks.quality
 
