@@ -337,10 +337,10 @@ SEGMENT_TOKENS = 2048  # the segments budget: ~1,030 tokens on ml-100k, nothing 
 def train_row(lake: Path, row: Row) -> Path:
     """The row's adapter, trained once (resumes an interrupted run) and kept in the lake."""
     output = lake / "quality" / row.name / "adapter"
-    if (output / "training.json").exists():
-        trained = json.loads((output / "training.json").read_text())["config"]
-        if trained == recipe_record(row.recipe):
-            return output
+    trained = trained_recipe(lake, row)
+    if trained == recipe_record(row.recipe):
+        return output
+    if trained is not None:
         superseded(lake, row, trained)
     prompts = train_prompts_file(lake, row)
     if row.format != "letters":
@@ -357,11 +357,15 @@ def scored(lake: Path, row: Row) -> Path | None:
     folder = lake / "quality" / row.name
     if not (folder / "rankings.parquet").exists():
         return None
-    if row.tuned:
-        log = folder / "adapter" / "training.json"
-        if not log.exists() or json.loads(log.read_text())["config"] != recipe_record(row.recipe):
-            return None
+    if row.tuned and trained_recipe(lake, row) != recipe_record(row.recipe):
+        return None
     return folder / "rankings.parquet"
+
+
+def trained_recipe(lake: Path, row: Row) -> dict[str, Any] | None:
+    """The recipe the row's cached adapter was trained with (None: no finished adapter)."""
+    log = lake / "quality" / row.name / "adapter" / "training.json"
+    return json.loads(log.read_text())["config"] if log.exists() else None
 
 
 def recipe_record(recipe: TrainConfig) -> dict[str, Any]:
