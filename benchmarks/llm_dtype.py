@@ -193,7 +193,11 @@ def inputs(lake: Path, row: Row) -> tuple[Path, Path | None]:
     adapter = lake / "quality" / row.name / "adapter"
     pipeline_prompts = layout.prompts_file(lake, DATASET, row.variant)
     if not prompts.exists() and pipeline_prompts.exists():
-        has_segments = "segments" in pl.read_parquet_schema(pipeline_prompts)
+        # (letters prompts carry the column too, all null)
+        has_segments = "segments" in pl.read_parquet_schema(pipeline_prompts) and (
+            pl.read_parquet(pipeline_prompts, columns=["segments"])["segments"].drop_nulls().len()
+            > 0
+        )
         if has_segments == (row.format == "segments"):
             prompts = pipeline_prompts
             adapter = layout.adapter_dir(lake, DATASET, row.variant)

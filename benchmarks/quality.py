@@ -11,10 +11,12 @@ retriever's scores (`+prior`, λ and calibration chosen on val only, core.fusion
 randomisation tests against the retriever and against `llamarec` of the same format and
 training, on test overall (943 users), as the report of the pipeline computes them.
 
-Everything is cached under `data_lake/quality/<row>/` (the adapter, its training log, the
-rankings), so an interrupted run resumes where it stopped and `--report` costs seconds. The
+Everything is cached under `data_lake/quality/` (each format's prompts, built here from the
+lake's candidates, sequences, items and selected paths; per row the adapter, its training log,
+the rankings), so an interrupted run resumes where it stopped and `--report` costs seconds. The
 recipe of the tuned rows is `RECIPE` below: `lora_adapter`'s defaults at a larger budget. A
-cached row trained with another recipe is moved to `data_lake/quality/superseded/` and run again.
+cached row trained with another recipe, or made from prompts that have since been rebuilt (the
+lake changed under it), is moved to `data_lake/quality/superseded/` and run again.
 Writes benchmarks/QUALITY.md and the `quality` section of benchmarks/results.json.
 """
 
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +55,10 @@ from lkg_pipeline.core.evaluation import (
     paired_randomization_test,
     retriever_ranks,
 )
+from lkg_pipeline.core.fingerprints import content_digest
 from lkg_pipeline.core.fusion import fused_ranks
 from lkg_pipeline.core.metrics import per_user_metrics
+from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts, trained_over
 from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
@@ -92,6 +97,77 @@ class Row:
         return RESIDUAL_RECIPE if self.over_retriever else RECIPE
 
 
+# What a cached artefact was made from: a quality prompts file records the digests of its lake
+# inputs in its Parquet metadata, a row folder the digests of the prompts it was trained and
+# scored on in `inputs.json`. A rebuilt lake (other candidates, paths, base model) then rebuilds
+# the prompts and sets aside the rows made from the old ones, instead of reporting them.
+INPUTS_KEY = "lkg_pipeline.quality_inputs"
+ROW_INPUTS = "inputs.json"
+
+
+def digests(files: dict[str, Path]) -> dict[str, str]:
+    return {name: content_digest(path) for name, path in files.items()}
+
+
+def built_from(target: Path, made_from: dict[str, Any], sources: Iterable[Path]) -> bool:
+    """Whether the cached `target` was made from `made_from`. A file from before records were
+    kept counts as current unless one of its `sources` was written after it."""
+    if not target.exists():
+        return False
+    recorded = pl.read_parquet_metadata(target).get(INPUTS_KEY)
+    if recorded is not None:
+        return json.loads(recorded) == made_from
+    return not written_after(target, sources)
+
+
+def written_after(target: Path, sources: Iterable[Path]) -> bool:
+    """Whether any existing file among (or under) `sources` is newer than `target`."""
+    made = target.stat().st_mtime
+    for source in sources:
+        files = source.rglob("*") if source.is_dir() else [source]
+        if any(f.is_file() and f.stat().st_mtime > made for f in files):
+            return True
+    return False
+
+
+def row_prompt_files(lake: Path, row: Row) -> dict[str, Path]:
+    """The prompts a row is scored on, and for a tuned row, trained on."""
+    files = {"prompts": prompts_file(lake, row.variant, row.format)}
+    if row.tuned and train_prompts_file(lake, row) != files["prompts"]:
+        files["train_prompts"] = train_prompts_file(lake, row)
+    return files
+
+
+def row_inputs(lake: Path, row: Row) -> dict[str, str]:
+    return {**digests(row_prompt_files(lake, row)), "base_model": base_model(lake).name}
+
+
+def made_from_current_prompts(lake: Path, row: Row) -> bool:
+    """Whether the row's cached adapter and rankings were made from its prompts as they are
+    now (a row with nothing cached is). A row from before `inputs.json` was written counts as
+    current unless its prompts were written after its rankings or its training log."""
+    folder = lake / "quality" / row.name
+    record = folder / ROW_INPUTS
+    if record.exists():
+        return json.loads(record.read_text()) == row_inputs(lake, row)
+    made = [folder / "rankings.parquet", folder / "adapter" / "training.json"]
+    prompts = row_prompt_files(lake, row).values()
+    return not any(written_after(f, prompts) for f in made if f.exists())
+
+
+def prepare_row(lake: Path, row: Row) -> None:
+    """Build (or find current) the row's prompts; set the row's cache aside if it was made from
+    other prompts; record the prompts the row is now made from."""
+    build_format_prompts(lake, row.variant, row.format, PROMPT_TOKENS)
+    if row.negatives == "uniform":
+        build_uniform_prompts(lake, row)
+    folder = lake / "quality" / row.name
+    if folder.exists() and not made_from_current_prompts(lake, row):
+        superseded(lake, row, "made from prompts that have since been rebuilt")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ROW_INPUTS).write_text(json.dumps(row_inputs(lake, row), indent=1))
+
+
 def train_prompts_file(lake: Path, row: Row) -> Path:
     """Where the row's training prompts are (val/test prompts are every row's own format's)."""
     if row.negatives == "uniform":
@@ -109,11 +185,13 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     selected with the pipeline's settings; followed by the format's own val/test prompts, so
     the row is validated on the same prompts as every other. Cached."""
     target = train_prompts_file(lake, row)
-    if target.exists():
+    sources = uniform_prompt_sources(lake, row)
+    made_from = {**digests(sources), "base_model": base_model(lake).name}
+    if built_from(target, made_from, sources.values()):
         return target
     from transformers import AutoTokenizer
 
-    from lkg_pipeline.core.paths import PATH_SETTINGS_FILE, PathConfig, select_paths, write_paths
+    from lkg_pipeline.core.paths import PathConfig, select_paths, write_paths
     from lkg_pipeline.core.prompts import PATHS_KEY, PromptConfig, build_prompts, truncate_titles
     from lkg_pipeline.core.retrieval import training_candidates, user_sequences
     from lkg_pipeline.core.warehouse import read_parquet
@@ -154,7 +232,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         selection.get("exclude_path_types", ()),
     ).with_columns(variant=pl.lit(row.variant))
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
-    config = PromptConfig(format=row.format, max_prompt_tokens=SEGMENT_TOKENS)
+    config = PromptConfig(format=row.format, max_prompt_tokens=PROMPT_TOKENS)
     titles = truncate_titles(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, config.max_title_tokens
     )
@@ -171,15 +249,29 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         pl.col("split") != "train"
     )
     partial = target.with_suffix(".part")
-    pl.concat([train_prompts, evaluated]).write_parquet(partial)
+    train_and_evaluated = pl.concat([train_prompts, evaluated])
+    train_and_evaluated.write_parquet(partial, metadata={INPUTS_KEY: json.dumps(made_from)})
     partial.replace(target)
     return target
 
 
+def uniform_prompt_sources(lake: Path, row: Row) -> dict[str, Path]:
+    """The lake files the uniform rows' train prompts are made from (beside the code)."""
+    return {
+        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
+        "kg_triples": lake / "kg" / "kg_triples" / DATASET,
+        "kg_paths_settings": lake / "paths" / "kg_paths" / DATASET / PATH_SETTINGS_FILE,
+        "selected_paths": lake / "paths" / "selected_paths" / f"{DATASET}.parquet",
+        "preferences": lake / "models" / "preference" / DATASET / "preferences.parquet",
+        "evaluated_prompts": prompts_file(lake, row.variant, row.format),
+    }
+
+
 def prompts_file(lake: Path, variant: str, fmt: str) -> Path:
-    """The pipeline's prompts for the letter format; the quality run's own for other formats."""
-    if fmt == "letters":
-        return lake / "llm" / "prompts" / DATASET / f"{variant}.parquet"
+    """The quality run's own prompts of a variant in a format. Not the pipeline's: those are in
+    whatever format `prompts` was last configured with (segments by default), and only for the
+    variants it was materialised for."""
     return lake / "quality" / "prompts" / f"{variant}-{fmt}.parquet"
 
 
@@ -192,12 +284,32 @@ def base_model(lake: Path) -> Path:
     )
 
 
+def format_prompt_sources(lake: Path, variant: str) -> dict[str, Path]:
+    """The lake files a variant's prompts are made from."""
+    files = {
+        "candidates": lake / "retrieval" / "candidates" / f"{DATASET}.parquet",
+        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
+    }
+    if variant != "llamarec":
+        files["selected_paths"] = lake / "paths" / "selected_paths" / f"{DATASET}.parquet"
+    return files
+
+
 def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: int) -> Path:
-    """The prompts of a non-letter format from the same inputs as the pipeline's `prompts`
-    (candidates, sequences, titles, the preference-selected paths), cached."""
+    """A variant's prompts in a format, from the same inputs as the pipeline's `prompts`
+    (candidates, sequences, titles, the preference-selected paths); cached, and rebuilt when
+    one of those inputs changed."""
     target = prompts_file(lake, variant, fmt)
-    if target.exists() and "retriever_scores" in pl.read_parquet_schema(target):
-        return target  # (files from before prompts carried the retriever's scores are rebuilt)
+    sources = format_prompt_sources(lake, variant)
+    made_from = {
+        **digests(sources),
+        "base_model": base_model(lake).name,
+        "format": fmt,
+        "max_prompt_tokens": max_prompt_tokens,
+    }
+    if built_from(target, made_from, sources.values()):
+        return target
     from transformers import AutoTokenizer
 
     from lkg_pipeline.core.prompts import PromptConfig, build_prompts, truncate_titles
@@ -221,7 +333,7 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
         lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    table.write_parquet(target.with_suffix(".part"))
+    table.write_parquet(target.with_suffix(".part"), metadata={INPUTS_KEY: json.dumps(made_from)})
     target.with_suffix(".part").replace(target)
     return target
 
@@ -331,7 +443,7 @@ EXPERIMENTS = (
     # negatives (0.316–0.328 at step 20) and the retriever (0.340) on the same 100 prompts.
     Row("lkg_rag", "segments", True, negatives="uniform"),
 )
-SEGMENT_TOKENS = 2048  # the segments budget: ~1,030 tokens on ml-100k, nothing is cut
+PROMPT_TOKENS = 2048  # as `prompts`' default: ~880 letters / ~1,030 segments tokens, none cut
 
 
 def train_row(lake: Path, row: Row) -> Path:
@@ -341,12 +453,14 @@ def train_row(lake: Path, row: Row) -> Path:
     if trained == recipe_record(row.recipe):
         return output
     if trained is not None:
-        superseded(lake, row, trained)
+        changed = {
+            k: (trained.get(k), v)
+            for k, v in recipe_record(row.recipe).items()
+            if trained.get(k) != v
+        }
+        superseded(lake, row, f"adapter trained with another recipe {changed}")
+        prepare_row(lake, row)  # the record of its prompts went with the old folder
     prompts = train_prompts_file(lake, row)
-    if row.format != "letters":
-        build_format_prompts(lake, row.variant, row.format, SEGMENT_TOKENS)
-    if row.negatives == "uniform":
-        build_uniform_prompts(lake, row)
     training_function(row.recipe, RunPaths(prompts, base_model(lake), output))
     return output
 
@@ -358,6 +472,8 @@ def scored(lake: Path, row: Row) -> Path | None:
     if not (folder / "rankings.parquet").exists():
         return None
     if row.tuned and trained_recipe(lake, row) != recipe_record(row.recipe):
+        return None
+    if not made_from_current_prompts(lake, row):
         return None
     return folder / "rankings.parquet"
 
@@ -373,22 +489,18 @@ def recipe_record(recipe: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(recipe)))
 
 
-def superseded(lake: Path, row: Row, trained: dict[str, Any]) -> None:
-    """Move a row trained with another recipe (its adapter and the rankings made with it) out
-    of the cache, kept under quality/superseded/, so that the row runs again."""
-    changed = {
-        k: (trained.get(k), v) for k, v in recipe_record(row.recipe).items() if trained.get(k) != v
-    }
+def superseded(lake: Path, row: Row, why: str) -> None:
+    """Move a row's cache (its adapter, the rankings made with it) out of the way, kept under
+    quality/superseded/, so that the row runs again."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     keep = lake / "quality" / "superseded" / f"{row.name}-{stamp}"
     keep.parent.mkdir(parents=True, exist_ok=True)
     (lake / "quality" / row.name).replace(keep)
-    print(f"{row.name}: cached adapter trained with another recipe {changed}; moved to {keep}")
+    print(f"{row.name}: cache {why}; moved to {keep}", flush=True)
 
 
 def run_row(lake: Path, row: Row) -> pl.DataFrame:
-    if row.format != "letters":
-        build_format_prompts(lake, row.variant, row.format, SEGMENT_TOKENS)
+    prepare_row(lake, row)
     adapter = train_row(lake, row) if row.tuned else None
     return score_row(lake, row, adapter)
 
@@ -716,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         for row in rows:
             if row.tuned:
+                prepare_row(lake, row)
                 done = json.loads((train_row(lake, row) / "training.json").read_text())
                 curve = {
                     h["step"]: round(h["val"]["NDCG@10"], 4) for h in done["history"] if "val" in h

@@ -354,9 +354,91 @@ def test_quality_cache_of_another_recipe_is_set_aside(tmp_path: Path) -> None:
     older = recipe_record(dataclasses.replace(tuned.recipe, lora_layers=None))
     log.write_text(json.dumps({"config": older}))
     assert scored(tmp_path, tuned) is None
-    superseded(tmp_path, tuned, older)
+    superseded(tmp_path, tuned, "trained with another recipe")
     assert not (tmp_path / "quality" / tuned.name).exists()
     (kept,) = (tmp_path / "quality" / "superseded").iterdir()
     assert kept.name.startswith(tuned.name + "-")
     assert json.loads((kept / "adapter" / "training.json").read_text())["config"] == older
     assert (kept / "rankings.parquet").exists()
+
+
+def test_quality_prompts_and_rows_follow_the_lake_they_were_made_from(tmp_path: Path) -> None:
+    """A quality prompts file is current while the lake files it was made from are unchanged;
+    a row made from other prompts is left out of the report and set aside by the next run;
+    a file from before records were kept is judged by modification times."""
+    import polars as pl
+
+    from benchmarks.quality import (
+        INPUTS_KEY,
+        PROMPT_TOKENS,
+        ROW_INPUTS,
+        ROWS,
+        base_model,
+        built_from,
+        digests,
+        format_prompt_sources,
+        made_from_current_prompts,
+        prepare_row,
+        prompts_file,
+        scored,
+    )
+
+    row = next(r for r in ROWS if r.variant == "lkg_rag" and not r.tuned)
+    (tmp_path / "models" / "base_model" / "SmolLM2-x").mkdir(parents=True)
+    (tmp_path / "models" / "base_model" / "current.json").write_text('{"folder": "SmolLM2-x"}')
+    sources = format_prompt_sources(tmp_path, row.variant)
+    assert "selected_paths" in sources and "selected_paths" not in format_prompt_sources(
+        tmp_path, "llamarec"
+    )
+    for name, path in sources.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({name: [1, 2]}).write_parquet(path)
+
+    def made_from() -> dict[str, Any]:
+        return {
+            **digests(sources),
+            "base_model": base_model(tmp_path).name,
+            "format": row.format,
+            "max_prompt_tokens": PROMPT_TOKENS,
+        }
+
+    prompts = prompts_file(tmp_path, row.variant, row.format)
+    prompts.parent.mkdir(parents=True)
+    pl.DataFrame({"example_id": [1]}).write_parquet(
+        prompts, metadata={INPUTS_KEY: json.dumps(made_from())}
+    )
+    assert built_from(prompts, made_from(), sources.values())
+    pl.DataFrame({"candidates": [2, 1]}).write_parquet(sources["candidates"])
+    assert not built_from(prompts, made_from(), sources.values())
+
+    # a row folder made from the prompts as they are, then the prompts rebuilt
+    pl.DataFrame({"example_id": [1]}).write_parquet(
+        prompts, metadata={INPUTS_KEY: json.dumps(made_from())}
+    )
+    prepare_row(tmp_path, row)  # finds the prompts current: nothing rebuilt
+    folder = tmp_path / "quality" / row.name
+    pl.DataFrame({"example_id": [1]}).write_parquet(folder / "rankings.parquet")
+    assert made_from_current_prompts(tmp_path, row) and scored(tmp_path, row) is not None
+    pl.DataFrame({"example_id": [2]}).write_parquet(
+        prompts, metadata={INPUTS_KEY: json.dumps(made_from())}
+    )
+    assert not made_from_current_prompts(tmp_path, row) and scored(tmp_path, row) is None
+    prepare_row(tmp_path, row)
+    (kept,) = (tmp_path / "quality" / "superseded").iterdir()
+    assert (kept / "rankings.parquet").exists() and not (folder / "rankings.parquet").exists()
+    assert made_from_current_prompts(tmp_path, row)  # the new record: today's prompts
+
+    # from before records: current unless the prompts are newer than what was made from them
+    (folder / ROW_INPUTS).unlink()
+    pl.DataFrame({"example_id": [1]}).write_parquet(folder / "rankings.parquet")
+    made = (folder / "rankings.parquet").stat().st_mtime
+    os.utime(prompts, (made - 60, made - 60))
+    assert made_from_current_prompts(tmp_path, row)
+    os.utime(prompts, (made + 60, made + 60))
+    assert not made_from_current_prompts(tmp_path, row)
+    legacy = tmp_path / "legacy.parquet"
+    pl.DataFrame({"example_id": [1]}).write_parquet(legacy)
+    os.utime(legacy, (made + 120, made + 120))
+    assert built_from(legacy, made_from(), sources.values())
+    os.utime(sources["items"], (made + 180, made + 180))
+    assert not built_from(legacy, made_from(), sources.values())
