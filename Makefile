@@ -70,7 +70,8 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 ## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
 ## resumes from data_lake/quality/; benchmarks/QUALITY.md; three LoRA trainings of 800 prompts
 ## and nine rankings of the 565 val/test subset prompts: 2026-12-03 on 2 cores of an Intel Xeon
-## with AMX, 25-29 min per training and 6-8 min per ranking, about 2 h 15 min in all).
+## with AMX, 20-29 min per training and 3-8 min per ranking, 1 h 40 min to 2 h 15 min in all
+## as the machine's speed varied that day).
 quality: venv
 	$(BIN)/python -m benchmarks.quality
 
