@@ -44,7 +44,7 @@ from lkg_pipeline.core.precision import (
     gemm_gflops,
     model_gemm_shape,
 )
-from lkg_pipeline.core.ranking import load_ranker, rank_prompts
+from lkg_pipeline.core.ranking import load_ranker, prompt_segments, rank_prompts
 from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
 from lkg_pipeline.defs import layout
 
@@ -193,11 +193,7 @@ def inputs(lake: Path, row: Row) -> tuple[Path, Path | None]:
     adapter = lake / "quality" / row.name / "adapter"
     pipeline_prompts = layout.prompts_file(lake, DATASET, row.variant)
     if not prompts.exists() and pipeline_prompts.exists():
-        # (letters prompts carry the column too, all null)
-        has_segments = "segments" in pl.read_parquet_schema(pipeline_prompts) and (
-            pl.read_parquet(pipeline_prompts, columns=["segments"])["segments"].drop_nulls().len()
-            > 0
-        )
+        has_segments = prompt_segments(pl.read_parquet(pipeline_prompts)) is not None
         if has_segments == (row.format == "segments"):
             prompts = pipeline_prompts
             adapter = layout.adapter_dir(lake, DATASET, row.variant)

@@ -61,6 +61,7 @@ from lkg_pipeline.core.metrics import per_user_metrics
 from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts, trained_over
+from lkg_pipeline.core.storage import replace_atomically, write_parquet_atomic
 from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
 
 DATASET = "ml-100k"
@@ -165,7 +166,8 @@ def prepare_row(lake: Path, row: Row) -> None:
     if folder.exists() and not made_from_current_prompts(lake, row):
         superseded(lake, row, "made from prompts that have since been rebuilt")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ROW_INPUTS).write_text(json.dumps(row_inputs(lake, row), indent=1))
+    record = json.dumps(row_inputs(lake, row), indent=1)
+    replace_atomically(folder / ROW_INPUTS, lambda tmp: tmp.write_text(record))
 
 
 def train_prompts_file(lake: Path, row: Row) -> Path:
@@ -248,10 +250,9 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     evaluated = pl.read_parquet(prompts_file(lake, row.variant, row.format)).filter(
         pl.col("split") != "train"
     )
-    partial = target.with_suffix(".part")
-    train_and_evaluated = pl.concat([train_prompts, evaluated])
-    train_and_evaluated.write_parquet(partial, metadata={INPUTS_KEY: json.dumps(made_from)})
-    partial.replace(target)
+    write_parquet_atomic(
+        pl.concat([train_prompts, evaluated]), target, {INPUTS_KEY: json.dumps(made_from)}
+    )
     return target
 
 
@@ -332,9 +333,7 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
         config,
         lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    table.write_parquet(target.with_suffix(".part"), metadata={INPUTS_KEY: json.dumps(made_from)})
-    target.with_suffix(".part").replace(target)
+    write_parquet_atomic(table, target, {INPUTS_KEY: json.dumps(made_from)})
     return target
 
 
@@ -359,10 +358,7 @@ def score_row(lake: Path, row: Row, adapter: Path | None, dtype: str = "auto") -
         f"({choice.describe()})",
         flush=True,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
-    ranked.write_parquet(partial)
-    partial.replace(target)
+    write_parquet_atomic(ranked, target)
     return ranked
 
 
