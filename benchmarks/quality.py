@@ -194,7 +194,13 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     from transformers import AutoTokenizer
 
     from lkg_pipeline.core.paths import PathConfig, select_paths, write_paths
-    from lkg_pipeline.core.prompts import PATHS_KEY, PromptConfig, build_prompts, truncate_titles
+    from lkg_pipeline.core.prompts import (
+        PATHS_KEY,
+        PathSelection,
+        PromptConfig,
+        build_prompts,
+        truncate_titles,
+    )
     from lkg_pipeline.core.retrieval import training_candidates, user_sequences
     from lkg_pipeline.core.warehouse import read_parquet
 
@@ -224,14 +230,17 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         path_config,
     )
     selected_file = lake / "paths" / "selected_paths" / f"{DATASET}.parquet"
-    selection = json.loads(pl.read_parquet_metadata(selected_file)[PATHS_KEY])["selection"]
+    selection = PathSelection.from_dict(
+        json.loads(pl.read_parquet_metadata(selected_file)[PATHS_KEY])["selection"]
+    )
     preferences = pl.read_parquet(lake / "models" / "preference" / DATASET / "preferences.parquet")
     selected = select_paths(
         pl.read_parquet(paths_dir / "paths.parquet"),
         preferences if row.variant == "lkg_rag" else None,
-        selection["per_history_item"],
-        selection["max_paths"],
-        selection.get("exclude_path_types", ()),
+        selection.per_history_item,
+        selection.max_paths,
+        selection.exclude_path_types,
+        selection.tie_break,
     ).with_columns(variant=pl.lit(row.variant))
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
     config = PromptConfig(format=row.format, max_prompt_tokens=PROMPT_TOKENS)

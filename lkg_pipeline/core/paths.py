@@ -22,7 +22,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import duckdb
 import polars as pl
@@ -574,6 +574,7 @@ def selections_in_batches(
     users_per_batch: int,
     paths_per_batch: int | None = None,
     exclude_path_types: Collection[str] = (),
+    tie_break: TieBreak = "hashed",
 ) -> Iterator[pl.DataFrame]:
     """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
     `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
@@ -589,13 +590,79 @@ def selections_in_batches(
         mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
         yield pl.concat(
             [
-                select_paths(paths, None, per_history_item, max_paths, exclude_path_types)
+                select_paths(paths, None, per_history_item, max_paths, exclude_path_types,
+                             tie_break)
                 .with_columns(variant=pl.lit("kg_rag")),
-                select_paths(paths, mine, per_history_item, max_paths, exclude_path_types)
+                select_paths(paths, mine, per_history_item, max_paths, exclude_path_types,
+                             tie_break)
                 .with_columns(variant=pl.lit("lkg_rag")),
             ],
             how="diagonal_relaxed",
         ).drop("weight", strict=False)  # fmt: skip
+
+
+def examples_changed_by_candidate_order(
+    paths: pl.DataFrame,
+    preferences: pl.DataFrame | None,
+    per_history_item: int,
+    max_paths: int,
+    exclude_path_types: Collection[str] = (),
+    tie_break: TieBreak = "hashed",
+) -> int:
+    """How many examples' selections change when their candidates are listed in reverse: 0
+    is what keeps the retriever's rank out of the prompts (`select_paths`)."""
+    args = (per_history_item, max_paths, exclude_path_types, tie_break)
+
+    def shown(table: pl.DataFrame) -> pl.DataFrame:
+        return select_paths(table, preferences, *args).select(
+            "example_id", "history_item_idx", "candidate_item_idx",
+            pl.col("via").fill_null(-1), pl.col("relations").list.join(">"),
+        )  # fmt: skip
+
+    as_listed = shown(paths)
+    reversed_ = shown(paths.reverse().with_columns(-pl.col("candidate_position")))
+    keys = as_listed.columns
+    changed = pl.concat(
+        [
+            as_listed.join(reversed_, on=keys, how="anti")["example_id"],
+            reversed_.join(as_listed, on=keys, how="anti")["example_id"],
+        ]
+    )
+    return changed.n_unique()
+
+
+def paths_by_candidate_position(selected: pl.DataFrame, examples: pl.Series) -> pl.DataFrame:
+    """(candidate_position from 1, one column per variant): the mean number of paths a prompt
+    of `examples` shows for the candidate at each position. On val/test the position is the
+    retriever's rank, so a steep fall here is the retriever's order showing through; some
+    fall is genuine (the retriever's first picks are the ones the history relates to)."""
+    shown = selected.filter(pl.col("example_id").is_in(examples.implode()))
+    per_variant = shown.group_by("variant", "candidate_position").agg(
+        mean_paths=(pl.len() / max(examples.n_unique(), 1)).round(2)
+    )
+    wide = per_variant.pivot("variant", index="candidate_position", values="mean_paths")
+    return (
+        wide.select("candidate_position", *sorted(wide.columns[1:]))
+        .with_columns(pl.col("candidate_position") + 1)
+        .sort("candidate_position")
+        .fill_null(0.0)
+    )
+
+
+TieBreak = Literal["hashed", "candidate_order"]
+TIE_BREAKS: tuple[str, ...] = get_args(TieBreak)
+_TIE_MODULUS = 2**31 - 1  # a prime; every product below stays inside int64
+
+
+def candidate_tie_key(example_id: pl.Expr, candidate_item_idx: pl.Expr) -> pl.Expr:
+    """A pseudo-random rank of each candidate within its example, from ids alone: the same on
+    every run and polars version (modular arithmetic, not `Expr.hash`, whose values may
+    change between versions), unrelated to where the candidate sits in the list, and
+    different from one example to the next."""
+    m = _TIE_MODULUS
+    x = (example_id.cast(pl.Int64) % m * 1_103_515_245 + candidate_item_idx.cast(pl.Int64) + 1) % m
+    x = (x * 48_271 + 12_345) % m
+    return (x * x % m * 69_621 + x) % m
 
 
 def select_paths(
@@ -604,23 +671,42 @@ def select_paths(
     per_history_item: int = 1,
     max_paths: int = 20,
     exclude_path_types: Collection[str] = (),
+    tie_break: TieBreak = "hashed",
 ) -> pl.DataFrame:
     """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`,
     none of a type in `exclude_path_types`.
 
     With `preferences` (user_idx, path_type, weight) the path type that counts most for this
-    user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win,
-    first enumerated on ties (`kg_rag`, the reference's shortest path). Most recent history
-    items come first, so the cap drops the oldest.
+    user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win
+    (`kg_rag`, the reference's shortest path). Most recent history items come first, so the
+    cap drops the oldest.
+
+    Ties between candidates are frequent (one history item has equally short paths to several
+    candidates) and decide which candidate a prompt links to the history at all. `hashed`
+    breaks them by a hash of (example, candidate), blind to the candidates' order; the
+    reference's `candidate_order` (first enumerated wins) hands them to the earliest
+    candidate, which on val/test is the retriever's first: the paths then carry the
+    retriever's rank into the prompt (on ml-100k test `kg_rag` showed 12.6 paths for the
+    retriever's first candidate and 0.1 for its last), a cue train prompts, whose candidates
+    are shuffled, never taught. Kept to reproduce that measurement, not to be used.
     """
     # The ranking runs on the key columns and a row number alone; only the chosen rows are
     # then gathered with their lists and names: sorting the whole batch's paths with every
     # column held ~+500 MB at 2,500 Beauty-like users (1.4M paths), this a fraction of it.
-    # The row number is the last key, so ties keep the (deterministic) order of the table.
+    # The row number is the last key, so ties keep the (deterministic) order of the table;
+    # with `hashed` only paths between the same two items are left to it.
+    if tie_break == "hashed":
+        candidate_key = ["candidate_tie", "candidate_item_idx"]
+        tie = candidate_tie_key(pl.col("example_id"), pl.col("candidate_item_idx"))
+    elif tie_break == "candidate_order":
+        candidate_key, tie = ["candidate_position"], pl.lit(0)
+    else:
+        raise ValueError(f"tie_break={tie_break!r}: one of {TIE_BREAKS}")
     ranked = paths.with_row_index("row").select(
         "row",
         "example_id", "history_position", "history_item_idx", "path_type",
-        "hops", "candidate_position", "via_degree",
+        "hops", "candidate_position", "candidate_item_idx", "via_degree",
+        tie.alias("candidate_tie"),
         *(["user_idx"] if preferences is not None else []),
     )  # fmt: skip
     if exclude_path_types:
@@ -631,12 +717,11 @@ def select_paths(
             on=["user_idx", "path_type"],
             how="left",
         ).with_columns(pl.col("weight").fill_null(0.0))
-        keys, descending = (
-            ["weight", "via_degree", "hops", "candidate_position"],
-            [True] + [False] * 3,
-        )
+        keys = ["weight", "via_degree", "hops", *candidate_key]
+        descending = [True] + [False] * (len(keys) - 1)
     else:
-        keys, descending = ["hops", "candidate_position", "via_degree"], [False] * 3
+        keys = ["hops", *candidate_key, "via_degree"]
+        descending = [False] * len(keys)
     chosen = (
         ranked.sort(
             ["example_id", "history_position", *keys, "row"],

@@ -19,7 +19,7 @@ import polars as pl
 
 from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.paths import PathConfig, read_users
+from lkg_pipeline.core.paths import TIE_BREAKS, PathConfig, TieBreak, read_users
 
 T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
@@ -119,13 +119,24 @@ class PathSelection:
     # of another type may still step through an excluded relation); a history item without
     # another path gets no line
     exclude_path_types: tuple[str, ...] = ()
+    # how ties between candidates are broken (`select_paths`): `hashed`, blind to the
+    # candidates' order; `candidate_order` leaks the retriever's rank into val/test prompts
+    tie_break: TieBreak = "hashed"
 
     def __post_init__(self) -> None:
         excluded = self.exclude_path_types
         if isinstance(excluded, str):
             raise TypeError(f"exclude_path_types is a list of path types, not {excluded!r}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={self.tie_break!r}: one of {TIE_BREAKS}")
         # sorted and unique: the same exclusion records the same settings in any order
         object.__setattr__(self, "exclude_path_types", tuple(sorted(set(excluded))))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PathSelection:
+        """A recorded selection; one recorded before `tie_break` existed was made in candidate
+        order, and prompts made again for its adapter must be made the same way."""
+        return cls(**({"tie_break": "candidate_order"} | raw))
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,7 @@ class PromptSettings:
         return cls(
             PromptConfig(**prompt),
             PathConfig(**raw["paths"]) if raw.get("paths") is not None else None,
-            PathSelection(**raw["selection"]) if raw.get("selection") is not None else None,
+            PathSelection.from_dict(raw["selection"]) if raw.get("selection") is not None else None,
         )
 
 

@@ -127,6 +127,7 @@ def prompts_as_trained(
             selection.per_history_item,
             selection.max_paths,
             selection.exclude_path_types,
+            selection.tie_break,
         ).with_columns(variant=pl.lit(variant))
 
     def count(text: str) -> int:

@@ -21,6 +21,10 @@ def io_file(lake: Path, group: str, asset: str, *partition: str) -> Path:
 # ---------------------------------------------------------------- assets the IO manager keeps
 
 
+def candidates_file(lake: Path, dataset: str) -> Path:
+    return io_file(lake, "retrieval", "candidates", dataset)
+
+
 def prompts_file(lake: Path, dataset: str, variant: str) -> Path:
     return io_file(lake, "llm", "prompts", dataset, variant)
 

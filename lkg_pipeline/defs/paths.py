@@ -12,7 +12,11 @@ import polars as pl
 from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
+    TieBreak,
+    examples_changed_by_candidate_order,
+    paths_by_candidate_position,
     quoted_path,
+    read_users,
     selections_in_batches,
     signal_by_type,
     write_paths,
@@ -27,6 +31,7 @@ from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_js
 from lkg_pipeline.core.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
+    candidates_file,
     kg_folder,
     paths_folder,
     preference_dir,
@@ -292,6 +297,12 @@ class SelectedPathsRunConfig(dg.Config):
     # `selected_paths_per_variant` names them (`PathSelection`). Empty: every type, as the
     # reference.
     exclude_path_types: list[str] = []
+    # Which candidate a tie between equally good paths goes to: `hashed` (a hash of example and
+    # candidate, blind to the candidates' order), or the reference's `candidate_order`, which
+    # on val/test hands ties to the retriever's first candidates and so leaks its rank into
+    # the prompts (kept only to measure that; the `selection_blind_to_candidate_order` check
+    # fails with it).
+    tie_break: TieBreak = PathSelection.tie_break
     # Users whose paths are selected together, at most this many users and this many
     # enumerated paths (a user with more is a batch alone): bounds memory, never changes a
     # selected path. The path budget is what holds with a dense graph: a batch of 1.4M
@@ -304,13 +315,26 @@ class SelectedPathsRunConfig(dg.Config):
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version=versioned("2", __name__),  # 2: rows by user batch (each example's unchanged)
+    # 3: ties between candidates broken by a hash, not by the retriever's order
+    code_version=versioned("3", __name__),
     kinds={"polars", "parquet"},
-    deps=["kg_paths", "preference_model"],
+    deps=["kg_paths", "preference_model", "candidates"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "selection_blind_to_candidate_order",
+            asset="selected_paths",
+            blocking=True,
+            description=(
+                "Fails if listing a sample of examples' candidates in reverse changes which "
+                "paths they show: on val/test the order is the retriever's, and prompts would "
+                "carry its rank to the LLM."
+            ),
+        )
+    ],
 )
 def selected_paths(
     context: dg.AssetExecutionContext, config: SelectedPathsRunConfig, lake: DataLake
-) -> Iterator[dg.Output[ParquetParts]]:
+) -> Iterator[dg.Output[ParquetParts] | dg.AssetCheckResult]:
     """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
     ones the user's learned preferences rank first (per history item, then up to a cap).
 
@@ -322,7 +346,10 @@ def selected_paths(
     paths_file = paths_folder(lake.path, dataset) / "paths.parquet"
     preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
     selection = PathSelection(
-        config.per_history_item, config.max_paths, tuple(config.exclude_path_types)
+        config.per_history_item,
+        config.max_paths,
+        tuple(config.exclude_path_types),
+        config.tie_break,
     )
     known = set(preferences["path_type"].unique().to_list())
     unknown = sorted(set(selection.exclude_path_types) - known)
@@ -343,18 +370,37 @@ def selected_paths(
             config.users_per_batch,
             config.paths_per_batch,
             selection.exclude_path_types,
+            selection.tie_break,
         )
+        held_out = (
+            pl.scan_parquet(candidates_file(lake.path, dataset))
+            .filter(pl.col("split") != "train")
+            .select("example_id")
+            .collect()["example_id"]
+        )
+        by_position = []
         for table in batches:
             parts.write(table)
             per_example.append(table.group_by("variant", "example_id").len())
             by_type.append(table.group_by("variant", "path_type").len())
+            by_position.append(
+                table.filter(pl.col("example_id").is_in(held_out.implode())).select(
+                    "variant", "example_id", "candidate_position"
+                )
+            )
         made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
         counts = pl.concat(per_example)
+        position_table = paths_by_candidate_position(pl.concat(by_position), held_out)
         yield dg.Output(  # the IO manager writes the file before the parts are removed
             parts,
             metadata={
                 "rows": int(counts["len"].sum()),
                 "user_batches": len(parts.files),
+                "tie_break": selection.tie_break,
+                # on val/test the position is the retriever's rank (see the check)
+                "val_test_paths_by_candidate_position": dg.MetadataValue.md(
+                    markdown_table(position_table)
+                ),
                 "paths_per_prompt": dg.MetadataValue.md(
                     markdown_table(
                         counts.group_by("variant")
@@ -376,6 +422,39 @@ def selected_paths(
         )
     finally:
         parts.remove()
+    yield _order_blindness_check(paths_file, preferences, selection)
+
+
+ORDER_CHECK_USERS = 50  # users whose selections are made again in reverse candidate order
+
+
+def _order_blindness_check(
+    paths_file: Path, preferences: pl.DataFrame, selection: PathSelection
+) -> dg.AssetCheckResult:
+    users = preferences["user_idx"].unique().sort().head(ORDER_CHECK_USERS)
+    paths = read_users(paths_file, users)
+    mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
+    args = (
+        selection.per_history_item,
+        selection.max_paths,
+        selection.exclude_path_types,
+        selection.tie_break,
+    )
+    changed = {
+        "kg_rag": examples_changed_by_candidate_order(paths, None, *args),
+        "lkg_rag": examples_changed_by_candidate_order(paths, mine, *args),
+    }
+    examples = paths["example_id"].n_unique()
+    return dg.AssetCheckResult(
+        check_name="selection_blind_to_candidate_order",
+        passed=not any(changed.values()),
+        description=(
+            f"examples of the first {users.len()} users whose paths change when their "
+            f"candidates are listed in reverse: kg_rag {changed['kg_rag']}, lkg_rag "
+            f"{changed['lkg_rag']} of {examples} (tie_break {selection.tie_break})"
+        ),
+        metadata={"examples_checked": examples, **{f"changed_{k}": v for k, v in changed.items()}},
+    )
 
 
 def _metrics_frame(report: dict) -> pl.DataFrame:

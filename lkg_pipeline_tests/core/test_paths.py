@@ -11,7 +11,10 @@ from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
     bounded_user_batches,
+    candidate_tie_key,
     enumerate_paths,
+    examples_changed_by_candidate_order,
+    paths_by_candidate_position,
     read_users,
     rows_per_user,
     select_paths,
@@ -329,3 +332,75 @@ def graph_of_tiny(seqs: pl.DataFrame | None = None) -> tuple:
     seqs = default_seqs if seqs is None else seqs
     kg = build_kg(items, seqs)
     return seqs, kg.entities, kg.triples, kg.relations, items.height
+
+
+def test_selection_does_not_see_the_order_of_the_candidates() -> None:
+    """Which candidate wins a tie must not depend on where it is listed: on val/test the list
+    is the retriever's ranking, and the prompts would carry that rank to the LLM."""
+    spec = dataclasses.replace(SHAPES["ml-100k-like"], n_items=QUICK_ITEMS["ml-100k-like"])
+    inputs, _ = synthetic_inputs(spec, 15)
+    paths = inputs.enumerate(PathConfig()).paths
+    users = paths["user_idx"].unique()
+    preferences = (
+        pl.DataFrame({"user_idx": users})
+        .join(paths.select(pl.col("path_type").unique()), how="cross")
+        .with_columns(weight=(pl.col("path_type").str.len_chars() % 2).cast(pl.Float64))
+    )
+    examples = paths["example_id"].n_unique()
+    for prefs in (None, preferences):
+        assert examples_changed_by_candidate_order(paths, prefs, 1, 20) == 0
+        # the reference's rule (first listed wins) is what the check exists to catch
+        leaky = examples_changed_by_candidate_order(paths, prefs, 1, 20, (), "candidate_order")
+        assert leaky > examples // 2, (leaky, examples)
+        # and hashing really changed who wins, not only made the rule order-free
+        hashed, listed = (
+            select_paths(paths, prefs, tie_break=rule).select("example_id", "candidate_item_idx")
+            for rule in ("hashed", "candidate_order")
+        )
+        assert not hashed.equals(listed)
+
+    # The tie key: the same numbers every time, a different order in each example, and no
+    # favourite position: over many examples the first listed candidate wins a 20-way tie
+    # about 1 time in 20.
+    def by_hand(example: int, candidate: int) -> int:
+        m = 2**31 - 1
+        x = (example * 1_103_515_245 + candidate + 1) % m
+        x = (x * 48_271 + 12_345) % m
+        return (x * x % m * 69_621 + x) % m
+
+    pairs = [(7, 3), (7, 4), (8, 3), (8, 4), (10**9, 123_456)]
+    ids = pl.DataFrame(pairs, orient="row", schema=["example_id", "candidate_item_idx"])
+    key = ids.select(candidate_tie_key(pl.col("example_id"), pl.col("candidate_item_idx")))
+    assert key.to_series().to_list() == [by_hand(e, c) for e, c in pairs]
+    assert (key[0, 0] < key[1, 0]) != (key[2, 0] < key[3, 0])  # 3 vs 4: each wins once
+    many = (
+        pl.DataFrame({"example_id": range(4000)})
+        .with_columns(candidate_item_idx=pl.int_ranges(0, 20), position=pl.int_ranges(0, 20))
+        .explode("candidate_item_idx", "position")
+    )
+    # candidate ids in a scrambled order per example, as a retriever would list them
+    many = many.with_columns(
+        candidate_item_idx=(pl.col("candidate_item_idx") * 37 + pl.col("example_id") * 11) % 1000
+    )
+    winners = (
+        many.with_columns(tie=candidate_tie_key(pl.col("example_id"), pl.col("candidate_item_idx")))
+        .sort("example_id", "tie")
+        .group_by("example_id", maintain_order=True)
+        .first()
+    )
+    share_first = (winners["position"] == 0).mean()
+    assert 0.03 < share_first < 0.075, share_first
+    assert winners["position"].n_unique() == 20
+
+
+def test_paths_by_candidate_position_counts_per_prompt() -> None:
+    selected = pl.DataFrame(
+        {
+            "variant": ["kg_rag", "kg_rag", "kg_rag", "lkg_rag", "kg_rag"],
+            "example_id": [1, 1, 2, 1, 3],
+            "candidate_position": [0, 0, 1, 1, 0],
+        }
+    )
+    table = paths_by_candidate_position(selected, pl.Series([1, 2]))  # example 3 not asked
+    assert table.rows() == [(1, 1.0, 0.0), (2, 0.5, 0.5)]
+    assert table.columns == ["candidate_position", "kg_rag", "lkg_rag"]

@@ -154,5 +154,12 @@ def test_path_selection_settings_round_trip_and_normalise() -> None:
     old = json.loads(PromptSettings(PromptConfig(), selection=PathSelection()).to_json())
     del old["selection"]["exclude_path_types"]
     assert PromptSettings.from_dict(old).selection == PathSelection()
+    # ... and one recorded before ties were hashed was made in candidate order: prompts made
+    # again for its adapter (recommendations) must be made that way too
+    del old["selection"]["tie_break"]
+    assert PromptSettings.from_dict(old).selection == PathSelection(tie_break="candidate_order")
+    assert PathSelection().tie_break == "hashed"
     with pytest.raises(TypeError, match="a list of path types"):
         PathSelection(exclude_path_types="co_rated")
+    with pytest.raises(ValueError, match="tie_break='random'"):
+        PathSelection(tie_break="random")  # type: ignore[arg-type]
