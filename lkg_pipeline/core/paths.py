@@ -609,8 +609,10 @@ def examples_changed_by_candidate_order(
     exclude_path_types: Collection[str] = (),
     tie_break: TieBreak = "hashed",
 ) -> int:
-    """How many examples' selections change when their candidates are listed in reverse: 0
-    is what keeps the retriever's rank out of the prompts (`select_paths`)."""
+    """How many examples' selections change when their candidates are listed in reverse (the
+    table `enumerate_paths` would make from the reversed lists: candidates in reverse, each
+    pair's paths in their own order): 0 is what keeps the retriever's rank out of the prompts
+    (`select_paths`)."""
     args = (per_history_item, max_paths, exclude_path_types, tie_break)
 
     def shown(table: pl.DataFrame) -> pl.DataFrame:
@@ -620,7 +622,18 @@ def examples_changed_by_candidate_order(
         )  # fmt: skip
 
     as_listed = shown(paths)
-    reversed_ = shown(paths.reverse().with_columns(-pl.col("candidate_position")))
+    reversed_ = shown(
+        paths.with_row_index("listed")
+        .with_columns(-pl.col("candidate_position"))
+        .sort(
+            "example_id",
+            "history_position",
+            "candidate_position",
+            "listed",
+            descending=[False, True, False, False],
+        )  # fmt: skip
+        .drop("listed")
+    )
     keys = as_listed.columns
     changed = pl.concat(
         [
@@ -645,7 +658,7 @@ def paths_by_candidate_position(selected: pl.DataFrame, examples: pl.Series) -> 
         wide.select("candidate_position", *sorted(wide.columns[1:]))
         .with_columns(pl.col("candidate_position") + 1)
         .sort("candidate_position")
-        .fill_null(0.0)
+        .with_columns(pl.exclude("candidate_position").fill_null(0.0))
     )
 
 

@@ -404,3 +404,4 @@ def test_paths_by_candidate_position_counts_per_prompt() -> None:
     table = paths_by_candidate_position(selected, pl.Series([1, 2]))  # example 3 not asked
     assert table.rows() == [(1, 1.0, 0.0), (2, 0.5, 0.5)]
     assert table.columns == ["candidate_position", "kg_rag", "lkg_rag"]
+    assert table.schema["candidate_position"].is_integer()

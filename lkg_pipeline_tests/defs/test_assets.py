@@ -157,7 +157,8 @@ def test_dataset_stages_pass_their_checks(built: dict) -> None:
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     # Every blocking check passes; the warn-only ones (metadata coverage, graph signal) may not
     # with a 2-epoch retriever, but they ran.
-    assert len(checks) == 12
+    assert len(checks) == 13
+    assert checks["selection_blind_to_candidate_order"].passed
     failed = [
         (n, c.description)
         for n, c in checks.items()
@@ -282,7 +283,11 @@ def test_paths_selection_and_preferences(built: dict) -> None:
         "per_history_item": 1,
         "max_paths": 20,
         "exclude_path_types": [],
+        "tie_break": "hashed",
     }
+    assert selected_meta["tie_break"].value == "hashed"
+    by_position = selected_meta["val_test_paths_by_candidate_position"].value
+    assert by_position.startswith("| candidate_position | kg_rag | lkg_rag |\n|---|---|---|\n| 1 |")
     pref_meta = result.asset_materializations_for_node("preference_model")[0].metadata
     assert pref_meta["encoder"].value in ("user_id", "history")
     assert "| preference | test | subset |" in pref_meta["metrics"].value
@@ -395,6 +400,14 @@ def test_selected_paths_leave_out_excluded_path_types_and_prompts_record_it(
     table = read(lake, "llm", "prompts", "ml-100k", "lkg_rag.parquet")
     shown = " ".join(" ".join(s) for s in table["segments"].to_list())
     assert "often rated by the same people" not in shown
+
+    # The reference's tie-break hands ties to the first listed candidate, the retriever's
+    # first on val/test: the blocking check catches it and nothing downstream runs on it.
+    leaky = materialize(selected_paths, "ml-100k", {"tie_break": "candidate_order"})
+    check = leaky.get_asset_check_evaluations()[0]
+    assert check.check_name == "selection_blind_to_candidate_order" and not check.passed
+    assert check.metadata["changed_kg_rag"].value > 0
+    assert "changed_lkg_rag" in check.metadata
 
 
 def recorded_settings_of(lake: Path) -> dict:
