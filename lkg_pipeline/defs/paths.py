@@ -335,8 +335,9 @@ class SelectedPathsRunConfig(dg.Config):
 def selected_paths(
     context: dg.AssetExecutionContext, config: SelectedPathsRunConfig, lake: DataLake
 ) -> Iterator[dg.Output[ParquetParts] | dg.AssetCheckResult]:
-    """The paths each prompt shows: for `kg_rag` the first enumerated ones, for `lkg_rag` the
-    ones the user's learned preferences rank first (per history item, then up to a cap).
+    """The paths each prompt shows: for `kg_rag` the shortest, for `lkg_rag` the ones the
+    user's learned preferences rank first (per history item, then up to a cap), ties between
+    candidates broken without looking at their order (`select_paths`).
 
     A batch of users at a time: the enumerated paths are the largest table of the pipeline
     (608M rows at 1M Beauty-like users), so they are never read whole; the selection is
