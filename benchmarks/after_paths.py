@@ -90,7 +90,7 @@ def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
 
 def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `selected_paths` runs, and the IO manager's concatenation of its parts."""
-    from lkg_pipeline.core.paths import selections_in_batches
+    from lkg_pipeline.core.paths import PathSelection, selections_in_batches
     from lkg_pipeline.core.storage import ParquetParts
 
     src = Path(folder)
@@ -100,7 +100,7 @@ def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
     tick = time.perf_counter()
     parts = ParquetParts(src / "selection-parts")
     for batch in selections_in_batches(
-        src / "paths" / "paths.parquet", preferences, 1, 20, users_per_batch
+        src / "paths" / "paths.parquet", preferences, PathSelection(), users_per_batch
     ):
         parts.write(batch)
     parts.concatenate(src / "selected_paths.parquet")  # as the IO manager does

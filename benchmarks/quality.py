@@ -193,10 +193,9 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         return target
     from transformers import AutoTokenizer
 
-    from lkg_pipeline.core.paths import PathConfig, select_paths, write_paths
+    from lkg_pipeline.core.paths import PathConfig, PathSelection, select_paths, write_paths
     from lkg_pipeline.core.prompts import (
         PATHS_KEY,
-        PathSelection,
         PromptConfig,
         build_prompts,
         truncate_titles,
@@ -237,10 +236,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     selected = select_paths(
         pl.read_parquet(paths_dir / "paths.parquet"),
         preferences if row.variant == "lkg_rag" else None,
-        selection.per_history_item,
-        selection.max_paths,
-        selection.exclude_path_types,
-        selection.tie_break,
+        selection,
     ).with_columns(variant=pl.lit(row.variant))
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
     config = PromptConfig(format=row.format, max_prompt_tokens=PROMPT_TOKENS)

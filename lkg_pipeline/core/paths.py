@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -566,15 +566,47 @@ def signal_by_type(
     )
 
 
+TieBreak = Literal["hashed", "candidate_order"]
+TIE_BREAKS: tuple[str, ...] = get_args(TieBreak)
+
+
+@dataclass(frozen=True)
+class PathSelection:
+    """Which of an example's enumerated paths its prompt shows (`paths.select_paths`)."""
+
+    per_history_item: int = 1  # the reference: one relation line per history item
+    max_paths: int = 20
+    # path types never shown (a path's type is its first relation: the 1-hop relation, or the
+    # one into a 2-hop path's shared attribute, e.g. "co_rated", "from_country"; a 3-hop path
+    # of another type may still step through an excluded relation); a history item without
+    # another path gets no line
+    exclude_path_types: tuple[str, ...] = ()
+    # how ties between candidates are broken (`select_paths`): `hashed`, blind to the
+    # candidates' order; `candidate_order` leaks the retriever's rank into val/test prompts
+    tie_break: TieBreak = "hashed"
+
+    def __post_init__(self) -> None:
+        excluded = self.exclude_path_types
+        if isinstance(excluded, str):
+            raise TypeError(f"exclude_path_types is a list of path types, not {excluded!r}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={self.tie_break!r}: one of {TIE_BREAKS}")
+        # sorted and unique: the same exclusion records the same settings in any order
+        object.__setattr__(self, "exclude_path_types", tuple(sorted(set(excluded))))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PathSelection:
+        """A recorded selection; one recorded before `tie_break` existed was made in candidate
+        order, and prompts made again for its adapter must be made the same way."""
+        return cls(**({"tie_break": "candidate_order"} | raw))
+
+
 def selections_in_batches(
     paths_file: Path,
     preferences: pl.DataFrame,
-    per_history_item: int,
-    max_paths: int,
+    selection: PathSelection,
     users_per_batch: int,
     paths_per_batch: int | None = None,
-    exclude_path_types: Collection[str] = (),
-    tie_break: TieBreak = "hashed",
 ) -> Iterator[pl.DataFrame]:
     """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
     `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
@@ -590,33 +622,25 @@ def selections_in_batches(
         mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
         yield pl.concat(
             [
-                select_paths(paths, None, per_history_item, max_paths, exclude_path_types,
-                             tie_break)
-                .with_columns(variant=pl.lit("kg_rag")),
-                select_paths(paths, mine, per_history_item, max_paths, exclude_path_types,
-                             tie_break)
-                .with_columns(variant=pl.lit("lkg_rag")),
+                select_paths(paths, None, selection).with_columns(variant=pl.lit("kg_rag")),
+                select_paths(paths, mine, selection).with_columns(variant=pl.lit("lkg_rag")),
             ],
             how="diagonal_relaxed",
-        ).drop("weight", strict=False)  # fmt: skip
+        ).drop("weight", strict=False)
 
 
 def examples_changed_by_candidate_order(
     paths: pl.DataFrame,
     preferences: pl.DataFrame | None,
-    per_history_item: int,
-    max_paths: int,
-    exclude_path_types: Collection[str] = (),
-    tie_break: TieBreak = "hashed",
+    selection: PathSelection,
 ) -> int:
     """How many examples' selections change when their candidates are listed in reverse (the
     table `enumerate_paths` would make from the reversed lists: candidates in reverse, each
     pair's paths in their own order): 0 is what keeps the retriever's rank out of the prompts
     (`select_paths`)."""
-    args = (per_history_item, max_paths, exclude_path_types, tie_break)
 
     def shown(table: pl.DataFrame) -> pl.DataFrame:
-        return select_paths(table, preferences, *args).select(
+        return select_paths(table, preferences, selection).select(
             "example_id", "history_item_idx", "candidate_item_idx",
             pl.col("via").fill_null(-1), pl.col("relations").list.join(">"),
         )  # fmt: skip
@@ -662,8 +686,6 @@ def paths_by_candidate_position(selected: pl.DataFrame, examples: pl.Series) -> 
     )
 
 
-TieBreak = Literal["hashed", "candidate_order"]
-TIE_BREAKS: tuple[str, ...] = get_args(TieBreak)
 _TIE_MODULUS = 2**31 - 1  # a prime; every product below stays inside int64
 
 
@@ -681,13 +703,10 @@ def candidate_tie_key(example_id: pl.Expr, candidate_item_idx: pl.Expr) -> pl.Ex
 def select_paths(
     paths: pl.DataFrame,
     preferences: pl.DataFrame | None,
-    per_history_item: int = 1,
-    max_paths: int = 20,
-    exclude_path_types: Collection[str] = (),
-    tie_break: TieBreak = "hashed",
+    selection: PathSelection = PathSelection(),
 ) -> pl.DataFrame:
-    """The paths a prompt shows: `per_history_item` per history item, at most `max_paths`,
-    none of a type in `exclude_path_types`.
+    """The paths a prompt shows (`selection`): `per_history_item` per history item, at most
+    `max_paths`, none of a type in `exclude_path_types`.
 
     With `preferences` (user_idx, path_type, weight) the path type that counts most for this
     user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win
@@ -708,13 +727,11 @@ def select_paths(
     # column held ~+500 MB at 2,500 Beauty-like users (1.4M paths), this a fraction of it.
     # The row number is the last key, so ties keep the (deterministic) order of the table;
     # with `hashed` only paths between the same two items are left to it.
-    if tie_break == "hashed":
+    if selection.tie_break == "hashed":
         candidate_key = ["candidate_tie", "candidate_item_idx"]
         tie = candidate_tie_key(pl.col("example_id"), pl.col("candidate_item_idx"))
-    elif tie_break == "candidate_order":
+    else:  # "candidate_order" (PathSelection admits no other)
         candidate_key, tie = ["candidate_position"], pl.lit(0)
-    else:
-        raise ValueError(f"tie_break={tie_break!r}: one of {TIE_BREAKS}")
     ranked = paths.with_row_index("row").select(
         "row",
         "example_id", "history_position", "history_item_idx", "path_type",
@@ -722,8 +739,8 @@ def select_paths(
         tie.alias("candidate_tie"),
         *(["user_idx"] if preferences is not None else []),
     )  # fmt: skip
-    if exclude_path_types:
-        ranked = ranked.filter(~pl.col("path_type").is_in(list(exclude_path_types)))
+    if selection.exclude_path_types:
+        ranked = ranked.filter(~pl.col("path_type").is_in(list(selection.exclude_path_types)))
     if preferences is not None:
         ranked = ranked.join(
             preferences.select("user_idx", "path_type", "weight"),
@@ -741,9 +758,9 @@ def select_paths(
             descending=[False, True, *descending, False],
         )
         .group_by("example_id", "history_item_idx", maintain_order=True)
-        .head(per_history_item)
+        .head(selection.per_history_item)
         .group_by("example_id", maintain_order=True)
-        .head(max_paths)
+        .head(selection.max_paths)
     )
     # (columns as a group_by head leaves them: its keys first)
     selected = paths.select(

@@ -19,7 +19,7 @@ import polars as pl
 
 from lkg_pipeline.core.kg import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.paths import TIE_BREAKS, PathConfig, TieBreak, read_users
+from lkg_pipeline.core.paths import PathConfig, PathSelection, read_users
 
 T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
@@ -106,37 +106,6 @@ class PromptConfig:
             ) from None
         if not question.strip():
             raise ValueError("segment_question is empty: a segment needs a cue to answer after")
-
-
-@dataclass(frozen=True)
-class PathSelection:
-    """Which of an example's enumerated paths its prompt shows (`paths.select_paths`)."""
-
-    per_history_item: int = 1  # the reference: one relation line per history item
-    max_paths: int = 20
-    # path types never shown (a path's type is its first relation: the 1-hop relation, or the
-    # one into a 2-hop path's shared attribute, e.g. "co_rated", "from_country"; a 3-hop path
-    # of another type may still step through an excluded relation); a history item without
-    # another path gets no line
-    exclude_path_types: tuple[str, ...] = ()
-    # how ties between candidates are broken (`select_paths`): `hashed`, blind to the
-    # candidates' order; `candidate_order` leaks the retriever's rank into val/test prompts
-    tie_break: TieBreak = "hashed"
-
-    def __post_init__(self) -> None:
-        excluded = self.exclude_path_types
-        if isinstance(excluded, str):
-            raise TypeError(f"exclude_path_types is a list of path types, not {excluded!r}")
-        if self.tie_break not in TIE_BREAKS:
-            raise ValueError(f"tie_break={self.tie_break!r}: one of {TIE_BREAKS}")
-        # sorted and unique: the same exclusion records the same settings in any order
-        object.__setattr__(self, "exclude_path_types", tuple(sorted(set(excluded))))
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> PathSelection:
-        """A recorded selection; one recorded before `tie_break` existed was made in candidate
-        order, and prompts made again for its adapter must be made the same way."""
-        return cls(**({"tie_break": "candidate_order"} | raw))
 
 
 @dataclass(frozen=True)

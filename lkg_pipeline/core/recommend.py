@@ -120,15 +120,9 @@ def prompts_as_trained(
             len(titles),
             settings.paths,
         ).paths
-        selection = settings.selection
-        selected = select_paths(
-            paths,
-            preferences,
-            selection.per_history_item,
-            selection.max_paths,
-            selection.exclude_path_types,
-            selection.tie_break,
-        ).with_columns(variant=pl.lit(variant))
+        selected = select_paths(paths, preferences, settings.selection).with_columns(
+            variant=pl.lit(variant)
+        )
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

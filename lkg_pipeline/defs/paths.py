@@ -12,6 +12,7 @@ import polars as pl
 from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
+    PathSelection,
     TieBreak,
     examples_changed_by_candidate_order,
     paths_by_candidate_position,
@@ -27,7 +28,7 @@ from lkg_pipeline.core.preference import (
     fit_preferences,
     save_preference,
 )
-from lkg_pipeline.core.prompts import PATHS_KEY, PathSelection, path_settings_json
+from lkg_pipeline.core.prompts import PATHS_KEY, path_settings_json
 from lkg_pipeline.core.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
@@ -362,16 +363,8 @@ def selected_paths(
     parts = ParquetParts(scratch_dir(lake.path) / f"selected_paths-{dataset}")
     per_example, by_type = [], []
     try:
-        per_item, cap = selection.per_history_item, selection.max_paths
         batches = selections_in_batches(
-            paths_file,
-            preferences,
-            per_item,
-            cap,
-            config.users_per_batch,
-            config.paths_per_batch,
-            selection.exclude_path_types,
-            selection.tie_break,
+            paths_file, preferences, selection, config.users_per_batch, config.paths_per_batch
         )
         held_out = (
             pl.scan_parquet(candidates_file(lake.path, dataset))
@@ -435,15 +428,9 @@ def _order_blindness_check(
     users = preferences["user_idx"].unique().sort().head(ORDER_CHECK_USERS)
     paths = read_users(paths_file, users)
     mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
-    args = (
-        selection.per_history_item,
-        selection.max_paths,
-        selection.exclude_path_types,
-        selection.tie_break,
-    )
     changed = {
-        "kg_rag": examples_changed_by_candidate_order(paths, None, *args),
-        "lkg_rag": examples_changed_by_candidate_order(paths, mine, *args),
+        "kg_rag": examples_changed_by_candidate_order(paths, None, selection),
+        "lkg_rag": examples_changed_by_candidate_order(paths, mine, selection),
     }
     examples = paths["example_id"].n_unique()
     return dg.AssetCheckResult(

@@ -10,6 +10,7 @@ from lkg_pipeline.core.kg import build_kg
 from lkg_pipeline.core.paths import (
     PATH_SETTINGS_FILE,
     PathConfig,
+    PathSelection,
     bounded_user_batches,
     candidate_tie_key,
     enumerate_paths,
@@ -142,18 +143,20 @@ def test_selection_by_fewest_hops_or_by_preference() -> None:
         (1, "has_genre"),
         (0, "released_in"),
     ]
-    assert select_paths(out.paths, likes_genres, max_paths=1).height == 1
+    assert select_paths(out.paths, likes_genres, PathSelection(max_paths=1)).height == 1
 
     # Excluded types are never shown; the next path of the same history item takes the place,
     # and an item with no other path gets no line.
     both = out.paths.filter(pl.col("history_item_idx") == 1)["path_type"].unique().to_list()
     assert {"co_rated", "has_genre"} <= set(both)
-    no_co = select_paths(out.paths, None, exclude_path_types=["co_rated"])
+    no_co = select_paths(out.paths, None, PathSelection(exclude_path_types=("co_rated",)))
     assert no_co.select("history_item_idx", "path_type").rows() == [
         (1, "has_genre"),
         (0, "released_in"),
     ]
-    only_item_0 = select_paths(out.paths, likes_genres, exclude_path_types=set(both))
+    only_item_0 = select_paths(
+        out.paths, likes_genres, PathSelection(exclude_path_types=tuple(both))
+    )
     assert "co_rated" not in only_item_0["path_type"].to_list()
     assert only_item_0["history_item_idx"].to_list() == [0]
     assert only_item_0["selection_rank"].to_list() == [1]
@@ -282,8 +285,8 @@ def test_selection_under_a_path_budget_is_the_same_selection(tmp_path: Path) -> 
         .is_empty()
     )
     budget = int(counts["rows"].max()) + 1
-    whole = pl.concat(list(selections_in_batches(file, preferences, 1, 20, 10**6)))
-    parts = list(selections_in_batches(file, preferences, 1, 20, 10**6, budget))
+    whole = pl.concat(list(selections_in_batches(file, preferences, PathSelection(), 10**6)))
+    parts = list(selections_in_batches(file, preferences, PathSelection(), 10**6, budget))
     assert len(parts) > 1
     assert pl.concat(parts).sort(pl.all()).equals(whole.sort(pl.all()))
     for batch in bounded_user_batches(counts, 10**6, budget):
@@ -347,15 +350,16 @@ def test_selection_does_not_see_the_order_of_the_candidates() -> None:
         .with_columns(weight=(pl.col("path_type").str.len_chars() % 2).cast(pl.Float64))
     )
     examples = paths["example_id"].n_unique()
+    leaky_rule = PathSelection(tie_break="candidate_order")
     for prefs in (None, preferences):
-        assert examples_changed_by_candidate_order(paths, prefs, 1, 20) == 0
+        assert examples_changed_by_candidate_order(paths, prefs, PathSelection()) == 0
         # the reference's rule (first listed wins) is what the check exists to catch
-        leaky = examples_changed_by_candidate_order(paths, prefs, 1, 20, (), "candidate_order")
+        leaky = examples_changed_by_candidate_order(paths, prefs, leaky_rule)
         assert leaky > examples // 2, (leaky, examples)
         # and hashing really changed who wins, not only made the rule order-free
         hashed, listed = (
-            select_paths(paths, prefs, tie_break=rule).select("example_id", "candidate_item_idx")
-            for rule in ("hashed", "candidate_order")
+            select_paths(paths, prefs, rule).select("example_id", "candidate_item_idx")
+            for rule in (PathSelection(), leaky_rule)
         )
         assert not hashed.equals(listed)
 

@@ -3,8 +3,8 @@ import json
 import polars as pl
 import pytest
 
+from lkg_pipeline.core.paths import PathSelection
 from lkg_pipeline.core.prompts import (
-    PathSelection,
     PromptConfig,
     PromptSettings,
     build_prompts,

@@ -104,9 +104,14 @@ def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_pa
 
     from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
     from lkg_pipeline.core.llm import smollm2_tokenizer
-    from lkg_pipeline.core.paths import PATH_SETTINGS_FILE, PathConfig, select_paths, write_paths
-    from lkg_pipeline.core.prompts import (
+    from lkg_pipeline.core.paths import (
+        PATH_SETTINGS_FILE,
+        PathConfig,
         PathSelection,
+        select_paths,
+        write_paths,
+    )
+    from lkg_pipeline.core.prompts import (
         PromptConfig,
         PromptSettings,
         build_prompts,
@@ -143,7 +148,7 @@ def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_pa
             PathConfig(**json.loads((tmp_path / PATH_SETTINGS_FILE).read_text())), selection
         )
     )
-    selected = select_paths(pl.read_parquet(tmp_path / "paths.parquet"), None, 2, 5)
+    selected = select_paths(pl.read_parquet(tmp_path / "paths.parquet"), None, selection)
     trained = build_prompts(
         examples,
         inputs.sequences,
