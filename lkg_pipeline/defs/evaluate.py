@@ -112,10 +112,11 @@ def launch_ranking(
     prompts; progress streams into this run's log through Pipes), and how it ran."""
     chosen: dict[str, Any] = {}
     if dtype == "auto" and launch.accelerate_config is None:
-        # One CPU process: `auto` is measured here, once per step process (choose_dtype caches
-        # it), as it was before ranking moved into a launched script. Measured anew in every
-        # launch, a near-threshold GEMM ratio could flip the type between two launches and
-        # with it the rankings (a forced recompute in the same process must repeat them).
+        # One CPU process: `auto` is measured here, once per run's process (choose_dtype
+        # caches it; a run's steps share its process), as it was before ranking moved into a
+        # launched script. Measured anew in every launch, a near-threshold GEMM ratio could
+        # flip the type between two launches and with it the rankings (a forced recompute in
+        # the same process must repeat them).
         from transformers import AutoConfig
 
         base = current_base_model(lake)
