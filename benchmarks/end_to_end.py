@@ -6,7 +6,7 @@
 Runs the README's main command (`make run`) twice against a fresh data lake and Dagster
 instance (temporary folders; the repository's `data_lake/` is not touched) and reports, per
 Dagster step, its wall time (STEP_START → STEP_SUCCESS in the instance's event log), the peak
-RSS of the whole process tree while it ran (CLI, step worker, `accelerate launch` and its
+RSS of the whole process tree while it ran (CLI, any step worker, `accelerate launch` and its
 children, sampled every `--interval` seconds) and which assets reused their previous outputs
 (`reused_from` in the materialisation's metadata). Not part of `make bench`: the cold run alone
 is most of an hour; the figures it writes to `benchmarks/end_to_end.json` appear in
@@ -216,7 +216,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"`{result['command']}` from an empty data lake and Dagster instance, then again with "
             f"nothing changed; measured {m['date_utc']} on {m['nproc']} × {m['cpu_model']}, "
             f"{m['ram_gib']} GiB. Step times are the event log's STEP_START → STEP_SUCCESS; "
-            "peak RSS is the whole process tree (CLI, step worker, `accelerate launch` and its "
+            "peak RSS is the whole process tree (CLI, any step worker, `accelerate launch` and its "
             'children) sampled while the step ran. "reused": the asset found its inputs, '
             "settings, code and outputs unchanged and kept its outputs (`reused_from` in its "
             "metadata); the other steps are cheap and run again.",

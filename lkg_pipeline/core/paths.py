@@ -572,7 +572,7 @@ TIE_BREAKS: tuple[str, ...] = get_args(TieBreak)
 
 @dataclass(frozen=True)
 class PathSelection:
-    """Which of an example's enumerated paths its prompt shows (`paths.select_paths`)."""
+    """Which of an example's enumerated paths its prompt shows (`select_paths`)."""
 
     per_history_item: int = 1  # the reference: one relation line per history item
     max_paths: int = 20
