@@ -3,6 +3,7 @@ ranks the same.
 
     python -m benchmarks.llm_dtype                  # all test-subset prompts, both dtypes
     python -m benchmarks.llm_dtype --prompts 40     # a quicker look
+    python -m benchmarks.llm_dtype --section llm_dtype_amd_epyc   # beside another machine's
 
 Measured in one process, one dtype after the other, with nothing else running: the GEMM
 ceilings of the model's own shapes, ranking prompts/s on the real ml-100k test prompts whose
@@ -17,6 +18,7 @@ Prompts and adapter: `make quality`'s for the row where it ran, else the pipelin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -24,6 +26,7 @@ import time
 import types
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import polars as pl
@@ -86,11 +89,13 @@ def ablation(
     median seconds per prompt. Ranking: the previous path (dense T×T block mask, the adapter
     as peft's fp32 branch), windowed attention, then the adapter folded, then the RMSNorms
     fused too (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
-    all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms
-    (the pipeline's path now)."""
+    all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms,
+    each with attention on torch's SDPA kernel, then with `segments.grouped_attention`'s
+    matmuls where a backward follows (the pipeline's path now)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lkg_pipeline.core import segments
     from lkg_pipeline.core.llm import fuse_rms_norms
     from lkg_pipeline.core.lowrank import fold_lora
     from lkg_pipeline.core.segments import segment_batch, segment_scores, use_segment_attention
@@ -156,7 +161,7 @@ def ablation(
     del ranking
     config = dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=0.0)
 
-    def trainer(autocast: bool, fused_norms: bool = False) -> Any:
+    def trainer(autocast: bool, fused_norms: bool = False, kernel_backward: bool = False) -> Any:
         torch.manual_seed(0)
         model = get_peft_model(
             bf16_base(True, fused_norms), lora_config(config), autocast_adapter_dtype=True
@@ -167,7 +172,12 @@ def ablation(
         holder.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
 
         def step(row: Any) -> None:
-            with holder.low_precision():
+            with contextlib.ExitStack() as stack:
+                if kernel_backward:  # every attention block on torch's SDPA kernel
+                    stack.enter_context(
+                        mock.patch.object(segments, "grouped_attention_pays", lambda *_: False)
+                    )
+                stack.enter_context(holder.low_precision())
                 scores = segment_scores(model, batch(row, True), answers)
             torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
             model.zero_grad()
@@ -176,9 +186,10 @@ def ablation(
 
     out["training_s_per_prompt"] = timed(
         {
-            "windowed + peft fp32 branch (before)": trainer(False),
-            "windowed + autocast": trainer(True),
-            "windowed + autocast + fused norms (now)": trainer(True, True),
+            "windowed + peft fp32 branch (before)": trainer(False, kernel_backward=True),
+            "windowed + autocast": trainer(True, kernel_backward=True),
+            "windowed + autocast + fused norms": trainer(True, True, kernel_backward=True),
+            "windowed + autocast + fused norms + matmul attention (now)": trainer(True, True),
         }
     )
     print(f"ablation: {out}", flush=True)
@@ -322,13 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ablation-prompts", type=int, default=12, help="prompts per ablation (0: none)"
     )
+    parser.add_argument(
+        "--section",
+        default="llm_dtype",
+        help="results.json section to write (another name keeps a second machine's run beside)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     variant, fmt, kind = args.row.split("-")
     section = run(
         args.prompts, Row(variant, fmt, kind == "tuned"), args.train_steps, args.ablation_prompts
     )
-    save_results_section(RESULTS_JSON, "llm_dtype", section)
+    save_results_section(RESULTS_JSON, args.section, section)
     keys = ("chosen_dtype", "ranking_speedup_vs_fp32", "training_speedup_vs_fp32",
             "no_dropout_training_speedup", "pipeline_training_speedup_vs_fp32",
             "pipeline_training_speedup_vs_recipe_fp32", "top1_agreement", "ndcg10_fp32",

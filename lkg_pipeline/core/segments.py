@@ -29,6 +29,11 @@ rounding (tests compare both paths, values and gradients). Only calls that carry
 layout `segment_batch` adds take that path; every other call (letter prompts, generation) is
 transformers' own SDPA. Hand-written because no library offers attention over this block
 structure on CPU (FlexAttention's block-sparse kernels need CUDA or `torch.compile`).
+
+Each block runs on torch's SDPA kernel, except where a backward will follow in a low precision
+on CPU (`grouped_attention_pays`): the CPU flash kernel's backward is no faster in bf16 than in
+fp32, so training there computes the block as bf16 matmuls around an fp32 softmax
+(`grouped_attention`), which autograd differentiates into bf16 GEMMs.
 """
 
 from __future__ import annotations
@@ -187,35 +192,95 @@ def segment_attention(
     # key head (`enable_gqa`) instead of keys repeated per query head, so the windows' key
     # copies are a third the size. Bit-identical scores and the same speed end to end (16
     # ml-100k prompts, bf16, AMX, 2 threads: 0.374 vs 0.372 s), a smaller working set.
-    gqa = key.shape[1] != query.shape[1]
+    attend = grouped_attention if grouped_attention_pays(query, key, value) else grouped_sdpa
     windows = segment_windows.tolist()
     p = windows[0][0]
     batch, heads, width, _ = query.shape
     out = query.new_empty((batch, width, heads, value.shape[-1]))  # (B, T, H, D), as SDPA's
     # the prefix; its padding is seen only by padding queries
-    out[:, :p] = F.scaled_dot_product_attention(
-        query[:, :, :p],
-        key[:, :, :p],
-        value[:, :, :p],
-        dropout_p=dropout,
-        is_causal=True,
-        scale=scaling,
-        enable_gqa=gqa,
-    ).transpose(1, 2)
+    out[:, :p] = attend(
+        query[:, :, :p], key[:, :, :p], value[:, :, :p], None, dropout, scaling, causal=True
+    )
     for w, (first, end, first_key) in enumerate(windows):
         keys = torch.cat([key[:, :, :p], key[:, :, first_key:end]], dim=2)
         values = torch.cat([value[:, :, :p], value[:, :, first_key:end]], dim=2)
         mask = segment_masks[w, :, None, : end - first, : keys.shape[2]]  # (B, 1, Q, P + K)
-        out[:, first:end] = F.scaled_dot_product_attention(
-            query[:, :, first:end],
-            keys,
-            values,
-            attn_mask=mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=gqa,
-        ).transpose(1, 2)
+        out[:, first:end] = attend(query[:, :, first:end], keys, values, mask, dropout, scaling)
     return out, None
+
+
+def grouped_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """(B, Q, H, D) attention of query (B, H, Q, D) over key and value (B, KV, K, D) under an
+    additive mask (B, 1, Q, K) or causally, on torch's SDPA kernel."""
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=causal,
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    ).transpose(1, 2)
+
+
+def grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """`grouped_sdpa` as two batched matmuls in the inputs' dtype around a softmax in fp32
+    (scores are summed in the GEMM's fp32 accumulator and rounded once to the dtype, as any
+    matmul's output is). The query heads that share a key head are stacked into one GEMM
+    (head h reads key head h // (H / KV), as transformers' `repeat_kv`), so keys are never
+    copied per query head."""
+    batch, heads, n_queries, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    stacked = query.reshape(batch, kv_heads, group * n_queries, dim)
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).view(
+        batch, kv_heads, group, n_queries, n_keys
+    )
+    scores = scores.float().mul_(dim**-0.5 if scaling is None else scaling)
+    if causal:
+        above = torch.ones(n_queries, n_keys, dtype=torch.bool, device=query.device)
+        scores = scores.masked_fill(above.triu_(n_keys - n_queries + 1), float("-inf"))
+    if mask is not None:
+        scores = scores + mask[:, :, None]  # (B, 1, 1, Q, K) over the groups
+    weights = scores.softmax(-1).to(query.dtype)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    out = torch.matmul(weights.view(batch, kv_heads, group * n_queries, n_keys), value)
+    return out.view(batch, heads, n_queries, dim).transpose(1, 2)
+
+
+def grouped_attention_pays(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether a backward will run through this attention in a low precision on CPU, where
+    `grouped_attention` is the faster path.
+
+    Torch's CPU flash kernel runs its backward at fp32 speed whatever the dtype (one layer's
+    windows of an ml-100k prompt, bf16 19.8 vs fp32 19.3 ms on an Intel AMX machine), while
+    the matmuls' backward is bf16 GEMMs: a bf16 LoRA training step (forward + backward of one
+    ml-100k prompt) took 1.23 against 1.39 s with lora_adapter's recipe and 1.86 against
+    2.55 s with LoRA in every layer (AMD EPYC, 2 threads; `make bench-dtype`'s ablation).
+    Without a backward the kernel stays: ranking forward is as fast or faster on it (it never
+    stores the score matrix), and in fp32 its backward is the faster one.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    low_precision = query.dtype in (torch.bfloat16, torch.float16)
+    return needs_grad and low_precision and query.device.type == "cpu"
 
 
 def use_segment_attention(model: Any) -> Any:

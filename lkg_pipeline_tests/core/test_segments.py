@@ -24,6 +24,9 @@ from lkg_pipeline.core.prompts import (
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts, score_prompts, trained_over
 from lkg_pipeline.core.segments import (
     answer_token_ids,
+    grouped_attention,
+    grouped_attention_pays,
+    grouped_sdpa,
     segment_batch,
     segment_scores,
     tokenize_segments,
@@ -123,6 +126,50 @@ def test_windowed_attention_computes_what_the_dense_mask_computes(
     ids = torch.tensor([prompts[1].prefix])
     with torch.no_grad():
         torch.testing.assert_close(windowed(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_attention_matches_the_sdpa_kernel(causal: bool) -> None:
+    """The matmul path (bf16 training on CPU) computes SDPA's attention, values and the
+    gradients of query, key and value, with grouped key heads and an additive mask."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, n_queries, n_keys, dim = 2, 6, 2, 5, 5 if causal else 9, 8
+    query, key, value = (
+        torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+        for shape in [
+            (batch, heads, n_queries, dim),
+            (batch, kv_heads, n_keys, dim),
+            (batch, kv_heads, n_keys, dim),
+        ]
+    )
+    mask = None
+    if not causal:  # each query sees a different set of keys, as a window's segments do
+        allowed = torch.rand((batch, 1, n_queries, n_keys), generator=generator) < 0.6
+        allowed[..., 0] = True  # no empty row
+        mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(
+            ~allowed, torch.finfo(torch.float64).min
+        )
+    outputs, gradients = [], []
+    for attend in (grouped_sdpa, grouped_attention):
+        out = attend(query, key, value, mask, 0.0, 0.3, causal=causal)
+        assert out.shape == (batch, n_queries, heads, dim)
+        outputs.append(out)
+        gradients.append(torch.autograd.grad(out.sin().sum(), (query, key, value)))
+    # fp64, to fp32's tolerance: torch's CPU kernel is not exact to fp64 (~1e-7 here)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(gradients[1], gradients[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_attention_serves_low_precision_backwards_on_cpu() -> None:
+    def tensors(dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
+        return [torch.zeros(1, 2, 3, 4, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+    assert grouped_attention_pays(*tensors(torch.bfloat16, True))
+    assert not grouped_attention_pays(*tensors(torch.bfloat16, False))  # ranking
+    assert not grouped_attention_pays(*tensors(torch.float32, True))  # fp32 training
+    with torch.no_grad():
+        assert not grouped_attention_pays(*tensors(torch.bfloat16, True))
 
 
 def test_segments_render_each_candidate_with_its_own_relations() -> None:
