@@ -91,12 +91,14 @@ def ablation(
     fused too (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
     all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms,
     each with attention on torch's SDPA kernel, then with `segments.grouped_attention`'s
-    matmuls where a backward follows (the pipeline's path now)."""
+    matmuls where a backward follows (the pipeline's path now), all without LoRA dropout; then
+    that path with the recipe's dropout on torch's masks and on `WordDropout`'s (now)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lkg_pipeline.core import segments
     from lkg_pipeline.core.llm import fuse_rms_norms
+    from lkg_pipeline.core.lora_dropout import use_word_dropout
     from lkg_pipeline.core.lowrank import fold_lora
     from lkg_pipeline.core.segments import segment_batch, segment_scores, use_segment_attention
     from lkg_pipeline.core.train_lora import Run, lora_config
@@ -159,13 +161,23 @@ def ablation(
 
     out["ranking_s_per_prompt"] = timed({k: scorer(*v) for k, v in ranking.items()})
     del ranking
-    config = dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=0.0)
 
-    def trainer(autocast: bool, fused_norms: bool = False, kernel_backward: bool = False) -> Any:
+    def trainer(
+        autocast: bool,
+        fused_norms: bool = False,
+        kernel_backward: bool = False,
+        dropout: str | None = None,
+    ) -> Any:
+        """A training step; `dropout`: None (none), "torch" (peft's nn.Dropout) or "word"
+        (`lora_dropout.WordDropout`, as training swaps it in), at the recipe's rate."""
         torch.manual_seed(0)
+        rate = EVERY_LAYER_RECIPE.lora_dropout if dropout else 0.0
+        config = dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=rate)
         model = get_peft_model(
             bf16_base(True, fused_norms), lora_config(config), autocast_adapter_dtype=True
         )
+        if dropout == "word":
+            use_word_dropout(model)
         model.train()
         holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
         holder.model, holder.autocast = model, torch.bfloat16 if autocast else None
@@ -190,6 +202,8 @@ def ablation(
             "windowed + autocast": trainer(True, kernel_backward=True),
             "windowed + autocast + fused norms": trainer(True, True, kernel_backward=True),
             "windowed + autocast + fused norms + matmul attention (now)": trainer(True, True),
+            "now, LoRA dropout on torch's masks": trainer(True, True, dropout="torch"),
+            "now, LoRA dropout on word masks (now)": trainer(True, True, dropout="word"),
         }
     )
     print(f"ablation: {out}", flush=True)

@@ -47,6 +47,7 @@ from lkg_pipeline.core.llm import (
     letter_token_ids,
     token_logits,
 )
+from lkg_pipeline.core.lora_dropout import use_word_dropout
 from lkg_pipeline.core.lowrank import folded
 from lkg_pipeline.core.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
@@ -748,6 +749,7 @@ def _prepare_run(
         base, lora_config(config, base.config.num_hidden_layers), autocast_adapter_dtype=True
     )
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    use_word_dropout(model)  # LoRA dropout's masks at a fraction of torch's CPU cost
     counts = model.get_nb_trainable_parameters()
     train_dl, val, letter_ids = get_dataloaders(
         accelerator, config, tokenizer, paths.prompts, position_limit
