@@ -30,8 +30,8 @@ layout `segment_batch` adds take that path; every other call (letter prompts, ge
 transformers' own SDPA. Hand-written because no library offers attention over this block
 structure on CPU (FlexAttention's block-sparse kernels need CUDA or `torch.compile`).
 
-Each block runs on torch's SDPA kernel, except where a backward will follow in a low precision
-on CPU (`grouped_attention_pays`): the CPU flash kernel's backward is no faster in bf16 than in
+Each block runs on torch's SDPA kernel, except where a backward will follow in bf16 on CPU
+(`grouped_attention_pays`): the CPU flash kernel's backward is no faster in bf16 than in
 fp32, so training there computes the block as bf16 matmuls around an fp32 softmax
 (`grouped_attention`), which autograd differentiates into bf16 GEMMs.
 """
@@ -267,20 +267,20 @@ def grouped_attention(
 
 
 def grouped_attention_pays(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether a backward will run through this attention in a low precision on CPU, where
+    """Whether a backward will run through this attention in bf16 on CPU, where
     `grouped_attention` is the faster path.
 
     Torch's CPU flash kernel runs its backward at fp32 speed whatever the dtype (one layer's
     windows of an ml-100k prompt, bf16 19.8 vs fp32 19.3 ms on an Intel AMX machine), while
     the matmuls' backward is bf16 GEMMs: a bf16 LoRA training step (forward + backward of one
-    ml-100k prompt) took 1.23 against 1.39 s with lora_adapter's recipe and 1.86 against
-    2.55 s with LoRA in every layer (AMD EPYC, 2 threads; `make bench-dtype`'s ablation).
-    Without a backward the kernel stays: ranking forward is as fast or faster on it (it never
-    stores the score matrix), and in fp32 its backward is the faster one.
+    ml-100k prompt) took 1.79 against 2.75 s with LoRA in every layer (`make bench-dtype`'s
+    ablation) and 1.23 against 1.39 s with lora_adapter's recipe (10 prompts, interleaved;
+    AMD EPYC, 2 threads). Without a backward the kernel stays: a ranking forward is as fast
+    or faster on it (it never stores the score matrix), and in fp32 its backward is the
+    faster one. fp16 is left to the kernel: no dtype policy here picks it, nothing measured it.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    low_precision = query.dtype in (torch.bfloat16, torch.float16)
-    return needs_grad and low_precision and query.device.type == "cpu"
+    return needs_grad and query.dtype == torch.bfloat16 and query.device.type == "cpu"
 
 
 def use_segment_attention(model: Any) -> Any:

@@ -168,6 +168,7 @@ def test_grouped_attention_serves_low_precision_backwards_on_cpu() -> None:
     assert grouped_attention_pays(*tensors(torch.bfloat16, True))
     assert not grouped_attention_pays(*tensors(torch.bfloat16, False))  # ranking
     assert not grouped_attention_pays(*tensors(torch.float32, True))  # fp32 training
+    assert not grouped_attention_pays(*tensors(torch.float16, True))  # not measured
     with torch.no_grad():
         assert not grouped_attention_pays(*tensors(torch.bfloat16, True))
 
