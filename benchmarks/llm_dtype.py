@@ -91,7 +91,9 @@ def ablation(
     fused too (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
     all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms,
     each with attention on torch's SDPA kernel, then with `segments.grouped_attention`'s
-    matmuls where a backward follows (the pipeline's path now), all without LoRA dropout; then
+    matmuls where a backward follows, first over fp32 copies of the scores
+    (`attention_over_fp32_scores`) and then as the pipeline has them now, all without LoRA
+    dropout; then
     that path with the recipe's dropout on torch's masks and on `WordDropout`'s (now)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -167,9 +169,11 @@ def ablation(
         fused_norms: bool = False,
         kernel_backward: bool = False,
         dropout: str | None = None,
+        fp32_scores: bool = False,
     ) -> Any:
         """A training step; `dropout`: None (none), "torch" (peft's nn.Dropout) or "word"
-        (`lora_dropout.WordDropout`, as training swaps it in), at the recipe's rate."""
+        (`lora_dropout.WordDropout`, as training swaps it in), at the recipe's rate;
+        `fp32_scores`: the matmul attention as it was first (`attention_over_fp32_scores`)."""
         torch.manual_seed(0)
         rate = EVERY_LAYER_RECIPE.lora_dropout if dropout else 0.0
         config = dataclasses.replace(EVERY_LAYER_RECIPE, lora_dropout=rate)
@@ -189,6 +193,10 @@ def ablation(
                     stack.enter_context(
                         mock.patch.object(segments, "grouped_attention_pays", lambda *_: False)
                     )
+                if fp32_scores:
+                    stack.enter_context(
+                        mock.patch.object(segments, "grouped_attention", attention_over_fp32_scores)
+                    )
                 stack.enter_context(holder.low_precision())
                 scores = segment_scores(model, batch(row, True), answers)
             torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
@@ -201,6 +209,9 @@ def ablation(
             "windowed + peft fp32 branch (before)": trainer(False, kernel_backward=True),
             "windowed + autocast": trainer(True, kernel_backward=True),
             "windowed + autocast + fused norms": trainer(True, True, kernel_backward=True),
+            "windowed + autocast + fused norms + matmul attention, fp32 score passes": trainer(
+                True, True, fp32_scores=True
+            ),
             "windowed + autocast + fused norms + matmul attention (now)": trainer(True, True),
             "now, LoRA dropout on torch's masks": trainer(True, True, dropout="torch"),
             "now, LoRA dropout on word masks (now)": trainer(True, True, dropout="word"),
@@ -208,6 +219,36 @@ def ablation(
     )
     print(f"ablation: {out}", flush=True)
     return out
+
+
+def attention_over_fp32_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """`segments.grouped_attention` as it was first (2026-12-04 morning), kept for the
+    ablation: the bf16 scores copied to fp32, then scaled, masked, soft-maxed and cast back
+    in five passes over the score matrix where the pipeline's version makes two."""
+    batch, heads, n_queries, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    stacked = query.reshape(batch, kv_heads, group * n_queries, dim)
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).view(
+        batch, kv_heads, group, n_queries, n_keys
+    )
+    scores = scores.float().mul_(dim**-0.5 if scaling is None else scaling)
+    if causal:
+        above = torch.ones(n_queries, n_keys, dtype=torch.bool, device=query.device)
+        scores = scores.masked_fill(above.triu_(n_keys - n_queries + 1), float("-inf"))
+    if mask is not None:
+        scores = scores + mask[:, :, None]
+    weights = scores.softmax(-1).to(query.dtype)
+    out = torch.matmul(weights.view(batch, kv_heads, group * n_queries, n_keys), value)
+    return out.view(batch, heads, n_queries, dim).transpose(1, 2)
 
 
 def inputs(lake: Path, row: Row) -> tuple[Path, Path | None]:
