@@ -87,14 +87,14 @@ def ablation(
     """What each bf16 change buys, side by side in one process: the configurations take turns
     on every prompt (so drifts of the machine's speed hit all alike) and each reports its
     median seconds per prompt. Ranking: the previous path (dense T×T block mask, the adapter
-    as peft's fp32 branch), windowed attention, then the adapter folded, then the RMSNorms
-    fused too (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
+    as peft's fp32 branch), windowed attention on torch's SDPA kernel, then the adapter
+    folded, then the RMSNorms fused too, then the windows as `segments.grouped_attention`'s
+    matmuls (the pipeline's path now). Training (forward + backward of one prompt, LoRA on
     all linear layers): peft's fp32 branch, then under autocast, then with fused RMSNorms,
-    each with attention on torch's SDPA kernel, then with `segments.grouped_attention`'s
-    matmuls where a backward follows, first over fp32 copies of the scores
+    each with attention on the kernel, then as matmuls, first over fp32 copies of the scores
     (`attention_over_fp32_scores`) and then as the pipeline has them now, all without LoRA
-    dropout; then
-    that path with the recipe's dropout on torch's masks and on `WordDropout`'s (now)."""
+    dropout; then that path with the recipe's dropout on torch's masks and on `WordDropout`'s
+    (now)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -128,36 +128,42 @@ def ablation(
         return {name: round(float(np.median(s)), 4) for name, s in seconds.items()}
 
     out: dict[str, Any] = {"prompts": len(rows) - 1, "adapter": str(adapter)}
-    ranking: dict[str, Any] = {}
+    # (model, attention): "dense" (the T×T block mask on SDPA), "kernel" (the windows on
+    # torch's SDPA kernel) or "matmul" (the windows as `segments.grouped_attention`)
+    ranking: dict[str, tuple[Any, str]] = {}
     if adapter is not None:
         ranking["dense + peft branch (before)"] = (
             PeftModel.from_pretrained(bf16_base(False), adapter, autocast_adapter_dtype=True),
-            False,
+            "dense",
         )
         ranking["windowed + peft branch"] = (
             PeftModel.from_pretrained(bf16_base(True), adapter, autocast_adapter_dtype=True),
-            True,
+            "kernel",
         )
         ranking["windowed + folded"] = (
             fold_lora(
                 PeftModel.from_pretrained(bf16_base(True), adapter, autocast_adapter_dtype=True)
             ),
-            True,
+            "kernel",
         )
-        ranking["windowed + folded + fused norms (now)"] = (
-            load_ranker(base, adapter, "cpu", torch.bfloat16),
-            True,
-        )
-    ranking["base model, dense"] = (bf16_base(False), False)
-    ranking["base model, windowed"] = (bf16_base(True), True)
-    ranking["base model, windowed + fused norms"] = (bf16_base(True, True), True)
+        ranker = load_ranker(base, adapter, "cpu", torch.bfloat16)
+        ranking["windowed + folded + fused norms"] = (ranker, "kernel")
+        ranking["windowed + folded + fused norms + matmul attention (now)"] = (ranker, "matmul")
+    ranking["base model, dense"] = (bf16_base(False), "dense")
+    ranking["base model, windowed"] = (bf16_base(True), "kernel")
+    ranking["base model, windowed + fused norms"] = (bf16_base(True, True), "kernel")
 
-    def scorer(model: Any, windowed: bool) -> Any:
+    def scorer(model: Any, attention: str) -> Any:
         model.eval()
+        on_kernel = attention != "matmul"
 
         def step(row: Any) -> None:
-            with torch.inference_mode():
-                segment_scores(model, batch(row, windowed), answers)
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                if on_kernel:
+                    stack.enter_context(
+                        mock.patch.object(segments, "grouped_attention_pays", lambda *_: False)
+                    )
+                segment_scores(model, batch(row, attention != "dense"), answers)
 
         return step
 

@@ -252,7 +252,7 @@ def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
         tiny_base, tmp_path / "adapter", prompts, AutoTokenizer.from_pretrained(tiny_base)
     )
     assert out["prompts"] == 2
-    assert len(out["ranking_s_per_prompt"]) == 7 and len(out["training_s_per_prompt"]) == 7
+    assert len(out["ranking_s_per_prompt"]) == 8 and len(out["training_s_per_prompt"]) == 7
     seconds = [*out["ranking_s_per_prompt"].values(), *out["training_s_per_prompt"].values()]
     assert all(s > 0 for s in seconds)
 
