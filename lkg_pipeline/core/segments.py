@@ -192,7 +192,7 @@ def segment_attention(
     # key head (`enable_gqa`) instead of keys repeated per query head, so the windows' key
     # copies are a third the size. Bit-identical scores and the same speed end to end (16
     # ml-100k prompts, bf16, AMX, 2 threads: 0.374 vs 0.372 s), a smaller working set.
-    attend = grouped_attention if grouped_attention_pays(query, key, value) else grouped_sdpa
+    attend = grouped_attention if grouped_attention_pays(query) else grouped_sdpa
     windows = segment_windows.tolist()
     p = windows[0][0]
     batch, heads, width, _ = query.shape
@@ -272,8 +272,8 @@ def grouped_attention(
     return out.view(batch, heads, n_queries, dim).transpose(1, 2)
 
 
-def grouped_attention_pays(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether this attention runs in bf16 on CPU, where `grouped_attention` is the faster
+def grouped_attention_pays(query: torch.Tensor) -> bool:
+    """Whether attention over `query` runs in bf16 on CPU, where `grouped_attention` is the faster
     path, with or without a backward.
 
     Torch's CPU flash kernel runs its backward at fp32 speed whatever the dtype (one layer's

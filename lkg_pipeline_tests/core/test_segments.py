@@ -197,16 +197,16 @@ def test_grouped_attention_in_bf16_keeps_to_the_fp32_kernel(causal: bool) -> Non
 
 
 def test_grouped_attention_serves_bf16_on_cpu() -> None:
-    def tensors(dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
-        return [torch.zeros(1, 2, 3, 4, dtype=dtype, requires_grad=grad) for _ in range(3)]
+    def query(dtype: torch.dtype, grad: bool) -> torch.Tensor:
+        return torch.zeros(1, 2, 3, 4, dtype=dtype, requires_grad=grad)
 
-    assert grouped_attention_pays(*tensors(torch.bfloat16, True))  # training
-    assert grouped_attention_pays(*tensors(torch.bfloat16, False))  # ranking
+    assert grouped_attention_pays(query(torch.bfloat16, True))  # training
+    assert grouped_attention_pays(query(torch.bfloat16, False))  # ranking
     with torch.inference_mode():
-        assert grouped_attention_pays(*tensors(torch.bfloat16, False))
-    assert not grouped_attention_pays(*tensors(torch.float32, True))  # fp32: the kernel
-    assert not grouped_attention_pays(*tensors(torch.float32, False))
-    assert not grouped_attention_pays(*tensors(torch.float16, True))  # not measured
+        assert grouped_attention_pays(query(torch.bfloat16, False))
+    assert not grouped_attention_pays(query(torch.float32, True))  # fp32: the kernel
+    assert not grouped_attention_pays(query(torch.float32, False))
+    assert not grouped_attention_pays(query(torch.float16, True))  # not measured
 
 
 def test_segments_render_each_candidate_with_its_own_relations() -> None:
