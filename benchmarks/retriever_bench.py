@@ -9,7 +9,7 @@ scores every item for every user. Three sizes, each measured in its own process:
   5-core Amazon Beauty), max_len 50 (Amazon);
 - 10× Beauty (synthetic): 223,630 users and 121,010 items, same shape.
 
-Training: `train_step` (the step `train_lrurec` runs) on `train_lrurec`'s own batches, for a
+Training: `train_step` (the step `train_retriever` runs) on `train_retriever`'s own batches, for a
 time budget after one warm-up step; targets per second give one epoch's time (extrapolated
 when the budget ends first). Retrieval, side by side on the same sample of users: ours,
 `rank_users` (the scores of 256 users at a time, top-k without a full sort), and the way
@@ -41,7 +41,7 @@ from benchmarks.common import (
     table,
 )
 from benchmarks.paths_bench import SHAPES, _long_tail, synthetic_sequences
-from lkg_pipeline.core.lrurec import LRURec, LRURecConfig
+from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.metrics import rank_of_target
 from lkg_pipeline.core.retrieval import (
     bucketed_batches,
@@ -52,6 +52,7 @@ from lkg_pipeline.core.retrieval import (
     training_windows,
     user_sequences,
 )
+from lkg_pipeline.core.seqrec import RetrieverConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,7 @@ def measure_size(size: dict[str, Any], train_budget_s: float, sample_users: int)
     tick = time.perf_counter()
     data, n_items = load_sequences(size)
     load_s = time.perf_counter() - tick
-    config = LRURecConfig(n_items=n_items, max_len=size["max_len"])
+    config = RetrieverConfig(n_items=n_items, max_len=size["max_len"])
     torch.manual_seed(config.seed)
     model = LRURec(config)
     optimizer = make_optimizer(model, config)
@@ -267,7 +268,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "## Retriever at catalogue scale (`benchmarks/retriever_bench.py`)",
             "",
             "LRURec with the published settings (d=64, 2 blocks, batch 64, AdamW), fp32, "
-            f"{result['threads']} torch threads. Training: `train_step` (what `train_lrurec` "
+            f"{result['threads']} torch threads. Training: `train_step` (what `train_retriever` "
             f"runs) on its own batches for {result['train_budget_s']:.0f} s after one warm-up "
             "step; one epoch = all training targets at that rate (the retriever ran 30 epochs "
             "on ml-100k, early stopping included). Retrieval: val and test top-20 plus the "

@@ -26,15 +26,16 @@ import torch
 
 from benchmarks.common import REPO, machine_info, table
 from benchmarks.paths_bench import _long_tail
-from lkg_pipeline.core.lrurec import LRURec, LRURecConfig
+from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.retrieval import (
     bucketed_batches,
     make_optimizer,
-    train_lrurec,
+    train_retriever,
     train_step,
     training_windows,
     user_sequences,
 )
+from lkg_pipeline.core.seqrec import RetrieverConfig
 
 FOLLOW = 0.6  # share of steps that follow the current item's successors
 SUCCESSORS = 4
@@ -83,7 +84,7 @@ def walks(n_users: int, n_items: int, mean_len: float, seed: int) -> pl.DataFram
 
 def step_seconds(n_items: int, negatives: int | None, steps: int, seed: int = 0) -> float:
     """Mean seconds of a training step (batch 64 windows of 50) after one warm-up."""
-    config = LRURecConfig(n_items=n_items, max_len=50, sampled_negatives=negatives, seed=seed)
+    config = RetrieverConfig(n_items=n_items, max_len=50, sampled_negatives=negatives, seed=seed)
     torch.manual_seed(seed)
     model = LRURec(config)
     optimizer = make_optimizer(model, config)
@@ -106,14 +107,14 @@ def run(quick: bool) -> dict[str, Any]:
     for negatives in (None, *NEGATIVES):
         if negatives is not None and negatives >= size["items"]:
             continue
-        config = LRURecConfig(
+        config = RetrieverConfig(
             n_items=size["items"],
             max_len=50,
             max_epochs=epochs,
             patience=epochs,
             sampled_negatives=negatives,
         )
-        result = train_lrurec(data, config)
+        result = train_retriever(data, config)
         rows.append(
             {
                 "loss": "full softmax" if negatives is None else f"sampled, {negatives} negatives",

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.paths import enumerate_paths, select_paths
 from lkg_pipeline.core.prompts import PromptSettings, build_prompts, path_phrase, truncate_titles
 from lkg_pipeline.core.retrieval import CANDIDATE_SCHEMA, rank_users
+from lkg_pipeline.core.seqrec import SequentialRecommender
 
 NEXT_SPLIT = "next"  # the split name of full-history examples (no true item is known)
 RECOMMENDATION_COLUMNS = {
@@ -62,7 +62,9 @@ def full_histories(sequences: pl.DataFrame, max_users: int | None = None) -> lis
 
 
 def next_item_examples(
-    model: LRURec, sequences: pl.DataFrame, config: RecommendConfig = RecommendConfig()
+    model: SequentialRecommender,
+    sequences: pl.DataFrame,
+    config: RecommendConfig = RecommendConfig(),
 ) -> pl.DataFrame:
     """One example per user in the candidates table's shape: the full history as input and the
     retriever's top `n_candidates` unseen items, with no true item."""

@@ -1,4 +1,4 @@
-"""Train the LRURec retriever, score users, and emit candidates for the LLM ranker.
+"""Train the retriever (LRURec or SASRec), score users, and emit candidates for the LLM ranker.
 
 Inputs are plain frames and lists, outputs are polars frames: the Dagster layer only loads,
 calls and writes. All item ids here are the external dense 0-based `item_idx`.
@@ -23,14 +23,18 @@ import polars as pl
 import torch
 from torch.nn import functional as F
 
-from lkg_pipeline.core.lrurec import LRURec, LRURecConfig, left_pad
 from lkg_pipeline.core.metrics import DEFAULT_KS, rank_of_target, ranking_metrics
+from lkg_pipeline.core.seqrec import (
+    RetrieverConfig,
+    SequentialRecommender,
+    build_retriever,
+    left_pad,
+)
 
 SPLITS = ("train", "val", "test")
 DEVICES = ("auto", "cpu", "cuda")
 EvalSplit = Literal["val", "test"]
 CandidatePolicy = Literal["random", "retriever"]
-SELECTION_METRIC = "Recall@10"  # early stopping key (NDCG@10 breaks ties)
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,8 @@ def user_sequences(sequences: pl.DataFrame, n_items: int | None = None) -> UserS
 
 @dataclass
 class TrainResult:
-    model: LRURec  # best validation state, in eval mode
-    config: LRURecConfig
+    model: SequentialRecommender  # best validation state, in eval mode
+    config: RetrieverConfig
     history: list[dict[str, float]]  # one dict per epoch, as passed to on_log
     best_epoch: int
     best_val: dict[str, float]  # validation metrics of the best epoch
@@ -167,7 +171,7 @@ def bucketed_batches(
     return [batches[i] for i in perm]
 
 
-def _param_groups(model: LRURec, weight_decay: float) -> list[dict]:
+def _param_groups(model: SequentialRecommender, weight_decay: float) -> list[dict]:
     """Decay weight matrices and embeddings only: decaying biases, LayerNorm gains or the
     LRU log-parameters would pull them to arbitrary values rather than regularise."""
     decay, no_decay = [], []
@@ -180,15 +184,15 @@ def _param_groups(model: LRURec, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: LRURec, config: LRURecConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: SequentialRecommender, config: RetrieverConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
 
 
 def train_step(
-    model: LRURec,
+    model: SequentialRecommender,
     optimizer: torch.optim.Optimizer,
     windows: list[list[int]],
-    config: LRURecConfig,
+    config: RetrieverConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[float, int]:
     """One AdamW step of next-item cross-entropy on a batch of windows: (mean loss, number
@@ -212,7 +216,7 @@ def train_step(
 
 
 def _sampled_softmax_loss(
-    model: LRURec,
+    model: SequentialRecommender,
     hidden: torch.Tensor,
     target: torch.Tensor,
     n_negatives: int,
@@ -232,9 +236,9 @@ def _sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros_like(target))
 
 
-def train_lrurec(
+def train_retriever(
     data: UserSequences,
-    config: LRURecConfig,
+    config: RetrieverConfig,
     on_log: Callable[[dict[str, float]], None] | None = None,
     device: str = "cpu",
 ) -> TrainResult:
@@ -246,7 +250,7 @@ def train_lrurec(
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # init and dropout
     generator = torch.Generator().manual_seed(config.seed)  # batch order
-    model = LRURec(config).to(device)
+    model = build_retriever(config).to(device)
     optimizer = make_optimizer(model, config)
     windows = training_windows(data.train, config.max_len, config.sliding_step or config.max_len)
     assert windows, "no user has >= 2 train items: nothing to train on"
@@ -268,7 +272,8 @@ def train_lrurec(
         val = evaluate_model(model, val_inputs, val_targets, batch_size=config.eval_batch_size)
         record = {"epoch": epoch, "step": step, "loss": loss_sum / n_targets}
         record |= {f"val_{k}": v for k, v in val.items()}
-        key = (val[SELECTION_METRIC], val["NDCG@10"])
+        tie_break = "NDCG@10" if config.selection_metric == "Recall@10" else "Recall@10"
+        key = (val[config.selection_metric], val[tie_break])
         improved = best_key is None or key > best_key
         record["best"] = float(improved)
         history.append(record)
@@ -306,7 +311,7 @@ def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> t
 
 
 def _scored_batches(
-    model: LRURec, inputs: list[list[int]], batch_size: int
+    model: SequentialRecommender, inputs: list[list[int]], batch_size: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(rows of `inputs`, their (b, I) scores with input items at -inf), `batch_size` users at a
     time in order of length (similar lengths: less padding). Every whole-catalogue ranking goes
@@ -328,7 +333,9 @@ def _scored_batches(
         model.train(was_training)
 
 
-def score_users(model: LRURec, inputs: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+def score_users(
+    model: SequentialRecommender, inputs: list[list[int]], batch_size: int = 256
+) -> torch.Tensor:
     """(U, I) next-item scores for each input sequence, input items masked to -inf.
 
     Only the last max_len items feed the model, but every input item is masked. Holds the whole
@@ -348,7 +355,7 @@ class RankedUsers:
 
 
 def rank_users(
-    model: LRURec,
+    model: SequentialRecommender,
     inputs: list[list[int]],
     k: int,
     targets: np.ndarray | None = None,
@@ -425,7 +432,7 @@ def evaluate_scores(
 
 
 def evaluate_model(
-    model: LRURec,
+    model: SequentialRecommender,
     inputs: list[list[int]],
     targets: np.ndarray,
     ks: Sequence[int] = DEFAULT_KS,
@@ -445,7 +452,7 @@ class Candidates:
 
 
 def retrieve_candidates(
-    model: LRURec, data: UserSequences, k: int = 20, batch_size: int = 256
+    model: SequentialRecommender, data: UserSequences, k: int = 20, batch_size: int = 256
 ) -> Candidates:
     """Top-k new items per user for val and test, and where each true item ranks overall."""
     tops, targets = [], []
@@ -488,7 +495,7 @@ def popularity_scores(data: UserSequences, inputs: list[list[int]]) -> torch.Ten
 
 
 def retriever_report(
-    model: LRURec, data: UserSequences, ks: Sequence[int] = DEFAULT_KS, k: int = 20
+    model: SequentialRecommender, data: UserSequences, ks: Sequence[int] = DEFAULT_KS, k: int = 20
 ) -> dict[str, dict[str, float]]:
     """{"val": metrics, "test": metrics} with full ranking and coverage@k."""
     return {
@@ -511,7 +518,7 @@ def popularity_report(
 
 @torch.no_grad()
 def _prefix_scores(
-    model: LRURec,
+    model: SequentialRecommender,
     train: list[list[int]],
     users: np.ndarray,
     prefix_lens: np.ndarray,
@@ -569,7 +576,7 @@ def _train_prefixes(
 def training_candidates(
     data: UserSequences,
     policy: CandidatePolicy,
-    model: LRURec | None = None,
+    model: SequentialRecommender | None = None,
     n_candidates: int = 20,
     examples_per_user: int | None = None,
     seed: int = 0,
@@ -648,7 +655,7 @@ def training_candidates(
 
 def held_out_training_candidates(
     data: UserSequences,
-    config: LRURecConfig,
+    config: RetrieverConfig,
     n_candidates: int = 20,
     examples_per_user: int = 1,
     seed: int = 0,
@@ -687,7 +694,7 @@ def held_out_training_candidates(
             test=np.array(after),
             n_items=data.n_items,
         )
-        model = train_lrurec(earlier, config, on_log=on_log, device=device).model
+        model = train_retriever(earlier, config, on_log=on_log, device=device).model
         # every user's train sequence ending at this shift's target: its last prefix is it
         upto = UserSequences(
             train=[seq[: max(len(seq) - shift + 1, 0)] for seq in data.train],

@@ -24,7 +24,6 @@ from lkg_pipeline.core.evaluation import (
     retriever_ranks,
 )
 from lkg_pipeline.core.fusion import fused_ranks
-from lkg_pipeline.core.lrurec import load_lrurec
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import load_preference, preference_ranks
@@ -43,6 +42,7 @@ from lkg_pipeline.core.recommend import (
     prompts_as_trained,
     recommendation_table,
 )
+from lkg_pipeline.core.seqrec import load_retriever
 from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
@@ -500,7 +500,9 @@ def recommendations(
         return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
     reuse.invalidate()
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
-    examples = next_item_examples(load_lrurec(retriever_dir(lake.path, dataset)), sequences, core)
+    examples = next_item_examples(
+        load_retriever(retriever_dir(lake.path, dataset)), sequences, core
+    )
     from transformers import AutoTokenizer
 
     adapter = _adapter(lake.path, dataset, config.variant, config.use_adapter)

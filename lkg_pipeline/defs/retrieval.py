@@ -10,7 +10,6 @@ import matplotlib
 import polars as pl
 
 from lkg_pipeline.core import validate
-from lkg_pipeline.core.lrurec import LRURec, LRURecConfig, load_lrurec, save_lrurec
 from lkg_pipeline.core.retrieval import (
     UserSequences,
     candidate_table,
@@ -20,9 +19,15 @@ from lkg_pipeline.core.retrieval import (
     resolve_device,
     retrieve_candidates,
     retriever_report,
-    train_lrurec,
+    train_retriever,
     training_candidates,
     user_sequences,
+)
+from lkg_pipeline.core.seqrec import (
+    RetrieverConfig,
+    SequentialRecommender,
+    load_retriever,
+    save_retriever,
 )
 from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.defs.layout import retriever_dir
@@ -48,32 +53,32 @@ class RetrieverRunConfig(Recomputable):
     NOT_CORE: ClassVar[tuple[str, ...]] = ("recompute", "device")
     NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
 
-    d_model: int = LRURecConfig.d_model
-    n_layers: int = LRURecConfig.n_layers
-    dropout: float = LRURecConfig.dropout
+    d_model: int = RetrieverConfig.d_model
+    n_layers: int = RetrieverConfig.n_layers
+    dropout: float = RetrieverConfig.dropout
     max_len: int | None = None  # None: 200 for MovieLens, 50 for Amazon
-    lr: float = LRURecConfig.lr
-    weight_decay: float = LRURecConfig.weight_decay
-    grad_clip: float = LRURecConfig.grad_clip
-    batch_size: int = LRURecConfig.batch_size
-    max_epochs: int = LRURecConfig.max_epochs
-    patience: int = LRURecConfig.patience  # epochs without a better val Recall@10 before stopping
-    seed: int = LRURecConfig.seed
-    r_min: float = LRURecConfig.r_min
-    r_max: float = LRURecConfig.r_max
-    sliding_step: int | None = LRURecConfig.sliding_step
-    eval_batch_size: int = LRURecConfig.eval_batch_size
+    lr: float = RetrieverConfig.lr
+    weight_decay: float = RetrieverConfig.weight_decay
+    grad_clip: float = RetrieverConfig.grad_clip
+    batch_size: int = RetrieverConfig.batch_size
+    max_epochs: int = RetrieverConfig.max_epochs
+    patience: int = RetrieverConfig.patience  # epochs without a better val selection_metric
+    seed: int = RetrieverConfig.seed
+    r_min: float = RetrieverConfig.r_min
+    r_max: float = RetrieverConfig.r_max
+    sliding_step: int | None = RetrieverConfig.sliding_step
+    eval_batch_size: int = RetrieverConfig.eval_batch_size
     # None: the full softmax; N: the target against N uniform negatives per batch (for very
     # large catalogues; benchmarks/SAMPLED_SOFTMAX.md measures it against the full softmax)
-    sampled_negatives: int | None = LRURecConfig.sampled_negatives
+    sampled_negatives: int | None = RetrieverConfig.sampled_negatives
     # Where the model trains and scores: auto = CUDA when present (on the CPU the results are
     # the reference, bit for bit the same as before the option existed).
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def to_core(self, dataset: str, n_items: int) -> LRURecConfig:
+    def to_core(self, dataset: str, n_items: int) -> RetrieverConfig:
         values = self.model_dump(exclude=set(self.NOT_CORE))
         values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
-        return LRURecConfig(n_items=n_items, **values)
+        return RetrieverConfig(n_items=n_items, **values)
 
 
 class CandidatesRunConfig(dg.Config):
@@ -127,14 +132,14 @@ def retriever(
         }
         context.log.info(f"{dataset} LRURec {shown}")
 
-    result = train_lrurec(data, core_config, on_log=log, device=device)
+    result = train_retriever(data, core_config, on_log=log, device=device)
     report = {
         "LRURec": retriever_report(result.model, data, REPORT_KS, 20),
         "popularity": popularity_report(data, REPORT_KS, 20),
     }
 
     def write(folder: Path) -> None:
-        save_lrurec(result.model, core_config, folder)
+        save_retriever(result.model, core_config, folder)
         (folder / "training.json").write_text(
             json.dumps(
                 {
@@ -192,7 +197,7 @@ def train_examples(
     context: dg.AssetExecutionContext,
     config: CandidatesRunConfig,
     data: UserSequences,
-    model: LRURec,
+    model: SequentialRecommender,
 ) -> pl.DataFrame:
     """The ranker's training examples as the run configuration asks, or a clear error."""
     if config.train_policy == "random" and (
@@ -254,7 +259,7 @@ def candidates(
     dataset = context.partition_key
     data = user_sequences(sequences, n_items=items.height)
     device = resolve_device(config.device)
-    model = load_lrurec(retriever_dir(lake.path, dataset)).to(device)
+    model = load_retriever(retriever_dir(lake.path, dataset)).to(device)
     evaluated = retrieve_candidates(model, data, k=config.k)
     train = train_examples(context, config, data, model)
     table = candidate_table(evaluated, train, data)

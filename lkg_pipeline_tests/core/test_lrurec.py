@@ -4,14 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lkg_pipeline.core.lrurec import (
-    LRURec,
-    LRURecConfig,
-    left_pad,
-    linear_scan,
-    load_lrurec,
-    save_lrurec,
-)
+from lkg_pipeline.core.lrurec import LRURec, linear_scan
+from lkg_pipeline.core.seqrec import RetrieverConfig, left_pad, load_retriever, save_retriever
 
 
 def step_by_step(lam: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,7 +57,7 @@ def test_zero_inputs_on_the_left_leave_states_bit_identical() -> None:
 
 def test_lru_initialisation_ranges() -> None:
     torch.manual_seed(0)
-    config = LRURecConfig(n_items=10, d_model=256)
+    config = RetrieverConfig(n_items=10, d_model=256)
     layer = LRURec(config).blocks[0].lru
     radius = layer.lam().abs()
     assert radius.min() >= config.r_min - 1e-6 and radius.max() <= config.r_max + 1e-6
@@ -75,7 +69,7 @@ def test_lru_initialisation_ranges() -> None:
 
 def tiny_model(seed: int = 0, **overrides: object) -> LRURec:
     torch.manual_seed(seed)
-    config = LRURecConfig(n_items=30, d_model=16, max_len=12, **overrides)  # type: ignore[arg-type]
+    config = RetrieverConfig(n_items=30, d_model=16, max_len=12, **overrides)  # type: ignore[arg-type]
     return LRURec(config).eval()
 
 
@@ -110,9 +104,9 @@ def test_save_load_reproduces_scores_exactly(tmp_path: Path) -> None:
             p.add_(0.01 * torch.randn_like(p))
         model.item_emb.weight[0].zero_()
     items = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]], 12)
-    directory = save_lrurec(model, model.config, tmp_path / "lrurec")
+    directory = save_retriever(model, model.config, tmp_path / "lrurec")
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
-    loaded = load_lrurec(directory)
+    loaded = load_retriever(directory)
     assert loaded.config == model.config
     assert not loaded.training
     with torch.inference_mode():

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 
-from lkg_pipeline.core.lrurec import LRURec, LRURecConfig
+from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.metrics import rank_of_target
 from lkg_pipeline.core.retrieval import (
     UserSequences,
@@ -19,10 +19,11 @@ from lkg_pipeline.core.retrieval import (
     retriever_report,
     score_users,
     top_k,
-    train_lrurec,
+    train_retriever,
     training_candidates,
     user_sequences,
 )
+from lkg_pipeline.core.seqrec import RetrieverConfig
 
 
 def long_frame(seqs: list[list[int]]) -> pl.DataFrame:
@@ -60,7 +61,7 @@ def random_data(n_users: int = 12, n_items: int = 60, seed: int = 0) -> UserSequ
 
 def random_model(n_items: int = 60, max_len: int = 8, seed: int = 0) -> LRURec:
     torch.manual_seed(seed)
-    return LRURec(LRURecConfig(n_items=n_items, d_model=16, max_len=max_len)).eval()
+    return LRURec(RetrieverConfig(n_items=n_items, d_model=16, max_len=max_len)).eval()
 
 
 def test_user_sequences_groups_by_position() -> None:
@@ -174,7 +175,7 @@ def test_tiny_model_overfits_a_tiny_dataset() -> None:
     # pure function of the current one, and val/test (the next two steps) follow the rule.
     seqs = [[(start + t) % 40 for t in range(12)] for start in range(0, 40, 5)]
     data = user_sequences(long_frame(seqs), n_items=40)
-    config = LRURecConfig(
+    config = RetrieverConfig(
         n_items=40,
         d_model=32,
         n_layers=1,
@@ -185,7 +186,7 @@ def test_tiny_model_overfits_a_tiny_dataset() -> None:
         patience=15,
         seed=0,
     )
-    result = train_lrurec(data, config)
+    result = train_retriever(data, config)
     prefixes = [s[:p] for s in data.train for p in range(1, len(s))]
     targets = np.array([s[p] for s in data.train for p in range(1, len(s))])
     train_fit = evaluate_scores(score_users(result.model, prefixes), targets, ks=(1,), k=1)
@@ -215,30 +216,30 @@ def test_sampled_softmax_is_cross_entropy_over_the_target_and_the_drawn_items() 
 def test_a_sampled_softmax_still_learns_a_tiny_dataset() -> None:
     seqs = [[(start + t) % 40 for t in range(12)] for start in range(0, 40, 5)]
     data = user_sequences(long_frame(seqs), n_items=40)
-    config = LRURecConfig(
+    config = RetrieverConfig(
         n_items=40, d_model=32, n_layers=1, dropout=0.0, lr=1e-2, batch_size=2,
         max_epochs=30, patience=30, seed=0, sampled_negatives=8,
     )  # fmt: skip
-    result = train_lrurec(data, config)
+    result = train_retriever(data, config)
     assert result.best_val["Recall@1"] >= 0.9
-    assert train_lrurec(data, config).history == result.history  # seeded draws
+    assert train_retriever(data, config).history == result.history  # seeded draws
 
 
 def test_training_is_deterministic_on_cpu() -> None:
     data = random_data(n_users=16, n_items=40)
-    config = LRURecConfig(
+    config = RetrieverConfig(
         n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=3, patience=3, seed=7
     )
     logged: list[dict[str, float]] = []
-    first = train_lrurec(data, config, on_log=logged.append)
-    second = train_lrurec(data, config)
+    first = train_retriever(data, config, on_log=logged.append)
+    second = train_retriever(data, config)
     assert first.history == second.history == logged
     assert len(first.history) == 3 and first.history[-1]["step"] == first.n_steps
     best = max(first.history, key=lambda r: (r["val_Recall@10"], r["val_NDCG@10"]))
     assert first.best_epoch == best["epoch"]
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(tensor, second.model.state_dict()[name]), name
-    other = train_lrurec(data, dataclasses.replace(config, seed=8))
+    other = train_retriever(data, dataclasses.replace(config, seed=8))
     assert other.history != first.history
 
 
@@ -296,7 +297,7 @@ def test_retriever_training_candidates_carry_their_scores_and_the_targets_rank()
 
 def test_held_out_training_candidates_are_scored_by_retrievers_that_never_saw_them() -> None:
     data = random_data(n_users=12, n_items=60)
-    config = LRURecConfig(n_items=60, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=1)
+    config = RetrieverConfig(n_items=60, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=1)
     logged: list[dict[str, float]] = []
     frame = held_out_training_candidates(
         data, config, n_candidates=20, examples_per_user=2, seed=3, on_log=logged.append
@@ -313,7 +314,7 @@ def test_held_out_training_candidates_are_scored_by_retrievers_that_never_saw_th
             test=np.array([s[-1] if shift == 2 else int(v) for s, v in zip(data.train, data.val)]),
             n_items=60,
         )
-        model = train_lrurec(cut, config).model
+        model = train_retriever(cut, config).model
         rows = frame.join(
             pl.DataFrame(
                 {"user_idx": range(data.n_users), "n": [len(s) for s in data.train]},
@@ -353,9 +354,9 @@ def test_the_device_setting_resolves_or_says_why_not() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_retriever_on_cuda_ranks_as_on_the_cpu() -> None:
     data = random_data(n_users=16, n_items=40)
-    config = LRURecConfig(n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=7)
-    on_cpu = train_lrurec(data, config).model
-    on_gpu = train_lrurec(data, config, device="cuda").model
+    config = RetrieverConfig(n_items=40, d_model=16, max_len=8, batch_size=4, max_epochs=2, seed=7)
+    on_cpu = train_retriever(data, config).model
+    on_gpu = train_retriever(data, config, device="cuda").model
     assert next(on_gpu.parameters()).is_cuda
     for name, tensor in on_cpu.state_dict().items():
         assert torch.allclose(tensor, on_gpu.state_dict()[name].cpu(), atol=1e-4), name

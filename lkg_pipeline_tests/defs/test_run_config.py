@@ -7,12 +7,12 @@ import pytest
 
 from lkg_pipeline.core.evaluation import EvaluationConfig
 from lkg_pipeline.core.kg import KGConfig
-from lkg_pipeline.core.lrurec import LRURecConfig
 from lkg_pipeline.core.paths import PathConfig, PathSelection
 from lkg_pipeline.core.preference import PreferenceConfig
 from lkg_pipeline.core.prepare import PrepareConfig
 from lkg_pipeline.core.prompts import PromptConfig
 from lkg_pipeline.core.recommend import RecommendConfig
+from lkg_pipeline.core.seqrec import RetrieverConfig
 from lkg_pipeline.core.train_lora import TrainConfig, build_parser, config_from_args
 from lkg_pipeline.defs.evaluate import EvaluationRunConfig, RecommendationRunConfig
 from lkg_pipeline.defs.kg import KGRunConfig
@@ -46,7 +46,7 @@ def test_the_launch_arguments_rebuild_the_configured_training() -> None:
 PAIRS = [
     (KGRunConfig, KGConfig),
     (PrepareRunConfig, PrepareConfig),
-    (RetrieverRunConfig, LRURecConfig),
+    (RetrieverRunConfig, RetrieverConfig),
     (PathRunConfig, PathConfig),
     (PreferenceRunConfig, PreferenceConfig),
     (SelectedPathsRunConfig, PathSelection),
