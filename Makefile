@@ -6,7 +6,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
 .PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype \
-	bench-after-paths bench-lora-layers
+	bench-after-paths bench-lora-layers tune-retriever
 
 venv: $(VENV)/.installed
 
@@ -95,6 +95,12 @@ bench-after-paths: venv
 ## per step, what was reused (~17 min; temporary lake and instance; benchmarks/end_to_end.json).
 bench-e2e: venv
 	$(BIN)/python -m benchmarks.end_to_end
+
+## The retriever's settings and family (LRURec, SASRec) searched on validation, one training per
+## trial, resumable (needs the lake's `sequences`; benchmarks/RETRIEVER_TUNING.md, results.json
+## `retriever_tuning`; ~2 min per trial on 2 CPU cores).
+tune-retriever: venv
+	$(BIN)/python -m benchmarks.tune_retriever
 
 ## The Dagster UI on http://127.0.0.1:3000, sharing runs and lineage with `make run`.
 ui: venv $(DAGSTER_HOME)/dagster.yaml

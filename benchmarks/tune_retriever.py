@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run trials whose name contains this")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, temp folder")
+    parser.add_argument("--out", type=Path, help="--quick's folder (default: a new temp one)")
     args = parser.parse_args(argv)
     trials_wanted = {k: v for k, v in TRIALS.items() if args.only in k}
     if args.quick:
-        out_dir = Path(tempfile.mkdtemp(prefix="tune_retriever_"))
+        out_dir = args.out or Path(tempfile.mkdtemp(prefix="tune_retriever_"))
         data = user_sequences(synthetic_sequences())
         trials_wanted = {
             name: {**o, "max_len": 8, "d_model": 16, "max_epochs": 3}

@@ -20,6 +20,7 @@ from benchmarks import (
     retriever_bench,
     run,
     training_bench,
+    tune_retriever,
 )
 from benchmarks.common import ceiling, machine_info
 
@@ -442,3 +443,15 @@ def test_quality_prompts_and_rows_follow_the_lake_they_were_made_from(tmp_path: 
     assert built_from(legacy, made_from(), sources.values())
     os.utime(sources["items"], (made + 180, made + 180))
     assert not built_from(legacy, made_from(), sources.values())
+
+
+def test_tune_retriever_quick_writes_its_table_and_resumes(tmp_path: Path) -> None:
+    tune_retriever.main(["--quick", "--out", str(tmp_path)])
+    log = (tmp_path / "trials.jsonl").read_text().splitlines()
+    table = (tmp_path / "TUNING.md").read_text()
+    assert len(log) == 2 and "**Best on validation:" in table
+    names = [json.loads(line)["name"] for line in log]
+    assert all(f"| {name} |" in table for name in names)
+    assert all(len(json.loads(line)["val_ranks"]) == 40 for line in log)  # one rank per user
+    tune_retriever.main(["--quick", "--out", str(tmp_path)])  # done trials are not run again
+    assert (tmp_path / "trials.jsonl").read_text().splitlines() == log

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -375,11 +376,14 @@ def metrics_wide(evaluation: Evaluation, split: str, population: str) -> pl.Data
     return wide.sort(pl.col("ranker").replace_strict({r: i for i, r in enumerate(order)}))
 
 
-def report_markdown(report: dict[str, Any], evaluation: Evaluation) -> str:
-    """The report for people: verdicts, then one table per split and population."""
+def report_markdown(
+    report: dict[str, Any], evaluation: Evaluation, head: Sequence[str] = ()
+) -> str:
+    """The report for people: `head` (what is served), verdicts, then one table per split and
+    population."""
     from lkg_pipeline.core.tables import markdown_table
 
-    lines = [f"# Evaluation: {report.get('dataset', '')}", ""]
+    lines = [f"# Evaluation: {report.get('dataset', '')}", "", *head]
     if report.get("variants_missing"):  # said, never skipped silently
         lines += [f"Not ranked (not in this report): {', '.join(report['variants_missing'])}.", ""]
     lines += [f"- {v}" for v in evaluation.verdicts] or ["- (no comparison)"]

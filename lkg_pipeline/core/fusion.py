@@ -93,6 +93,15 @@ class FusionChoice:
     grid: pl.DataFrame  # lam, calibrate, the validation metric of each setting
     metric: str
 
+    def as_dict(self) -> dict[str, object]:
+        """What the report stores: enough for `recommendations` to apply the same fusion."""
+        return {
+            "choice": self.describe(),
+            "lam": self.lam,
+            "calibrate": self.calibrate,
+            "prior": None if self.prior is None else self.prior.tolist(),
+        }
+
     def describe(self) -> str:
         best = self.grid.filter(
             (pl.col("lam") == self.lam) & (pl.col("calibrate") == self.calibrate)
@@ -211,3 +220,27 @@ def fused_ranks(
     ranks = target_ranks(scores, target)
     ranked = known.select("example_id").with_columns(rank=pl.Series(ranks, dtype=pl.Float64))
     return ranked, choice
+
+
+def cross_fitted_val_ranks(
+    rankings: pl.DataFrame, candidates: pl.DataFrame, n_folds: int = 5, seed: int = 0
+) -> pl.DataFrame:
+    """(example_id, rank) of the fused ranker on validation, each example's λ chosen on the
+    other folds' examples only.
+
+    `fused_ranks` picks λ on the very validation examples it then ranks, so its validation
+    figure is optimistic by construction; deciding what to serve on that figure would favour
+    the fusion over rankers with nothing tuned on validation. Cross-fitting removes that.
+    """
+    rows = letter_scores(rankings, candidates)
+    val = rows.filter((pl.col("target_index") >= 0) & (pl.col("split") == "val"))
+    assert val.height >= n_folds >= 2, f"need >= {n_folds} validation examples, got {val.height}"
+    fold = np.random.default_rng(seed).permutation(val.height) % n_folds  # (N,)
+    llm, retriever, target = as_arrays(val)
+    ranks = np.empty(val.height, dtype=np.float64)
+    for f in range(n_folds):
+        held, fit = fold == f, fold != f
+        choice = choose_fusion(llm[fit], retriever[fit], target[fit])
+        scores = fused(llm[held], retriever[held], choice.lam, choice.prior)
+        ranks[held] = target_ranks(scores, target[held])
+    return val.select("example_id").with_columns(rank=pl.Series(ranks))

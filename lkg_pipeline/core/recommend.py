@@ -2,10 +2,11 @@
 
 The same two stages as the evaluation, applied to each user's full history (train + val +
 test) instead of a held-out prefix: the retriever proposes 20 unseen items, the KG paths from
-the history to them are selected as for the prompts, and the fine-tuned LLM ranks them from
-one prompt. The paths that were in the prompt become the explanation of each recommended item
-("because you watched Heat (1995): same director"), so an explanation never cites a reason
-the ranker did not see.
+the history to them are selected as for the prompts, and the served ranker orders them: the
+fine-tuned LLM from one prompt, or the retriever itself (no LLM runs) when validation says no
+LLM beats it (`core.serving`). The paths that were in the prompt become the explanation of
+each recommended item ("because you watched Heat (1995): same director"), so an explanation
+never cites a reason the ranker did not see.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ RECOMMENDATION_COLUMNS = {
     "retriever_rank": pl.Int32,  # where the retriever had put it among the 20
     "explanation": pl.String,  # the first reason, or null when no path reached the item
     "explanations": pl.List(pl.String),  # every reason that was in the prompt
-    "variant": pl.String,
+    "variant": pl.String,  # whose prompts and KG paths explain the items
+    "ranker": pl.String,  # what ordered them (core.serving: the retriever unless beaten on val)
 }
 
 
@@ -175,6 +177,7 @@ def recommendation_table(
     consumed: list[list[int]],
     variant: str,
     top_n: int,
+    ranker: str,
 ) -> pl.DataFrame:
     """The top `top_n` of each user's ranked candidates with titles and explanations.
 
@@ -209,6 +212,7 @@ def recommendation_table(
         title=pl.col("item_idx").replace_strict(titles, return_dtype=pl.String),
         explanation=pl.col("explanations").list.first(),
         variant=pl.lit(variant),
+        ranker=pl.lit(ranker),
     ).select([pl.col(c).cast(t) for c, t in RECOMMENDATION_COLUMNS.items()])
     seen = pl.DataFrame(
         {"user_idx": np.arange(len(consumed)), "item_idx": consumed},

@@ -23,7 +23,7 @@ from lkg_pipeline.core.evaluation import (
     report_markdown,
     retriever_ranks,
 )
-from lkg_pipeline.core.fusion import fused_ranks
+from lkg_pipeline.core.fusion import cross_fitted_val_ranks, fused_ranks
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.preference import load_preference, preference_ranks
@@ -43,6 +43,14 @@ from lkg_pipeline.core.recommend import (
     recommendation_table,
 )
 from lkg_pipeline.core.seqrec import load_retriever
+from lkg_pipeline.core.serving import (
+    SERVABLE,
+    choose_served,
+    fused_order,
+    retriever_order,
+    served_lines,
+    served_summary,
+)
 from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
@@ -293,6 +301,7 @@ def evaluation_report(
     dataset = context.partition_key
     parts = [retriever_ranks(candidates)]
     latency, variants, fusion = [], [], []
+    honest_val = []  # validation ranks for choosing what to serve (`core.serving`)
     by_variant = _rankings_by_variant(rankings)
     for variant in VARIANTS:
         ranked = by_variant.get(variant)
@@ -303,7 +312,9 @@ def evaluation_report(
         if (ranked["split"] == "val").any():  # λ is chosen on val, never on test
             fused, choice = fused_ranks(ranked, candidates)
             parts.append(example_based_ranks(candidates, fused, variant + PRIOR_SUFFIX))
-            fusion.append({"ranker": variant + PRIOR_SUFFIX, "choice": choice.describe()})
+            fusion.append({"ranker": variant + PRIOR_SUFFIX, **choice.as_dict()})
+            crossed = cross_fitted_val_ranks(ranked, candidates, seed=config.seed)
+            honest_val.append(example_based_ranks(candidates, crossed, variant + PRIOR_SUFFIX))
             context.log.info(f"{variant}{PRIOR_SUFFIX}: {choice.describe()}")
         seconds = ranked["seconds"].to_numpy()
         latency.append(
@@ -338,10 +349,20 @@ def evaluation_report(
         ks=tuple(config.ks),
     )
     evaluation = evaluate(pl.concat(parts), core)
+    fitted_on_val = {f["ranker"] for f in fusion}  # their val rows are replaced by honest ones
+    choice_ranks = pl.concat(
+        [p.filter(~pl.col("ranker").is_in(list(fitted_on_val))) for p in parts] + honest_val
+    )
+    served = served_summary(
+        choose_served(choice_ranks, n_permutations=config.n_permutations, seed=config.seed),
+        evaluation.comparisons,
+    )
+    context.log.info(f"served ranker: {served['served']}: {served['reason']}")
     report = report_dict(
         evaluation,
         {
             "dataset": dataset,
+            "served": served,
             "variants": variants,
             "variants_missing": missing,
             "latency": latency,
@@ -350,7 +371,7 @@ def evaluation_report(
             "code_version": context.assets_def.code_versions_by_key[context.asset_key],
         },
     )
-    markdown = report_markdown(report, evaluation)
+    markdown = report_markdown(report, evaluation, head=served_lines(served))
     figure = _bar_chart(evaluation.metrics, dataset)
     target = reports_dir(lake.path, dataset)
 
@@ -368,6 +389,9 @@ def evaluation_report(
         metadata={
             "report": dg.MetadataValue.path(str(target / "evaluation.md")),
             "json": dg.MetadataValue.path(str(target / "evaluation.json")),
+            "served_ranker": served["served"],
+            "served_because": served["reason"],
+            "runner_up": str(served["runner_up"]),
             "verdict": "\n".join(evaluation.verdicts),
             "tables": dg.MetadataValue.md(markdown),
             "chart": dg.MetadataValue.md(chart),
@@ -445,7 +469,12 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
         "n_candidates": "20: the candidates per prompt the adapter was trained to rank",
     }
 
-    variant: str = "lkg_rag"  # whose adapter and prompt layout rank the candidates
+    # The ranker to serve, by name (retriever, a variant, <variant>+prior); None: the one the
+    # evaluation report chose on validation (`core.serving`).
+    ranker: str | None = None
+    # Whose KG paths explain each item when the served ranker reads no prompt (the retriever);
+    # an LLM ranker explains with the paths of its own prompts.
+    variant: str = "lkg_rag"
     top_n: int = RecommendConfig.top_n
     max_users: int | None = RecommendConfig.max_users  # the first N users; None: every user
     batch_size: int | None = None  # as in rankings
@@ -453,12 +482,44 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # as in rankings
 
 
+def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]:
+    """What `recommendations` ranks with: the report's served ranker (or `forced`), the LLM
+    variant it needs (None: no LLM forward) and, for `<variant>+prior`, the report's fusion."""
+    report_file = reports_dir(lake, dataset) / "evaluation.json"
+    if not report_file.exists():
+        raise FileNotFoundError(
+            f"{report_file} does not exist: materialise evaluation_report for {dataset} first "
+            "(it chooses the ranker to serve on validation), or name one with config `ranker`"
+        )
+    report = json.loads(report_file.read_text())
+    if "served" not in report:
+        raise ValueError(f"{report_file} predates the served-ranker choice: re-materialise it")
+    available = [row["ranker"] for row in report["served"]["evidence"]]
+    ranker = forced or report["served"]["served"]
+    if ranker not in SERVABLE or ranker not in available:
+        raise ValueError(
+            f"ranker {ranker!r} cannot be served for {dataset}: the report has validation ranks "
+            f"for {', '.join(available)} (servable kinds: {', '.join(SERVABLE)})"
+        )
+    variant = None if ranker == RETRIEVER else ranker.removesuffix(PRIOR_SUFFIX)
+    fusion = next((f for f in report.get("fusion", []) if f["ranker"] == ranker), None)
+    if ranker.endswith(PRIOR_SUFFIX) and fusion is None:
+        raise ValueError(f"{report_file} has no fusion weight for {ranker}: re-materialise it")
+    return {
+        "ranker": ranker,
+        "forced": forced is not None,
+        "because": "forced by run config" if forced else report["served"]["reason"],
+        "variant": variant,
+        "fusion": fusion,
+    }
+
+
 @dg.asset(
-    automation_condition=after_update_of("lora_adapter"),  # see sensors.py
+    automation_condition=after_update_of("evaluation_report"),  # see sensors.py
     group_name="evaluate",
     pool=TORCH_POOL,  # one such step at a time (dagster.yaml)
     partitions_def=dataset_partitions,
-    code_version=versioned("2", __name__),
+    code_version=versioned("3", __name__),
     kinds={"duckdb", "parquet"},
     deps=[
         "retriever",
@@ -466,6 +527,7 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
         "preference_model",
         "base_model",
         dg.AssetDep("lora_adapter", partition_mapping=BY_DATASET),
+        "evaluation_report",  # names the ranker to serve
     ],
     ins={"sequences": dg.AssetIn(), "items": dg.AssetIn()},
 )
@@ -477,21 +539,25 @@ def recommendations(
     sequences: pl.DataFrame,
     items: pl.DataFrame,
 ) -> dg.Output[pl.DataFrame]:
-    """Top-N next items per user from their full history, each with the KG paths it was shown."""
+    """Top-N next items per user from their full history, ranked by the served ranker, each
+    with the KG paths that explain it."""
     dataset = context.partition_key
-    if config.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {config.variant!r}; choose one of {VARIANTS}")
-    variant_adapter = adapter_dir(lake.path, dataset, config.variant)
+    plan = serving_plan(lake.path, dataset, config.ranker)
+    llm = plan["variant"]  # None: the retriever's order, no LLM forward
+    variant = llm or config.variant
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     inputs = {
         "sequences": sequences,
         "items": items,
         "retriever": retriever_dir(lake.path, dataset),
-        "kg": kg_folder(lake.path, dataset) if config.variant != "llamarec" else None,
-        "preferences": preference_dir(lake.path, dataset) if config.variant == "lkg_rag" else None,
-        "base_model": current_base_model(lake.path),
-        "adapter": variant_adapter if config.use_adapter else None,
-        "prompts": prompts_file(lake.path, dataset, config.variant),  # its format, see below
-        "accelerate_config": config.launch_file(),
+        "kg": kg_folder(lake.path, dataset) if variant != "llamarec" else None,
+        "preferences": preference_dir(lake.path, dataset) if variant == "lkg_rag" else None,
+        "base_model": current_base_model(lake.path),  # its tokenizer cuts the prompts' paths
+        "adapter": adapter_dir(lake.path, dataset, llm) if llm and config.use_adapter else None,
+        "prompts": prompts_file(lake.path, dataset, variant),  # its format, see below
+        "accelerate_config": config.launch_file() if llm else None,
+        "serving": pl.DataFrame([{"plan": json.dumps(plan, sort_keys=True)}]),
     }
     reuse = Reuse.start(context, lake.path, config, inputs)
     database = warehouse_path(lake.path, dataset, "recommendations")
@@ -499,61 +565,54 @@ def recommendations(
     if (metadata := reuse.previous({"table": previous, "duckdb": database})) is not None:
         return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
     reuse.invalidate()
+    context.log.info(f"serving {plan['ranker']}: {plan['because']}")
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
     examples = next_item_examples(
         load_retriever(retriever_dir(lake.path, dataset)), sequences, core
     )
-    from transformers import AutoTokenizer
-
-    adapter = _adapter(lake.path, dataset, config.variant, config.use_adapter)
-    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake.path))
-    # The adapter knows only prompts made as its training prompts were: every setting that
-    # made them (prompt format and budgets, path enumeration, path selection) is read back
-    # from the prompts file, never taken from defaults.
-    trained = prompts_file(lake.path, dataset, config.variant)
-    settings = PromptSettings.from_dict(
-        recorded_settings(pl.read_parquet_metadata(trained), SETTINGS_KEY, str(trained))
+    prompt_table, explanations, settings = _prompts_and_reasons(
+        lake.path, dataset, variant, examples, sequences, items
     )
-    titles = dict(items.select("item_idx", "title").iter_rows())
-    kg, preferences = None, None
-    if config.variant != "llamarec":
-        kg = read_parquet(kg_folder(lake.path, dataset))
-    if config.variant == "lkg_rag":
-        preferences = pl.read_parquet(preference_dir(lake.path, dataset) / "preferences.parquet")
-    prompt_table, selected = prompts_as_trained(
-        examples, sequences, titles, kg, preferences, config.variant, settings, tokenizer
-    )
-    explanations = None
-    if selected is not None:
-        explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
-    ranked, launched = launch_ranking(
-        context,
-        pipes_subprocess_client,
-        lake.path,
-        config,
-        prompt_table,
-        adapter,
-        config.batch_size,
-        config.dtype,
-    )
+    launched: dict[str, Any] = {"llm_forward": "none: the served ranker reads no prompt"}
+    if llm is None:
+        ranked = retriever_order(examples)
+    else:
+        adapter = _adapter(lake.path, dataset, llm, config.use_adapter)
+        ranked, launched = launch_ranking(
+            context,
+            pipes_subprocess_client,
+            lake.path,
+            config,
+            prompt_table,
+            adapter,
+            config.batch_size,
+            config.dtype,
+        )
+        if plan["fusion"] is not None:
+            fusion = plan["fusion"]
+            prior = None if fusion["prior"] is None else np.asarray(fusion["prior"])
+            ranked = fused_order(ranked, examples, fusion["lam"], prior)
     table = recommendation_table(
         examples,
         ranked,
         explanations,
-        titles,
+        dict(items.select("item_idx", "title").iter_rows()),
         full_histories(sequences, config.max_users),
-        config.variant,
+        variant,
         config.top_n,
+        plan["ranker"],
     )
     write_tables(
-        {"recommendations_df": table.with_columns(pl.col("explanations").list.join("; "))},
+        {"recommendations_df": table},
         "create table recommendations as select * from recommendations_df order by user_idx, rank;",
         database,
     )
     explained = float(table["explanation"].is_not_null().mean())
     metadata = {
         "duckdb": dg.MetadataValue.path(str(database)),
-        "variant": config.variant,
+        "served_ranker": plan["ranker"],
+        "served_because": plan["because"],
+        "variant": variant,
         "users": table["user_idx"].n_unique(),
         "distinct_items": table["item_idx"].n_unique(),
         "share_explained": round(explained, 4),
@@ -561,7 +620,7 @@ def recommendations(
         "sample": dg.MetadataValue.md(
             markdown_table(
                 table.filter(pl.col("user_idx") < 2).select(
-                    "user_idx", "rank", "title", "explanation"
+                    "user_idx", "rank", "title", "ranker", "explanation"
                 )
             )
         ),
@@ -571,3 +630,38 @@ def recommendations(
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)
+
+
+def _prompts_and_reasons(
+    lake: Path,
+    dataset: str,
+    variant: str,
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+) -> tuple[pl.DataFrame, pl.DataFrame | None, PromptSettings]:
+    """The variant's prompts for `examples`, made exactly as its training prompts were, and
+    the reasons (selected KG paths) per candidate; no LLM runs here."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake))
+    # The adapter knows only prompts made as its training prompts were: every setting that
+    # made them (prompt format and budgets, path enumeration, path selection) is read back
+    # from the prompts file, never taken from defaults.
+    trained = prompts_file(lake, dataset, variant)
+    settings = PromptSettings.from_dict(
+        recorded_settings(pl.read_parquet_metadata(trained), SETTINGS_KEY, str(trained))
+    )
+    titles = dict(items.select("item_idx", "title").iter_rows())
+    kg, preferences = None, None
+    if variant != "llamarec":
+        kg = read_parquet(kg_folder(lake, dataset))
+    if variant == "lkg_rag":
+        preferences = pl.read_parquet(preference_dir(lake, dataset) / "preferences.parquet")
+    prompt_table, selected = prompts_as_trained(
+        examples, sequences, titles, kg, preferences, variant, settings, tokenizer
+    )
+    explanations = None
+    if selected is not None:
+        explanations = explanation_texts(selected, titles, settings.prompt.item_verb)
+    return prompt_table, explanations, settings

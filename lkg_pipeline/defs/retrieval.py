@@ -1,4 +1,4 @@
-"""Group `retrieval`: the LRURec retriever per dataset and the candidates the ranker sees."""
+"""Group `retrieval`: the retriever (LRURec or SASRec) per dataset and its candidates."""
 
 import dataclasses
 import json
@@ -41,11 +41,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The published max_len: 200 for MovieLens, 50 for Amazon (shared DESIGN.md §1).
 DEFAULT_MAX_LEN = {"ml-100k": 200, "ml-latest-small": 200, "beauty": 50}
-REPORT_KS = (1, 5, 10, 20)
+# 50 and 100: what a longer candidate list would let the ranker reach (Recall@k = coverage)
+REPORT_KS = (1, 5, 10, 20, 50, 100)
+FAMILY_NAMES = {"lrurec": "LRURec", "sasrec": "SASRec"}
 
 
 class RetrieverRunConfig(Recomputable):
-    """LRURec hyperparameters (published defaults) and the seed that makes a CPU run repeat."""
+    """The retriever's family and hyperparameters, and the seed that makes a CPU run repeat."""
 
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
         "max_len": "None: per dataset (200 MovieLens, 50 Amazon, DEFAULT_MAX_LEN), in to_core",
@@ -53,8 +55,10 @@ class RetrieverRunConfig(Recomputable):
     NOT_CORE: ClassVar[tuple[str, ...]] = ("recompute", "device")
     NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
 
+    architecture: Literal["lrurec", "sasrec"] = RetrieverConfig.architecture
     d_model: int = RetrieverConfig.d_model
     n_layers: int = RetrieverConfig.n_layers
+    n_heads: int = RetrieverConfig.n_heads  # sasrec only
     dropout: float = RetrieverConfig.dropout
     max_len: int | None = None  # None: 200 for MovieLens, 50 for Amazon
     lr: float = RetrieverConfig.lr
@@ -63,6 +67,7 @@ class RetrieverRunConfig(Recomputable):
     batch_size: int = RetrieverConfig.batch_size
     max_epochs: int = RetrieverConfig.max_epochs
     patience: int = RetrieverConfig.patience  # epochs without a better val selection_metric
+    selection_metric: Literal["Recall@10", "NDCG@10"] = RetrieverConfig.selection_metric
     seed: int = RetrieverConfig.seed
     r_min: float = RetrieverConfig.r_min
     r_max: float = RetrieverConfig.r_max
@@ -113,7 +118,7 @@ def retriever(
     sequences: pl.DataFrame,
     items: pl.DataFrame,
 ) -> dg.MaterializeResult:
-    """LRURec trained on train sequences, early-stopped on validation Recall@10."""
+    """The retriever trained on train sequences, early-stopped on its validation metric."""
     dataset = context.partition_key
     target = retriever_dir(lake.path, dataset)
     reuse = Reuse.start(context, lake.path, config, {"sequences": sequences, "items": items})
@@ -123,6 +128,7 @@ def retriever(
     data = user_sequences(sequences, n_items=items.height)
     core_config = config.to_core(dataset, items.height)
     device = resolve_device(config.device)
+    name = FAMILY_NAMES[core_config.architecture]
 
     def log(record: dict) -> None:
         shown = {
@@ -130,11 +136,11 @@ def retriever(
             for k, v in record.items()
             if k in ("epoch", "step", "loss", "val_Recall@10", "val_NDCG@10", "best")
         }
-        context.log.info(f"{dataset} LRURec {shown}")
+        context.log.info(f"{dataset} {name} {shown}")
 
     result = train_retriever(data, core_config, on_log=log, device=device)
     report = {
-        "LRURec": retriever_report(result.model, data, REPORT_KS, 20),
+        name: retriever_report(result.model, data, REPORT_KS, 20),
         "popularity": popularity_report(data, REPORT_KS, 20),
     }
 
@@ -162,8 +168,9 @@ def retriever(
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "train_seconds": round(result.wall_time_s, 1),
-        "test_NDCG@10": report["LRURec"]["test"]["NDCG@10"],
-        "test_Recall@20": report["LRURec"]["test"]["Recall@20"],
+        "test_NDCG@10": report[name]["test"]["NDCG@10"],
+        "test_Recall@20": report[name]["test"]["Recall@20"],
+        "test_Recall@100": report[name]["test"]["Recall@100"],
         "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
         "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
     }
@@ -183,7 +190,7 @@ def _curves(history: list[dict], dataset: str) -> str:
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     left.plot(epochs, [h["loss"] for h in history])
-    left.set(xlabel="epoch", ylabel="train loss", title=f"{dataset}: LRURec loss")
+    left.set(xlabel="epoch", ylabel="train loss", title=f"{dataset}: retriever loss")
     for key in ("val_Recall@10", "val_NDCG@10"):
         right.plot(epochs, [h[key] for h in history], label=key)
     right.set(xlabel="epoch", title="validation")
@@ -222,7 +229,7 @@ def train_examples(
             retrieved_only=config.train_retrieved_only,
             device=str(model_device(model)),
             on_log=lambda r: context.log.info(
-                f"held-out LRURec epoch {r['epoch']}: val Recall@10 {r['val_Recall@10']:.4f}"
+                f"held-out retriever epoch {r['epoch']}: val Recall@10 {r['val_Recall@10']:.4f}"
             ),
         )
     train = training_candidates(

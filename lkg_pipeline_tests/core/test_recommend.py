@@ -72,6 +72,7 @@ def test_top_n_with_titles_and_explanations_never_a_consumed_item() -> None:
         full_histories(sequences),
         "lkg_rag",
         top_n=10,
+        ranker="retriever",
     )
     assert table.height == 12 * 10 and table.group_by("user_idx").len()["len"].unique().item() == 10
     top = table.row(0, named=True)
@@ -88,7 +89,14 @@ def test_top_n_with_titles_and_explanations_never_a_consumed_item() -> None:
     consumed[0] = [*consumed[0], chosen]  # pretend user 0 had already watched it
     with pytest.raises(ValueError, match="1 recommendations are items the user already consumed"):
         recommendation_table(
-            examples, ranked_like_the_retriever(examples), None, titles, consumed, "lkg_rag", 10
+            examples,
+            ranked_like_the_retriever(examples),
+            None,
+            titles,
+            consumed,
+            "lkg_rag",
+            10,
+            "x",
         )
 
 

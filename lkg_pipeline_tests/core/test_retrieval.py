@@ -5,7 +5,6 @@ import polars as pl
 import pytest
 import torch
 
-from lkg_pipeline.core.lrurec import LRURec
 from lkg_pipeline.core.metrics import rank_of_target
 from lkg_pipeline.core.retrieval import (
     UserSequences,
@@ -23,7 +22,7 @@ from lkg_pipeline.core.retrieval import (
     training_candidates,
     user_sequences,
 )
-from lkg_pipeline.core.seqrec import RetrieverConfig
+from lkg_pipeline.core.seqrec import RetrieverConfig, SequentialRecommender, build_retriever
 
 
 def long_frame(seqs: list[list[int]]) -> pl.DataFrame:
@@ -59,9 +58,17 @@ def random_data(n_users: int = 12, n_items: int = 60, seed: int = 0) -> UserSequ
     return user_sequences(long_frame(seqs), n_items=n_items)
 
 
-def random_model(n_items: int = 60, max_len: int = 8, seed: int = 0) -> LRURec:
+def random_model(
+    n_items: int = 60, max_len: int = 8, seed: int = 0, architecture: str = "lrurec"
+) -> SequentialRecommender:
     torch.manual_seed(seed)
-    return LRURec(RetrieverConfig(n_items=n_items, d_model=16, max_len=max_len)).eval()
+    config = RetrieverConfig(
+        n_items=n_items,
+        d_model=16,
+        max_len=max_len,
+        architecture=architecture,  # type: ignore[arg-type]
+    )
+    return build_retriever(config).eval()
 
 
 def test_user_sequences_groups_by_position() -> None:
@@ -170,13 +177,15 @@ def test_popularity_baseline_counts_train_items_and_breaks_ties_by_index() -> No
     assert report["val"]["coverage@2"] == pytest.approx(2 / 4)
 
 
-def test_tiny_model_overfits_a_tiny_dataset() -> None:
+@pytest.mark.parametrize("architecture", ["lrurec", "sasrec"])
+def test_tiny_model_overfits_a_tiny_dataset(architecture: str) -> None:
     # Users walk the cycle 0 -> 1 -> ... -> 39 -> 0 from different starts: the next item is a
     # pure function of the current one, and val/test (the next two steps) follow the rule.
     seqs = [[(start + t) % 40 for t in range(12)] for start in range(0, 40, 5)]
     data = user_sequences(long_frame(seqs), n_items=40)
     config = RetrieverConfig(
         n_items=40,
+        architecture=architecture,  # type: ignore[arg-type]
         d_model=32,
         n_layers=1,
         dropout=0.0,
@@ -264,8 +273,10 @@ def test_training_candidates_shape(policy: str) -> None:
     assert not frame.equals(training_candidates(data, policy, model=model, seed=4))  # type: ignore[arg-type]
 
 
-def test_retriever_candidates_are_the_retrievers_top_items() -> None:
-    data, model = random_data(), random_model(max_len=8)  # prefixes up to 23 > max_len
+@pytest.mark.parametrize("architecture", ["lrurec", "sasrec"])
+def test_retriever_candidates_are_the_retrievers_top_items(architecture: str) -> None:
+    data = random_data()
+    model = random_model(max_len=8, architecture=architecture)  # prefixes up to 23 > max_len
     frame = training_candidates(data, "retriever", model=model, examples_per_user=6)
     assert frame.group_by("user_idx").len()["len"].max() == 6
     prefixes = [data.train[u][:p] for u, p in zip(frame["user_idx"], frame["prefix_len"])]

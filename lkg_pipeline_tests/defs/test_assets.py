@@ -476,15 +476,50 @@ def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> Non
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
 
 
-def test_recommendations_are_made_as_the_training_prompts_were(built: dict) -> None:
+def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict) -> None:
     lake = built["lake"]
-    served = built["reported"].asset_materializations_for_node("recommendations")[0].metadata
-    assert served[SETTINGS_KEY].value == recorded_settings_of(lake)  # not the defaults
-    # as the adapter was trained; ranked by core.rank_llm in one launched CPU process
-    assert served["scores"].value.startswith("retriever log-prior + LLM")
-    assert served["processes"].value == 1 and served["device"].value == "cpu"
+    report = json.loads((lake / "reports" / "ml-100k" / "evaluation.json").read_text())
+    served = report["served"]
+    assert served["runner_up"] and served["evidence"] and "reason" in served
+    event = built["reported"].asset_materializations_for_node("recommendations")[0].metadata
+    assert event["served_ranker"].value == served["served"]
+    tables = built["reported"].asset_materializations_for_node("evaluation_report")[0]
+    assert tables.metadata["tables"].value.split("\n")[2].startswith("**Served ranker: `")
     seqs = read(lake, "prepare", "sequences", "ml-100k.parquet")
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+    recs = read(lake, "evaluate", "recommendations", "ml-100k.parquet")
+    assert set(recs["ranker"]) == {served["served"]}
+    if served["served"] == "retriever":  # no LLM forward, the retriever's order
+        assert event["llm_forward"].value.startswith("none")
+        assert recs["rank"].to_list() == recs["retriever_rank"].to_list()
+    # Forced by name: the LLM ranks, from prompts made as its training prompts were.
+    forced = dg.materialize(
+        EVALUATED,
+        selection=[recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30, "ranker": "lkg_rag"}}}},
+    )
+    assert forced.success
+    meta = forced.asset_materializations_for_node("recommendations")[0].metadata
+    assert meta["served_ranker"].value == "lkg_rag"
+    assert meta["served_because"].value == "forced by run config"
+    assert meta[SETTINGS_KEY].value == recorded_settings_of(lake)  # not the defaults
+    # as the adapter was trained; ranked by core.rank_llm in one launched CPU process
+    assert meta["scores"].value.startswith("retriever log-prior + LLM")
+    assert meta["processes"].value == 1 and meta["device"].value == "cpu"
+    assert set(read(lake, "evaluate", "recommendations", "ml-100k.parquet")["ranker"]) == {
+        "lkg_rag"
+    }
+    assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+    with pytest.raises(ValueError, match="'kg_rag' cannot be served"):
+        dg.materialize(
+            EVALUATED,
+            selection=[recommendations],
+            partition_key="ml-100k",
+            resources=resources(lake),
+            run_config={"ops": {"recommendations": {"config": {"ranker": "kg_rag"}}}},
+        )
 
 
 def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -> None:
@@ -614,7 +649,9 @@ def assert_recommendations_unseen(
     assert seen.height == 0, seen.head()
     database = lake / "warehouse" / f"{dataset}_recommendations.duckdb"
     with duckdb.connect(str(database), read_only=True) as con:
-        assert con.sql("select count(*) from recommendations").fetchall()[0][0] == recs.height
+        stored = con.sql("select * from recommendations order by user_idx, rank").pl()
+    # the warehouse holds what the Parquet holds, every reason as a list (not joined text)
+    assert stored.schema == recs.schema and stored.equals(recs.sort("user_idx", "rank"))
 
 
 def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_path: Path) -> None:
