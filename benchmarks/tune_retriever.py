@@ -66,6 +66,7 @@ TRIALS: dict[str, dict[str, Any]] = {
     "sasrec": {"architecture": "sasrec"},
     "sasrec max_len 50": {"architecture": "sasrec", "max_len": 50},
     "sasrec dropout 0.4": {"architecture": "sasrec", "dropout": 0.4},
+    "lrurec batch_size 16": {"batch_size": 16},
 }
 
 

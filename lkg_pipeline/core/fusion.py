@@ -224,18 +224,22 @@ def fused_ranks(
 
 def cross_fitted_val_ranks(
     rankings: pl.DataFrame, candidates: pl.DataFrame, n_folds: int = 5, seed: int = 0
-) -> pl.DataFrame:
+) -> pl.DataFrame | None:
     """(example_id, rank) of the fused ranker on validation, each example's λ chosen on the
     other folds' examples only.
 
     `fused_ranks` picks λ on the very validation examples it then ranks, so its validation
     figure is optimistic by construction; deciding what to serve on that figure would favour
     the fusion over rankers with nothing tuned on validation. Cross-fitting removes that.
+    None when there are fewer than two validation examples per fold (a user sample): then
+    there is no honest validation figure, and the fusion cannot be chosen to serve.
     """
+    assert n_folds >= 2, f"n_folds={n_folds} must be >= 2"
     rows = letter_scores(rankings, candidates)
     val = rows.filter((pl.col("target_index") >= 0) & (pl.col("split") == "val"))
-    assert val.height >= n_folds >= 2, f"need >= {n_folds} validation examples, got {val.height}"
-    fold = np.random.default_rng(seed).permutation(val.height) % n_folds  # (N,)
+    if val.height < 2 * n_folds:
+        return None
+    fold = val_folds(val.height, n_folds, seed)
     llm, retriever, target = as_arrays(val)
     ranks = np.empty(val.height, dtype=np.float64)
     for f in range(n_folds):
@@ -244,3 +248,8 @@ def cross_fitted_val_ranks(
         scores = fused(llm[held], retriever[held], choice.lam, choice.prior)
         ranks[held] = target_ranks(scores, target[held])
     return val.select("example_id").with_columns(rank=pl.Series(ranks))
+
+
+def val_folds(n: int, n_folds: int, seed: int) -> np.ndarray:
+    """(n,) fold of each validation example: a seeded shuffle dealt round-robin."""
+    return np.random.default_rng(seed).permutation(n) % n_folds

@@ -24,9 +24,26 @@ from lkg_pipeline.core.evaluation import (
     retriever_ranks,
 )
 from lkg_pipeline.core.fusion import cross_fitted_val_ranks, fused_ranks
+from lkg_pipeline.core.ltr import (
+    LtrConfig,
+    LtrResult,
+    feature_names,
+    feature_table,
+    fit_and_rank,
+    load_ltr,
+    read_pair_features,
+    save_ltr,
+    score,
+)
 from lkg_pipeline.core.metrics import ranking_metrics
+from lkg_pipeline.core.paths import enumerate_paths
 from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
-from lkg_pipeline.core.preference import load_preference, preference_ranks
+from lkg_pipeline.core.preference import (
+    load_preference,
+    preference_ranks,
+    read_path_types,
+    score_examples,
+)
 from lkg_pipeline.core.prompts import (
     SETTINGS_KEY,
     VARIANTS,
@@ -44,6 +61,8 @@ from lkg_pipeline.core.recommend import (
 )
 from lkg_pipeline.core.seqrec import load_retriever
 from lkg_pipeline.core.serving import (
+    LTR,
+    LTR_LLM,
     SERVABLE,
     choose_served,
     fused_order,
@@ -70,11 +89,18 @@ from lkg_pipeline.defs.layout import (
 from lkg_pipeline.defs.llm import BY_DATASET, AccelerateLaunch, dataset_variant_partitions
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
+from lkg_pipeline.defs.paths import read_path_config
 from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# Boosting starts from the retriever's score and learns a correction (core.ltr.LtrConfig):
+# where the features carry nothing, the ranking stays near the retriever's.
+LTR_CONFIG = LtrConfig(init_score_column="retriever_score")
+# Ten learnable val examples per fold at least; a user sample below it gets no ltr rows.
+MIN_LTR_EXAMPLES = 10 * LTR_CONFIG.n_folds
 
 
 def after_update_of(asset: str) -> dg.AutomationCondition:
@@ -264,6 +290,9 @@ class EvaluationRunConfig(dg.Config):
     seed: int = EvaluationConfig.seed
     ks: list[int] = list(EvaluationConfig.ks)
     include_preference: bool = True  # the preference module's own ranking of the candidates
+    # The learned reranker over explicit features (core.ltr): `ltr`, and `ltr+llm` with the
+    # LLM's score as one more feature when a variant was ranked. A few seconds on ml-100k.
+    include_ltr: bool = True
 
 
 @dg.asset(
@@ -275,6 +304,8 @@ class EvaluationRunConfig(dg.Config):
     deps=["preference_model", "kg_paths"],
     ins={
         "candidates": dg.AssetIn(),
+        "sequences": dg.AssetIn(),  # the learned reranker's history features
+        "items": dg.AssetIn(),  # and its popularity feature
         # every variant's rankings of the dataset, keyed by partition; a variant not ranked
         # yet is left out and named in the report (log, Markdown, metadata), not an error
         "rankings": dg.AssetIn(
@@ -295,9 +326,12 @@ def evaluation_report(
     config: EvaluationRunConfig,
     lake: DataLake,
     candidates: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
     rankings: dict[str, pl.DataFrame],
 ):
-    """Every ranked variant, the retriever and the preference module, side by side."""
+    """Every ranked variant, the retriever, the preference module and the learned reranker,
+    side by side, and the ranker to serve."""
     dataset = context.partition_key
     parts = [retriever_ranks(candidates)]
     latency, variants, fusion = [], [], []
@@ -314,7 +348,8 @@ def evaluation_report(
             parts.append(example_based_ranks(candidates, fused, variant + PRIOR_SUFFIX))
             fusion.append({"ranker": variant + PRIOR_SUFFIX, **choice.as_dict()})
             crossed = cross_fitted_val_ranks(ranked, candidates, seed=config.seed)
-            honest_val.append(example_based_ranks(candidates, crossed, variant + PRIOR_SUFFIX))
+            if crossed is not None:  # else too few val examples: not a serving candidate
+                honest_val.append(example_based_ranks(candidates, crossed, variant + PRIOR_SUFFIX))
             context.log.info(f"{variant}{PRIOR_SUFFIX}: {choice.describe()}")
         seconds = ranked["seconds"].to_numpy()
         latency.append(
@@ -341,6 +376,15 @@ def evaluation_report(
         )
     if config.include_preference:
         parts.append(_preference_ranks(lake.path, dataset, candidates))
+    ltr_summary: list[dict[str, Any]] = []
+    ltr_models: dict[str, LtrResult] = {}
+    if config.include_ltr:
+        for name, ranked in _ltr_ranks(
+            lake.path, dataset, candidates, sequences, items, by_variant
+        ):
+            parts.append(example_based_ranks(candidates, ranked["ranks"], name))
+            ltr_summary.append({"ranker": name, **ranked["summary"]})
+            ltr_models[name] = ranked["model"]
     core = EvaluationConfig(
         n_bootstrap=config.n_bootstrap,
         n_permutations=config.n_permutations,
@@ -367,6 +411,7 @@ def evaluation_report(
             "variants_missing": missing,
             "latency": latency,
             "fusion": fusion,
+            "ltr": ltr_summary,
             "base_model": str(current_base_model(lake.path)),
             "code_version": context.assets_def.code_versions_by_key[context.asset_key],
         },
@@ -377,6 +422,8 @@ def evaluation_report(
 
     def write(folder: Path) -> None:
         (folder / "evaluation.json").write_text(dumps(report))
+        for name, fitted in ltr_models.items():  # what `recommendations` serves them with
+            save_ltr(fitted, folder / name)
         (folder / "evaluation.md").write_text(markdown)
         figure.savefig(folder / "evaluation.png", dpi=100, bbox_inches="tight")
 
@@ -398,6 +445,12 @@ def evaluation_report(
             "populations": dg.MetadataValue.md(markdown_table(evaluation.populations)),
             "variants": dg.MetadataValue.json(variants),
             "variants_missing": dg.MetadataValue.json(missing),
+            **{
+                f"{row['ranker']}_importances": dg.MetadataValue.md(
+                    markdown_table(pl.DataFrame(row["importances"]).head(12))
+                )
+                for row in ltr_summary
+            },
         }
     )
     yield _beats_retriever(evaluation.metrics, variants)
@@ -410,6 +463,64 @@ def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.
     folder = paths_folder(lake, dataset)
     ranked = preference_ranks(model, candidates, folder, splits=("val", "test"))
     return example_based_ranks(candidates, ranked, PREFERENCE)
+
+
+def _ltr_ranks(
+    context: dg.AssetExecutionContext,
+    lake: Path,
+    dataset: str,
+    candidates: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    by_variant: dict[str, pl.DataFrame],
+) -> list[tuple[str, dict[str, Any]]]:
+    """(name, {"ranks": (example_id, rank), "summary": ...}) of `ltr` and, when a variant was
+    ranked (lkg_rag first), `ltr+llm`; val ranks cross-fitted, so honest for the choice."""
+    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
+    learnable = evaluated.filter((pl.col("split") == "val") & pl.col("in_candidates")).height
+    if learnable < MIN_LTR_EXAMPLES:
+        context.log.warning(
+            f"{dataset}: ltr skipped: {learnable} validation examples have their true item among "
+            f"the candidates, fewer than the {MIN_LTR_EXAMPLES} it needs to fit and cross-fit"
+        )
+        return []
+    folder = paths_folder(lake, dataset)
+    pairs = read_pair_features(folder, evaluated["example_id"])
+    model = load_preference(preference_dir(lake, dataset))
+    history = pl.read_parquet(folder / "history_profile.parquet").join(
+        evaluated.select("user_idx").unique(), on="user_idx", how="semi"
+    )
+    preference = score_examples(model, evaluated, pairs, history)
+    llm_variant = next((v for v in ("lkg_rag", *VARIANTS) if v in by_variant), None)
+    llm = None
+    if llm_variant is not None:
+        llm = (
+            by_variant[llm_variant]
+            .select("example_id", "ranked_item_idxs", "ranked_scores")
+            .explode("ranked_item_idxs", "ranked_scores")
+            .select("example_id", candidate_item_idx="ranked_item_idxs", llm_score="ranked_scores")
+        )
+    out = []
+    for name, with_llm in ((LTR, False), (LTR_LLM, True)):
+        if with_llm and llm is None:
+            continue
+        rows = evaluated
+        if with_llm:  # the LLM scored only the examples whose true item is a candidate
+            rows = evaluated.join(llm.select("example_id").unique(), on="example_id", how="semi")
+        features = feature_table(
+            rows, sequences, pairs, items, preference, llm if with_llm else None,
+            path_types=read_path_types(folder),
+        )  # fmt: skip
+        columns = feature_names(features)
+        result, ranks = fit_and_rank(features, columns, LTR_CONFIG)
+        summary = {
+            "llm_variant": llm_variant if with_llm else None,
+            "features": columns,
+            "best_iterations": result.best_iterations,
+            "importances": result.importances.to_dicts(),
+        }
+        out.append((name, {"ranks": ranks, "summary": summary, "model": result}))
+    return out
 
 
 def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetCheckResult:
@@ -501,7 +612,9 @@ def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]
             f"ranker {ranker!r} cannot be served for {dataset}: the report has validation ranks "
             f"for {', '.join(available)} (servable kinds: {', '.join(SERVABLE)})"
         )
-    variant = None if ranker == RETRIEVER else ranker.removesuffix(PRIOR_SUFFIX)
+    variant = None if ranker in (RETRIEVER, LTR) else ranker.removesuffix(PRIOR_SUFFIX)
+    if ranker == LTR_LLM:  # the LLM whose scores the reranker was fitted on
+        variant = next(r["llm_variant"] for r in report["ltr"] if r["ranker"] == LTR_LLM)
     fusion = next((f for f in report.get("fusion", []) if f["ranker"] == ranker), None)
     if ranker.endswith(PRIOR_SUFFIX) and fusion is None:
         raise ValueError(f"{report_file} has no fusion weight for {ranker}: re-materialise it")
@@ -558,6 +671,9 @@ def recommendations(
         "prompts": prompts_file(lake.path, dataset, variant),  # its format, see below
         "accelerate_config": config.launch_file() if llm else None,
         "serving": pl.DataFrame([{"plan": json.dumps(plan, sort_keys=True)}]),
+        "ltr_model": reports_dir(lake.path, dataset) / plan["ranker"]
+        if plan["ranker"] in (LTR, LTR_LLM)
+        else None,
     }
     reuse = Reuse.start(context, lake.path, config, inputs)
     database = warehouse_path(lake.path, dataset, "recommendations")
@@ -592,6 +708,11 @@ def recommendations(
             fusion = plan["fusion"]
             prior = None if fusion["prior"] is None else np.asarray(fusion["prior"])
             ranked = fused_order(ranked, examples, fusion["lam"], prior)
+    if plan["ranker"] in (LTR, LTR_LLM):
+        llm_ranked = ranked if plan["ranker"] == LTR_LLM else None
+        ranked = _ltr_order(
+            lake.path, dataset, plan["ranker"], examples, sequences, items, llm_ranked
+        )
     table = recommendation_table(
         examples,
         ranked,
@@ -630,6 +751,53 @@ def recommendations(
     }
     version = reuse.record({"table": table, "duckdb": database}, metadata)
     return dg.Output(table, metadata=metadata, data_version=version)
+
+
+def _ltr_order(
+    lake: Path,
+    dataset: str,
+    name: str,
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    llm_ranked: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """`examples`' candidates ordered by the report's learned reranker `name`, its features
+    made as for val/test: paths enumerated with kg_paths' own settings, the preference
+    module's scores, the LLM's scores for `ltr+llm`."""
+    result = load_ltr(reports_dir(lake, dataset) / name)
+    folder = paths_folder(lake, dataset)
+    kg = read_parquet(kg_folder(lake, dataset))
+    paths = enumerate_paths(
+        examples, sequences, kg.entities, kg.triples, kg.relations, items.height,
+        read_path_config(lake, dataset),
+    )  # fmt: skip
+    history = pl.read_parquet(folder / "history_profile.parquet").join(
+        examples.select("user_idx").unique(), on="user_idx", how="semi"
+    )
+    # The preference module knows train/val/test only; the split does not change a score.
+    as_test = examples.with_columns(split=pl.lit("test"))
+    preference = score_examples(
+        load_preference(preference_dir(lake, dataset)), as_test, paths.pair_features, history
+    )
+    llm = None
+    if llm_ranked is not None:
+        llm = llm_ranked.select(
+            "example_id", candidate_item_idx="ranked_item_idxs", llm_score="ranked_scores"
+        ).explode("candidate_item_idx", "llm_score")
+    features = feature_table(
+        examples, sequences, paths.pair_features, items, preference, llm,
+        path_types=read_path_types(folder),
+    )  # fmt: skip
+    scored = features.select("example_id", "position", "candidate_item_idx").with_columns(
+        score=pl.Series(score(result, features))
+    )
+    return (
+        scored.sort(["example_id", "score", "position"], descending=[False, True, False])
+        .group_by("example_id", maintain_order=True)
+        .agg(ranked_item_idxs="candidate_item_idx", ranked_scores="score")
+        .join(examples.select("example_id", "user_idx"), on="example_id")
+    )
 
 
 def _prompts_and_reasons(

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from lkg_pipeline.core.fusion import cross_fitted_val_ranks, fused_ranks
+from lkg_pipeline.core.fusion import cross_fitted_val_ranks, fused_ranks, val_folds
 from lkg_pipeline.core.recommend import next_item_examples, recommendation_table
 from lkg_pipeline.core.serving import (
     RETRIEVER,
@@ -124,12 +124,34 @@ def test_fused_order_is_the_retrievers_at_lambda_zero_and_the_llms_at_a_large_la
 
 
 def test_cross_fitted_fusion_never_chooses_lambda_on_the_example_it_ranks() -> None:
-    # Val example 10 needs λ > 0.2 to put its true item first, example 11 needs λ > 1. In
-    # sample (λ chosen on both, `fused_ranks`) both come first; cross-fitted with one example
-    # per fold, 11 is ranked with the λ = 0.3 that 10 alone chose, and comes second.
+    # Val examples of kind A (ids 10, 14) need λ > 0.2 to put their true item first, kind B
+    # (11, 15) need λ > 1. In sample (λ chosen on all four, `fused_ranks`) all come first.
+    # Cross-fitted, a B example is ranked with the λ its other fold chose: 0.3 if that fold
+    # holds only As, and then its true item comes second.
     rankings, candidates = _tables()
+    twins = {"example_id": pl.col("example_id") + 4}
+    rankings = pl.concat(
+        [rankings, rankings.filter(pl.col("split") == "val").with_columns(**twins)]
+    )
+    candidates = pl.concat(
+        [candidates, candidates.filter(pl.col("split") == "val").with_columns(**twins)]
+    )
     in_sample, _ = fused_ranks(rankings, candidates)
-    crossed = cross_fitted_val_ranks(rankings, candidates, n_folds=2, seed=0)
-    assert crossed["example_id"].to_list() == [10, 11]  # val examples with a known target
-    assert in_sample["rank"].to_list()[:2] == [1.0, 1.0]
-    assert crossed["rank"].to_list() == [1.0, 2.0]
+    assert (
+        in_sample.filter(pl.col("example_id").is_in([10, 11, 14, 15]))["rank"].to_list()
+        == [1.0] * 4
+    )
+    kind = {10: "A", 11: "B", 14: "A", 15: "B"}
+    order = [10, 11, 14, 15]  # val examples in letter_scores' order
+    seeds_apart = 0
+    for seed in range(8):
+        fold = dict(zip(order, val_folds(4, 2, seed)))
+        crossed = cross_fitted_val_ranks(rankings, candidates, n_folds=2, seed=seed)
+        assert crossed is not None and crossed["example_id"].to_list() == order
+        for example, rank in zip(crossed["example_id"], crossed["rank"]):
+            others = {kind[e] for e in order if fold[e] != fold[example]}
+            expected = 2.0 if kind[example] == "B" and others == {"A"} else 1.0
+            assert rank == expected, (seed, example)
+        seeds_apart += len({kind[e] for e in order if fold[e] == 0}) == 1
+    assert seeds_apart > 0  # some seed put the kinds in different folds
+    assert cross_fitted_val_ranks(rankings, candidates, n_folds=3) is None  # < 2 per fold

@@ -246,7 +246,7 @@ def test_candidates_scored_by_held_out_retrievers(built: dict, tmp_path: Path) -
             .equals(shared.filter(pl.col("split") == split).select(columns))
         )
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    held_out = [m for m in messages if "held-out LRURec epoch" in m]
+    held_out = [m for m in messages if "held-out retriever epoch" in m]
     assert len(held_out) == 2 * 2  # two retrievers, the built one's 2 epochs each
     for bad, says in [
         ({**config, "train_policy": "random"}, "need train_policy: retriever"),
@@ -471,7 +471,19 @@ def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> Non
         "llamarec+prior",  # val was ranked: each variant fused with the retriever
         "lkg_rag+prior",
         "preference",
+        "ltr",  # the learned reranker over explicit features
+        "ltr+llm",  # the same with lkg_rag's LLM score as one more feature
     }
+    compared = {(r["ranker"], r["baseline"]) for r in report["comparisons"]}
+    assert {("ltr", "retriever"), ("ltr", "llamarec"), ("ltr+llm", "retriever")} <= compared
+    by_name = {row["ranker"]: row for row in report["ltr"]}
+    assert by_name["ltr+llm"]["llm_variant"] == "lkg_rag"
+    assert "llm_score" in by_name["ltr+llm"]["features"]
+    assert "llm_score" not in by_name["ltr"]["features"]
+    assert any(f.startswith("paths_") for f in by_name["ltr"]["features"])
+    meta = reported.asset_materializations_for_node("evaluation_report")[0].metadata
+    assert "| feature | gain |" in meta["ltr_importances"].value
+    assert (lake / "reports" / "ml-100k" / "ltr" / "ltr_model.txt").exists()  # served from here
     check = reported.get_asset_check_evaluations()[0]
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
 
@@ -512,6 +524,31 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
         "lkg_rag"
     }
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+    # The learned reranker, forced: no LLM forward, its own order (not the retriever's).
+    learned = dg.materialize(
+        EVALUATED,
+        selection=[recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30, "ranker": "ltr"}}}},
+    )
+    assert learned.success
+    meta = learned.asset_materializations_for_node("recommendations")[0].metadata
+    assert meta["served_ranker"].value == "ltr" and meta["llm_forward"].value.startswith("none")
+    recs = read(lake, "evaluate", "recommendations", "ml-100k.parquet")
+    assert set(recs["ranker"]) == {"ltr"} and recs["score"].is_not_null().all()
+    for _, rows in recs.group_by("user_idx"):  # best first under the reranker's scores
+        scores = rows.sort("rank")["score"].to_list()
+        assert scores == sorted(scores, reverse=True)
+    assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
+    # Back to the report's choice (what the next test expects to find reusable).
+    assert dg.materialize(
+        EVALUATED,
+        selection=[recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30}}}},
+    ).success
     with pytest.raises(ValueError, match="'kg_rag' cannot be served"):
         dg.materialize(
             EVALUATED,
