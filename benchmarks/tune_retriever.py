@@ -67,6 +67,13 @@ TRIALS: dict[str, dict[str, Any]] = {
     "sasrec max_len 50": {"architecture": "sasrec", "max_len": 50},
     "sasrec dropout 0.4": {"architecture": "sasrec", "dropout": 0.4},
     "lrurec batch_size 16": {"batch_size": 16},
+    "lrurec max_len 30": {"max_len": 30},
+    "lrurec max_len 50, dropout 0.4": {"max_len": 50, "dropout": 0.4},
+    "lrurec max_len 50, dropout 0.4, select NDCG@10": {
+        "max_len": 50,
+        "dropout": 0.4,
+        "selection_metric": "NDCG@10",
+    },
 }
 
 

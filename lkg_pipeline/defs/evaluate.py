@@ -380,7 +380,7 @@ def evaluation_report(
     ltr_models: dict[str, LtrResult] = {}
     if config.include_ltr:
         for name, ranked in _ltr_ranks(
-            lake.path, dataset, candidates, sequences, items, by_variant
+            context, lake.path, dataset, candidates, sequences, items, by_variant
         ):
             parts.append(example_based_ranks(candidates, ranked["ranks"], name))
             ltr_summary.append({"ranker": name, **ranked["summary"]})
@@ -622,6 +622,8 @@ def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]
         "ranker": ranker,
         "forced": forced is not None,
         "because": "forced by run config" if forced else report["served"]["reason"],
+        # validation's choice when forced, else validation's runner-up
+        "runner_up": report["served"]["served"] if forced else report["served"]["runner_up"],
         "variant": variant,
         "fusion": fusion,
     }
@@ -733,6 +735,7 @@ def recommendations(
         "duckdb": dg.MetadataValue.path(str(database)),
         "served_ranker": plan["ranker"],
         "served_because": plan["because"],
+        "runner_up": str(plan["runner_up"]),
         "variant": variant,
         "users": table["user_idx"].n_unique(),
         "distinct_items": table["item_idx"].n_unique(),

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -488,6 +489,17 @@ def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> Non
     assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
 
 
+def serve(lake: Path, **config: Any) -> dg.ExecuteInProcessResult:
+    """`recommendations` for the first 30 users with `config` (e.g. ranker=...)."""
+    return dg.materialize(
+        EVALUATED,
+        selection=[recommendations],
+        partition_key="ml-100k",
+        resources=resources(lake),
+        run_config={"ops": {"recommendations": {"config": {"max_users": 30, **config}}}},
+    )
+
+
 def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict) -> None:
     lake = built["lake"]
     report = json.loads((lake / "reports" / "ml-100k" / "evaluation.json").read_text())
@@ -505,13 +517,7 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
         assert event["llm_forward"].value.startswith("none")
         assert recs["rank"].to_list() == recs["retriever_rank"].to_list()
     # Forced by name: the LLM ranks, from prompts made as its training prompts were.
-    forced = dg.materialize(
-        EVALUATED,
-        selection=[recommendations],
-        partition_key="ml-100k",
-        resources=resources(lake),
-        run_config={"ops": {"recommendations": {"config": {"max_users": 30, "ranker": "lkg_rag"}}}},
-    )
+    forced = serve(lake, ranker="lkg_rag")
     assert forced.success
     meta = forced.asset_materializations_for_node("recommendations")[0].metadata
     assert meta["served_ranker"].value == "lkg_rag"
@@ -520,18 +526,11 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
     # as the adapter was trained; ranked by core.rank_llm in one launched CPU process
     assert meta["scores"].value.startswith("retriever log-prior + LLM")
     assert meta["processes"].value == 1 and meta["device"].value == "cpu"
-    assert set(read(lake, "evaluate", "recommendations", "ml-100k.parquet")["ranker"]) == {
-        "lkg_rag"
-    }
+    recs = read(lake, "evaluate", "recommendations", "ml-100k.parquet")
+    assert set(recs["ranker"]) == {"lkg_rag"}
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
     # The learned reranker, forced: no LLM forward, its own order (not the retriever's).
-    learned = dg.materialize(
-        EVALUATED,
-        selection=[recommendations],
-        partition_key="ml-100k",
-        resources=resources(lake),
-        run_config={"ops": {"recommendations": {"config": {"max_users": 30, "ranker": "ltr"}}}},
-    )
+    learned = serve(lake, ranker="ltr")
     assert learned.success
     meta = learned.asset_materializations_for_node("recommendations")[0].metadata
     assert meta["served_ranker"].value == "ltr" and meta["llm_forward"].value.startswith("none")
@@ -542,21 +541,9 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
         assert scores == sorted(scores, reverse=True)
     assert_recommendations_unseen(lake, "ml-100k", seqs, users=30)
     # Back to the report's choice (what the next test expects to find reusable).
-    assert dg.materialize(
-        EVALUATED,
-        selection=[recommendations],
-        partition_key="ml-100k",
-        resources=resources(lake),
-        run_config={"ops": {"recommendations": {"config": {"max_users": 30}}}},
-    ).success
+    assert serve(lake).success
     with pytest.raises(ValueError, match="'kg_rag' cannot be served"):
-        dg.materialize(
-            EVALUATED,
-            selection=[recommendations],
-            partition_key="ml-100k",
-            resources=resources(lake),
-            run_config={"ops": {"recommendations": {"config": {"ranker": "kg_rag"}}}},
-        )
+        serve(lake, ranker="kg_rag")
 
 
 def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -> None:
