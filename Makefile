@@ -27,6 +27,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml | $(VENV)/.installed
 VARIANT ?= lkg_rag
 VARIANTS ?= llamarec kg_rag lkg_rag
 MATERIALIZE := $(BIN)/dagster asset materialize -m lkg_pipeline.definitions
+# Before materialising: runs whose process died (SIGKILL, OOM) are marked failed and their
+# `torch` pool slots freed, or their next step would wait for ever (lkg_pipeline/defs/dead_runs.py).
+REAP := $(BIN)/python -m lkg_pipeline.defs.dead_runs
 DATASET_STAGES := 'group:ingest or group:prepare or group:kg or group:retrieval or group:paths'
 # Run configuration (JSON) for each of the four calls; empty: the defaults (what `make run`
 # measures). benchmarks/end_to_end.py --quick passes small ones.
@@ -41,6 +44,7 @@ config = $(if $(1),--config-json '$(1)')
 ## On 2 CPU cores: ~15 minutes cold (Intel Xeon with AMX), under 2 when nothing changed (README).
 ## Re-running it when nothing changed reuses the expensive stages' outputs (README: re-running).
 run: venv $(DAGSTER_HOME)/dagster.yaml
+	$(REAP)
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION) $(call config,$(DATASET_CONFIG))
 	$(MATERIALIZE) --select base_model $(call config,$(BASE_CONFIG))
 	$(MATERIALIZE) --select 'prompts,lora_adapter,rankings' --partition '$(PARTITION)|$(VARIANT)' $(call config,$(LLM_CONFIG))
@@ -49,6 +53,7 @@ run: venv $(DAGSTER_HOME)/dagster.yaml
 ## The ablation: every variant fine-tuned and ranked, then one report comparing them all
 ## (~2 h on 2 CPU cores: three LoRA trainings).
 ablation: venv $(DAGSTER_HOME)/dagster.yaml
+	$(REAP)
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION)
 	$(MATERIALIZE) --select base_model
 	for v in $(VARIANTS); do \
@@ -104,6 +109,7 @@ tune-retriever: venv
 
 ## The Dagster UI on http://127.0.0.1:3000, sharing runs and lineage with `make run`.
 ui: venv $(DAGSTER_HOME)/dagster.yaml
+	$(REAP)
 	$(BIN)/dagster dev -w workspace.yaml
 
 clean-lake:
