@@ -188,6 +188,37 @@ def test_kg_in_duckdb_and_parquet_agree(built: dict) -> None:
     assert n_entities == kg_meta["entities"].value
 
 
+# Every DuckDB table the pipeline writes, and the Parquet it must match column for column.
+WAREHOUSE_PARQUET = {
+    ("ml-100k", "entities"): ("kg", "kg_triples", "ml-100k", "entities.parquet"),
+    ("ml-100k", "relations"): ("kg", "kg_triples", "ml-100k", "relations.parquet"),
+    ("ml-100k", "triples"): ("kg", "kg_triples", "ml-100k", "triples.parquet"),
+    ("ml-100k_paths", "paths"): ("paths", "kg_paths", "ml-100k", "paths.parquet"),
+    ("ml-100k_paths", "pair_features"): ("paths", "kg_paths", "ml-100k", "pair_features.parquet"),
+    ("ml-100k_paths", "history_profile"): (
+        "paths", "kg_paths", "ml-100k", "history_profile.parquet",
+    ),
+    ("ml-100k_recommendations", "recommendations"): (
+        "evaluate", "recommendations", "ml-100k.parquet",
+    ),
+}  # fmt: skip
+
+
+def test_every_warehouse_table_has_its_parquets_columns_and_types(built: dict) -> None:
+    lake = built["lake"]
+    found = set()
+    for database in sorted((lake / "warehouse").glob("*.duckdb")):
+        with duckdb.connect(str(database), read_only=True) as con:
+            for (table,) in con.sql("show tables").fetchall():
+                found.add((database.stem, table))
+                stored = con.sql(f'select * from "{table}" limit 0').pl().schema
+                parquet = pl.read_parquet_schema(
+                    lake.joinpath(*WAREHOUSE_PARQUET[database.stem, table])
+                )
+                assert stored == parquet, (database.stem, table)
+    assert found == set(WAREHOUSE_PARQUET)  # a new table needs its Parquet named here
+
+
 def test_retriever_and_candidates(built: dict) -> None:
     lake, result = built["lake"], built["dataset"]
     model_dir = lake / "models" / "retriever" / "ml-100k"
