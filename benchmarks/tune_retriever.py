@@ -72,22 +72,22 @@ TRIALS: dict[str, dict[str, Any]] = {
         "max_len": 50,
         "selection_metric": "NDCG@10",
     },
-    "sasrec max_len 30": {"architecture": "sasrec", "max_len": 30},
-    "lrurec batch_size 16": {"batch_size": 16},
-    "lrurec max_len 30": {"max_len": 30},
-    "lrurec max_len 50, dropout 0.4": {"max_len": 50, "dropout": 0.4},
-    "lrurec max_len 50, dropout 0.4, select NDCG@10": {
-        "max_len": 50,
-        "dropout": 0.4,
-        "selection_metric": "NDCG@10",
-    },
     # Windows every 10 items: each target is also trained with up to 50 items before it (as
     # at scoring time), not only with what precedes it inside one non-overlapping window.
-    "lrurec max_len 50, sliding_step 10": {"max_len": 50, "sliding_step": 10},
     "sasrec max_len 50, sliding_step 10": {
         "architecture": "sasrec",
         "max_len": 50,
         "sliding_step": 10,
+    },
+    "sasrec max_len 30": {"architecture": "sasrec", "max_len": 30},
+    "lrurec max_len 50, dropout 0.4": {"max_len": 50, "dropout": 0.4},
+    "lrurec max_len 50, sliding_step 10": {"max_len": 50, "sliding_step": 10},
+    "lrurec max_len 30": {"max_len": 30},
+    "lrurec batch_size 16": {"batch_size": 16},
+    "lrurec max_len 50, dropout 0.4, select NDCG@10": {
+        "max_len": 50,
+        "dropout": 0.4,
+        "selection_metric": "NDCG@10",
     },
 }
 

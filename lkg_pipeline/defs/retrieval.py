@@ -41,6 +41,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The published max_len: 200 for MovieLens, 50 for Amazon (shared DESIGN.md §1).
 DEFAULT_MAX_LEN = {"ml-100k": 200, "ml-latest-small": 200, "beauty": 50}
+# Each dataset's best setting on validation from `make tune-retriever` (benchmarks/
+# RETRIEVER_TUNING.md, every trial there); a field a run sets explicitly wins. Datasets not
+# searched yet keep the published LRURec recipe.
+TUNED: dict[str, dict[str, object]] = {
+    "ml-100k": {},
+}
 # 50 and 100: what a longer candidate list would let the ranker reach (Recall@k = coverage)
 REPORT_KS = (1, 5, 10, 20, 50, 100)
 FAMILY_NAMES = {"lrurec": "LRURec", "sasrec": "SASRec"}
@@ -81,8 +87,13 @@ class RetrieverRunConfig(Recomputable):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def to_core(self, dataset: str, n_items: int) -> RetrieverConfig:
+        """The core config: the fields this run set, else the dataset's tuned defaults
+        (`TUNED`), else the published ones (max_len per dataset, the rest as in the core)."""
         values = self.model_dump(exclude=set(self.NOT_CORE))
         values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
+        for name, value in TUNED.get(dataset, {}).items():
+            if name not in self.model_fields_set:
+                values[name] = value
         return RetrieverConfig(n_items=n_items, **values)
 
 
@@ -164,12 +175,16 @@ def retriever(
     replace_dir_atomically(target, write)
     metadata = {
         "path": dg.MetadataValue.path(str(target)),
+        "architecture": name,
+        # the resolved settings: this run's, else the dataset's tuned defaults (TUNED)
+        "config": dg.MetadataValue.json(dataclasses.asdict(core_config)),
         "device": device,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "train_seconds": round(result.wall_time_s, 1),
         "test_NDCG@10": report[name]["test"]["NDCG@10"],
         "test_Recall@20": report[name]["test"]["Recall@20"],
+        "test_Recall@50": report[name]["test"]["Recall@50"],
         "test_Recall@100": report[name]["test"]["Recall@100"],
         "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
         "curves": dg.MetadataValue.md(_curves(result.history, dataset)),

@@ -17,6 +17,7 @@ from upath import UPath
 from lkg_pipeline.core.metrics import ranking_metrics
 from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
 from lkg_pipeline.core.prompts import PATHS_KEY, SETTINGS_KEY
+from lkg_pipeline.core.seqrec import load_retriever
 from lkg_pipeline.core.sources import RECBOLE_WHEEL
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
@@ -25,7 +26,7 @@ from lkg_pipeline.defs.llm import base_model, lora_adapter, prompts
 from lkg_pipeline.defs.paths import kg_paths, preference_model, selected_paths
 from lkg_pipeline.defs.prepare import prepared_tables
 from lkg_pipeline.defs.resources import DataLake, ParquetIOManager
-from lkg_pipeline.defs.retrieval import candidates, retriever
+from lkg_pipeline.defs.retrieval import TUNED, candidates, retriever
 from lkg_pipeline_tests.dagster_cli import MATERIALIZE, instance_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,6 +231,17 @@ def test_retriever_and_candidates(built: dict) -> None:
     retriever_meta = result.asset_materializations_for_node("retriever")[0].metadata
     assert retriever_meta["epochs_run"].value == 2
     assert "| popularity | test |" in retriever_meta["metrics"].value
+    # the settings the run resolved (run config, else ml-100k's tuned defaults) are the saved
+    # model's, and the model loads as that family
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved == retriever_meta["config"].value and saved["max_epochs"] == 2
+    for name, value in TUNED["ml-100k"].items():
+        assert saved[name] == value, name
+    family = {"lrurec": "LRURec", "sasrec": "SASRec"}[saved["architecture"]]
+    assert (
+        type(load_retriever(model_dir)).__name__ == retriever_meta["architecture"].value == family
+    )
+    assert "test_Recall@100" in retriever_meta
     table = read(lake, "retrieval", "candidates", "ml-100k.parquet")
     assert dict(table.group_by("split").len().iter_rows()) == {
         "train": 943,

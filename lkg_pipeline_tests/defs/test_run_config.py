@@ -83,3 +83,19 @@ def test_each_core_setting_is_reachable_with_the_cores_default_or_a_declared_one
             differ.add(name)
     assert differ == set(differences), f"{run_config.__name__}: undeclared defaults {differ}"
     assert all(reason.strip() for reason in (*differences.values(), *not_exposed.values()))
+
+
+def test_the_retriever_takes_the_datasets_tuned_defaults_unless_a_run_sets_them() -> None:
+    from lkg_pipeline.defs.retrieval import DEFAULT_MAX_LEN, TUNED
+
+    tuned = RetrieverRunConfig().to_core("ml-100k", n_items=50)
+    for name, value in TUNED["ml-100k"].items():
+        assert getattr(tuned, name) == value, name
+    chosen = RetrieverRunConfig(architecture="lrurec", max_len=120, dropout=0.3)
+    mine = chosen.to_core("ml-100k", n_items=50)
+    assert (mine.architecture, mine.max_len, mine.dropout) == ("lrurec", 120, 0.3)
+    published = RetrieverRunConfig().to_core("beauty", n_items=50)  # not searched yet
+    assert published == RetrieverConfig(n_items=50, max_len=DEFAULT_MAX_LEN["beauty"])
+    # the asset's run config, as JSON, round-trips to the same core config
+    again = RetrieverRunConfig.model_validate_json(chosen.model_dump_json(exclude_unset=True))
+    assert again.to_core("ml-100k", n_items=50) == mine
