@@ -14,6 +14,7 @@ section `retriever_tuning`.
 
     python -m benchmarks.tune_retriever                 # every trial in TRIALS
     python -m benchmarks.tune_retriever --only sasrec   # trials whose name contains "sasrec"
+    python -m benchmarks.tune_retriever --report        # re-render from the trials run so far
     python -m benchmarks.tune_retriever --quick         # tiny synthetic data, a temp folder
 """
 
@@ -175,8 +176,10 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "# Retriever search on validation (`make tune-retriever`)",
             "",
             f"Dataset {DATASET}; machine: {machine.get('cpu_model', '?')}, "
-            f"{machine.get('nproc', '?')} cores. Trials sorted by validation {SELECT_ON}, "
-            "which alone picks the best; test columns are for reading, not choosing.",
+            f"{machine.get('nproc', '?')} cores, flags {_cpu_flags()}. Trials sorted by "
+            f"validation {SELECT_ON}, which alone picks the best; test columns are for reading, "
+            "not choosing. `seconds` is each trial's wall time; other jobs shared the machine "
+            "during parts of the search, so compare them loosely.",
             "",
             f"**Best on validation: {s['best']}.** Against {s['reference']}: val "
             f"{SELECT_ON} {s['val_delta']:+.4f} (paired p = {s['val_p']:.3g}), test "
@@ -186,6 +189,17 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "",
         ]
     )
+
+
+def _cpu_flags() -> str:
+    """The instruction-set flags that decide kernel speed here (AVX-512, BF16, AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    if cpuinfo.exists():
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(shown) or "none of avx2/avx512/amx"
 
 
 def synthetic_sequences(users: int = 40, items: int = 30, length: int = 12) -> pl.DataFrame:
@@ -205,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="run trials whose name contains this")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data, temp folder")
     parser.add_argument("--out", type=Path, help="--quick's folder (default: a new temp one)")
+    parser.add_argument("--report", action="store_true", help="only re-render from the log")
     args = parser.parse_args(argv)
-    trials_wanted = {k: v for k, v in TRIALS.items() if args.only in k}
+    trials_wanted = {k: v for k, v in TRIALS.items() if args.only in k and not args.report}
     if args.quick:
         out_dir = args.out or Path(tempfile.mkdtemp(prefix="tune_retriever_"))
         data = user_sequences(synthetic_sequences())
@@ -228,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         append_trial(log, trial)
         done[name] = trial
         print(f"{name}: val {SELECT_ON} {trial.val[SELECT_ON]:.4f} ({trial.wall_s:.0f} s)")
+    reference = next(iter(trials_wanted if args.quick else TRIALS))  # the old defaults
     done = {k: v for k, v in done.items() if k in trials_wanted or k in TRIALS}
-    reference = next(iter(trials_wanted))
     summary = summarise(done, reference)
     machine = machine_info()
     markdown.write_text(to_markdown(done, summary, machine))
