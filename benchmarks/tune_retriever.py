@@ -147,18 +147,34 @@ def append_trial(log: Path, trial: Trial) -> None:
         f.write(json.dumps(dataclasses.asdict(trial)) + "\n")
 
 
-def summarise(trials: dict[str, Trial], reference: str, seed: int = 0) -> dict[str, Any]:
-    """Best trial on validation and its paired p against `reference` on val and on test."""
-    best = max(trials.values(), key=lambda t: t.val[SELECT_ON])
-    ref = trials[reference]
-    out: dict[str, Any] = {"best": best.name, "reference": reference, "select_on": SELECT_ON}
+def _paired(first: Trial, second: Trial, seed: int) -> dict[str, float]:
+    """Difference in SELECT_ON (first − second) and its paired sign-flip p, val and test."""
+    out = {}
     for split in ("val", "test"):
-        a = per_user_metrics(np.asarray(getattr(best, f"{split}_ranks")), (10,))[SELECT_ON]
-        b = per_user_metrics(np.asarray(getattr(ref, f"{split}_ranks")), (10,))[SELECT_ON]
+        a = per_user_metrics(np.asarray(getattr(first, f"{split}_ranks")), (10,))[SELECT_ON]
+        b = per_user_metrics(np.asarray(getattr(second, f"{split}_ranks")), (10,))[SELECT_ON]
         rng = np.random.default_rng(seed)
         p = paired_randomization_test(a[:, None], b[:, None], 10_000, rng)[0]
         out[f"{split}_delta"] = float(a.mean() - b.mean())
         out[f"{split}_p"] = float(p)
+    return out
+
+
+def summarise(trials: dict[str, Trial], reference: str, seed: int = 0) -> dict[str, Any]:
+    """Best trial on validation, its paired p against `reference`, and each family's best
+    against the other family's best, on val and on test."""
+    best = max(trials.values(), key=lambda t: t.val[SELECT_ON])
+    out: dict[str, Any] = {"best": best.name, "reference": reference, "select_on": SELECT_ON}
+    out |= _paired(best, trials[reference], seed)
+    families: dict[str, Trial] = {}
+    for t in trials.values():
+        family = t.config["architecture"]
+        if family not in families or t.val[SELECT_ON] > families[family].val[SELECT_ON]:
+            families[family] = t
+    out["family_best"] = {family: t.name for family, t in families.items()}
+    others = [t for f, t in families.items() if t.name != best.name]
+    if others:
+        out["runner_up_family"] = {"name": others[0].name, **_paired(best, others[0], seed)}
     return out
 
 
@@ -184,6 +200,17 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             f"**Best on validation: {s['best']}.** Against {s['reference']}: val "
             f"{SELECT_ON} {s['val_delta']:+.4f} (paired p = {s['val_p']:.3g}), test "
             f"{s['test_delta']:+.4f} (p = {s['test_p']:.3g}).",
+            *(
+                [
+                    f"Against the other family's best ({s['runner_up_family']['name']}): val "
+                    f"{s['runner_up_family']['val_delta']:+.4f} (p = "
+                    f"{s['runner_up_family']['val_p']:.3g}), test "
+                    f"{s['runner_up_family']['test_delta']:+.4f} (p = "
+                    f"{s['runner_up_family']['test_p']:.3g})."
+                ]
+                if "runner_up_family" in s
+                else []
+            ),
             "",
             table(rows),
             "",
