@@ -14,6 +14,7 @@ from lkg_pipeline.core.evaluation import (
     PREFERENCE,
     PRIOR_SUFFIX,
     RETRIEVER,
+    SIGNIFICANCE,
     EvaluationConfig,
     dumps,
     evaluate,
@@ -318,7 +319,13 @@ class EvaluationRunConfig(dg.Config):
             asset="evaluation_report",
             description="Warns when a fine-tuned variant does not beat the retriever on test "
             "overall NDCG@10.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "served_holds_on_test",
+            asset="evaluation_report",
+            description="Warns when the ranker chosen on validation is significantly worse "
+            "than the retriever on test overall NDCG@10.",
+        ),
     ],
 )
 def evaluation_report(
@@ -454,6 +461,7 @@ def evaluation_report(
         }
     )
     yield _beats_retriever(evaluation.metrics, variants)
+    yield _served_holds(served)
 
 
 def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.DataFrame:
@@ -523,6 +531,25 @@ def _ltr_ranks(
     return out
 
 
+def _served_holds(served: dict[str, Any]) -> dg.AssetCheckResult:
+    """The validation choice seen on test: a served ranker worse than the retriever at p <
+    0.05 there fails (WARN); the retriever itself, or a tie, passes."""
+    test = served.get("test", {})
+    worse = "p_value" in test and test["difference"] < 0 and test["p_value"] < SIGNIFICANCE
+    shown = (
+        f"test overall NDCG@10 {test['value']:.4f} vs retriever {test['baseline_value']:.4f} "
+        f"(paired p = {test['p_value']:.3g})"
+        if "p_value" in test
+        else test.get("note", "no test row")
+    )
+    return dg.AssetCheckResult(
+        check_name="served_holds_on_test",
+        passed=not worse,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"served {served['served']}: {shown}",
+    )
+
+
 def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetCheckResult:
     overall = metrics.filter(
         (pl.col("split") == "test")
@@ -532,6 +559,7 @@ def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetChec
     value = dict(overall.select("ranker", "value").iter_rows())
     if RETRIEVER not in value or not any(v in value for v in variants):
         return dg.AssetCheckResult(
+            check_name="fine_tuned_beats_retriever",
             passed=False,
             severity=dg.AssetCheckSeverity.WARN,
             description="no test split was ranked: nothing to compare with the retriever",
@@ -539,6 +567,7 @@ def _beats_retriever(metrics: pl.DataFrame, variants: list[str]) -> dg.AssetChec
     behind = [v for v in variants if v in value and value[v] <= value[RETRIEVER]]
     shown = ", ".join(f"{r} {value[r]:.4f}" for r in [RETRIEVER, *variants] if r in value)
     return dg.AssetCheckResult(
+        check_name="fine_tuned_beats_retriever",
         passed=not behind,
         severity=dg.AssetCheckSeverity.WARN,
         description=(

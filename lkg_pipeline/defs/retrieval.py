@@ -3,7 +3,7 @@
 import dataclasses
 import json
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import dagster as dg
 import matplotlib
@@ -24,7 +24,9 @@ from lkg_pipeline.core.retrieval import (
     user_sequences,
 )
 from lkg_pipeline.core.seqrec import (
+    ARCHITECTURES,
     RetrieverConfig,
+    SelectionMetric,
     SequentialRecommender,
     load_retriever,
     save_retriever,
@@ -51,18 +53,25 @@ TUNED: dict[str, dict[str, object]] = {
 # 50 and 100: what a longer candidate list would let the ranker reach (Recall@k = coverage)
 REPORT_KS = (1, 5, 10, 20, 50, 100)
 FAMILY_NAMES = {"lrurec": "LRURec", "sasrec": "SASRec"}
+METRICS = get_args(SelectionMetric)
 
 
 class RetrieverRunConfig(Recomputable):
     """The retriever's family and hyperparameters, and the seed that makes a CPU run repeat."""
 
     CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "max_len": "None: per dataset (200 MovieLens, 50 Amazon, DEFAULT_MAX_LEN), in to_core",
+        "max_len": "None: per dataset (TUNED, else 200 MovieLens, 50 Amazon), in to_core",
+        "architecture": "None: the dataset's tuned family (TUNED), else the core's",
+        "selection_metric": "None: the dataset's tuned metric (TUNED), else the core's",
     }
+    # Fields whose None means "the dataset's default" (to_core); TUNED may set only these.
+    DATASET_DEFAULTS: ClassVar[tuple[str, ...]] = ("architecture", "max_len", "selection_metric")
     NOT_CORE: ClassVar[tuple[str, ...]] = ("recompute", "device")
     NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
 
-    architecture: Literal["lrurec", "sasrec"] = RetrieverConfig.architecture
+    # "lrurec" | "sasrec"; None: the dataset's (TUNED). A plain str: Dagster cannot express
+    # an optional Literal.
+    architecture: str | None = None
     d_model: int = RetrieverConfig.d_model
     n_layers: int = RetrieverConfig.n_layers
     n_heads: int = RetrieverConfig.n_heads  # sasrec only
@@ -74,7 +83,7 @@ class RetrieverRunConfig(Recomputable):
     batch_size: int = RetrieverConfig.batch_size
     max_epochs: int = RetrieverConfig.max_epochs
     patience: int = RetrieverConfig.patience  # epochs without a better val selection_metric
-    selection_metric: Literal["Recall@10", "NDCG@10"] = RetrieverConfig.selection_metric
+    selection_metric: str | None = None  # "Recall@10" | "NDCG@10"; None: the dataset's
     seed: int = RetrieverConfig.seed
     r_min: float = RetrieverConfig.r_min
     r_max: float = RetrieverConfig.r_max
@@ -88,13 +97,21 @@ class RetrieverRunConfig(Recomputable):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def to_core(self, dataset: str, n_items: int) -> RetrieverConfig:
-        """The core config: the fields this run set, else the dataset's tuned defaults
-        (`TUNED`), else the published ones (max_len per dataset, the rest as in the core)."""
+        """The core config: what this run set, else the dataset's tuned defaults (`TUNED`),
+        else the published ones (max_len per dataset, the rest as in the core). "Not set" is
+        None: Dagster hands every field to the config, defaults included, so a default equal
+        to the core's could not be told apart from a choice."""
+        for name, allowed in (("architecture", ARCHITECTURES), ("selection_metric", METRICS)):
+            if getattr(self, name) not in (None, *allowed):
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {allowed}")
         values = self.model_dump(exclude=set(self.NOT_CORE))
-        values["max_len"] = values["max_len"] or DEFAULT_MAX_LEN[dataset]
-        for name, value in TUNED.get(dataset, {}).items():
-            if name not in self.model_fields_set:
+        fallback = {"max_len": DEFAULT_MAX_LEN[dataset], **TUNED.get(dataset, {})}
+        for name, value in fallback.items():
+            if values[name] is None:
                 values[name] = value
+        for name in self.DATASET_DEFAULTS:
+            if values[name] is None:  # neither set nor tuned: the core's own default
+                del values[name]
         return RetrieverConfig(n_items=n_items, **values)
 
 

@@ -528,8 +528,10 @@ def test_report_covers_what_was_ranked_and_says_what_was_not(built: dict) -> Non
     meta = reported.asset_materializations_for_node("evaluation_report")[0].metadata
     assert "| feature | gain |" in meta["ltr_importances"].value
     assert (lake / "reports" / "ml-100k" / "ltr" / "ltr_model.txt").exists()  # served from here
-    check = reported.get_asset_check_evaluations()[0]
-    assert check.check_name == "fine_tuned_beats_retriever" and "NDCG@10" in check.description
+    checks = {c.check_name: c for c in reported.get_asset_check_evaluations()}
+    assert "NDCG@10" in checks["fine_tuned_beats_retriever"].description
+    served = checks["served_holds_on_test"]
+    assert served.description.startswith(f"served {report['served']['served']}: ")
 
 
 def serve(lake: Path, **config: Any) -> dg.ExecuteInProcessResult:

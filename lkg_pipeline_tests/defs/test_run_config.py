@@ -94,6 +94,11 @@ def test_the_retriever_takes_the_datasets_tuned_defaults_unless_a_run_sets_them(
     chosen = RetrieverRunConfig(architecture="lrurec", max_len=120, dropout=0.3)
     mine = chosen.to_core("ml-100k", n_items=50)
     assert (mine.architecture, mine.max_len, mine.dropout) == ("lrurec", 120, 0.3)
+    assert set(TUNED["ml-100k"]) <= set(RetrieverRunConfig.DATASET_DEFAULTS)
+    for name in RetrieverRunConfig.DATASET_DEFAULTS:  # None is what lets TUNED apply
+        assert RetrieverRunConfig.model_fields[name].default is None, name
+    with pytest.raises(ValueError, match="architecture: 'gru4rec' is not one of"):
+        RetrieverRunConfig(architecture="gru4rec").to_core("ml-100k", n_items=50)
     published = RetrieverRunConfig().to_core("beauty", n_items=50)  # not searched yet
     assert published == RetrieverConfig(n_items=50, max_len=DEFAULT_MAX_LEN["beauty"])
     # the asset's run config, as JSON, round-trips to the same core config
