@@ -106,7 +106,7 @@ def choose_served(
         {
             "ranker": rankers,
             f"val_{CHOICE_METRIC}": means,
-            "delta_vs_retriever": means - base.mean(),
+            "delta_vs_retriever": means - means[rankers.index(RETRIEVER)],
             "p_vs_retriever": np.where(np.array(rankers) == RETRIEVER, 1.0, p),
             "n_users": [values.shape[0]] * len(rankers),
         }
