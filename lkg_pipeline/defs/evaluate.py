@@ -625,6 +625,9 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
 def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]:
     """What `recommendations` ranks with: the report's served ranker (or `forced`), the LLM
     variant it needs (None: no LLM forward) and, for `<variant>+prior`, the report's fusion."""
+    if forced == RETRIEVER:  # always servable: no report needed (no LLM stage has to run)
+        return {"ranker": RETRIEVER, "forced": True, "because": "forced by run config",
+                "runner_up": None, "variant": None, "fusion": None}  # fmt: skip
     report_file = reports_dir(lake, dataset) / "evaluation.json"
     if not report_file.exists():
         raise FileNotFoundError(
