@@ -242,7 +242,7 @@ def train_retriever(
     on_log: Callable[[dict[str, float]], None] | None = None,
     device: str = "cpu",
 ) -> TrainResult:
-    """AdamW with full-softmax next-item loss; keep the epoch with the best val Recall@10.
+    """AdamW with full-softmax next-item loss; keep the epoch with the best `selection_metric`.
 
     `device`: where the model and its batches live (the model is returned there); the
     initial weights are drawn on the CPU whatever it is, so a CPU run is the reference."""

@@ -76,7 +76,7 @@ class RetrieverRunConfig(Recomputable):
     n_layers: int = RetrieverConfig.n_layers
     n_heads: int = RetrieverConfig.n_heads  # sasrec only
     dropout: float = RetrieverConfig.dropout
-    max_len: int | None = None  # None: 200 for MovieLens, 50 for Amazon
+    max_len: int | None = None  # None: the dataset's (TUNED, else 200 MovieLens, 50 Amazon)
     lr: float = RetrieverConfig.lr
     weight_decay: float = RetrieverConfig.weight_decay
     grad_clip: float = RetrieverConfig.grad_clip
