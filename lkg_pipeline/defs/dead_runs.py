@@ -96,15 +96,34 @@ def reap(instance: dg.DagsterInstance) -> list[DeadRun]:
     return dead
 
 
+def live_holders(instance: dg.DagsterInstance) -> list[str]:
+    """One line per live run holding a pool slot: what a new run's steps of that pool wait
+    for, and how to stop it."""
+    lines = []
+    for run_id in sorted(instance.event_log_storage.get_concurrency_run_ids()):
+        run = instance.get_run_by_id(run_id)
+        pid, _ = _start(instance, run_id)
+        if run is None or run.is_finished:
+            continue
+        lines.append(
+            f"run {run_id} ({run.job_name}, pid {pid}) holds a pool slot: steps of the same "
+            f"pool in new runs wait until it ends (stop it: kill {pid})"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="list dead runs, change nothing")
     args = parser.parse_args(argv)
     with dg.DagsterInstance.get() as instance:
         dead = find_dead_runs(instance) if args.dry_run else reap(instance)
+        waiting = live_holders(instance)
     verb = "found" if args.dry_run else "marked failed, pool slots freed"
     for corpse in dead:
         sys.stdout.write(f"dead run {corpse.run_id} ({corpse.job_name}): {corpse.why}: {verb}\n")
+    for line in waiting:
+        sys.stdout.write(line + "\n")
     return 0
 
 

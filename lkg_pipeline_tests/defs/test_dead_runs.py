@@ -14,7 +14,7 @@ from lkg_pipeline_tests.dagster_cli import MATERIALIZE, REPO, instance_env
 
 DATASET = ["--select", "group:ingest or group:prepare", "--partition", "ml-100k"]
 # Long enough to be killed mid-step: a retriever of many epochs on 40 users.
-SLOW = {"ops": {"retriever": {"config": {"max_epochs": 500, "patience": 500}}}}
+SLOW = {"ops": {"retriever": {"config": {"max_epochs": 20_000, "patience": 20_000}}}}
 QUICK = {"ops": {"retriever": {"config": {"max_epochs": 1}}}}
 SAMPLE = {"ops": {"prepared_tables": {"config": {"max_users": 40}}}}
 
@@ -53,12 +53,21 @@ def test_a_killed_run_is_marked_failed_and_frees_its_slot(lake: Path, tmp_path: 
     try:
         wait_for_step(home, env)
         time.sleep(2)  # inside the step: training
+        with dg.DagsterInstance.from_config(str(home)) as instance:  # alive: said, not reaped
+            [run] = instance.get_runs(filters=dg.RunsFilter(job_name="__ASSET_JOB"), limit=1)
+        alive = subprocess.run(
+            [sys.executable, "-m", "lkg_pipeline.defs.dead_runs"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert alive.stdout == (
+            f"run {run.run_id} (__ASSET_JOB, pid {victim.pid}) holds a pool slot: steps of the "
+            f"same pool in new runs wait until it ends (stop it: kill {victim.pid})\n"
+        )
     finally:
         os.kill(victim.pid, signal.SIGKILL)  # what an OOM kill does
         victim.wait(timeout=30)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        [run] = instance.get_runs(filters=dg.RunsFilter(job_name="__ASSET_JOB"), limit=1)
-        assert run.status == dg.DagsterRunStatus.STARTED  # the kill left it "running"
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
         assert instance.event_log_storage.get_concurrency_run_ids() == {run.run_id}
 
     reaped = subprocess.run(
