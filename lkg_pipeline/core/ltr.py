@@ -545,3 +545,11 @@ def fit_and_rank(
     if others.height:
         parts.append(ranks_from_scores(others, score(result, others)))
     return result, pl.concat(parts)
+
+
+def llm_scores(ranked: pl.DataFrame) -> pl.DataFrame:
+    """(example_id, candidate_item_idx, llm_score) from a rank_llm table (`rankings`, or the
+    LLM's ranking of serving prompts): the `llm_scores` input of `feature_table`."""
+    return ranked.select(
+        "example_id", candidate_item_idx="ranked_item_idxs", llm_score="ranked_scores"
+    ).explode("candidate_item_idx", "llm_score")

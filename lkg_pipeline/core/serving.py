@@ -61,8 +61,8 @@ class ServedChoice:
         }
 
 
-def _per_user(val_ranks: pl.DataFrame, rankers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(users, (U, R) per-user metric) with every ranker on the same users in the same order."""
+def _per_user(val_ranks: pl.DataFrame, rankers: Sequence[str]) -> np.ndarray:
+    """(U, R) per-user metric, every ranker on the same users in the same order."""
     users = np.sort(val_ranks.filter(pl.col("ranker") == RETRIEVER)["user_idx"].to_numpy())
     columns = []
     for ranker in rankers:
@@ -73,7 +73,7 @@ def _per_user(val_ranks: pl.DataFrame, rankers: Sequence[str]) -> tuple[np.ndarr
                 f"{len(users)}: every ranker must be scored on the same validation users"
             )
         columns.append(per_user_metrics(rows["rank"].to_numpy(), (10,))[CHOICE_METRIC])
-    return users, np.stack(columns, axis=1)
+    return np.stack(columns, axis=1)
 
 
 def choose_served(
@@ -93,7 +93,7 @@ def choose_served(
     if RETRIEVER not in present:
         raise ValueError("no validation ranks of the retriever: nothing to compare with")
     rankers = [r for r in SERVABLE if r in present]
-    _, values = _per_user(val_ranks, rankers)  # (U, R)
+    values = _per_user(val_ranks, rankers)  # (U, R)
     base = values[:, rankers.index(RETRIEVER)]
     p = paired_randomization_test(
         values,
@@ -166,18 +166,22 @@ def fused_order(
     llm = np.asarray(rows["llm"].to_list(), dtype=np.float64)
     retriever = np.asarray(rows["retriever"].to_list(), dtype=np.float64)
     scores = fused(llm, retriever, lam, prior)  # (N, 20) in letter order
-    order = np.argsort(-scores, axis=1, kind="stable")  # ties: the earlier letter
     letters = rows.select("example_id").join(
-        examples.select("example_id", "user_idx", "candidate_item_idxs"),
-        on="example_id",
-        how="left",
-        maintain_order="left",
+        examples, on="example_id", how="left", maintain_order="left"
     )
-    items = np.asarray(letters["candidate_item_idxs"].to_list())  # (N, 20)
+    return ranked_by(letters, scores)
+
+
+def ranked_by(examples: pl.DataFrame, scores: np.ndarray) -> pl.DataFrame:
+    """`examples`' candidates re-ordered by `scores` ((N, K), row i = example i's candidates
+    in list order), best first, ties to the earlier candidate; rank_llm's columns."""
+    items = np.asarray(examples["candidate_item_idxs"].to_list())  # (N, K)
+    assert items.shape == scores.shape, f"candidates {items.shape} vs scores {scores.shape}"
+    order = np.argsort(-scores, axis=1, kind="stable")
     return pl.DataFrame(
         {
-            "example_id": letters["example_id"],
-            "user_idx": letters["user_idx"],
+            "example_id": examples["example_id"],
+            "user_idx": examples["user_idx"],
             "ranked_item_idxs": np.take_along_axis(items, order, 1).tolist(),
             "ranked_scores": np.take_along_axis(scores, order, 1).tolist(),
         }

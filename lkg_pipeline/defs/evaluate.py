@@ -31,6 +31,7 @@ from lkg_pipeline.core.ltr import (
     feature_names,
     feature_table,
     fit_and_rank,
+    llm_scores,
     load_ltr,
     read_pair_features,
     save_ltr,
@@ -67,6 +68,7 @@ from lkg_pipeline.core.serving import (
     SERVABLE,
     choose_served,
     fused_order,
+    ranked_by,
     retriever_order,
     served_lines,
     served_summary,
@@ -494,20 +496,10 @@ def _ltr_ranks(
         return []
     folder = paths_folder(lake, dataset)
     pairs = read_pair_features(folder, evaluated["example_id"])
-    model = load_preference(preference_dir(lake, dataset))
-    history = pl.read_parquet(folder / "history_profile.parquet").join(
-        evaluated.select("user_idx").unique(), on="user_idx", how="semi"
-    )
-    preference = score_examples(model, evaluated, pairs, history)
+    preference = _preference_scores(lake, dataset, evaluated, pairs)
+    path_types = read_path_types(folder)
     llm_variant = next((v for v in ("lkg_rag", *VARIANTS) if v in by_variant), None)
-    llm = None
-    if llm_variant is not None:
-        llm = (
-            by_variant[llm_variant]
-            .select("example_id", "ranked_item_idxs", "ranked_scores")
-            .explode("ranked_item_idxs", "ranked_scores")
-            .select("example_id", candidate_item_idx="ranked_item_idxs", llm_score="ranked_scores")
-        )
+    llm = None if llm_variant is None else llm_scores(by_variant[llm_variant])
     out = []
     for name, with_llm in ((LTR, False), (LTR_LLM, True)):
         if with_llm and llm is None:
@@ -517,7 +509,7 @@ def _ltr_ranks(
             rows = evaluated.join(llm.select("example_id").unique(), on="example_id", how="semi")
         features = feature_table(
             rows, sequences, pairs, items, preference, llm if with_llm else None,
-            path_types=read_path_types(folder),
+            path_types=path_types,
         )  # fmt: skip
         columns = feature_names(features)
         result, ranks = fit_and_rank(features, columns, LTR_CONFIG)
@@ -807,32 +799,30 @@ def _ltr_order(
         examples, sequences, kg.entities, kg.triples, kg.relations, items.height,
         read_path_config(lake, dataset),
     )  # fmt: skip
-    history = pl.read_parquet(folder / "history_profile.parquet").join(
-        examples.select("user_idx").unique(), on="user_idx", how="semi"
-    )
-    # The preference module knows train/val/test only; the split does not change a score.
-    as_test = examples.with_columns(split=pl.lit("test"))
-    preference = score_examples(
-        load_preference(preference_dir(lake, dataset)), as_test, paths.pair_features, history
-    )
-    llm = None
-    if llm_ranked is not None:
-        llm = llm_ranked.select(
-            "example_id", candidate_item_idx="ranked_item_idxs", llm_score="ranked_scores"
-        ).explode("candidate_item_idx", "llm_score")
+    preference = _preference_scores(lake, dataset, examples, paths.pair_features)
+    llm = None if llm_ranked is None else llm_scores(llm_ranked)
     features = feature_table(
         examples, sequences, paths.pair_features, items, preference, llm,
         path_types=read_path_types(folder),
     )  # fmt: skip
-    scored = features.select("example_id", "position", "candidate_item_idx").with_columns(
-        score=pl.Series(score(result, features))
+    # feature rows are sorted by (example_id, position): one row of scores per example
+    ordered = examples.sort("example_id")
+    return ranked_by(ordered, score(result, features).reshape(ordered.height, -1))
+
+
+def _preference_scores(
+    lake: Path, dataset: str, examples: pl.DataFrame, pair_features: pl.DataFrame
+) -> pl.DataFrame:
+    """The preference module's (example_id, candidate_item_idx, score) for `examples`, with
+    their users' history profile from kg_paths."""
+    history = pl.read_parquet(paths_folder(lake, dataset) / "history_profile.parquet").join(
+        examples.select("user_idx").unique(), on="user_idx", how="semi"
     )
-    return (
-        scored.sort(["example_id", "score", "position"], descending=[False, True, False])
-        .group_by("example_id", maintain_order=True)
-        .agg(ranked_item_idxs="candidate_item_idx", ranked_scores="score")
-        .join(examples.select("example_id", "user_idx"), on="example_id")
-    )
+    # The module knows the splits train/val/test only (serving's are `next`); a split does
+    # not change a score.
+    as_test = examples.with_columns(split=pl.lit("test"))
+    model = load_preference(preference_dir(lake, dataset))
+    return score_examples(model, as_test, pair_features, history)
 
 
 def _prompts_and_reasons(
