@@ -6,7 +6,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
 .PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype \
-	bench-after-paths bench-lora-layers tune-retriever
+	bench-after-paths bench-lora-layers tune-retriever sanity
 
 venv: $(VENV)/.installed
 
@@ -79,6 +79,12 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 ## as the machine's speed varied that day).
 quality: venv
 	$(BIN)/python -m benchmarks.quality
+
+## Does the KG → prompt → LoRA → ranking chain carry a signal? A relation planted at known
+## strengths on copies of the ml-100k lake (data_lake/planted/), the real assets run on each,
+## with controls (benchmarks/PLANTED.md; needs `make run`'s lake; resumable).
+sanity: venv
+	$(BIN)/python -m benchmarks.planted
 
 ## The LLM in fp32 and bf16 side by side on this machine: speed and whether bf16 ranks the same
 ## (results.json `llm_dtype`; ~15 min on 2 CPU cores).

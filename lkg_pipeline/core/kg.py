@@ -100,6 +100,10 @@ RELATIONS: dict[str, Relation] = {
             "was made by",
             "made",
         ),
+        # No public source has studios: benchmarks/planted.py plants them to test the chain
+        *_pair(
+            "made_at_studio", "studio_made", "item", "studio", "item_attribute", "was made at", "made"
+        ),
         *_pair(
             "in_language",
             "language_of",
@@ -270,6 +274,7 @@ FREEBASE_RELATIONS: dict[str, tuple[str, bool]] = {
     "film.film.genre": ("freebase_genre", True),
     "film.film_genre.films_in_this_genre": ("freebase_genre", False),
     "film.film.sequel": ("has_sequel", True),
+    "lkg.film.studio": ("made_at_studio", True),  # not Freebase: the planted-signal benchmark's
     "film.film.prequel": ("has_sequel", False),
 }
 # What a Freebase node is called, through the items it connects ("director of Heat (1995)").
@@ -280,6 +285,7 @@ ENTITY_NOUNS = {
     "produced_by": "producer",
     "shot_by": "cinematographer",
     "made_by_company": "company",
+    "made_at_studio": "studio",
     "in_language": "language",
     "from_country": "country",
     "content_rated": "content rating",

@@ -1,0 +1,731 @@
+"""Does the KG → prompt → LoRA → ranking chain carry a signal? A planted-signal dose-response.
+
+    make sanity                                   # python -m benchmarks.planted (resumable)
+    python -m benchmarks.planted --report         # rewrite PLANTED.md from what has run
+    python -m benchmarks.planted --doses 1.0 0.0  # fewer doses (--variants: fewer variants)
+
+On copies of the ml-100k lake that `make run` wrote (`data_lake/planted/p<dose>/`; the user's
+lake is only read), a synthetic relation is planted: a studio shared by two films, written as a
+Freebase-like fact (`lkg.film.studio`, read by `core.kg` as `made_at_studio`) into the copy's
+`raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
+and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of
+all examples (train, val and test alike) a new studio links the true next item to the rarest
+item of the example's shown history (the rarest, so that the link seldom shows in other
+prompts); for a fraction DECOY_RATE of examples one more studio links that history item to a
+candidate drawn uniformly from all 20 (the true item included, so at dose 0 the relation says
+nothing about the answer). The draws are shared across doses: the examples planted at 0.1 are
+among those planted at 0.3. Only item metadata changes: no interaction, candidate or split does,
+so the retriever, its candidates and the leakage check are the real ones.
+
+The real assets then run on each copy with their default configuration: kg_triples → kg_paths
+→ preference_model → selected_paths → prompts → lora_adapter → rankings (test prompts), for
+`lkg_rag` and `kg_rag`. Controls:
+- swap: the dose-1.0 adapters rank the same test prompts with each candidate's relation line
+  moved to another candidate of the same prompt (a derangement), so the cue points elsewhere;
+- dose 0: planted decoys only, compared with the real lake's `lkg_rag` rankings;
+- `llamarec`: its prompts carry no relation; their sha256 is shown equal at every dose, so it is
+  trained and ranked once.
+
+Each finished piece is a file under `data_lake/planted/results/`; a rerun skips it. The page
+(PLANTED.md), results.json `planted` and the dose-response plot are rewritten from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from benchmarks.common import (
+    DATASET,
+    REPO,
+    RESULTS_JSON,
+    lake_root,
+    machine_info,
+    save_results_section,
+    table,
+)
+from lkg_pipeline.core.evaluation import (
+    REFERENCE_VARIANT,
+    EvaluationConfig,
+    evaluate,
+    llm_ranks,
+    retriever_ranks,
+)
+from lkg_pipeline.core.preference import load_preference
+from lkg_pipeline.core.storage import replace_atomically
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DOSES = (1.0, 0.3, 0.1, 0.0)
+KG_VARIANTS = ("lkg_rag", "kg_rag")
+DECOY_RATE = 0.1  # examples that get one more studio, on a uniformly drawn candidate
+SEED = 0
+WINDOW = 20  # history items a prompt shows (PromptConfig.max_history, PathConfig.history_len)
+RELATION = "lkg.film.studio"  # core.kg reads it as made_at_studio
+PATH_TYPE = "made_at_studio"
+CUE = "same studio"  # how core.prompts phrases a made_at_studio path
+# Inputs of the kg and llm stages: copied, small. The base model is hard-linked (read only;
+# every write in the pipeline replaces a file by renaming, so a link is never written through).
+COPIED = ("ingest", "prepare", "retrieval")
+LINKED = ("models/base_model",)
+KG_STAGES = "kg_triples,kg_paths,preference_model,selected_paths"
+LLM_STAGES = "prompts,lora_adapter,rankings"
+TEST_ONLY = {"ops": {"rankings": {"config": {"splits": ["test"]}}}}
+PAGE = REPO / "benchmarks" / "PLANTED.md"
+FIGURE = REPO / "benchmarks" / "planted_curve.png"
+
+
+def work_root(lake: Path) -> Path:
+    return lake / "planted"
+
+
+def lake_of(root: Path, dose: float) -> Path:
+    return root / f"p{dose:g}"
+
+
+def results_dir(root: Path) -> Path:
+    return root / "results"
+
+
+# ----------------------------------------------------------------------------- planting
+
+
+def histories(sequences: pl.DataFrame) -> dict[int, list[int]]:
+    ordered = sequences.sort("user_idx", "position").group_by("user_idx", maintain_order=True)
+    return {u: items for u, items in ordered.agg("item_idx").iter_rows()}
+
+
+def plant_links(
+    candidates: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    dose: float,
+    decoy_rate: float = DECOY_RATE,
+    seed: int = SEED,
+    window: int = WINDOW,
+) -> pl.DataFrame:
+    """One row per studio to plant: (example_id, split, kind, history_item_idx, item_idx).
+
+    kind "planted" links the example's true item, "decoy" a uniformly drawn candidate. A
+    studio is item metadata, so it shows in every prompt whose history holds one of its items
+    and whose candidates hold the other: of the example's shown history items, the one whose
+    link would point at a wrong candidate in the fewest other prompts is chosen (then the
+    rarest, then the most recent). Some popular true items cannot avoid it: `cue_shares`
+    measures how often the cue lands elsewhere. The random draws depend on the seed only,
+    never on the dose, so doses nest.
+    """
+    examples = candidates.sort("example_id")
+    rng = np.random.default_rng(seed)
+    n = examples.height
+    plant_draw, decoy_draw, decoy_pick = rng.random(n), rng.random(n), rng.random(n)
+    popularity = dict(zip(items["item_idx"].to_list(), items["n_train_interactions"].to_list()))
+    history_of = histories(sequences)
+    shown_in: dict[int, set[int]] = {}  # item → examples whose shown history holds it
+    offered_in: dict[int, set[int]] = {}  # item → examples that offer it, not as the true item
+    windows = []
+    for ex in examples.iter_rows(named=True):
+        history = history_of[ex["user_idx"]]
+        if history[ex["prefix_len"]] != ex["target_item_idx"]:
+            raise ValueError(
+                f"example {ex['example_id']}: item {ex['prefix_len']} of user {ex['user_idx']}'s "
+                "sequence is not its target; candidates and sequences disagree"
+            )
+        shown = history[: ex["prefix_len"]][-window:]
+        windows.append(shown)
+        for item in shown:
+            shown_in.setdefault(item, set()).add(ex["example_id"])
+        for item in ex["candidate_item_idxs"]:
+            if item != ex["target_item_idx"]:
+                offered_in.setdefault(item, set()).add(ex["example_id"])
+
+    def elsewhere(a: int, b: int, example_id: int) -> int:
+        seen = (shown_in.get(a, set()) & offered_in.get(b, set())) | (
+            shown_in.get(b, set()) & offered_in.get(a, set())
+        )
+        return len(seen - {example_id})
+
+    rows = []
+    for i, ex in enumerate(examples.iter_rows(named=True)):
+        chosen = []
+        if plant_draw[i] < dose:
+            chosen.append(("planted", ex["target_item_idx"]))
+        if decoy_draw[i] < decoy_rate:
+            pool = ex["candidate_item_idxs"]
+            chosen.append(("decoy", pool[int(decoy_pick[i] * len(pool))]))
+        for kind, item in chosen:
+            anchor = min(
+                reversed(windows[i]),
+                key=lambda h: (elsewhere(h, item, ex["example_id"]), popularity.get(h, 0)),
+            )
+            rows.append(
+                {
+                    "example_id": ex["example_id"],
+                    "split": ex["split"],
+                    "history_item_idx": anchor,
+                    "kind": kind,
+                    "item_idx": item,
+                }
+            )
+    schema = {
+        "example_id": pl.Int64,
+        "split": pl.String,
+        "history_item_idx": pl.Int32,
+        "kind": pl.String,
+        "item_idx": pl.Int32,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def studio_facts(
+    links: pl.DataFrame, items: pl.DataFrame, entity_links: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(entity links to add, triples to add): one studio node per distinct linked item pair.
+
+    A film without a Freebase id gets a made-up one, so that every item can take a studio.
+    """
+    known = entity_links.unique("item_id", keep="first", maintain_order=True)
+    films = (
+        items.select("item_idx", "item_id")
+        .join(known, on="item_id", how="left")
+        .with_columns(
+            entity_id=pl.coalesce("entity_id", pl.format("m.lkg_film_{}", pl.col("item_id")))
+        )
+    )
+    new_links = films.join(known, on="item_id", how="anti").select(entity_links.columns)
+    pairs = (
+        links.filter(pl.col("history_item_idx") != pl.col("item_idx"))
+        .select("history_item_idx", "item_idx")
+        .unique(maintain_order=True)
+        .with_columns(studio=pl.format("m.lkg_studio_{}", pl.int_range(pl.len())))
+    )
+    mid = films.select("item_idx", "entity_id")
+    sides = [
+        pairs.join(mid, left_on=column, right_on="item_idx").select(
+            head="entity_id", relation=pl.lit(RELATION), tail="studio"
+        )
+        for column in ("history_item_idx", "item_idx")
+    ]
+    return new_links.cast(entity_links.schema), pl.concat(sides).sort("tail", "head")
+
+
+def plant_lake(source: Path, target: Path, dose: float) -> dict[str, Any]:
+    """A copy of `source`'s inputs under `target`, with studios planted at `dose`."""
+    building = target.with_name(target.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    for folder in COPIED:
+        shutil.copytree(source / folder, building / folder)
+    for folder in LINKED:
+        shutil.copytree(source / folder, building / folder, copy_function=os.link)
+    read = {
+        name: pl.read_parquet(building / group / name / f"{DATASET}.parquet")
+        for group, name in (
+            ("retrieval", "candidates"),
+            ("prepare", "sequences"),
+            ("prepare", "items"),
+            ("ingest", "raw_entity_links"),
+            ("ingest", "raw_entity_triples"),
+        )
+    }
+    links = plant_links(read["candidates"], read["sequences"], read["items"], dose)
+    new_links, new_triples = studio_facts(links, read["items"], read["raw_entity_links"])
+    for name, extra in (("raw_entity_links", new_links), ("raw_entity_triples", new_triples)):
+        file = building / "ingest" / name / f"{DATASET}.parquet"
+        pl.concat([read[name], extra.cast(read[name].schema)]).write_parquet(file)
+    links.write_parquet(building / "planted_links.parquet")
+    building.rename(target)
+    counts = links.group_by("split", "kind").len().sort("split", "kind")
+    return {"dose": dose, "studios": new_triples["tail"].n_unique(), "links": counts.to_dicts()}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def materialize(
+    root: Path, lake: Path, select: str, partition: str, config: dict | None, log: Path
+) -> None:
+    """The real assets through Dagster's CLI, on `lake` with the benchmark's own instance."""
+    home = root / "dagster_home"
+    env = os.environ | {"LKG_DATA_LAKE": str(lake), "DAGSTER_HOME": str(home)}
+    binary = Path(sys.executable).parent
+    if not (home / "dagster.yaml").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        subprocess.run([binary / "dagster", "instance", "migrate"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "lkg_pipeline.defs.dead_runs"], env=env, check=True)
+    command = [
+        str(binary / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "lkg_pipeline.definitions",
+        "--select",
+        select,
+        "--partition",
+        partition,
+    ]
+    if config:
+        command += ["--config-json", json.dumps(config)]
+    print(f"[planted] {lake.name}: {select} ({partition})", flush=True)
+    with log.open("a") as out:
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{select} on {lake} failed; see {log}")
+
+
+def save_json(path: Path, value: Any) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def save_frame(path: Path, frame: pl.DataFrame) -> None:
+    replace_atomically(path, lambda tmp: frame.write_parquet(tmp))
+
+
+def prompts_file(lake: Path, variant: str) -> Path:
+    return lake / "llm" / "prompts" / DATASET / f"{variant}.parquet"
+
+
+def rankings_file(lake: Path, variant: str) -> Path:
+    return lake / "evaluate" / "rankings" / DATASET / f"{variant}.parquet"
+
+
+def preference_weight(lake: Path) -> dict[str, Any]:
+    """The preference module's type weight on the studio, and where it stands among types."""
+    model = load_preference(lake / "models" / "preference" / DATASET)
+    effective = (model.type_weight() * model.idf).detach().numpy()
+    order = np.argsort(-effective)
+    if PATH_TYPE not in model.path_types:
+        return {"path_types": len(model.path_types), "weight": None}
+    t = model.path_types.index(PATH_TYPE)
+    return {
+        "path_types": len(model.path_types),
+        "weight": float(model.type_weight()[t].detach()),
+        "idf": float(model.idf[t]),
+        "weight_x_idf": float(effective[t]),
+        "rank_of_type": int(np.where(order == t)[0][0]) + 1,
+        "top_type": model.path_types[int(order[0])],
+    }
+
+
+def cue_shares(lake: Path, variant: str) -> dict[str, Any]:
+    """How often the cue reached the test prompts: on the true item when it was planted there,
+    and on the other candidates (decoys and links that other examples planted)."""
+    prompts = pl.read_parquet(prompts_file(lake, variant)).filter(
+        (pl.col("split") == "test") & (pl.col("target_index") >= 0)
+    )
+    planted = pl.read_parquet(lake / "planted_links.parquet").filter(pl.col("kind") == "planted")
+    planted_ids = set(planted["example_id"].to_list())
+    on_target, on_others, n_planted, with_cue = 0, 0, 0, 0
+    for row in prompts.iter_rows(named=True):
+        shows = [CUE in segment for segment in row["segments"]]
+        target = row["target_index"]
+        with_cue += shows[target]
+        on_others += sum(shows) - shows[target]
+        if row["example_id"] in planted_ids:
+            n_planted += 1
+            on_target += shows[target]
+    return {
+        "test_prompts": prompts.height,
+        "planted_test_prompts": n_planted,
+        "cue_on_planted_target": on_target / n_planted if n_planted else None,
+        "cue_on_target": with_cue / prompts.height,
+        "cue_per_other_candidate": on_others / (prompts.height * 19),
+    }
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    while True:
+        order = rng.permutation(n)
+        if n < 2 or not (order == np.arange(n)).any():
+            return order
+
+
+def swap_relations(segments: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """Each candidate's "Relations: …" line moved to another candidate of the same prompt."""
+    lines = [segment.split("\n") for segment in segments]
+    relation = [next((x for x in part if x.startswith("Relations: ")), None) for part in lines]
+    order = derangement(len(segments), rng)
+    out = []
+    for i, part in enumerate(lines):
+        kept = [x for x in part if not x.startswith("Relations: ")]
+        moved = relation[order[i]]
+        out.append("\n".join(kept[:-1] + ([moved] if moved else []) + kept[-1:]))
+    return out
+
+
+def swapped_prompts(file: Path, seed: int = SEED) -> Any:
+    """The prompts table (with its Parquet metadata) with every test prompt's relations swapped."""
+    arrow = pq.read_table(file)
+    frame = pl.from_arrow(arrow)
+    rng = np.random.default_rng(seed)
+    segments = [
+        swap_relations(s, rng) if split == "test" else s
+        for s, split in zip(frame["segments"].to_list(), frame["split"].to_list())
+    ]
+    column = arrow.schema.get_field_index("segments")
+    swapped = pl.Series("segments", segments, dtype=pl.List(pl.String)).to_arrow()
+    return arrow.set_column(column, arrow.schema.field(column), swapped)
+
+
+def run_condition(
+    root: Path, lake: Path, variant: str, name: str, log: Path, swap: bool = False
+) -> None:
+    """Prompts → adapter → test rankings of `variant` on `lake`, kept as results/<name>."""
+    out = results_dir(root) / f"{name}.parquet"
+    if out.exists():
+        return
+    start = time.time()
+    partition = f"{DATASET}|{variant}"
+    if not swap:
+        materialize(root, lake, LLM_STAGES, partition, TEST_ONLY, log)
+        if variant != REFERENCE_VARIANT:
+            save_json(results_dir(root) / f"{name}.cues.json", cue_shares(lake, variant))
+    else:
+        original = prompts_file(lake, variant)
+        keep = original.with_suffix(".unswapped")
+        ranked = rankings_file(lake, variant)
+        ranked_keep = ranked.with_suffix(".unswapped")
+        if not keep.exists():
+            shutil.copy2(original, keep)
+            shutil.copy2(ranked, ranked_keep)
+        replace_atomically(original, lambda tmp: pq.write_table(swapped_prompts(keep), tmp))
+        try:
+            materialize(root, lake, "rankings", partition, TEST_ONLY, log)
+            shutil.copy2(rankings_file(lake, variant), out.with_suffix(".tmp"))
+        finally:
+            os.replace(keep, original)
+            os.replace(ranked_keep, ranked)
+    if not swap:
+        shutil.copy2(rankings_file(lake, variant), out.with_suffix(".tmp"))
+    os.replace(out.with_suffix(".tmp"), out)
+    save_json(results_dir(root) / f"{name}.time.json", {"seconds": time.time() - start})
+
+
+def run_all(lake: Path, doses: Sequence[float], variants: Sequence[str]) -> None:
+    """Every piece not yet on disk, most telling first: the first variant at the strongest
+    dose and its swap, at dose 0, the reference, the lower doses; then the other variants at
+    the strongest dose only (`kg_rag`'s shortest-path selection shows the cue in ~2% of the
+    prompts at dose 1: PLANTED.md)."""
+    root = work_root(lake)
+    results_dir(root).mkdir(parents=True, exist_ok=True)
+    log = root / "runs.log"
+
+    def ready(dose: float) -> Path:
+        target = lake_of(root, dose)
+        if not target.exists():
+            save_json(
+                results_dir(root) / f"p{dose:g}.planting.json", plant_lake(lake, target, dose)
+            )
+        done = results_dir(root) / f"p{dose:g}.preference.json"
+        if not done.exists():
+            materialize(root, target, KG_STAGES, DATASET, None, log)
+            materialize(root, target, "prompts", f"{DATASET}|{REFERENCE_VARIANT}", None, log)
+            digest = {"llamarec_prompts_sha256": prompt_digest(target, REFERENCE_VARIANT)}
+            save_json(done, preference_weight(target) | digest)
+        return target
+
+    strongest = max(doses)
+    ordered = sorted(doses, key=lambda d: (d != strongest, d != 0.0, -d))
+    first, *others = variants
+    for i, dose in enumerate(ordered):
+        target = ready(dose)
+        run_condition(root, target, first, f"p{dose:g}_{first}", log)
+        if dose == strongest:
+            run_condition(root, target, first, f"p{dose:g}_{first}_swap", log, swap=True)
+        if i == min(1, len(ordered) - 1):
+            run_condition(root, lake_of(root, strongest), REFERENCE_VARIANT, REFERENCE_VARIANT, log)
+    for variant in others:
+        run_condition(root, ready(strongest), variant, f"p{strongest:g}_{variant}", log)
+
+
+def prompt_digest(lake: Path, variant: str) -> str:
+    frame = pl.read_parquet(prompts_file(lake, variant)).sort("example_id")
+    text = json.dumps([frame["prompt"].to_list(), frame["segments"].to_list()])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def planted_first(root: Path, dose: float, rankings: pl.DataFrame) -> float | None:
+    """Share of planted test prompts (true item among the candidates) ranked first."""
+    links = root / f"p{dose:g}" / "planted_links.parquet"
+    if not links.exists() or dose == 0:
+        return None
+    planted = pl.read_parquet(links).filter(
+        (pl.col("kind") == "planted") & (pl.col("split") == "test")
+    )
+    rows = rankings.join(planted.select("example_id"), on="example_id", how="semi").filter(
+        pl.col("target_rank").is_not_null()
+    )
+    return float((rows["target_rank"] == 1).mean()) if rows.height else None
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def conditions(root: Path) -> list[dict[str, Any]]:
+    """Every finished condition: (name, dose, variant, swap, rankings)."""
+    found = []
+    for file in sorted(results_dir(root).glob("*.parquet")):
+        name = file.stem
+        if name == REFERENCE_VARIANT:
+            found.append({"name": name, "dose": None, "variant": name, "swap": False})
+            continue
+        dose_part, rest = name.split("_", 1)
+        swap = rest.endswith("_swap")
+        variant = rest.removesuffix("_swap")
+        found.append({"name": name, "dose": float(dose_part[1:]), "variant": variant, "swap": swap})
+    for row in found:
+        row["rankings"] = pl.read_parquet(results_dir(root) / f"{row['name']}.parquet")
+    return found
+
+
+def compare(
+    candidates: pl.DataFrame, mine: pl.DataFrame, baselines: dict[str, pl.DataFrame], variant: str
+) -> dict[str, Any]:
+    """Test metrics of one condition with intervals, and its paired p against the baselines."""
+    ranks = [retriever_ranks(candidates)]
+    ranks += [llm_ranks(candidates, table, name) for name, table in baselines.items()]
+    ranks.append(llm_ranks(candidates, mine, variant))
+    evaluation = evaluate(pl.concat(ranks), EvaluationConfig())
+    out: dict[str, Any] = {}
+    for population in ("subset", "overall"):
+        for metric in ("NDCG@10", "MRR@1"):
+            row = evaluation.metrics.filter(
+                (pl.col("ranker") == variant)
+                & (pl.col("split") == "test")
+                & (pl.col("population") == population)
+                & (pl.col("metric") == metric)
+            ).row(0, named=True)
+            key = f"{population} {metric}"
+            out[key] = {"value": row["value"], "ci": [row["ci_low"], row["ci_high"]]}
+            for baseline in ["retriever", *baselines]:
+                hit = evaluation.comparisons.filter(
+                    (pl.col("ranker") == variant)
+                    & (pl.col("baseline") == baseline)
+                    & (pl.col("split") == "test")
+                    & (pl.col("population") == population)
+                    & (pl.col("metric") == metric)
+                )
+                if hit.height:
+                    c = hit.row(0, named=True)
+                    out[key][f"vs {baseline}"] = {
+                        "difference": c["difference"],
+                        "baseline": c["baseline_value"],
+                        "p": c["p_value"],
+                    }
+    return out
+
+
+def report(lake: Path) -> dict[str, Any]:
+    root = work_root(lake)
+    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    found = conditions(root)
+    by_name = {row["name"]: row for row in found}
+    reference_table = by_name.get(REFERENCE_VARIANT, {}).get("rankings")
+    real = rankings_file(lake, "lkg_rag")
+    rows = []
+    for row in found:
+        # llamarec is itself the variant-free reference, compared with the retriever only
+        baselines: dict[str, pl.DataFrame] = {}
+        if row["variant"] != REFERENCE_VARIANT and reference_table is not None:
+            baselines[REFERENCE_VARIANT] = reference_table
+        if row["dose"] == 0.0 and row["variant"] == "lkg_rag" and real.exists():
+            baselines["real lake lkg_rag"] = pl.read_parquet(real)
+        metrics = compare(candidates, row["rankings"], baselines, row["variant"])
+        dose = row["dose"]
+        rows.append(
+            {
+                "condition": row["name"],
+                "dose": dose,
+                "variant": row["variant"],
+                "swap": row["swap"],
+                "metrics": metrics,
+                "planted_target_first": planted_first(root, dose, row["rankings"])
+                if dose is not None
+                else None,
+                "cues": read_json(
+                    results_dir(root) / f"{row['name'].removesuffix('_swap')}.cues.json"
+                )
+                if row["variant"] != REFERENCE_VARIANT
+                else None,
+                "seconds": (read_json(results_dir(root) / f"{row['name']}.time.json") or {}).get(
+                    "seconds"
+                ),
+            }
+        )
+    doses = sorted({r["dose"] for r in rows if r["dose"] is not None}, reverse=True)
+    section = {
+        "machine": machine_info(),
+        "decoy_rate": DECOY_RATE,
+        "seed": SEED,
+        "conditions": rows,
+        "preference": {
+            f"{d:g}": read_json(results_dir(root) / f"p{d:g}.preference.json") for d in doses
+        },
+        "planting": {
+            f"{d:g}": read_json(results_dir(root) / f"p{d:g}.planting.json") for d in doses
+        },
+        "llamarec_prompt_sha256": {
+            f"{d:g}": (read_json(results_dir(root) / f"p{d:g}.preference.json") or {}).get(
+                "llamarec_prompts_sha256"
+            )
+            for d in doses
+        },
+    }
+    section["detection_floor"] = detection_floor(rows)
+    curve_figure(rows, FIGURE)
+    save_results_section(RESULTS_JSON, "planted", section)
+    PAGE.write_text(page(section))
+    return section
+
+
+def detection_floor(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per KG variant, the weakest dose whose test NDCG@10 (overall) beats the retriever at
+    p < 0.05 (with every stronger dose also significant)."""
+    floors: dict[str, float | None] = {}
+    for variant in KG_VARIANTS:
+        runs = sorted(
+            (r for r in rows if r["variant"] == variant and not r["swap"] and r["dose"]),
+            key=lambda r: -r["dose"],
+        )
+        floor = None
+        for r in runs:
+            versus = r["metrics"]["overall NDCG@10"].get("vs retriever", {})
+            if versus.get("difference", 0) > 0 and versus.get("p", 1) < 0.05:
+                floor = r["dose"]
+            else:
+                break
+        floors[variant] = floor
+    return floors
+
+
+def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, population in zip(axes, ("subset", "overall")):
+        key = f"{population} NDCG@10"
+        for variant, marker in (("lkg_rag", "o-"), ("kg_rag", "s-")):
+            runs = sorted(
+                (r for r in rows if r["variant"] == variant and not r["swap"]),
+                key=lambda r: r["dose"],
+            )
+            if runs:
+                x = [r["dose"] for r in runs]
+                y = [r["metrics"][key]["value"] for r in runs]
+                low = [r["metrics"][key]["value"] - r["metrics"][key]["ci"][0] for r in runs]
+                high = [r["metrics"][key]["ci"][1] - r["metrics"][key]["value"] for r in runs]
+                ax.errorbar(x, y, yerr=[low, high], fmt=marker, label=variant, capsize=3)
+            swaps = [r for r in rows if r["variant"] == variant and r["swap"]]
+            for r in swaps:
+                ax.plot(r["dose"], r["metrics"][key]["value"], "x", ms=9, label=f"{variant}, swap")
+        any_row = next((r for r in rows), None)
+        if any_row:
+            base = any_row["metrics"][key].get("vs retriever", {}).get("baseline")
+            if base is not None:
+                ax.axhline(base, color="grey", ls="--", label="retriever")
+        ref = next((r for r in rows if r["variant"] == REFERENCE_VARIANT), None)
+        if ref:
+            ax.axhline(ref["metrics"][key]["value"], color="tab:green", ls=":", label="llamarec")
+        ax.set(xlabel="dose (share of examples whose true item gets the studio)", ylabel=key)
+        ax.set_title(f"test, {population}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def page(section: dict[str, Any]) -> str:
+    rows = []
+    for r in sorted(
+        section["conditions"],
+        key=lambda r: (r["variant"], r["swap"], -(r["dose"] if r["dose"] is not None else 9)),
+    ):
+        m = r["metrics"]
+        cells = {
+            "variant": r["variant"] + (" (swap)" if r["swap"] else ""),
+            "dose": "–" if r["dose"] is None else f"{r['dose']:g}",
+        }
+        for key in ("subset NDCG@10", "overall NDCG@10", "overall MRR@1"):
+            low, high = m[key]["ci"]
+            cells[key] = f"{m[key]['value']:.4f} [{low:.4f}, {high:.4f}]"
+        for baseline in ("retriever", REFERENCE_VARIANT, "real lake lkg_rag"):
+            versus = m["overall NDCG@10"].get(f"vs {baseline}")
+            cells[f"Δ NDCG@10 vs {baseline} (p)"] = (
+                f"{versus['difference']:+.4f} ({versus['p']:.4f})" if versus else "–"
+            )
+        cells["planted first"] = _fmt(r["planted_target_first"], 3)
+        cues = r["cues"] or {}
+        cells["cue on planted target"] = _fmt(cues.get("cue_on_planted_target"), 3)
+        cells["cue per other candidate"] = _fmt(cues.get("cue_per_other_candidate"), 3)
+        rows.append(cells)
+    weights = [
+        {"dose": dose, **{k: v for k, v in (w or {}).items()}}
+        for dose, w in section["preference"].items()
+    ]
+    machine = section["machine"]
+    return "\n".join(
+        [
+            "# Planted signal: does the KG → prompt → LoRA → ranking chain carry a cue?",
+            "",
+            "Written by `make sanity` (`python -m benchmarks.planted`; `--report` rewrites it "
+            "from the finished runs). How the studio relation is planted and why: the module's "
+            "docstring. Test split of ml-100k, 943 users; subset = users whose true item is a "
+            "candidate; intervals: 95% bootstrap over users; p: paired sign-flip test.",
+            "",
+            f"Machine: {machine.get('cpu_model', machine)}; decoy rate {section['decoy_rate']}, "
+            f"seed {section['seed']}.",
+            "",
+            "![dose-response](planted_curve.png)",
+            "",
+            table(rows) if rows else "No condition has finished yet.",
+            "",
+            "Detection floor (weakest dose whose overall NDCG@10 beats the retriever at p < 0.05, "
+            f"every stronger dose too): {section['detection_floor']}.",
+            "",
+            "## The preference module's weight on the planted path type",
+            "",
+            table(weights) if weights else "–",
+            "",
+            "`llamarec` prompts, sha256 per planted lake (equal: it cannot see the studio): "
+            f"{section['llamarec_prompt_sha256']}",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="only rewrite the page")
+    parser.add_argument("--doses", type=float, nargs="+", default=list(DOSES))
+    parser.add_argument("--variants", nargs="+", default=list(KG_VARIANTS))
+    args = parser.parse_args(argv)
+    lake = lake_root()
+    if not args.report:
+        run_all(lake, args.doses, args.variants)
+    report(lake)
+    print(f"wrote {PAGE.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
