@@ -4,9 +4,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from lkg_pipeline.defs import pool_wait
+
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    pool_wait.install()  # steps waiting for a `torch` slot sleep and say who holds it
     # Every step of a run in the run's own process. Dagster's default starts a process per
     # step, and each spends ~7 s importing and loading this code location before it does
     # anything (2026-12-03, 2 cores of an AMD EPYC: the dataset stages for 40 users in 64 s

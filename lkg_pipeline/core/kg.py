@@ -102,7 +102,13 @@ RELATIONS: dict[str, Relation] = {
         ),
         # No public source has studios: benchmarks/planted.py plants them to test the chain
         *_pair(
-            "made_at_studio", "studio_made", "item", "studio", "item_attribute", "was made at", "made"
+            "made_at_studio",
+            "studio_made",
+            "item",
+            "studio",
+            "item_attribute",
+            "was made at",
+            "made",
         ),
         *_pair(
             "in_language",

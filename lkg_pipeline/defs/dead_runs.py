@@ -52,6 +52,11 @@ def _start(instance: dg.DagsterInstance, run_id: str) -> tuple[int | None, float
     return entry.dagster_event.pid if entry.dagster_event else None, entry.timestamp
 
 
+def run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid of the process that started the run (None before it started)."""
+    return _start(instance, run_id)[0]
+
+
 def _alive(pid: int, since: float) -> bool:
     """Whether `pid` is a process that was already running at `since` (not a reused pid)."""
     try:
