@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# A new instance gets its SQLite schema here, once, before any run: two runs that find no
-# schema both create it and leave alembic_version with two heads, which no later command
-# (not even `dagster instance migrate`) can repair. Migrating an existing instance is a no-op.
+# A new instance gets its SQLite schema here, once, before any run (the project's storage
+# also takes a lock for it, lkg_pipeline/instance_storage.py). Migrating an existing instance
+# is a no-op.
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml | $(VENV)/.installed
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@

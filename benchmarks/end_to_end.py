@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import REPO, _tree_rss, lake_root, machine_info, table
+from lkg_pipeline.instance_storage import open_instance
 
 RESULT_FILE = REPO / "benchmarks" / "end_to_end.json"
 # `make run`'s variables (Makefile) for --quick: every stage on a 20-user sample, tiny model.
@@ -83,10 +84,10 @@ def make_run(
 
 def step_rows(home: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
     """Per Dagster step of the runs started during `run`: wall, peak RSS, reused assets."""
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import DagsterEventType
 
     rows = []
-    with DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         records = sorted(
             (
                 r

@@ -13,6 +13,7 @@ from lkg_pipeline.defs.evaluate import rankings, recommendations
 from lkg_pipeline.defs.llm import lora_adapter
 from lkg_pipeline.defs.resources import TORCH_POOL
 from lkg_pipeline.defs.retrieval import candidates, retriever
+from lkg_pipeline.instance_storage import open_instance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def test_the_training_and_ranking_steps_are_in_the_torch_pool() -> None:
 def project_instance(home: Path) -> dg.DagsterInstance:
     """An instance in `home` with the repository's dagster.yaml, as `make` sets one up."""
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    return dg.DagsterInstance.from_config(str(home))
+    return open_instance(home)
 
 
 def test_the_project_instance_limits_the_pool_to_one_step(tmp_path: Path) -> None:

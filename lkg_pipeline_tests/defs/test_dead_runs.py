@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from lkg_pipeline.instance_storage import open_instance
 from lkg_pipeline_tests.dagster_cli import MATERIALIZE, REPO, instance_env
 
 DATASET = ["--select", "group:ingest or group:prepare", "--partition", "ml-100k"]
@@ -30,7 +31,7 @@ def wait_for_step(home: Path, env: dict[str, str], timeout: float = 240) -> None
     """Until some run's retriever step has started (holding the torch pool's slot)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with dg.DagsterInstance.from_config(str(home)) as instance:
+        with open_instance(home) as instance:
             if instance.event_log_storage.get_concurrency_run_ids():
                 return
         time.sleep(1)
@@ -53,7 +54,7 @@ def test_a_killed_run_is_marked_failed_and_frees_its_slot(lake: Path, tmp_path: 
     try:
         wait_for_step(home, env)
         time.sleep(2)  # inside the step: training
-        with dg.DagsterInstance.from_config(str(home)) as instance:  # alive: said, not reaped
+        with open_instance(home) as instance:  # alive: said, not reaped
             [run] = instance.get_runs(filters=dg.RunsFilter(job_name="__ASSET_JOB"), limit=1)
         alive = subprocess.run(
             [sys.executable, "-m", "lkg_pipeline.defs.dead_runs"],
@@ -66,7 +67,7 @@ def test_a_killed_run_is_marked_failed_and_frees_its_slot(lake: Path, tmp_path: 
     finally:
         os.kill(victim.pid, signal.SIGKILL)  # what an OOM kill does
         victim.wait(timeout=30)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
         assert instance.event_log_storage.get_concurrency_run_ids() == {run.run_id}
 
@@ -76,7 +77,7 @@ def test_a_killed_run_is_marked_failed_and_frees_its_slot(lake: Path, tmp_path: 
     )  # fmt: skip
     assert reaped.returncode == 0, reaped.stderr
     assert f"dead run {run.run_id}" in reaped.stdout and "is gone" in reaped.stdout
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert not instance.event_log_storage.get_concurrency_run_ids()
 

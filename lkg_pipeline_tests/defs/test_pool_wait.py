@@ -1,6 +1,8 @@
-"""A step waiting for the `torch` pool's slot says who holds it, sleeps, and stops on SIGTERM."""
+"""Runs sharing an instance: a step waiting for the `torch` pool's slot says who holds it, sleeps
+and stops on SIGTERM; runs started together on a new instance do not race for its schema."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 
+from lkg_pipeline.instance_storage import open_instance
 from lkg_pipeline_tests.dagster_cli import REPO, instance_env
 
 HOLD = [sys.executable, "-m", "dagster", "asset", "materialize", "-m",
@@ -65,7 +68,7 @@ def test_a_blocked_step_names_the_holder_sleeps_and_stops_on_sigterm(tmp_path: P
     waiter = None
     try:
         holder_out.wait_for('STEP_START - Started execution of step "hold"', 120)
-        with dg.DagsterInstance.from_config(str(home)) as instance:
+        with open_instance(home) as instance:
             [slot] = instance.event_log_storage.get_concurrency_info("torch").claimed_slots
         waiter, waiter_out = start(hold_for(0), env)
         waiter_out.wait_for("hold waits for a slot of pool 'torch'", 120)
@@ -84,7 +87,7 @@ def test_a_blocked_step_names_the_holder_sleeps_and_stops_on_sigterm(tmp_path: P
 
         waiter.send_signal(signal.SIGTERM)
         assert waiter.wait(timeout=30) != 0
-        with dg.DagsterInstance.from_config(str(home)) as instance:
+        with open_instance(home) as instance:
             info = instance.event_log_storage.get_concurrency_info("torch")
             assert [s.run_id for s in info.claimed_slots] == [slot.run_id]  # untouched
             runs = instance.get_runs(limit=1)
@@ -94,3 +97,27 @@ def test_a_blocked_step_names_the_holder_sleeps_and_stops_on_sigterm(tmp_path: P
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
+
+
+def test_runs_started_together_on_a_hand_made_instance_both_succeed(tmp_path: Path) -> None:
+    """A new DAGSTER_HOME with only the project's dagster.yaml, never migrated: its first
+    users race to create the SQLite schema (Dagster's own storage failed in 4 of 4 tries of
+    six processes, 3 times leaving the instance unusable); the project's storage takes a lock."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    env = os.environ | {"DAGSTER_HOME": str(home), "LKG_DATA_LAKE": str(tmp_path / "lake")}
+    opened = "import dagster as dg; dg.DagsterInstance.get().get_runs(limit=1)"
+    openers = [
+        subprocess.Popen([sys.executable, "-c", opened], env=env, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    runs = [subprocess.Popen(hold_for(0), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    for process in openers + runs:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-2000:]
+    with open_instance(home) as instance:
+        finished = instance.get_runs()
+        assert [r.status for r in finished] == [dg.DagsterRunStatus.SUCCESS] * 2
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"  # Dagster's files
