@@ -35,6 +35,7 @@ from lkg_pipeline.core.ranking import (
     rank_prompts,
     trained_over,
 )
+from lkg_pipeline.core.segments import ATTENTION_PATHS, AttentionChoice, choose_attention
 from lkg_pipeline.core.storage import write_parquet_atomic
 
 
@@ -47,12 +48,14 @@ class RankJob:
     batch_size: int | None = None  # None: default_batch_size (1 on CPU, 16 on CUDA)
     dtype: str = "auto"  # core.precision
     what: str = "rankings"  # how progress lines name the work
+    attention: str = "auto"  # core.segments.choose_attention
 
 
 @dataclass(frozen=True)
 class RankOutcome:
     table: pl.DataFrame | None  # every prompt's ranking on the main process; None elsewhere
     dtype: DtypeChoice
+    attention: AttentionChoice
     retriever_prior: bool  # ranked by retriever log-prior + LLM (the adapter was trained so)
     processes: int
     device: str  # the main process's
@@ -84,14 +87,14 @@ def rank_file(job: RankJob, log: Callable[[str], None] | None = None) -> RankOut
     # "cpu" for every CPU process (torch names a distributed one's "cpu:0"); "cuda:i" per GPU
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     prompts = pl.read_parquet(job.prompts)
-    choice = choose_dtype(
-        job.dtype, device, model_gemm_shape(AutoConfig.from_pretrained(job.base_model))
-    )
+    config = AutoConfig.from_pretrained(job.base_model)
+    choice = choose_dtype(job.dtype, device, model_gemm_shape(config))
+    attention = choose_attention(job.attention, choice.torch_dtype, device, config, False)
     if state.num_processes > 1:  # `auto` measures: every share in the main process's choice
         from accelerate.utils import broadcast_object_list
 
-        choice = broadcast_object_list([choice])[0]
-    model = load_ranker(job.base_model, job.adapter, device, choice.torch_dtype)
+        choice, attention = broadcast_object_list([choice, attention])
+    model = load_ranker(job.base_model, job.adapter, device, choice.torch_dtype, attention.chosen)
     tokenizer = AutoTokenizer.from_pretrained(job.base_model)
     over = trained_over(job.adapter)
     with state.split_between_processes(list(range(prompts.height))) as mine:
@@ -114,6 +117,7 @@ def rank_file(job: RankJob, log: Callable[[str], None] | None = None) -> RankOut
     return RankOutcome(
         table=table,
         dtype=choice,
+        attention=attention,
         retriever_prior=over,
         processes=state.num_processes,
         device=device,
@@ -138,6 +142,7 @@ def outcome_metadata(outcome: RankOutcome) -> dict[str, Any]:
         "prompts_per_s": round(n / seconds, 2) if seconds > 0 else 0.0,
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
         **outcome.dtype.metadata(),
+        **outcome.attention.metadata(),
     }
 
 
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--what", default="rankings")
+    parser.add_argument("--attention", choices=ATTENTION_PATHS, default="auto")
     return parser
 
 
@@ -161,6 +167,7 @@ def script_args(job: RankJob) -> list[str]:
     if job.adapter is not None:
         args += ["--adapter", str(job.adapter)]
     args += ["--output", str(job.output), "--dtype", job.dtype, "--what", job.what]
+    args += ["--attention", job.attention]
     if job.batch_size is not None:
         args += ["--batch-size", str(job.batch_size)]
     return args

@@ -228,10 +228,11 @@ def load_ranker(
     adapter: Path | None,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
+    attention: str | None = None,
 ) -> Any:
     """The base model with the LoRA adapter (no adapter: the base model), in eval mode, with
-    the segments format's windowed attention (`segments.use_segment_attention`) and fused
-    RMSNorms (`llm.fuse_rms_norms`).
+    the segments format's windowed attention on the `attention` path
+    (`segments.use_segment_attention`) and fused RMSNorms (`llm.fuse_rms_norms`).
 
     In fp32 the adapter is merged (B·A folded into the weights once: no extra matmuls). In a
     lower precision merging would round it away (an update about 1e-3 of a weight's size is
@@ -245,7 +246,8 @@ def load_ranker(
     from lkg_pipeline.core.lowrank import fold_lora
     from lkg_pipeline.core.segments import use_segment_attention
 
-    model = use_segment_attention(AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype))
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    model = use_segment_attention(model, attention)
     fuse_rms_norms(model)
     if adapter is not None:
         from peft import PeftModel

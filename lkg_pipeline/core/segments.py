@@ -30,17 +30,22 @@ layout `segment_batch` adds take that path; every other call (letter prompts, ge
 transformers' own SDPA. Hand-written because no library offers attention over this block
 structure on CPU (FlexAttention's block-sparse kernels need CUDA or `torch.compile`).
 
-Each block runs on torch's SDPA kernel, except in bf16 on CPU (`grouped_attention_pays`):
-there the CPU flash kernel's backward is no faster than in fp32 and its forward slower than
-two bf16 GEMMs around one softmax, so ranking and training compute the block as such
-matmuls (`grouped_attention`), which autograd differentiates into bf16 GEMMs.
+Each block runs either on torch's SDPA kernel (`grouped_sdpa`) or as two GEMMs around one
+softmax (`grouped_attention`), which autograd differentiates into GEMMs of the same dtype.
+Which is faster depends on the machine: in bf16 the matmuls won on an AMD EPYC (no AMX) and
+lost by 25% on an Intel Xeon with AMX, whose flash kernel uses the tiles. So `choose_attention`
+decides as `precision.choose_dtype` does: with `auto` on a CPU it times one window of the
+model's own shape both ways (forward for ranking, forward and backward for training) and
+takes the faster, and the stages record the figures; `kernel` or `matmul` force a path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,15 @@ SEGMENT_ATTENTION = "lkg_segments_sdpa"  # the attention implementation `use_seg
 # until it holds this many. Smaller windows attend to fewer other segments' keys but run the
 # kernel on shorter blocks; measured on ml-100k prompts (README, Evaluation).
 WINDOW_TOKENS = 256
+AttentionPath = Literal["auto", "kernel", "matmul"]
+ATTENTION_PATHS: tuple[str, ...] = get_args(AttentionPath)
+PATH_ATTRIBUTE = "segment_attention_path"  # set on each attention layer by use_segment_attention
+# The window `choose_attention` times: an ml-100k prompt's (~330-token prefix, 20 segments of
+# ~35 tokens) first window of whole segments over the prefix and itself.
+PROBE_PREFIX, PROBE_QUERIES = 330, 245
+# The matmuls must beat the kernel by this much to be chosen: the kernel is fused and holds no
+# score matrix, so a near tie (fp32 training measured within 3%) keeps it.
+MIN_MATMUL_SPEEDUP = 1.1
 
 
 @dataclass(frozen=True)
@@ -192,7 +206,10 @@ def segment_attention(
     # key head (`enable_gqa`) instead of keys repeated per query head, so the windows' key
     # copies are a third the size. Bit-identical scores and the same speed end to end (16
     # ml-100k prompts, bf16, AMX, 2 threads: 0.374 vs 0.372 s), a smaller working set.
-    attend = grouped_attention if grouped_attention_pays(query) else grouped_sdpa
+    path = getattr(module, PATH_ATTRIBUTE, None)
+    if path is None:  # a model set up without a choice: the fixed rule
+        path = "matmul" if grouped_attention_pays(query) else "kernel"
+    attend = grouped_attention if path == "matmul" else grouped_sdpa
     windows = segment_windows.tolist()
     p = windows[0][0]
     batch, heads, width, _ = query.shape
@@ -290,18 +307,111 @@ def grouped_attention_pays(query: torch.Tensor) -> bool:
     return query.dtype == torch.bfloat16 and query.device.type == "cpu"
 
 
-def use_segment_attention(model: Any) -> Any:
+def use_segment_attention(model: Any, path: str | None = None) -> Any:
     """`model` (a Hugging Face model, before PEFT wraps it) computing attention with
-    `segment_attention`; registered once per process, with SDPA's mask builder for the calls
-    that carry no windows."""
+    `segment_attention`, its windows on `path` ("kernel" or "matmul"; None: bf16 on CPU as
+    matmuls, else the kernel); registered once per process, with SDPA's mask builder for the
+    calls that carry no windows."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
+    if path not in (None, "kernel", "matmul"):
+        raise ValueError(f"attention path {path!r}: 'kernel' or 'matmul' (or None)")
     if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
         AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
     model.set_attn_implementation(SEGMENT_ATTENTION)
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "o_proj"):  # an attention layer
+            setattr(module, PATH_ATTRIBUTE, path)
     return model
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The path the segment windows take, and the evidence it was chosen on."""
+
+    requested: str  # auto | kernel | matmul
+    chosen: str  # kernel | matmul
+    reason: str
+    kernel_ms: float | None = None  # one probe window (CPU `auto` only)
+    matmul_ms: float | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """Flat, JSON-ready: what the log and the materialisation metadata show."""
+        return {f"attention_{k}": v for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        return f"segment attention as {self.chosen} ({self.reason})"
+
+
+def choose_attention(
+    requested: str, dtype: torch.dtype, device: str, config: Any, backward: bool
+) -> AttentionChoice:
+    """The path for `requested` with a model of Hugging Face `config` in `dtype` on `device`;
+    `auto` times both on a CPU (cached per process), the kernel elsewhere."""
+    if requested not in ATTENTION_PATHS:
+        raise ValueError(f"unknown attention {requested!r}; choose one of {ATTENTION_PATHS}")
+    if requested != "auto":
+        return AttentionChoice(requested, requested, "requested")
+    if device != "cpu":
+        return AttentionChoice(requested, "kernel", f"{device}: the fused SDPA kernel")
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return _measured_attention(dtype, heads, kv_heads, head_dim, backward, torch.get_num_threads())
+
+
+def _probe(
+    attend: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    backward: bool,
+) -> float:
+    """Seconds of one call (and its backward), best of three after one untimed call."""
+    query, key, value, mask = inputs
+    best = float("inf")
+    for repeat in range(4):
+        q, k, v = (t.detach().requires_grad_(backward) for t in (query, key, value))
+        start = time.perf_counter()
+        out = attend(q, k, v, mask, 0.0, None)
+        if backward:
+            out.float().sum().backward()
+        if repeat:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_attention(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, backward: bool, threads: int
+) -> AttentionChoice:
+    generator = torch.Generator().manual_seed(0)
+    keys = PROBE_PREFIX + PROBE_QUERIES
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    query = tensor(1, heads, PROBE_QUERIES, head_dim)
+    key, value = tensor(1, kv_heads, keys, head_dim), tensor(1, kv_heads, keys, head_dim)
+    allowed = torch.ones(PROBE_QUERIES, keys, dtype=torch.bool)
+    allowed[:, PROBE_PREFIX:] = torch.ones(PROBE_QUERIES, PROBE_QUERIES, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, PROBE_QUERIES, keys, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    inputs = (query, key, value, mask)
+    # alternating rounds, best of each: the first calls also wake the thread pool
+    seconds = {"kernel": float("inf"), "matmul": float("inf")}
+    for _ in range(2):
+        seconds["kernel"] = min(seconds["kernel"], _probe(grouped_sdpa, inputs, backward))
+        seconds["matmul"] = min(seconds["matmul"], _probe(grouped_attention, inputs, backward))
+    speedup = seconds["kernel"] / seconds["matmul"]
+    chosen = "matmul" if speedup >= MIN_MATMUL_SPEEDUP else "kernel"
+    what = "forward and backward" if backward else "forward"
+    reason = (
+        f"measured one {PROBE_QUERIES}×{keys} window ({heads} heads, {str(dtype)[6:]}, {what}, "
+        f"{threads} threads): kernel {seconds['kernel'] * 1e3:.2f} ms, matmul "
+        f"{seconds['matmul'] * 1e3:.2f} ms (×{speedup:.2f}; matmul needs ×{MIN_MATMUL_SPEEDUP})"
+    )
+    return AttentionChoice("auto", chosen, reason, seconds["kernel"] * 1e3, seconds["matmul"] * 1e3)
 
 
 def decoder_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:

@@ -62,7 +62,10 @@ from lkg_pipeline.core.ranking import (
     tokenize_prompt,
 )
 from lkg_pipeline.core.segments import (
+    ATTENTION_PATHS,
+    AttentionChoice,
     answer_token_ids,
+    choose_attention,
     segment_batch,
     segment_scores,
     tokenize_segments,
@@ -117,6 +120,8 @@ class TrainConfig:
     # What the frozen base computes in (core.precision): auto = bf16 where it measures faster.
     # LoRA weights and the optimiser stay fp32 in every case.
     dtype: str = "auto"
+    # The path of the segment windows (core.segments.choose_attention): auto times both.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -141,6 +146,8 @@ class TrainConfig:
             raise ValueError("retriever_prior needs loss 'letters' (a score per candidate)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"unknown attention {self.attention!r}; one of {ATTENTION_PATHS}")
 
 
 @dataclass(frozen=True)
@@ -728,6 +735,7 @@ def _prepare_run(
     paths: RunPaths,
     accelerator: Accelerator,
     dtype: DtypeChoice,
+    attention: str,
     on_log: Callable[[dict[str, Any]], None] | None,
     started: float,
 ) -> tuple[Run, list[list[int]], tuple[int, int]]:
@@ -740,7 +748,7 @@ def _prepare_run(
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(paths.base_model)
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype.torch_dtype)
-    use_segment_attention(base)  # the segments format's windowed attention, as ranking
+    use_segment_attention(base, attention)  # the segments format's windowed attention
     fuse_rms_norms(base)  # torch's rms_norm for transformers', as ranking
     base.config.use_cache = False
     position_limit = max_positions(base)
@@ -780,6 +788,7 @@ def _summary(
     state: RunState,
     identity: dict[str, Any],
     dtype: DtypeChoice,
+    attention: AttentionChoice,
     letter_ids: list[list[int]],
     counts: tuple[int, int],
 ) -> dict[str, Any]:
@@ -801,7 +810,7 @@ def _summary(
         "adapted_layers": layers_described(accelerator.unwrap_model(run.model)),
         "num_processes": accelerator.num_processes,
         "mixed_precision": str(accelerator.mixed_precision),
-        "precision": dtype.metadata(),
+        "precision": dtype.metadata() | attention.metadata(),
         "versions": library_versions(
             ("lkg_pipeline", "torch", "transformers", "peft", "accelerate")
         ),
@@ -836,13 +845,17 @@ def training_function(
 
     started = time.perf_counter()
     accelerator = accelerator if accelerator is not None else make_accelerator(config)
-    shape = model_gemm_shape(AutoConfig.from_pretrained(paths.base_model))
-    dtype = choose_dtype(config.dtype, accelerator.device.type, shape)
+    model_config = AutoConfig.from_pretrained(paths.base_model)
+    dtype = choose_dtype(config.dtype, accelerator.device.type, model_gemm_shape(model_config))
     accelerator.print(dtype.describe())
+    attention = choose_attention(
+        config.attention, dtype.torch_dtype, accelerator.device.type, model_config, True
+    )
+    accelerator.print(attention.describe())
     identity = _identity(config, paths, dtype)
     latest = _prepare_partial(accelerator, paths, identity, resume, restart_other_run)
     run, letter_ids, (n_trainable, n_total) = _prepare_run(
-        config, paths, accelerator, dtype, on_log, started
+        config, paths, accelerator, dtype, attention.chosen, on_log, started
     )
 
     state = RunState()
@@ -876,7 +889,7 @@ def training_function(
     best = run.best
     assert best is not None, f"{run.best_dir} holds no adapter: no validation ran"
     finished = state.step >= run.total_steps
-    summary = _summary(run, state, identity, dtype, letter_ids, (n_trainable, n_total))
+    summary = _summary(run, state, identity, dtype, attention, letter_ids, (n_trainable, n_total))
     if accelerator.is_main_process:
         _publish(run.best_dir, paths.output, summary)
         if finished:  # nothing left to resume
@@ -944,8 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         options = _field_parser(hints[f.name])
         choices = (
-            {"choices": {"loss": LOSSES, "dtype": DTYPES}[f.name]}
-            if f.name in ("loss", "dtype")
+            {"choices": {"loss": LOSSES, "dtype": DTYPES, "attention": ATTENTION_PATHS}[f.name]}
+            if f.name in ("loss", "dtype", "attention")
             else {}
         )
         parser.add_argument(

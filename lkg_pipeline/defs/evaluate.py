@@ -61,6 +61,7 @@ from lkg_pipeline.core.recommend import (
     prompts_as_trained,
     recommendation_table,
 )
+from lkg_pipeline.core.segments import choose_attention
 from lkg_pipeline.core.seqrec import load_retriever
 from lkg_pipeline.core.serving import (
     LTR,
@@ -144,6 +145,7 @@ def launch_ranking(
     adapter: Path | None,
     batch_size: int | None,
     dtype: str,
+    attention: str = "auto",
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """`prompts` ranked by `core.rank_llm` under `accelerate launch` (its processes share the
     prompts; progress streams into this run's log through Pipes), and how it ran."""
@@ -156,9 +158,12 @@ def launch_ranking(
         # the same process must repeat them).
         from transformers import AutoConfig
 
-        base = current_base_model(lake)
-        choice = choose_dtype("auto", "cpu", model_gemm_shape(AutoConfig.from_pretrained(base)))
+        model_config = AutoConfig.from_pretrained(current_base_model(lake))
+        choice = choose_dtype("auto", "cpu", model_gemm_shape(model_config))
         dtype, chosen = choice.chosen, choice.metadata()
+        if attention == "auto":  # the same for the path of the segment windows
+            path = choose_attention("auto", choice.torch_dtype, "cpu", model_config, False)
+            attention, chosen = path.chosen, chosen | path.metadata()
     scratch = scratch_dir(lake)
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
@@ -172,6 +177,7 @@ def launch_ranking(
             batch_size=batch_size,
             dtype=dtype,
             what=f"{context.asset_key.to_user_string()} {context.partition_key}",
+            attention=attention,
         )
         command = [*launch.launcher(), "-m", "lkg_pipeline.core.rank_llm", *script_args(job)]
         context.log.info(" ".join(command))
@@ -190,6 +196,8 @@ class RankingRunConfig(Recomputable, AccelerateLaunch):
     batch_size: int | None = None  # prompts per forward (by length); None: 1 on CPU, 16 on GPU
     use_adapter: bool = True  # False: rank with the base model (zero-shot)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.precision: bf16 if faster
+    # the path of the segment windows: auto times both at start-up (core.segments)
+    attention: Literal["auto", "kernel", "matmul"] = "auto"
 
 
 @dg.asset(
@@ -248,6 +256,7 @@ def rankings(
         adapter,
         config.batch_size,
         config.dtype,
+        config.attention,
     )
     summary = []
     for split, rows in table.group_by("split", maintain_order=True):
@@ -612,6 +621,7 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
     batch_size: int | None = None  # as in rankings
     use_adapter: bool = True
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # as in rankings
+    attention: Literal["auto", "kernel", "matmul"] = "auto"  # as in rankings
 
 
 def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]:
@@ -729,6 +739,7 @@ def recommendations(
             adapter,
             config.batch_size,
             config.dtype,
+            config.attention,
         )
         if plan["fusion"] is not None:
             fusion = plan["fusion"]

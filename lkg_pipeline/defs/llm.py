@@ -327,6 +327,7 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     max_steps: int | None = TrainConfig.max_steps
     # core.precision: bf16 where it measures faster
     dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
+    attention: Literal["auto", "kernel", "matmul"] = "auto"  # core.segments: auto measures
     resume: bool = True  # continue an interrupted run from its last checkpoint
 
     def to_core(self) -> TrainConfig:

@@ -23,7 +23,9 @@ from lkg_pipeline.core.prompts import (
 )
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts, score_prompts, trained_over
 from lkg_pipeline.core.segments import (
+    MIN_MATMUL_SPEEDUP,
     answer_token_ids,
+    choose_attention,
     grouped_attention,
     grouped_attention_pays,
     grouped_sdpa,
@@ -207,6 +209,48 @@ def test_grouped_attention_serves_bf16_on_cpu() -> None:
     assert not grouped_attention_pays(query(torch.float32, True))  # fp32: the kernel
     assert not grouped_attention_pays(query(torch.float32, False))
     assert not grouped_attention_pays(query(torch.float16, True))  # not measured
+
+
+def test_the_attention_path_is_measured_on_cpu_and_forced_by_name(tiny) -> None:
+    import copy
+    from unittest import mock
+
+    from transformers import AutoConfig
+
+    import lkg_pipeline.core.segments as segments
+
+    model, tokenizer = tiny
+    config = model.config
+    smol = AutoConfig.for_model("llama", num_attention_heads=9, num_key_value_heads=3,
+                                hidden_size=576)  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16):
+        for backward in (False, True):
+            choice = choose_attention("auto", dtype, "cpu", smol, backward)
+            assert choice.kernel_ms > 0 and choice.matmul_ms > 0
+            faster = choice.kernel_ms / choice.matmul_ms >= MIN_MATMUL_SPEEDUP
+            assert choice.chosen == ("matmul" if faster else "kernel"), choice
+            assert "kernel" in choice.reason and choice.metadata()["attention_chosen"]
+    assert choose_attention("matmul", torch.float32, "cpu", config, False).chosen == "matmul"
+    assert choose_attention("auto", torch.bfloat16, "cuda:0", config, True).chosen == "kernel"
+    with pytest.raises(ValueError, match="unknown attention"):
+        choose_attention("flash", torch.float32, "cpu", config, False)
+
+    # the chosen path is the one the windows take, and both score alike
+    parts = [segment(f"film {i}") for i in range(6)]
+    batch = segment_batch([tokenize_segments(tokenizer, PREFIX, parts)], 0)
+    answers = answer_token_ids(tokenizer, parts[0])
+    scores = {}
+    for path in ("kernel", "matmul"):
+        windowed = segments.use_segment_attention(copy.deepcopy(model), path)
+        with (
+            mock.patch.object(segments, "grouped_attention", wraps=grouped_attention) as matmul,
+            torch.no_grad(),
+        ):
+            scores[path] = segment_scores(windowed, batch, answers)
+        assert matmul.called == (path == "matmul")
+    torch.testing.assert_close(scores["kernel"], scores["matmul"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="attention path"):
+        segments.use_segment_attention(model, "auto")
 
 
 def test_segments_render_each_candidate_with_its_own_relations() -> None:
