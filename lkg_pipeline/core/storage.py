@@ -1,7 +1,13 @@
-"""Writes that are either complete or absent: a crash never leaves half a file behind."""
+"""Writes that are either complete or absent: a crash never leaves half a file behind.
+
+Every temporary file or folder sits beside its target as `.<name>.<pid>.…`, so that the next
+write of the same target can tell the leftovers of a process that was killed (SIGKILL, OOM,
+power cut: no `finally` runs) from those of a live writer, and clear them (`sweep_stale`).
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -12,6 +18,41 @@ import polars as pl
 import pyarrow.parquet as pq
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove the temporaries of `target` left by writers that died, and put back a published
+    folder that a killed `replace_dir_atomically` had moved aside for its swap; the removed
+    paths. A reused pid only keeps a leftover longer."""
+    prefix = f".{target.name}."
+    removed = []
+    for sibling in sorted(target.parent.glob(glob.escape(prefix) + "*")):
+        pid = sibling.name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        moved_aside = sibling / target.name
+        if ".old." in sibling.name and moved_aside.exists() and not target.exists():
+            os.replace(moved_aside, target)
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
 def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Call `write` on a temporary path beside `target`, then rename it over `target`.
 
@@ -19,7 +60,8 @@ def replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
     file or the new one, and a failure in `write` leaves the old one untouched.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    sweep_stale(target)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -45,10 +87,12 @@ def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
     A folder cannot be renamed over a non-empty one, so the old folder is first moved aside and
     deleted only after the new one is in place: at every instant `target` is either the old
-    complete folder or the new complete one (or, for a moment, absent; never half-written).
+    complete folder or the new complete one (or, for a moment, absent; never half-written; a
+    writer killed in that moment leaves the old one aside, and the next write puts it back).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    sweep_stale(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target)))
     try:
         write(staging)
         staging.chmod(0o755)
@@ -56,7 +100,7 @@ def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
             path.chmod(0o755 if path.is_dir() else 0o644)
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target) + "old."))
             os.replace(target, old / target.name)
         os.replace(staging, target)
         if old is not None:
