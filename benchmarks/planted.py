@@ -86,6 +86,10 @@ LINKED = ("models/base_model",)
 KG_STAGES = "kg_triples,kg_paths,preference_model,selected_paths"
 LLM_STAGES = "prompts,lora_adapter,rankings"
 TEST_ONLY = {"ops": {"rankings": {"config": {"splits": ["test"]}}}}
+# Arms besides the default run of a condition: the swap control, and three times the default
+# training budget (160 train prompts: LoraRunConfig) to see how far more training goes.
+SWAP, BIGGER = "swap", "x3"
+BIGGER_BUDGET = {"lora_adapter": {"config": {"max_train_examples": 480}}}
 PAGE = REPO / "benchmarks" / "PLANTED.md"
 FIGURE = REPO / "benchmarks" / "planted_curve.png"
 
@@ -347,6 +351,37 @@ def cue_shares(lake: Path, variant: str) -> dict[str, Any]:
     }
 
 
+CASES = ("on the true item only", "on the true item and others", "on others only", "nowhere")
+
+
+def cue_cases(lake: Path, variant: str) -> pl.DataFrame:
+    """(example_id, case) of each test prompt: where the cue shows (CASES)."""
+    prompts = pl.read_parquet(prompts_file(lake, variant)).filter(
+        (pl.col("split") == "test") & (pl.col("target_index") >= 0)
+    )
+    rows = []
+    for example, segments, target in prompts.select(
+        "example_id", "segments", "target_index"
+    ).iter_rows():
+        shows = [CUE in segment for segment in segments]
+        others = sum(shows) - shows[target]
+        case = (2 if others else 3) if not shows[target] else (1 if others else 0)
+        rows.append((example, CASES[case]))
+    return pl.DataFrame(rows, schema={"example_id": pl.Int64, "case": pl.String}, orient="row")
+
+
+def by_case(rankings: pl.DataFrame, cases: pl.DataFrame) -> list[dict[str, Any]]:
+    """Share ranked first and mean rank of the true item, per place of the cue."""
+    joined = rankings.join(cases, on="example_id").group_by("case")
+    table = joined.agg(
+        prompts=pl.len(),
+        first=(pl.col("target_rank") == 1).mean(),
+        mean_rank=pl.col("target_rank").mean(),
+    )
+    order = {case: i for i, case in enumerate(CASES)}
+    return sorted(table.to_dicts(), key=lambda row: order[row["case"]])
+
+
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     while True:
         order = rng.permutation(n)
@@ -382,17 +417,20 @@ def swapped_prompts(file: Path, seed: int = SEED) -> Any:
 
 
 def run_condition(
-    root: Path, lake: Path, variant: str, name: str, log: Path, swap: bool = False
+    root: Path, lake: Path, variant: str, name: str, log: Path, arm: str = ""
 ) -> None:
-    """Prompts → adapter → test rankings of `variant` on `lake`, kept as results/<name>."""
+    """Prompts → adapter → test rankings of `variant` on `lake`, kept as results/<name>;
+    `arm` SWAP ranks the same adapter on swapped prompts, BIGGER trains on more prompts."""
     out = results_dir(root) / f"{name}.parquet"
     if out.exists():
         return
     start = time.time()
     partition = f"{DATASET}|{variant}"
+    swap = arm == SWAP
     if not swap:
-        materialize(root, lake, LLM_STAGES, partition, TEST_ONLY, log)
-        if variant != REFERENCE_VARIANT:
+        config = TEST_ONLY if arm != BIGGER else {"ops": TEST_ONLY["ops"] | BIGGER_BUDGET}
+        materialize(root, lake, LLM_STAGES, partition, config, log)
+        if variant != REFERENCE_VARIANT and not arm:
             save_json(results_dir(root) / f"{name}.cues.json", cue_shares(lake, variant))
     else:
         original = prompts_file(lake, variant)
@@ -445,11 +483,13 @@ def run_all(lake: Path, doses: Sequence[float], variants: Sequence[str]) -> None
         target = ready(dose)
         run_condition(root, target, first, f"p{dose:g}_{first}", log)
         if dose == strongest:
-            run_condition(root, target, first, f"p{dose:g}_{first}_swap", log, swap=True)
+            run_condition(root, target, first, f"p{dose:g}_{first}_{SWAP}", log, SWAP)
         if i == min(1, len(ordered) - 1):
             run_condition(root, lake_of(root, strongest), REFERENCE_VARIANT, REFERENCE_VARIANT, log)
     for variant in others:
         run_condition(root, ready(strongest), variant, f"p{strongest:g}_{variant}", log)
+    target = ready(strongest)
+    run_condition(root, target, first, f"p{strongest:g}_{first}_{BIGGER}", log, BIGGER)
 
 
 def prompt_digest(lake: Path, variant: str) -> str:
@@ -480,17 +520,17 @@ def read_json(path: Path) -> Any:
 
 
 def conditions(root: Path) -> list[dict[str, Any]]:
-    """Every finished condition: (name, dose, variant, swap, rankings)."""
+    """Every finished condition: (name, dose, variant, arm, rankings)."""
     found = []
     for file in sorted(results_dir(root).glob("*.parquet")):
         name = file.stem
         if name == REFERENCE_VARIANT:
-            found.append({"name": name, "dose": None, "variant": name, "swap": False})
+            found.append({"name": name, "dose": None, "variant": name, "arm": ""})
             continue
         dose_part, rest = name.split("_", 1)
-        swap = rest.endswith("_swap")
-        variant = rest.removesuffix("_swap")
-        found.append({"name": name, "dose": float(dose_part[1:]), "variant": variant, "swap": swap})
+        arm = next((a for a in (SWAP, BIGGER) if rest.endswith(f"_{a}")), "")
+        variant = rest.removesuffix(f"_{arm}") if arm else rest
+        found.append({"name": name, "dose": float(dose_part[1:]), "variant": variant, "arm": arm})
     for row in found:
         row["rankings"] = pl.read_parquet(results_dir(root) / f"{row['name']}.parquet")
     return found
@@ -555,19 +595,20 @@ def report(lake: Path) -> dict[str, Any]:
                 "condition": row["name"],
                 "dose": dose,
                 "variant": row["variant"],
-                "swap": row["swap"],
+                "arm": row["arm"],
                 "metrics": metrics,
                 "planted_target_first": planted_first(root, dose, row["rankings"])
                 if dose is not None
                 else None,
-                "cues": read_json(
-                    results_dir(root) / f"{row['name'].removesuffix('_swap')}.cues.json"
-                )
+                "cues": read_json(results_dir(root) / f"p{dose:g}_{row['variant']}.cues.json")
                 if row["variant"] != REFERENCE_VARIANT
                 else None,
                 "seconds": (read_json(results_dir(root) / f"{row['name']}.time.json") or {}).get(
                     "seconds"
                 ),
+                "by_cue": by_case(row["rankings"], cue_cases(lake_of(root, dose), row["variant"]))
+                if dose is not None and lake_of(root, dose).exists()
+                else None,
             }
         )
     doses = sorted({r["dose"] for r in rows if r["dose"] is not None}, reverse=True)
@@ -602,7 +643,7 @@ def detection_floor(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     floors: dict[str, float | None] = {}
     for variant in KG_VARIANTS:
         runs = sorted(
-            (r for r in rows if r["variant"] == variant and not r["swap"] and r["dose"]),
+            (r for r in rows if r["variant"] == variant and not r["arm"] and r["dose"]),
             key=lambda r: -r["dose"],
         )
         floor = None
@@ -622,7 +663,7 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
         key = f"{population} NDCG@10"
         for variant, marker in (("lkg_rag", "o-"), ("kg_rag", "s-")):
             runs = sorted(
-                (r for r in rows if r["variant"] == variant and not r["swap"]),
+                (r for r in rows if r["variant"] == variant and not r["arm"]),
                 key=lambda r: r["dose"],
             )
             if runs:
@@ -631,9 +672,10 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
                 low = [r["metrics"][key]["value"] - r["metrics"][key]["ci"][0] for r in runs]
                 high = [r["metrics"][key]["ci"][1] - r["metrics"][key]["value"] for r in runs]
                 ax.errorbar(x, y, yerr=[low, high], fmt=marker, label=variant, capsize=3)
-            swaps = [r for r in rows if r["variant"] == variant and r["swap"]]
-            for r in swaps:
-                ax.plot(r["dose"], r["metrics"][key]["value"], "x", ms=9, label=f"{variant}, swap")
+            for r in (r for r in rows if r["variant"] == variant and r["arm"]):
+                marker = "x" if r["arm"] == SWAP else "*"
+                label = f"{variant}, {'swap' if r['arm'] == SWAP else '3× training'}"
+                ax.plot(r["dose"], r["metrics"][key]["value"], marker, ms=9, label=label)
         any_row = next((r for r in rows), None)
         if any_row:
             base = any_row["metrics"][key].get("vs retriever", {}).get("baseline")
@@ -658,11 +700,11 @@ def page(section: dict[str, Any]) -> str:
     rows = []
     for r in sorted(
         section["conditions"],
-        key=lambda r: (r["variant"], r["swap"], -(r["dose"] if r["dose"] is not None else 9)),
+        key=lambda r: (r["variant"], r["arm"], -(r["dose"] if r["dose"] is not None else 9)),
     ):
         m = r["metrics"]
         cells = {
-            "variant": r["variant"] + (" (swap)" if r["swap"] else ""),
+            "variant": r["variant"] + (f" ({r['arm']})" if r["arm"] else ""),
             "dose": "–" if r["dose"] is None else f"{r['dose']:g}",
         }
         for key in ("subset NDCG@10", "overall NDCG@10", "overall MRR@1"):
@@ -679,8 +721,27 @@ def page(section: dict[str, Any]) -> str:
         cells["cue per other candidate"] = _fmt(cues.get("cue_per_other_candidate"), 3)
         rows.append(cells)
     weights = [
-        {"dose": dose, **{k: v for k, v in (w or {}).items()}}
+        {
+            "dose": dose,
+            **{
+                k: round(v, 3) if isinstance(v, float) else v
+                for k, v in (w or {}).items()
+                if k != "llamarec_prompts_sha256"
+            },
+        }
         for dose, w in section["preference"].items()
+    ]
+    cases = [
+        {
+            "condition": r["condition"],
+            "cue": c["case"],
+            "prompts": c["prompts"],
+            "true item first": f"{c['first']:.3f}",
+            "its mean rank": f"{c['mean_rank']:.2f}",
+        }
+        for r in section["conditions"]
+        if r["by_cue"] and r["arm"] != SWAP and r["dose"]
+        for c in r["by_cue"]
     ]
     machine = section["machine"]
     return "\n".join(
@@ -701,6 +762,15 @@ def page(section: dict[str, Any]) -> str:
             "",
             "Detection floor (weakest dose whose overall NDCG@10 beats the retriever at p < 0.05, "
             f"every stronger dose too): {section['detection_floor']}.",
+            "",
+            "## By where the cue shows in the test prompt",
+            "",
+            "The studio is item metadata: a link planted for one example also shows in every "
+            "prompt whose history holds one of its films and whose candidates the other, and "
+            "the prompt shows one relation line per history item. So the cue sits on the true "
+            "item alone, on it and on other candidates, or (lost to selection) elsewhere only.",
+            "",
+            table(cases) if cases else "–",
             "",
             "## The preference module's weight on the planted path type",
             "",
