@@ -50,10 +50,9 @@ ANSWER_CUE = "Answer:"
 FORMATS = ("letters", "segments")
 # What ends each candidate's segment, before the " Yes"/" No" read there ({noun} and {verb}
 # are filled in). The instruction in the prefix already asks the question, so the segments
-# end in the cue alone: 17% fewer tokens on ml-100k (1,034 → 854 a prompt) for every LLM
-# stage, and no measurable loss (issue 19, 2026-12-02: the pipeline's default adapter
-# recipe trained on each; val subset NDCG@10 0.277 with the question, 0.268 without,
-# paired p = 0.61; MRR@1 0.095 vs 0.076, p = 0.29).
+# end in the cue alone: a repeated question would lengthen every prompt of every LLM stage by
+# about a fifth and tells the model nothing the prefix has not (`segment_question` in the
+# `prompts` run configuration sets one, e.g. LEGACY_SEGMENT_QUESTION).
 SEGMENT_QUESTION = ANSWER_CUE
 # What every prompts file made before the question became a setting ended its segments in:
 # `PromptSettings.from_dict` reads a missing setting as this, so `recommendations` renders

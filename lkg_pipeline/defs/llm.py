@@ -271,8 +271,8 @@ class AccelerateLaunch(dg.Config):
 
 class LoraRunConfig(Recomputable, AccelerateLaunch):
     """`TrainConfig` plus how to launch it. The paper trains LoRA r=8 on q/v at lr 1e-4 for
-    thousands of steps; at a CPU budget of 20 steps that learns nothing (issue 15), so the
-    defaults here are the short-run recipe `make quality` measured (benchmarks/QUALITY.md):
+    thousands of steps; at a CPU budget of 20 steps that recipe learns nothing, so the
+    defaults here are the short-run recipe `make quality` trains (benchmarks/QUALITY.md):
     LoRA r=16 on every linear layer at lr 5e-4 with a short warm-up, in the top 10 decoder
     layers only (`make bench-lora-layers`: ×2.5 faster, validation no worse)."""
 
@@ -290,17 +290,18 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
 
     lora_r: int = 16
     lora_alpha: int = TrainConfig.lora_alpha
-    # Dropout on the LoRA input costs a quarter of a training step on CPU (bf16, 2 cores: 198
-    # → 259 tokens/s without it, /tmp probe of 2026-12-01, README) and regularises nothing in
-    # a single pass over a few hundred prompts.
+    # Dropout on the LoRA input slows every CPU training step (drawing its masks costs more
+    # than the LoRA projections they feed; `make bench-dtype` times training with and without
+    # it, benchmarks/README.md) and regularises nothing in a single pass over a few hundred
+    # prompts.
     lora_dropout: float = 0.0
     target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]  # fmt: skip
-    # LoRA in the top 10 of SmolLM2's 30 layers: backward stops there. A/B on ml-100k, 160
-    # prompts, 300 val prompts, Intel Xeon with AMX, 2026-12-03 (README): every layer 357
-    # tokens/s, val NDCG@10 0.270; top 15: 636, 0.293; top 10: 909, 0.285; top 5: 1,341, 0.274.
-    # A model with 10 layers or fewer gets LoRA in all of them.
+    # LoRA in the top 10 of SmolLM2's 30 layers: backward stops at the lowest adapted layer,
+    # so training is about 2.5 times as fast as with every layer, at no measurable cost on
+    # validation (`make bench-lora-layers`, benchmarks/README.md). A model with 10 layers or
+    # fewer gets LoRA in all of them.
     lora_layers: int | None = 10
     lr: float = 5e-4
     # The paper warms up over 100 steps of a far longer run; at the CPU budget below (20
@@ -309,9 +310,9 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     epochs: int = TrainConfig.epochs
     batch_size: int = TrainConfig.batch_size
     grad_accum: int = TrainConfig.grad_accum
-    # ~1 s per ~850-token segments prompt (forward + backward, bf16, LoRA in the top 10
-    # layers, Intel Xeon with AMX, 2026-12-03) and ~0.3 s per validation prompt: 160 + 2 × 50
-    # keep the LoRA stage near 3.5 minutes on 2 CPU cores; None trains on every example.
+    # The CPU budget: 160 training prompts and 2 validations of 50 keep this stage to a few
+    # minutes on 2 CPU cores (`make bench-e2e`, benchmarks/README.md); None trains on every
+    # example, as on a GPU (docs/scaling.md).
     max_train_examples: int | None = 160
     max_val_examples: int | None = 50
     eval_every: int = TrainConfig.eval_every
@@ -322,7 +323,8 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     log_every: int = TrainConfig.log_every
     loss: Literal["letters", "lm"] = TrainConfig.loss
     seed: int = TrainConfig.seed
-    # Learn the LLM's scores on top of the retriever's (issue 15; README "Does the LLM help?")
+    # Learn the LLM's scores as a correction on top of the retriever's (docs/stages.md); off
+    # by default: it has not beaten the retriever on validation.
     retriever_prior: bool = TrainConfig.retriever_prior
     max_steps: int | None = TrainConfig.max_steps
     # core.precision: bf16 where it measures faster
