@@ -41,8 +41,9 @@ config = $(if $(1),--config-json '$(1)')
 
 ## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
 ## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
-## On 2 CPU cores: ~15 minutes cold (Intel Xeon with AMX), under 2 when nothing changed (README).
-## Re-running it when nothing changed reuses the expensive stages' outputs (README: re-running).
+## On 2 cores of an AMD EPYC: ~18 minutes cold, under 2 when nothing changed, as re-running it
+## then reuses the expensive stages' outputs (benchmarks/README.md#end-to-end;
+## docs/operations.md#reuse-re-running-when-nothing-changed).
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(REAP)
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION) $(call config,$(DATASET_CONFIG))
@@ -74,9 +75,8 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 ## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
 ## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
 ## resumes from data_lake/quality/; benchmarks/QUALITY.md; three LoRA trainings of 800 prompts
-## and nine rankings of the 565 val/test subset prompts: 2026-12-03 on 2 cores of an Intel Xeon
-## with AMX, 20-29 min per training and 3-8 min per ranking, 1 h 40 min to 2 h 15 min in all
-## as the machine's speed varied that day).
+## and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel Xeon
+## with AMX).
 quality: venv
 	$(BIN)/python -m benchmarks.quality
 

@@ -1,6 +1,6 @@
 """`make run` end to end: from an empty data lake, then again with nothing changed.
 
-    python -m benchmarks.end_to_end            # the real main command, ~50 min on 2 CPU cores
+    python -m benchmarks.end_to_end            # the real main command, ~20 min on 2 CPU cores
     python -m benchmarks.end_to_end --quick    # 20 users, tiny-random model, ~2 min
 
 Runs the README's main command (`make run`) twice against a fresh data lake and Dagster
@@ -9,8 +9,7 @@ Dagster step, its wall time (STEP_START → STEP_SUCCESS in the instance's event
 RSS of the whole process tree while it ran (CLI, any step worker, `accelerate launch` and its
 children, sampled every `--interval` seconds) and which assets reused their previous outputs
 (`reused_from` in the materialisation's metadata). Not part of `make bench`: the cold run alone
-is most of an hour; the figures it writes to `benchmarks/end_to_end.json` appear in
-RESULTS.md.
+takes ~20 min; the figures it writes to `benchmarks/end_to_end.json` appear in RESULTS.md.
 """
 
 from __future__ import annotations

@@ -2,17 +2,17 @@
 
     python -m benchmarks.frozen_probe --prompts PROMPTS.parquet   # ~30 min on 2 CPU cores
 
-Issue 15's fine-tuning runs see a few hundred prompts; a probe sees thousands for the cost of
-one forward pass each. The base model (bf16, the ranker's own windowed segments attention)
-reads every prompt once; the hidden state at each candidate's segment end, after a third and
-two thirds of the layers and after the final norm, is cached (`data_lake/quality/
-frozen_probe/`). Then small heads (linear or one hidden layer of 64, on one depth or all
-three, standardised features) are trained by softmax cross-entropy over the 20 candidates,
-alone or on top of the retriever's log-prior, on every train prompt or only those whose true
-item the retriever put in its top 20 itself (the others had it put in by hand, as the last
-candidate by the retriever's score). Every head is scored on the val subset, alone and fused
-with the retriever (λ on val, core.fusion); the best fused one on val, and only it, is then
-scored on test against the retriever (paired randomisation test over the 943 users, three
+The fine-tuning runs (`lora_adapter`, `make quality`) see a few hundred prompts; a probe sees
+thousands for the cost of one forward pass each. The base model (bf16, the ranker's own windowed
+segments attention) reads every prompt once; the hidden state at each candidate's segment end,
+after a third and two thirds of the layers and after the final norm, is cached
+(`data_lake/quality/frozen_probe/`). Then small heads (linear or one hidden layer of 64, on one
+depth or all three, standardised features) are trained by softmax cross-entropy over the 20
+candidates, alone or on top of the retriever's log-prior, on every train prompt or only those
+whose true item the retriever put in its top 20 itself (the others had it put in by hand, as the
+last candidate by the retriever's score). Every head is scored on the val subset, alone and
+fused with the retriever (λ on val, core.fusion); the best fused one on val, and only it, is
+then scored on test against the retriever (paired randomisation test over the 943 users, three
 training seeds).
 
 PROMPTS: a segments-format prompts file with many train rows, e.g. `prompts` after

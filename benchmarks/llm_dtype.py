@@ -10,7 +10,7 @@ ceilings of the model's own shapes, ranking prompts/s on the real ml-100k test p
 true item is a candidate, LoRA training tokens/s (a few optimizer steps of the pipeline's
 recipe), and the quality guard: subset NDCG@10 of each dtype's rankings and the share of
 prompts whose top candidate agrees. Then the ablation (`--ablation-prompts`, default 12): what
-each bf16 change of issue 19 buys, the configurations taking turns on the same prompts.
+each bf16 technique of the LLM stages buys, the configurations taking turns on the same prompts.
 Prompts and adapter: `make quality`'s for the row where it ran, else the pipeline's own
 (`make run`). Writes the `llm_dtype` section of benchmarks/results.json.
 """
@@ -236,9 +236,9 @@ def attention_over_fp32_scores(
     scaling: float | None,
     causal: bool = False,
 ) -> torch.Tensor:
-    """`segments.grouped_attention` as it was first (2026-12-04 morning), kept for the
-    ablation: the bf16 scores copied to fp32, then scaled, masked, soft-maxed and cast back
-    in five passes over the score matrix where the pipeline's version makes two."""
+    """`segments.grouped_attention`'s first version, kept for the ablation: the bf16 scores
+    copied to fp32, then scaled, masked, soft-maxed and cast back in five passes over the
+    score matrix where the pipeline's version makes two."""
     batch, heads, n_queries, dim = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -325,8 +325,8 @@ def run(
         }
         print(f"{dtype}: {section[dtype]}", flush=True)
         del model
-    # the recipe in each dtype, then bf16 without LoRA dropout (the pipeline's default since
-    # this measured it: dropout's mask and multiply cost a quarter of a CPU training step),
+    # the recipe in each dtype, then bf16 without LoRA dropout (the pipeline's default, as
+    # dropout's mask and multiply cost a quarter of a CPU training step),
     # then the pipeline's own recipe (`lora_adapter`'s defaults: no dropout, LoRA in the top
     # layers only) in each dtype
     pipeline = pipeline_recipe()

@@ -367,10 +367,9 @@ def score_row(lake: Path, row: Row, adapter: Path | None, dtype: str = "auto") -
     return ranked
 
 
-# The recipe the tuned rows ran with on 2026-12-01 (QUALITY.md of that day; the README's
-# "Does the LLM help?"): LoRA on every linear layer in all 30 decoder layers, dropout 0.05,
-# stopped after 40 of a 60-step schedule. `make bench-dtype` still measures training speed
-# with it, so that its ratios stay comparable from run to run.
+# The every-layer recipe: LoRA on every linear layer in all 30 decoder layers, dropout 0.05,
+# stopped after 40 of a 60-step schedule. `make bench-dtype` measures training speed with it,
+# so that its ratios stay comparable from run to run, and the EXPERIMENTS below cite it.
 EVERY_LAYER_RECIPE = TrainConfig(
     lora_r=16,
     lora_alpha=32,
@@ -392,11 +391,11 @@ EVERY_LAYER_RECIPE = TrainConfig(
 
 
 def shipped_recipe() -> TrainConfig:
-    """`lora_adapter`'s defaults (what `make run` trains) at the larger budget the README
-    documents for the full result: 800 train prompts (100 optimizer steps of 8; 25–29 min per
-    variant on 2 cores in bf16, Intel Xeon with AMX, 2026-12-03) instead of 160, validated
-    every 25 steps on 100 prompts, the adapter kept at its best validation NDCG@10. Only the
-    budget differs from `make run`, so QUALITY.md measures the recipe users get."""
+    """`lora_adapter`'s defaults (what `make run` trains) at the larger budget of the full
+    result (benchmarks/README.md#ranker-quality): 800 train prompts (100 optimizer steps of 8;
+    25–29 min per variant in bf16 on 2 cores of an Intel Xeon with AMX) instead of 160,
+    validated every 25 steps on 100 prompts, the adapter kept at its best validation NDCG@10.
+    Only the budget differs from `make run`, so QUALITY.md measures the recipe users get."""
     from lkg_pipeline.defs.llm import LoraRunConfig
 
     return dataclasses.replace(
@@ -429,19 +428,16 @@ ROWS = (
 # (`--only NAME --train-only`: the adapter and its validation curve, no test ranking) and joins
 # ROWS when it beats the row it varies there.
 EXPERIMENTS = (
-    # Trained over the retriever (RESIDUAL_RECIPE). Measured 2026-12-01 with the every-layer
-    # recipe (no dropout), 320 prompts / 40 steps, AMD EPYC: val subset NDCG@10 0.3394 against
-    # the retriever's 0.3376, test overall NDCG@10 0.0921, a tie with the retriever (p = 1.0):
-    # it learnt to keep the retriever's order. (Its held-out-scores version, `candidates`
+    # Trained over the retriever (RESIDUAL_RECIPE). With the every-layer recipe (no dropout),
+    # 320 prompts / 40 steps, it ties the retriever (test overall NDCG@10 0.0921, p = 1.0, AMD
+    # EPYC): it learns to keep the retriever's order. Its held-out-scores version (`candidates`
     # train_scored_by: held_out, train_examples_per_user 2, train_retrieved_only, 688 train
-    # prompts: selection val NDCG@10 0.3155 → 0.305 (step 20) → 0.321 (step 40), below the
-    # retriever's 0.3397 on the same 100 prompts; its builder is in commit bcc9fc9.)
+    # prompts) stays below the retriever on validation (its builder is in commit bcc9fc9).
     Row("lkg_rag", "segments", True, over_retriever=True),
-    # the reference's training candidates: the target and 19 uniform negatives. Measured
-    # 2026-12-01 with the every-layer recipe (`--only lkg_rag-segments-tuned_uniform
-    # --train-only`, stopped at step 20 of the 40): train loss 3.07 → 2.66 (easier than hard
-    # negatives' ~3.0), selection val NDCG@10 0.205 (step 0) → 0.308 (step 20), below hard
-    # negatives (0.316–0.328 at step 20) and the retriever (0.340) on the same 100 prompts.
+    # the reference's training candidates: the target and 19 uniform negatives. With the
+    # every-layer recipe (`--only lkg_rag-segments-tuned_uniform --train-only`, step 20 of 40)
+    # they are easier to fit than hard negatives but select worse: val NDCG@10 0.308, below
+    # hard negatives (0.316–0.328) and the retriever (0.340) on the same 100 prompts.
     Row("lkg_rag", "segments", True, negatives="uniform"),
 )
 PROMPT_TOKENS = 2048  # as `prompts`' default: ~880 letters / ~1,030 segments tokens, none cut

@@ -1,7 +1,7 @@
 """Score rules on the LLM's letter logits: a per-letter prior removed, the retriever as a prior.
 
-A small LLM ranking lettered candidates learns letter priors long before content (issue 15:
-zero-shot SmolLM2 puts (A) first in every prompt; a fine-tuned one moved the bias to (H)).
+A small LLM ranking lettered candidates learns letter priors long before content (zero-shot
+SmolLM2 puts (A) first in every ml-100k prompt; fine-tuning moves the bias to another letter).
 Two standard remedies, both computed from scores `rankings` already stores:
 
 - calibration (Zhao et al. 2021, contextual calibration): subtract each letter's mean

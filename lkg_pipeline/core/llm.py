@@ -207,11 +207,11 @@ class FusedRMSNorm(torch.nn.Module):
     """A transformers RMSNorm computed by torch's own `rms_norm` (`aten::_fused_rms_norm`).
 
     Element-wise kernels, not the GEMMs, keep a bf16 forward from the matrix units' speed
-    (README, Precision). On CPU torch's norm is still a sequence of kernels, but fewer and
-    with the weight applied before the single cast down: on one (855, 576) bf16 input, 2
-    threads, ~300 µs against transformers' ~700 µs. It rounds once where transformers rounds
-    twice (≤ 1 bf16 ulp apart); in fp32 the two agree exactly. Same parameter (`weight`), so
-    state dicts and adapters are unchanged."""
+    (benchmarks/README.md#fp32-and-bf16). On CPU torch's norm is still a sequence of kernels,
+    but fewer and with the weight applied before the single cast down: on one (855, 576) bf16
+    input, 2 threads, ~300 µs against transformers' ~700 µs. It rounds once where transformers
+    rounds twice (≤ 1 bf16 ulp apart); in fp32 the two agree exactly. Same parameter
+    (`weight`), so state dicts and adapters are unchanged."""
 
     def __init__(self, weight: torch.nn.Parameter, eps: float) -> None:
         super().__init__()

@@ -13,9 +13,10 @@ Folded, each adapted Linear computes one GEMM with r more inner columns:
 
 The base product and the update are summed in the kernel's fp32 accumulator and rounded to
 the compute type once, as the base layer's own output is; only A, s·B and x·Aᵀ are stored in
-bf16, so the update keeps bf16's relative precision of the update itself, not of W. Measured
-on one layer of SmolLM2's shape (README, Evaluation): 0.86 ms against 0.72 ms for the base
-GEMM alone and 6.7 ms for peft's fp32 branch, and closer to the fp32 result than that branch.
+bf16, so the update keeps bf16's relative precision of the update itself, not of W. On one
+layer of SmolLM2's shape it takes 0.86 ms against 0.72 ms for the base GEMM alone and 6.7 ms
+for peft's fp32 branch, and lands closer to the fp32 result than that branch (what it buys a
+ranking: `make bench-dtype`'s ablation, benchmarks/README.md#fp32-and-bf16).
 
 For inference only (ranking, recommendations, and the training script's validation through
 `folded`, which puts the peft layers back afterwards): training keeps peft's branch, whose fp32

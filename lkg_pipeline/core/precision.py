@@ -1,8 +1,9 @@
 """Which floating-point type the LLM stages compute in: bf16 where this machine runs it faster.
 
-The right answer differs between the machines this project runs on (DESIGN.md §2): on an
-Intel Xeon with AMX a bf16 GEMM of SmolLM2's shape ran 3.3× the fp32 rate, an AMD EPYC with
-AVX-512 BF16 gains less, and a CPU without a bf16 unit runs bf16 tens of times slower. So
+The right answer differs between the machines this project runs on (DESIGN.md §2): with AMX
+a bf16 GEMM of SmolLM2's shape runs several times the fp32 rate (3.3× on an Intel Xeon), with
+AVX-512 BF16 alone it gains less, and a CPU without a bf16 unit runs bf16 tens of times slower
+(per machine: benchmarks/README.md#fp32-and-bf16). So
 `auto` never assumes: on a CPU it times one GEMM of the model's own shape in both types (well
 under a second) and takes bf16 only when it is clearly faster. On CUDA bf16 is always the
 faster type for these models.

@@ -32,11 +32,12 @@ structure on CPU (FlexAttention's block-sparse kernels need CUDA or `torch.compi
 
 Each block runs either on torch's SDPA kernel (`grouped_sdpa`) or as two GEMMs around one
 softmax (`grouped_attention`), which autograd differentiates into GEMMs of the same dtype.
-Which is faster depends on the machine: in bf16 the matmuls won on an AMD EPYC (no AMX) and
-lost by 25% on an Intel Xeon with AMX, whose flash kernel uses the tiles. So `choose_attention`
-decides as `precision.choose_dtype` does: with `auto` on a CPU it times one window of the
-model's own shape both ways (forward for ranking, forward and backward for training) and
-takes the faster, and the stages record the figures; `kernel` or `matmul` force a path.
+Which is faster depends on the machine: in bf16 a CPU with AMX runs the flash kernel on its
+tiles, one without runs the matmuls faster (per machine: benchmarks/README.md#fp32-and-bf16).
+So `choose_attention` decides as `precision.choose_dtype` does: with `auto` on a CPU it times
+one window of the model's own shape both ways (forward for ranking, forward and backward for
+training) and takes the faster, and the stages record the figures; `kernel` or `matmul` force
+a path.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ PREFIX, PAD = -1, -2  # segment index of prefix and padding tokens
 SEGMENT_ATTENTION = "lkg_segments_sdpa"  # the attention implementation `use_segment_attention` sets
 # Query tokens per attention window over the segments: whole segments are added to a window
 # until it holds this many. Smaller windows attend to fewer other segments' keys but run the
-# kernel on shorter blocks; measured on ml-100k prompts (README, Evaluation).
+# kernel on shorter blocks; of 128, 256 and 384, 256 ranks ml-100k prompts fastest.
 WINDOW_TOKENS = 256
 AttentionPath = Literal["auto", "kernel", "matmul"]
 ATTENTION_PATHS: tuple[str, ...] = get_args(AttentionPath)
@@ -264,12 +265,12 @@ def grouped_attention(
     queries (exact for SmolLM2's 1/8, a power of two; one rounding of the queries otherwise),
     the mask is added in place, and torch's softmax computes in fp32 internally and writes the
     dtype, the type the P·V GEMM reads anyway. The scores are the GEMM's fp32 accumulator
-    rounded once to the dtype, as before, so the values are those of a softmax over fp32 copies
-    (gradients against the fp32 kernel's on real ml-100k blocks: cosine 0.99992–0.99995 either
-    way), with two passes over the scores instead of five forward and fewer backward: one
-    window of an ml-100k prompt 15.3 → 9.4 ms forward and backward in bf16 (AMD EPYC, 2
-    threads). The query heads that share a key head are stacked into one GEMM (head h reads
-    key head h // (H / KV), as transformers' `repeat_kv`), so keys are never copied."""
+    rounded once to the dtype, so the values are those of a softmax over fp32 copies
+    (gradients against the fp32 kernel's on real ml-100k blocks: cosine 0.99992–0.99995), with
+    two passes over the scores instead of five forward and fewer backward (`make bench-dtype`
+    times both: benchmarks/README.md#fp32-and-bf16). The query heads that share a key head are
+    stacked into one GEMM (head h reads key head h // (H / KV), as transformers' `repeat_kv`),
+    so keys are never copied."""
     batch, heads, n_queries, dim = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -293,17 +294,11 @@ def grouped_attention_pays(query: torch.Tensor) -> bool:
     """Whether attention over `query` runs in bf16 on CPU, where `grouped_attention` is the faster
     path, with or without a backward.
 
-    Torch's CPU flash kernel runs its backward at fp32 speed whatever the dtype (one layer's
-    windows of an ml-100k prompt, bf16 19.8 vs fp32 19.3 ms on an Intel AMX machine), while
-    the matmuls' backward is bf16 GEMMs: a bf16 LoRA training step (forward + backward of one
-    ml-100k prompt) took 1.79 against 2.75 s with LoRA in every layer (`make bench-dtype`'s
-    ablation, AMD EPYC, 2 threads), before the score passes moved to bf16. Since they did,
-    the forward alone is faster too: one window of a real prompt 1.9–2.4 against 4.2–5.1 ms
-    on the kernel, a ranking 0.627 against 0.730 s per prompt over the 304 ml-100k val-subset
-    prompts, at the same distance from fp32 (val NDCG@10 0.2539 vs the kernel's 0.2585, fp32
-    0.2546; top candidate as fp32's for 0.908 vs 0.898 of the prompts). In fp32 the kernel
-    stays (its backward is the faster one there); fp16 too: no dtype policy here picks it,
-    nothing measured it."""
+    Torch's CPU flash kernel runs its backward at fp32 speed whatever the dtype, while the
+    matmuls' backward is bf16 GEMMs, and with every pass over the scores in bf16 the forward
+    alone is faster too, ranking as close to fp32 as the kernel does (`make bench-dtype`'s
+    ablation: benchmarks/README.md#fp32-and-bf16). In fp32 the kernel stays (its backward is
+    the faster one there); fp16 too: no dtype policy here picks it, nothing measures it."""
     return query.dtype == torch.bfloat16 and query.device.type == "cpu"
 
 

@@ -1,7 +1,8 @@
 """Which ranker the product serves: the one validation picks, and the retriever unless beaten.
 
-On ml-100k every fine-tuned small LLM ranks worse than the retriever it reranks (README), so a
-product that always served the LLM's order would serve its own worst stage. The rule here:
+On ml-100k every fine-tuned small LLM ranks worse than the retriever it reranks
+(docs/report.md#what-it-says-on-ml-100k), so a product that always served the LLM's order
+would serve its own worst stage. The rule here:
 
 - the challenger is the servable ranker with the best validation NDCG@10 over every user
   (overall population: users whose true item the retriever missed count as misses);

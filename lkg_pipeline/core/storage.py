@@ -117,10 +117,10 @@ def concatenate_parquet(
     metadata for its footer. A single part without metadata is renamed.
 
     By hand because the engines buffer: DuckDB's `COPY (select * from read_parquet([...]))`
-    keeps insertion order by buffering (at 100K users it tripled the peak memory of
-    `write_paths`, 2.8 → 6.7 GB, benchmarks/README.md), and polars' `sink_parquet` of a scan of
-    parts held about twice the whole table (+1.9 GB for 300K prompts; +0.35 GB this way).
-    Copying row groups through Arrow holds one row group at a time.
+    keeps insertion order by buffering (it takes `write_paths`' peak at 100K users from 2.8 to
+    6.7 GB), and polars' `sink_parquet` of a scan of parts holds about twice the whole table.
+    Copying row groups through Arrow holds one row group at a time (the peaks that keeps:
+    benchmarks/README.md#hot-paths-against-the-reference and #after-the-paths-to-1m-users).
     """
     if len(parts) == 1 and not metadata:
         parts[0].replace(target)

@@ -607,8 +607,8 @@ class Run:
 
         peft casts each adapted layer's input up to its fp32 LoRA weights, computes the
         branch in fp32 and casts the sum back: over a bf16 base that is several full-width
-        copies per layer (a training step on SmolLM2 went 2.61 → 2.26 s per ml-100k prompt,
-        `make bench-dtype`'s ablation; README). Under autocast with that input cast off, the
+        copies per layer (what that costs a training step: `make bench-dtype`'s ablation,
+        benchmarks/README.md#fp32-and-bf16). Under autocast with that input cast off, the
         branch runs as bf16 GEMMs (the fp32 master weights cast per use, the gradients fp32),
         as mixed-precision training does. The letter/answer logits keep fp32
         (`llm.token_logits` leaves autocast) and validation is computed without autocast, as

@@ -292,16 +292,16 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     lora_alpha: int = TrainConfig.lora_alpha
     # Dropout on the LoRA input slows every CPU training step (drawing its masks costs more
     # than the LoRA projections they feed; `make bench-dtype` times training with and without
-    # it, benchmarks/README.md) and regularises nothing in a single pass over a few hundred
-    # prompts.
+    # it, benchmarks/README.md#fp32-and-bf16) and regularises nothing in a single pass over a
+    # few hundred prompts.
     lora_dropout: float = 0.0
     target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]  # fmt: skip
     # LoRA in the top 10 of SmolLM2's 30 layers: backward stops at the lowest adapted layer,
     # so training is about 2.5 times as fast as with every layer, at no measurable cost on
-    # validation (`make bench-lora-layers`, benchmarks/README.md). A model with 10 layers or
-    # fewer gets LoRA in all of them.
+    # validation (`make bench-lora-layers`, benchmarks/README.md#lora-in-the-top-layers). A
+    # model with 10 layers or fewer gets LoRA in all of them.
     lora_layers: int | None = 10
     lr: float = 5e-4
     # The paper warms up over 100 steps of a far longer run; at the CPU budget below (20
@@ -311,8 +311,8 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     batch_size: int = TrainConfig.batch_size
     grad_accum: int = TrainConfig.grad_accum
     # The CPU budget: 160 training prompts and 2 validations of 50 keep this stage to a few
-    # minutes on 2 CPU cores (`make bench-e2e`, benchmarks/README.md); None trains on every
-    # example, as on a GPU (docs/scaling.md).
+    # minutes on 2 CPU cores (`make bench-e2e`, benchmarks/README.md#end-to-end); None trains
+    # on every example, as on a GPU (docs/scaling.md).
     max_train_examples: int | None = 160
     max_val_examples: int | None = 50
     eval_every: int = TrainConfig.eval_every

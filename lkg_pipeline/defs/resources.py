@@ -19,7 +19,7 @@ FILE_METADATA_PREFIX = "lkg_pipeline."
 # the LLM's training and ranking. dagster.yaml limits it to one step at a time on the instance,
 # so partitions materialised in parallel (a backfill, two `make run`s) queue there instead of
 # spinning against each other on 2 cores; raise it where there are cores or GPUs to share
-# (`dagster instance concurrency set torch N`; README "Partitions in parallel").
+# (`dagster instance concurrency set torch N`; docs/operations.md#concurrency-and-the-torch-pool).
 TORCH_POOL = "torch"
 # The repository's data_lake/ (the package sits beside it in a checkout); LKG_DATA_LAKE moves it.
 DEFAULT_LAKE = Path(__file__).resolve().parents[2] / "data_lake"
