@@ -8,11 +8,14 @@ flat out, 100% of a core taken from the step it waits for, and the only word of 
 "Step blocked by limit for pool torch" at DEBUG. No setting changes either, so `install`
 replaces that one method with the interval it means (`max(0, …)`: Dagster's own back-off
 of 1 s growing to 15 s between checks) and, the first time a step is refused a slot, logs
-which runs hold the pool, their pids and how to free them. A waiting process then sleeps;
-Dagster notes a SIGINT/SIGTERM that arrives meanwhile but acts on it only once the step can
-start, so the wait loop now acts on it at once: the run ends as interrupted and its place in
-the queue is given up. `lkg_pipeline.definitions` calls
-`install` as it loads, so every run of the code location (CLI, UI, daemon) has it.
+which runs hold the pool, their pids and how to free them. A holder whose process is gone
+(a run killed with SIGKILL never releases its slot) is marked failed and its slot freed
+(`dead_runs.reap`) when the wait begins and every REAP_EVERY_S after, so a direct
+`dagster asset materialize` after a kill runs without a manual step, as `make` does. A
+waiting process sleeps; Dagster notes a SIGINT/SIGTERM that arrives meanwhile but acts on it
+only once the step can start, so the wait loop acts on it at once: the run ends as
+interrupted and gives up its place in the queue. `lkg_pipeline.definitions` calls `install`
+as it loads, so every run of the code location (CLI, UI, daemon) has it.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from dagster._core.execution.plan.instance_concurrency_context import (
 )
 from dagster._utils.interrupts import pop_captured_interrupt
 
-from lkg_pipeline.defs.dead_runs import run_pid
+from lkg_pipeline.defs.dead_runs import reap, run_pid
 
 SIGNAL_CHECK_S = 1.0
+REAP_EVERY_S = 10.0
 
 
 def _interval_to_next_pending_claim_check(self: InstanceConcurrencyContext) -> float:
@@ -57,9 +61,9 @@ def holders_message(instance: dg.DagsterInstance, pool: str, step_key: str) -> s
         status = run.status.value if run is not None else "unknown run"
         lines.append(f"  run {slot.run_id} step {slot.step_key} ({status}, pid {pid})")
     lines.append(
-        "A holder whose process is gone: `python -m lkg_pipeline.defs.dead_runs` frees its slot "
-        "(make does it before every run). A live one: wait, or stop it (kill <pid>). More "
-        f"slots: `dagster instance concurrency set {pool} N`."
+        "A holder whose process is gone is marked failed and its slot freed while this step "
+        "waits (as `python -m lkg_pipeline.defs.dead_runs` does). A live one: wait, or stop it "
+        f"(kill <pid>). More slots: `dagster instance concurrency set {pool} N`."
     )
     return "\n".join(lines)
 
@@ -80,6 +84,18 @@ def install() -> None:
                 f"interrupted while {', '.join(waiting.pending_claim_steps())} waited for a "
                 "pool slot"
             )
+        # holders whose process is gone (SIGKILL, OOM) would be waited for for ever: free
+        # their slots, at the first wait and then every REAP_EVERY_S
+        last = self.__dict__.get("_lkg_reaped_at", 0.0)
+        if time.monotonic() - last >= REAP_EVERY_S:
+            self._lkg_reaped_at = time.monotonic()
+            try:
+                for corpse in reap(plan_context.instance):
+                    plan_context.log.info(
+                        f"run {corpse.run_id} marked failed and its pool slots freed: {corpse.why}"
+                    )
+            except Exception as error:  # never stop the waiting run over it
+                plan_context.log.warning(f"could not check the pool's holders: {error}")
         told = self.__dict__.setdefault("_lkg_told", set())
         for step_key in waiting.pending_claim_steps():
             if step_key in told:

@@ -18,11 +18,25 @@ SAMPLE = {
     }
 }
 TINY = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
+QUICK_TRAINING = {
+    "ops": {
+        "lora_adapter": {
+            "config": {
+                "max_steps": 2,
+                "grad_accum": 2,
+                "max_train_examples": 8,
+                "max_val_examples": 4,
+                "warmup_steps": 0,
+            }  # fmt: skip
+        }
+    }
+}
 # stage, partition, a changed setting that makes it recompute, a fragment of its published path
 STAGES = [
     ("kg_paths", "ml-100k", {"max_paths_per_pair": 2}, "paths/kg_paths/ml-100k"),
     ("selected_paths", "ml-100k", {"max_paths": 10}, "paths/selected_paths/ml-100k"),
     ("prompts", "ml-100k|kg_rag", {"max_history": 10}, "llm/prompts/ml-100k/kg_rag"),
+    ("rankings", "ml-100k|kg_rag", {"splits": ["test"]}, "evaluate/rankings/ml-100k/kg_rag"),
 ]
 
 
@@ -60,7 +74,7 @@ def built(lake: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
         ("group:ingest or group:prepare or group:kg or group:retrieval or group:paths",
          "ml-100k", SAMPLE),
         ("base_model", None, TINY),
-        ("prompts", "ml-100k|kg_rag", None),
+        ("prompts,lora_adapter,rankings", "ml-100k|kg_rag", QUICK_TRAINING),
     ]  # fmt: skip
     for select, partition, config in steps:
         args = ["--select", select, *(["--partition", partition] if partition else [])]
