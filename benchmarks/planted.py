@@ -642,23 +642,28 @@ def report(lake: Path) -> dict[str, Any]:
     return section
 
 
-def detection_floor(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per KG variant, the weakest dose whose test NDCG@10 (overall) beats the retriever at
-    p < 0.05 (with every stronger dose also significant)."""
-    floors: dict[str, float | None] = {}
+def detection_floor(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per KG variant and baseline (the retriever, `llamarec`), the weakest dose whose test
+    NDCG@10 (overall) beats the baseline at p < 0.05, every stronger dose too (None: not even
+    the strongest)."""
+    floors: dict[str, dict[str, float | None]] = {}
     for variant in KG_VARIANTS:
         runs = sorted(
             (r for r in rows if r["variant"] == variant and not r["arm"] and r["dose"]),
             key=lambda r: -r["dose"],
         )
-        floor = None
-        for r in runs:
-            versus = r["metrics"]["overall NDCG@10"].get("vs retriever", {})
-            if versus.get("difference", 0) > 0 and versus.get("p", 1) < 0.05:
-                floor = r["dose"]
-            else:
-                break
-        floors[variant] = floor
+        if not runs:
+            continue
+        floors[variant] = {}
+        for baseline in ("retriever", REFERENCE_VARIANT):
+            floor = None
+            for r in runs:
+                versus = r["metrics"]["overall NDCG@10"].get(f"vs {baseline}", {})
+                if versus.get("difference", 0) > 0 and versus.get("p", 1) < 0.05:
+                    floor = r["dose"]
+                else:
+                    break
+            floors[variant][f"vs {baseline}"] = floor
     return floors
 
 
@@ -765,8 +770,9 @@ def page(section: dict[str, Any]) -> str:
             "",
             table(rows) if rows else "No condition has finished yet.",
             "",
-            "Detection floor (weakest dose whose overall NDCG@10 beats the retriever at p < 0.05, "
-            f"every stronger dose too): {section['detection_floor']}.",
+            "Detection floor (the weakest dose whose overall NDCG@10 beats the baseline at "
+            "p < 0.05, every stronger dose too; None: not even the strongest), per variant and "
+            f"baseline: {section['detection_floor']}.",
             "",
             "## By where the cue shows in the test prompt",
             "",
