@@ -9,17 +9,20 @@ lake is only read), a synthetic relation is planted: a studio shared by two film
 Freebase-like fact (`lkg.film.studio`, read by `core.kg` as `made_at_studio`) into the copy's
 `raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
 and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of
-all examples (train, val and test alike) a new studio links the true next item to the rarest
-item of the example's shown history (the rarest, so that the link seldom shows in other
-prompts); for a fraction DECOY_RATE of examples one more studio links that history item to a
-candidate drawn uniformly from all 20 (the true item included, so at dose 0 the relation says
-nothing about the answer). The draws are shared across doses: the examples planted at 0.1 are
-among those planted at 0.3. Only item metadata changes: no interaction, candidate or split does,
-so the retriever, its candidates and the leakage check are the real ones.
+all examples (train, val and test alike) a new studio links the true next item to an item of
+the example's shown history (the one whose link would show on a wrong candidate in the fewest
+other prompts: `plant_links`); for a fraction DECOY_RATE of examples one more studio links a
+history item to a candidate drawn uniformly from all 20 (the true item included, so at dose 0
+the relation says nothing about the answer). The draws are shared across doses: the examples
+planted at 0.1 are among those planted at 0.3. Only item metadata changes: no interaction,
+candidate or split does, so the retriever, its candidates and the leakage check are the real
+ones.
 
 The real assets then run on each copy with their default configuration: kg_triples → kg_paths
 → preference_model → selected_paths → prompts → lora_adapter → rankings (test prompts), for
-`lkg_rag` and `kg_rag`. Controls:
+`lkg_rag` at every dose and `kg_rag` at dose 1 (its shortest-path selection shows the cue on
+~2% of the planted true items, so lower doses would only repeat that), and for `lkg_rag` at
+dose 1 with three times the default training budget. Controls:
 - swap: the dose-1.0 adapters rank the same test prompts with each candidate's relation line
   moved to another candidate of the same prompt (a derangement), so the cue points elsewhere;
 - dose 0: planted decoys only, compared with the real lake's `lkg_rag` rankings;
