@@ -10,12 +10,13 @@ replaces that one method with the interval it means (`max(0, …)`: Dagster's ow
 of 1 s growing to 15 s between checks) and, the first time a step is refused a slot, logs
 which runs hold the pool, their pids and how to free them. A holder whose process is gone
 (a run killed with SIGKILL never releases its slot) is marked failed and its slot freed
-(`dead_runs.reap`) when the wait begins and every REAP_EVERY_S after, so a direct
-`dagster asset materialize` after a kill runs without a manual step, as `make` does. A
-waiting process sleeps; Dagster notes a SIGINT/SIGTERM that arrives meanwhile but acts on it
-only once the step can start, so the wait loop acts on it at once: the run ends as
-interrupted and gives up its place in the queue. `lkg_pipeline.definitions` calls `install`
-as it loads, so every run of the code location (CLI, UI, daemon) has it.
+(`dead_runs.reap`, on a SQLite instance, whose runs all start on this machine) when the wait
+begins and every REAP_EVERY_S after, so a direct `dagster asset materialize` after a kill
+runs without a manual step, as `make` does. A waiting process sleeps; Dagster notes a
+SIGINT/SIGTERM that arrives meanwhile but acts on it only once the step can start, so the wait
+loop acts on it at once: the run ends as interrupted and gives up its place in the queue.
+`lkg_pipeline.definitions` calls `install` as it loads, so every run of the code location
+(CLI, UI, daemon) has it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dagster._core.execution.plan.active import ActiveExecution, _pool_key_for_s
 from dagster._core.execution.plan.instance_concurrency_context import (
     InstanceConcurrencyContext,
 )
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._utils.interrupts import pop_captured_interrupt
 
 from lkg_pipeline.defs.dead_runs import reap, run_pid
@@ -85,9 +87,12 @@ def install() -> None:
                 "pool slot"
             )
         # holders whose process is gone (SIGKILL, OOM) would be waited for for ever: free
-        # their slots, at the first wait and then every REAP_EVERY_S
+        # their slots, at the first wait and then every REAP_EVERY_S. Only on a SQLite
+        # instance, whose runs all start on this machine: a pid says nothing about a run that
+        # another host started (a PostgreSQL deployment uses Dagster's run monitoring).
         last = self.__dict__.get("_lkg_reaped_at", 0.0)
-        if time.monotonic() - last >= REAP_EVERY_S:
+        local = isinstance(plan_context.instance.run_storage, SqliteRunStorage)
+        if local and time.monotonic() - last >= REAP_EVERY_S:
             self._lkg_reaped_at = time.monotonic()
             try:
                 for corpse in reap(plan_context.instance):
