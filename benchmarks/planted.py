@@ -298,10 +298,6 @@ def save_json(path: Path, value: Any) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def save_frame(path: Path, frame: pl.DataFrame) -> None:
-    replace_atomically(path, lambda tmp: frame.write_parquet(tmp))
-
-
 def prompts_file(lake: Path, variant: str) -> Path:
     return lake / "llm" / "prompts" / DATASET / f"{variant}.parquet"
 

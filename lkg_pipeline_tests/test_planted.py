@@ -30,6 +30,7 @@ from lkg_pipeline.core.prompts import PromptConfig, build_prompts
 from lkg_pipeline.core.ranking import load_ranker, rank_prompts
 from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
 from lkg_pipeline_tests.core.test_kg import items_frame, sequences_frame
+from lkg_pipeline_tests.core.test_paths import examples_frame
 
 N_ITEMS = 400
 
@@ -53,18 +54,7 @@ def synthetic_lake(n_users: int, seed: int = 0) -> dict[str, pl.DataFrame]:
             rng.shuffle(pool)
             rows.append((3 * u + ("train", "val", "test").index(split), u, split, prefix,
                          seq[prefix], pool))  # fmt: skip
-    candidates = pl.DataFrame(
-        rows,
-        orient="row",
-        schema={
-            "example_id": pl.Int64,
-            "user_idx": pl.Int32,
-            "split": pl.String,
-            "prefix_len": pl.Int32,
-            "target_item_idx": pl.Int32,
-            "candidate_item_idxs": pl.List(pl.Int32),
-        },
-    )
+    candidates = examples_frame(rows)
     links = pl.DataFrame(
         {"item_id": [10 + i for i in range(0, N_ITEMS, 2)]},
         schema={"item_id": pl.Int64},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.end_to_end import QUICK
 from lkg_pipeline_tests.dagster_cli import MATERIALIZE, REPO, instance_env
 
 SAMPLE = {
@@ -17,20 +18,9 @@ SAMPLE = {
         "preference_model": {"config": {"epochs": 2}},
     }
 }
-TINY = {"ops": {"base_model": {"config": {"source": "tiny-random"}}}}
-QUICK_TRAINING = {
-    "ops": {
-        "lora_adapter": {
-            "config": {
-                "max_steps": 2,
-                "grad_accum": 2,
-                "max_train_examples": 8,
-                "max_val_examples": 4,
-                "warmup_steps": 0,
-            }  # fmt: skip
-        }
-    }
-}
+# the tiny model and two training steps, as `make bench-e2e --quick` runs them
+TINY = {"ops": QUICK["BASE_CONFIG"]}
+QUICK_TRAINING = {"ops": QUICK["LLM_CONFIG"]}
 # stage, partition, a changed setting that makes it recompute, a fragment of its published path
 STAGES = [
     ("kg_paths", "ml-100k", {"max_paths_per_pair": 2}, "paths/kg_paths/ml-100k"),
