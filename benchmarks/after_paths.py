@@ -1,14 +1,14 @@
 """After the paths, in bounded memory: the preference module, the path selection and the
 prompts at growing numbers of Beauty-like users.
 
-`kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the
-stages after it read them the same way (`core.paths.read_users`) and write their outputs in
-parts that the IO manager concatenates into one file. This benchmark checks that on synthetic
-data shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at
-each size, the paths are enumerated with `write_paths`, then each stage runs in its own process
-as its asset runs it. A stage first loads what the IO manager hands its asset (the candidates,
-sequences, titles, preferences, a tokenizer): that process's RSS then is its baseline,
-"inputs"; the peak after it (VmHWM, reset once the inputs are loaded) is what the stage adds.
+`kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the stages
+after it read them the same way (`core.paths.enumeration.read_users`) and write their outputs in
+parts that the IO manager concatenates into one file. This benchmark checks that on synthetic data
+shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at each size,
+the paths are enumerated with `write_paths`, then each stage runs in its own process as its asset
+runs it. A stage first loads what the IO manager hands its asset (the candidates, sequences, titles,
+preferences, a tokenizer): that process's RSS then is its baseline, "inputs"; the peak after it
+(VmHWM, reset once the inputs are loaded) is what the stage adds.
 
 The issue's bar: at 1M Beauty-like users each stage's peak stays within the inputs + 1 GB,
 and time per user stays within 2× of the 10K figure.
@@ -72,7 +72,7 @@ def _phase(start_rss_mb: float) -> dict[str, float]:
 
 def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `preference_model` runs (both encoders, scores, metrics, preferences)."""
-    from lkg_pipeline.core.preference import fit_preferences
+    from lkg_pipeline.core.paths.preference import fit_preferences
 
     src = Path(folder)
     candidates = pl.read_parquet(src / "examples.parquet")
@@ -90,8 +90,8 @@ def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
 
 def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `selected_paths` runs, and the IO manager's concatenation of its parts."""
-    from lkg_pipeline.core.paths import PathSelection, selections_in_batches
-    from lkg_pipeline.core.storage import ParquetParts
+    from lkg_pipeline.core.io.storage import ParquetParts
+    from lkg_pipeline.core.paths.enumeration import PathSelection, selections_in_batches
 
     src = Path(folder)
     preferences = pl.read_parquet(src / "preference" / "preferences.parquet")
@@ -114,8 +114,8 @@ def stage_prompts(folder: str, examples_per_batch: int, tokenizer: str) -> dict[
     """Child: what `prompts` runs for `lkg_rag` (segments format), and the concatenation."""
     from transformers import AutoTokenizer
 
-    from lkg_pipeline.core.prompts import PromptConfig, prompts_in_batches, truncate_titles
-    from lkg_pipeline.core.storage import ParquetParts
+    from lkg_pipeline.core.io.storage import ParquetParts
+    from lkg_pipeline.core.llm.prompts import PromptConfig, prompts_in_batches, truncate_titles
 
     src = Path(folder)
     candidates = pl.read_parquet(src / "examples.parquet")

@@ -32,8 +32,8 @@ from typing import Any
 import polars as pl
 import psutil
 
-from lkg_pipeline.core.storage import replace_atomically
-from lkg_pipeline.core.tables import markdown_table
+from lkg_pipeline.core.io.storage import replace_atomically
+from lkg_pipeline.core.io.tables import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_JSON = REPO / "benchmarks" / "results.json"  # one section per benchmark

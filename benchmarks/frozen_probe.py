@@ -11,9 +11,9 @@ depth or all three, standardised features) are trained by softmax cross-entropy 
 candidates, alone or on top of the retriever's log-prior, on every train prompt or only those
 whose true item the retriever put in its top 20 itself (the others had it put in by hand, as the
 last candidate by the retriever's score). Every head is scored on the val subset, alone and
-fused with the retriever (λ on val, core.fusion); the best fused one on val, and only it, is
-then scored on test against the retriever (paired randomisation test over the 943 users, three
-training seeds).
+fused with the retriever (λ on val, core.llm.rank.fusion); the best fused one on val, and only
+it, is then scored on test against the retriever (paired randomisation test over the 943 users,
+three training seeds).
 
 PROMPTS: a segments-format prompts file with many train rows, e.g. `prompts` after
 `candidates` with `train_examples_per_user: 4` (3,772 train prompts on ml-100k). Writes the
@@ -39,11 +39,16 @@ from benchmarks.common import (
     machine_info,
     save_results_section,
 )
-from lkg_pipeline.core.evaluation import paired_randomization_test
-from lkg_pipeline.core.fusion import LAMBDA_GRID, log_softmax, retriever_log_prior, target_ranks
-from lkg_pipeline.core.metrics import per_user_metrics
-from lkg_pipeline.core.ranking import load_ranker, pad_token_id
-from lkg_pipeline.core.segments import decoder_inputs, segment_batch, tokenize_segments
+from lkg_pipeline.core.evaluate.compare import paired_randomization_test
+from lkg_pipeline.core.evaluate.metrics import per_user_metrics
+from lkg_pipeline.core.llm.rank.fusion import (
+    LAMBDA_GRID,
+    log_softmax,
+    retriever_log_prior,
+    target_ranks,
+)
+from lkg_pipeline.core.llm.rank.scoring import load_ranker, pad_token_id
+from lkg_pipeline.core.llm.segments import decoder_inputs, segment_batch, tokenize_segments
 
 # Where the states are read: after a third and two thirds of the layers (10 and 20 of
 # SmolLM2's 30) and after the final norm.

@@ -39,16 +39,16 @@ from benchmarks.common import (
     save_results_section,
 )
 from benchmarks.quality import DATASET, EVERY_LAYER_RECIPE, Row, base_model, prompts_file
-from lkg_pipeline.core.metrics import ranking_metrics
-from lkg_pipeline.core.precision import (
+from lkg_pipeline.core.evaluate.metrics import ranking_metrics
+from lkg_pipeline.core.llm.precision import (
     choose_dtype,
     cpu_flags,
     cpu_model,
     gemm_gflops,
     model_gemm_shape,
 )
-from lkg_pipeline.core.ranking import load_ranker, prompt_segments, rank_prompts
-from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments, rank_prompts
+from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
 from lkg_pipeline.defs import layout
 
 DTYPES = ("float32", "bfloat16")
@@ -61,7 +61,7 @@ def ceilings(config: Any) -> dict[str, Any]:
     out = {}
     for name, shape in shapes.items():
         rates = {d: 0.0 for d in DTYPES}
-        for _ in range(3):  # alternating, best of 3 (core.precision explains why)
+        for _ in range(3):  # alternating, best of 3 (core.llm.precision explains why)
             for d in DTYPES:
                 rates[d] = max(rates[d], gemm_gflops(getattr(torch, d), shape, 0.2))
         out[name] = {
@@ -72,8 +72,8 @@ def ceilings(config: Any) -> dict[str, Any]:
 
 
 def _segment_rows(tokenizer: Any, prompts: pl.DataFrame) -> tuple[list[Any], tuple[int, int]]:
-    from lkg_pipeline.core.ranking import prompt_segments
-    from lkg_pipeline.core.segments import answer_token_ids, tokenize_segments
+    from lkg_pipeline.core.llm.rank.scoring import prompt_segments
+    from lkg_pipeline.core.llm.segments import answer_token_ids, tokenize_segments
 
     segments = prompt_segments(prompts)
     assert segments is not None, "the ablation measures the segments format"
@@ -98,12 +98,12 @@ def ablation(
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lkg_pipeline.core import segments
-    from lkg_pipeline.core.llm import fuse_rms_norms
-    from lkg_pipeline.core.lora_dropout import use_word_dropout
-    from lkg_pipeline.core.lowrank import fold_lora
-    from lkg_pipeline.core.segments import segment_batch, segment_scores, use_segment_attention
-    from lkg_pipeline.core.train_lora import Run, lora_config
+    from lkg_pipeline.core.llm import segments
+    from lkg_pipeline.core.llm.lowrank import fold_lora
+    from lkg_pipeline.core.llm.model import fuse_rms_norms
+    from lkg_pipeline.core.llm.segments import segment_batch, segment_scores, use_segment_attention
+    from lkg_pipeline.core.llm.train.lora_dropout import use_word_dropout
+    from lkg_pipeline.core.llm.train.script import Run, lora_config
 
     rows, answers = _segment_rows(tokenizer, prompts)
 

@@ -40,16 +40,16 @@ from benchmarks.common import (
     run_isolated,
     table,
 )
-from lkg_pipeline.core.ingest import ITEM_COLUMNS
-from lkg_pipeline.core.kg import KGConfig, KnowledgeGraph, build_kg
-from lkg_pipeline.core.paths import (
+from lkg_pipeline.core.data.ingest import ITEM_COLUMNS
+from lkg_pipeline.core.kg.graph import KGConfig, KnowledgeGraph, build_kg
+from lkg_pipeline.core.kg.warehouse import read_parquet, write_parquet
+from lkg_pipeline.core.paths.enumeration import (
     PathConfig,
     candidate_rows,
     enumerate_paths,
     history_rows,
     write_paths,
 )
-from lkg_pipeline.core.warehouse import read_parquet, write_parquet
 
 N_CANDIDATES = 20
 # The kg_paths asset's default (PathRunConfig.users_per_batch).

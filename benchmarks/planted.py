@@ -6,7 +6,7 @@
 
 On copies of the ml-100k lake that `make run` wrote (`data_lake/planted/p<dose>/`; the user's
 lake is only read), a synthetic relation is planted: a studio shared by two films, written as a
-Freebase-like fact (`lkg.film.studio`, read by `core.kg` as `made_at_studio`) into the copy's
+Freebase-like fact (`lkg.film.studio`, read by `core.kg.graph` as `made_at_studio`) into the copy's
 `raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
 and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of
 all examples (train, val and test alike) a new studio links the true next item to an item of
@@ -61,15 +61,15 @@ from benchmarks.common import (
     save_results_section,
     table,
 )
-from lkg_pipeline.core.evaluation import (
+from lkg_pipeline.core.evaluate.compare import (
     REFERENCE_VARIANT,
     EvaluationConfig,
     evaluate,
     llm_ranks,
     retriever_ranks,
 )
-from lkg_pipeline.core.preference import load_preference
-from lkg_pipeline.core.storage import replace_atomically
+from lkg_pipeline.core.io.storage import replace_atomically
+from lkg_pipeline.core.paths.preference import load_preference
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,9 +79,9 @@ KG_VARIANTS = ("lkg_rag", "kg_rag")
 DECOY_RATE = 0.1  # examples that get one more studio, on a uniformly drawn candidate
 SEED = 0
 WINDOW = 20  # history items a prompt shows (PromptConfig.max_history, PathConfig.history_len)
-RELATION = "lkg.film.studio"  # core.kg reads it as made_at_studio
+RELATION = "lkg.film.studio"  # core.kg.graph reads it as made_at_studio
 PATH_TYPE = "made_at_studio"
-CUE = "same studio"  # how core.prompts phrases a made_at_studio path
+CUE = "same studio"  # how core.llm.prompts phrases a made_at_studio path
 # Inputs of the kg and llm stages: copied, small. The base model is hard-linked (read only;
 # every write in the pipeline replaces a file by renaming, so a link is never written through).
 COPIED = ("ingest", "prepare", "retrieval")

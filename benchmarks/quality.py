@@ -7,7 +7,7 @@
 Rows (each scored on the whole val and test subset, i.e. every user whose true item is among
 the retriever's 20): the retriever, the preference module, and for each variant and prompt
 format the zero-shot base model and the fine-tuned adapter, each also fused with the
-retriever's scores (`+prior`, λ and calibration chosen on val only, core.fusion). Paired
+retriever's scores (`+prior`, λ and calibration chosen on val only, core.llm.rank.fusion). Paired
 randomisation tests against the retriever and against `llamarec` of the same format and
 training, on test overall (943 users), as the report of the pipeline computes them.
 
@@ -43,7 +43,7 @@ from benchmarks.common import (
     machine_info,
     save_results_section,
 )
-from lkg_pipeline.core.evaluation import (
+from lkg_pipeline.core.evaluate.compare import (
     PREFERENCE,
     PRIOR_SUFFIX,
     RETRIEVER,
@@ -55,14 +55,14 @@ from lkg_pipeline.core.evaluation import (
     paired_randomization_test,
     retriever_ranks,
 )
-from lkg_pipeline.core.fingerprints import content_digest
-from lkg_pipeline.core.fusion import fused_ranks
-from lkg_pipeline.core.metrics import per_user_metrics
-from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
-from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
-from lkg_pipeline.core.ranking import load_ranker, rank_prompts, trained_over
-from lkg_pipeline.core.storage import replace_atomically, write_parquet_atomic
-from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.evaluate.metrics import per_user_metrics
+from lkg_pipeline.core.io.fingerprints import content_digest
+from lkg_pipeline.core.io.storage import replace_atomically, write_parquet_atomic
+from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
+from lkg_pipeline.core.llm.rank.fusion import fused_ranks
+from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, trained_over
+from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
 DATASET = "ml-100k"
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
@@ -193,15 +193,20 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         return target
     from transformers import AutoTokenizer
 
-    from lkg_pipeline.core.paths import PathConfig, PathSelection, select_paths, write_paths
-    from lkg_pipeline.core.prompts import (
+    from lkg_pipeline.core.kg.warehouse import read_parquet
+    from lkg_pipeline.core.llm.prompts import (
         PATHS_KEY,
         PromptConfig,
         build_prompts,
         truncate_titles,
     )
-    from lkg_pipeline.core.retrieval import training_candidates, user_sequences
-    from lkg_pipeline.core.warehouse import read_parquet
+    from lkg_pipeline.core.paths.enumeration import (
+        PathConfig,
+        PathSelection,
+        select_paths,
+        write_paths,
+    )
+    from lkg_pipeline.core.retrieval.retriever import training_candidates, user_sequences
 
     work = lake / "quality" / "uniform"
     sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
@@ -318,7 +323,7 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
         return target
     from transformers import AutoTokenizer
 
-    from lkg_pipeline.core.prompts import PromptConfig, build_prompts, truncate_titles
+    from lkg_pipeline.core.llm.prompts import PromptConfig, build_prompts, truncate_titles
 
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
     config = PromptConfig(format=fmt, max_prompt_tokens=max_prompt_tokens)
@@ -510,7 +515,7 @@ EVAL = EvaluationConfig()
 
 def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
     """The preference module's own ranking of the val/test candidates (as the report does)."""
-    from lkg_pipeline.core.preference import example_ranks, load_preference, score_examples
+    from lkg_pipeline.core.paths.preference import example_ranks, load_preference, score_examples
 
     folder = lake / "paths" / "kg_paths" / DATASET
     model = load_preference(lake / "models" / "preference" / DATASET)
@@ -668,8 +673,8 @@ def curve_figure(lake: Path, path: Path) -> list[dict[str, Any]]:
 
 def report(lake: Path) -> dict[str, Any]:
     """QUALITY.md, the two figures, and the `quality` section of results.json."""
-    from lkg_pipeline.core.evaluation import metrics_wide
-    from lkg_pipeline.core.tables import markdown_table
+    from lkg_pipeline.core.evaluate.compare import metrics_wide
+    from lkg_pipeline.core.io.tables import markdown_table
 
     ranks, fusion = all_ranks(lake)
     evaluation = evaluate(ranks, EVAL)

@@ -30,8 +30,8 @@ import polars as pl
 import torch
 
 from benchmarks.common import LakeFiles, ceiling, lake_root, require_lake, si, table
-from lkg_pipeline.core.llm import LETTERS, letter_token_ids, load_base
-from lkg_pipeline.core.ranking import (
+from lkg_pipeline.core.llm.model import LETTERS, letter_token_ids, load_base
+from lkg_pipeline.core.llm.rank.scoring import (
     left_pad,
     load_ranker,
     pad_token_id,

@@ -41,9 +41,9 @@ from benchmarks.common import (
     table,
 )
 from benchmarks.paths_bench import SHAPES, _long_tail, synthetic_sequences
-from lkg_pipeline.core.lrurec import LRURec
-from lkg_pipeline.core.metrics import rank_of_target
-from lkg_pipeline.core.retrieval import (
+from lkg_pipeline.core.evaluate.metrics import rank_of_target
+from lkg_pipeline.core.retrieval.lrurec import LRURec
+from lkg_pipeline.core.retrieval.retriever import (
     bucketed_batches,
     make_optimizer,
     rank_users,
@@ -52,7 +52,7 @@ from lkg_pipeline.core.retrieval import (
     training_windows,
     user_sequences,
 )
-from lkg_pipeline.core.seqrec import RetrieverConfig
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
 
 @dataclasses.dataclass(frozen=True)

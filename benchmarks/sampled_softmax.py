@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.common import REPO, machine_info, table
 from benchmarks.paths_bench import _long_tail
-from lkg_pipeline.core.lrurec import LRURec
-from lkg_pipeline.core.retrieval import (
+from lkg_pipeline.core.retrieval.lrurec import LRURec
+from lkg_pipeline.core.retrieval.retriever import (
     bucketed_batches,
     make_optimizer,
     train_retriever,
@@ -35,7 +35,7 @@ from lkg_pipeline.core.retrieval import (
     training_windows,
     user_sequences,
 )
-from lkg_pipeline.core.seqrec import RetrieverConfig
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
 FOLLOW = 0.6  # share of steps that follow the current item's successors
 SUCCESSORS = 4

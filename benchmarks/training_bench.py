@@ -36,10 +36,10 @@ from benchmarks.common import (
     si,
     table,
 )
-from lkg_pipeline.core.llm import LETTERS, load_base
-from lkg_pipeline.core.prompts import PROMPT_COLUMNS
-from lkg_pipeline.core.ranking import max_positions
-from lkg_pipeline.core.train_lora import (
+from lkg_pipeline.core.llm.model import LETTERS, load_base
+from lkg_pipeline.core.llm.prompts import PROMPT_COLUMNS
+from lkg_pipeline.core.llm.rank.scoring import max_positions
+from lkg_pipeline.core.llm.train.script import (
     TrainConfig,
     batch_loss,
     get_dataloaders,

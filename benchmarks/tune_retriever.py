@@ -1,8 +1,8 @@
 """`make tune-retriever`: the retriever's settings searched on validation, every trial kept.
 
-Each trial trains one retriever (`core.retrieval.train_retriever`, the asset's own code) on
-the lake's ml-100k `sequences` with the defaults plus the trial's overrides, and records its
-validation and test metrics and each user's val/test rank. Trials are chosen and the best is
+Each trial trains one retriever (`core.retrieval.retriever.train_retriever`, the asset's own
+code) on the lake's ml-100k `sequences` with the defaults plus the trial's overrides, and records
+its validation and test metrics and each user's val/test rank. Trials are chosen and the best is
 picked on **validation NDCG@10 only**; the test columns are written so that a reader can see
 whether the choice holds, never used to choose. The best trial is compared with the first (the
 previous defaults) by the paired sign-flip test the evaluation report uses, on val and test.
@@ -41,10 +41,15 @@ from benchmarks.common import (
     save_results_section,
     table,
 )
-from lkg_pipeline.core.evaluation import paired_randomization_test
-from lkg_pipeline.core.metrics import per_user_metrics
-from lkg_pipeline.core.retrieval import UserSequences, rank_users, train_retriever, user_sequences
-from lkg_pipeline.core.seqrec import RetrieverConfig
+from lkg_pipeline.core.evaluate.compare import paired_randomization_test
+from lkg_pipeline.core.evaluate.metrics import per_user_metrics
+from lkg_pipeline.core.retrieval.retriever import (
+    UserSequences,
+    rank_users,
+    train_retriever,
+    user_sequences,
+)
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
 MARKDOWN = REPO / "benchmarks" / "RETRIEVER_TUNING.md"
 SELECT_ON = "NDCG@10"  # validation metric that picks the best trial

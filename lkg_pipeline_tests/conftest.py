@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lkg_pipeline.core.sources import RECBOLE_WHEEL, fetch_recbole_wheel
+from lkg_pipeline.core.data.sources import RECBOLE_WHEEL, fetch_recbole_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer, as a checkpoint folder."""
-    from lkg_pipeline.core.llm import load_base
+    from lkg_pipeline.core.llm.model import load_base
 
     model, tokenizer, _ = load_base("tiny-random", cache_dir)
     folder = tmp_path_factory.mktemp("tiny_base")

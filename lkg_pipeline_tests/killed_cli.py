@@ -2,11 +2,11 @@
 
     LKG_KILL_AT=<path fragment> python -m lkg_pipeline_tests.killed_cli asset materialize ...
 
-The first atomic write (`core.storage.replace_atomically` or `replace_dir_atomically`) whose
+The first atomic write (`core.io.storage.replace_atomically` or `replace_dir_atomically`) whose
 target path contains the fragment writes its new content in full beside the target and then
 kills the process before the rename that would publish it: every step's work done, nothing
 published, the moment that loses most. The patch is made before the code location is loaded,
-so the `from core.storage import …` of every module binds the killing version, and the
+so the `from core.io.storage import …` of every module binds the killing version, and the
 in-process executor runs the steps in this process."""
 
 import os
@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from lkg_pipeline.core import storage
+from lkg_pipeline.core.io import storage
 
 FRAGMENT = os.environ["LKG_KILL_AT"]
 

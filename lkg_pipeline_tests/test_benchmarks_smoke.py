@@ -243,8 +243,8 @@ def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.llm_dtype import ablation
-    from lkg_pipeline.core.train_lora import lora_config
-    from lkg_pipeline_tests.core.test_segments import marked_prompts, marked_training
+    from lkg_pipeline.core.llm.train.script import lora_config
+    from lkg_pipeline_tests.core.llm.test_segments import marked_prompts, marked_training
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     get_peft_model(model, lora_config(marked_training())).save_pretrained(tmp_path / "adapter")
@@ -268,8 +268,8 @@ def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.frozen_probe import DEPTHS, extract, load, per_user, train_head
-    from lkg_pipeline.core.ranking import load_ranker
-    from lkg_pipeline_tests.core.test_segments import marked_prompts
+    from lkg_pipeline.core.llm.rank.scoring import load_ranker
+    from lkg_pipeline_tests.core.llm.test_segments import marked_prompts
 
     prompts = marked_prompts(n_train=160, n_val=40)
     prompts = prompts.with_columns(
@@ -293,7 +293,7 @@ def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
 
 def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_path: Path) -> None:
     from benchmarks.lora_layers import measure
-    from lkg_pipeline_tests.core.test_train_lora import synthetic_prompts
+    from lkg_pipeline_tests.core.llm.test_train_lora import synthetic_prompts
 
     prompts = tmp_path / "prompts.parquet"
     synthetic_prompts().write_parquet(prompts)

@@ -23,14 +23,14 @@ from benchmarks.planted import (
     studio_facts,
     swap_relations,
 )
-from lkg_pipeline.core.kg import KGConfig, build_kg
-from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.paths import enumerate_paths, select_paths
-from lkg_pipeline.core.prompts import PromptConfig, build_prompts
-from lkg_pipeline.core.ranking import load_ranker, rank_prompts
-from lkg_pipeline.core.train_lora import RunPaths, TrainConfig, training_function
-from lkg_pipeline_tests.core.test_kg import items_frame, sequences_frame
-from lkg_pipeline_tests.core.test_paths import examples_frame
+from lkg_pipeline.core.kg.graph import KGConfig, build_kg
+from lkg_pipeline.core.llm.model import LETTERS
+from lkg_pipeline.core.llm.prompts import PromptConfig, build_prompts
+from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts
+from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.paths.enumeration import enumerate_paths, select_paths
+from lkg_pipeline_tests.core.kg.test_kg import items_frame, sequences_frame
+from lkg_pipeline_tests.core.paths.test_paths import examples_frame
 
 N_ITEMS = 400
 

@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import polars as pl
 
-from lkg_pipeline.core.evaluation import (
+from lkg_pipeline.core.evaluate.compare import (
     PREFERENCE,
     PRIOR_SUFFIX,
     RETRIEVER,
@@ -24,8 +24,7 @@ from lkg_pipeline.core.evaluation import (
     report_markdown,
     retriever_ranks,
 )
-from lkg_pipeline.core.fusion import cross_fitted_val_ranks, fused_ranks
-from lkg_pipeline.core.ltr import (
+from lkg_pipeline.core.evaluate.ltr import (
     LtrConfig,
     LtrResult,
     feature_names,
@@ -37,23 +36,8 @@ from lkg_pipeline.core.ltr import (
     save_ltr,
     score,
 )
-from lkg_pipeline.core.metrics import ranking_metrics
-from lkg_pipeline.core.paths import enumerate_paths
-from lkg_pipeline.core.precision import choose_dtype, model_gemm_shape
-from lkg_pipeline.core.preference import (
-    load_preference,
-    preference_ranks,
-    read_path_types,
-    score_examples,
-)
-from lkg_pipeline.core.prompts import (
-    SETTINGS_KEY,
-    VARIANTS,
-    PromptSettings,
-    recorded_settings,
-)
-from lkg_pipeline.core.rank_llm import RankJob, script_args
-from lkg_pipeline.core.recommend import (
+from lkg_pipeline.core.evaluate.metrics import ranking_metrics
+from lkg_pipeline.core.evaluate.recommend import (
     RecommendConfig,
     explanation_texts,
     full_histories,
@@ -61,9 +45,7 @@ from lkg_pipeline.core.recommend import (
     prompts_as_trained,
     recommendation_table,
 )
-from lkg_pipeline.core.segments import choose_attention
-from lkg_pipeline.core.seqrec import load_retriever
-from lkg_pipeline.core.serving import (
+from lkg_pipeline.core.evaluate.serving import (
     LTR,
     LTR_LLM,
     SERVABLE,
@@ -74,8 +56,26 @@ from lkg_pipeline.core.serving import (
     served_lines,
     served_summary,
 )
-from lkg_pipeline.core.storage import replace_dir_atomically
-from lkg_pipeline.core.warehouse import read_parquet, write_tables
+from lkg_pipeline.core.io.storage import replace_dir_atomically
+from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
+from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
+from lkg_pipeline.core.llm.prompts import (
+    SETTINGS_KEY,
+    VARIANTS,
+    PromptSettings,
+    recorded_settings,
+)
+from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
+from lkg_pipeline.core.llm.rank.job import RankJob, script_args
+from lkg_pipeline.core.llm.segments import choose_attention
+from lkg_pipeline.core.paths.enumeration import enumerate_paths
+from lkg_pipeline.core.paths.preference import (
+    load_preference,
+    preference_ranks,
+    read_path_types,
+    score_examples,
+)
+from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.layout import (
     adapter_dir,
     current_base_model,
@@ -100,7 +100,7 @@ from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Boosting starts from the retriever's score and learns a correction (core.ltr.LtrConfig):
+# Boosting starts from the retriever's score and learns a correction (core.evaluate.ltr.LtrConfig):
 # where the features carry nothing, the ranking stays near the retriever's.
 LTR_CONFIG = LtrConfig(init_score_column="retriever_score")
 # Ten learnable val examples per fold at least; a user sample below it gets no ltr rows.
@@ -147,7 +147,7 @@ def launch_ranking(
     dtype: str,
     attention: str = "auto",
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """`prompts` ranked by `core.rank_llm` under `accelerate launch` (its processes share the
+    """`prompts` ranked by `core.llm.rank.job` under `accelerate launch` (its processes share the
     prompts; progress streams into this run's log through Pipes), and how it ran."""
     chosen: dict[str, Any] = {}
     if dtype == "auto" and launch.accelerate_config is None:
@@ -179,7 +179,7 @@ def launch_ranking(
             what=f"{context.asset_key.to_user_string()} {context.partition_key}",
             attention=attention,
         )
-        command = [*launch.launcher(), "-m", "lkg_pipeline.core.rank_llm", *script_args(job)]
+        command = [*launch.launcher(), "-m", "lkg_pipeline.core.llm.rank", *script_args(job)]
         context.log.info(" ".join(command))
         reported = pipes.run(command=command, context=context)
         metadata = dict(reported.get_materialize_result().metadata or {})
@@ -195,8 +195,8 @@ class RankingRunConfig(Recomputable, AccelerateLaunch):
     scope: Literal["subset", "all"] = "subset"
     batch_size: int | None = None  # prompts per forward (by length); None: 1 on CPU, 16 on GPU
     use_adapter: bool = True  # False: rank with the base model (zero-shot)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.precision: bf16 if faster
-    # the path of the segment windows: auto times both at start-up (core.segments)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # core.llm.precision: bf16 if faster
+    # the path of the segment windows: auto times both at start-up (core.llm.segments)
     attention: Literal["auto", "kernel", "matmul"] = "auto"
 
 
@@ -246,7 +246,7 @@ def rankings(
     reuse.invalidate()
     adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
     context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}")
-    # an adapter trained over the retriever ranks by retriever prior + LLM (core.rank_llm)
+    # an adapter trained over the retriever ranks by retriever prior + LLM (core.llm.rank.job)
     table, launched = launch_ranking(
         context,
         pipes_subprocess_client,
@@ -302,7 +302,7 @@ class EvaluationRunConfig(dg.Config):
     seed: int = EvaluationConfig.seed
     ks: list[int] = list(EvaluationConfig.ks)
     include_preference: bool = True  # the preference module's own ranking of the candidates
-    # The learned reranker over explicit features (core.ltr): `ltr`, and `ltr+llm` with the
+    # The learned reranker over explicit features (core.evaluate.ltr): `ltr`, and `ltr+llm` with the
     # LLM's score as one more feature when a variant was ranked. A few seconds on ml-100k.
     include_ltr: bool = True
 
@@ -353,7 +353,7 @@ def evaluation_report(
     dataset = context.partition_key
     parts = [retriever_ranks(candidates)]
     latency, variants, fusion = [], [], []
-    honest_val = []  # validation ranks for choosing what to serve (`core.serving`)
+    honest_val = []  # validation ranks for choosing what to serve (`core.evaluate.serving`)
     by_variant = _rankings_by_variant(rankings)
     for variant in VARIANTS:
         ranked = by_variant.get(variant)
@@ -611,7 +611,7 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
     }
 
     # The ranker to serve, by name (retriever, a variant, <variant>+prior); None: the one the
-    # evaluation report chose on validation (`core.serving`).
+    # evaluation report chose on validation (`core.evaluate.serving`).
     ranker: str | None = None
     # Whose KG paths explain each item when the served ranker reads no prompt (the retriever);
     # an LLM ranker explains with the paths of its own prompts.

@@ -3,8 +3,8 @@
 import dagster as dg
 from pydantic import Field
 
-from lkg_pipeline.core.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_dataset
-from lkg_pipeline.core.sources import EXPECTED_FILES, resolve_source
+from lkg_pipeline.core.data.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_dataset
+from lkg_pipeline.core.data.sources import EXPECTED_FILES, resolve_source
 from lkg_pipeline.defs.layout import cache_dir, sources_dir
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake

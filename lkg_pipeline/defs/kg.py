@@ -6,9 +6,9 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core import validate
-from lkg_pipeline.core.kg import RELATIONS, KGConfig, KnowledgeGraph, build_kg
-from lkg_pipeline.core.warehouse import write_kg
+from lkg_pipeline.core.data import validate
+from lkg_pipeline.core.kg.graph import RELATIONS, KGConfig, KnowledgeGraph, build_kg
+from lkg_pipeline.core.kg.warehouse import write_kg
 from lkg_pipeline.defs.layout import kg_folder, warehouse_path
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions

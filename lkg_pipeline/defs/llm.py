@@ -12,8 +12,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from lkg_pipeline.core.llm import letter_token_ids, load_base, sanity_generation
-from lkg_pipeline.core.prompts import (
+from lkg_pipeline.core.io.storage import ParquetParts, replace_atomically, replace_dir_atomically
+from lkg_pipeline.core.llm.model import letter_token_ids, load_base, sanity_generation
+from lkg_pipeline.core.llm.prompts import (
     PATHS_KEY,
     SETTINGS_KEY,
     VARIANTS,
@@ -23,9 +24,8 @@ from lkg_pipeline.core.prompts import (
     recorded_settings,
     truncate_titles,
 )
-from lkg_pipeline.core.segments import answer_token_ids
-from lkg_pipeline.core.storage import ParquetParts, replace_atomically, replace_dir_atomically
-from lkg_pipeline.core.train_lora import TrainConfig
+from lkg_pipeline.core.llm.segments import answer_token_ids
+from lkg_pipeline.core.llm.train.script import TrainConfig
 from lkg_pipeline.defs.layout import (
     adapter_dir,
     base_model_root,
@@ -117,7 +117,7 @@ class PromptRunConfig(dg.Config):
     max_title_tokens: int = PromptConfig.max_title_tokens
     max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~850 segments tokens, none cut
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
-    # candidate after a shared history (core.segments), no position bias
+    # candidate after a shared history (core.llm.segments), no position bias
     format: Literal["letters", "segments"] = "segments"  # the default since make quality
     # How each candidate's segment ends ({noun}, {verb} filled in): the cue alone, the prefix
     # asks the question; e.g. "Is it the {noun} they will {verb} next? Answer:" as before
@@ -327,9 +327,9 @@ class LoraRunConfig(Recomputable, AccelerateLaunch):
     # by default: it has not beaten the retriever on validation.
     retriever_prior: bool = TrainConfig.retriever_prior
     max_steps: int | None = TrainConfig.max_steps
-    # core.precision: bf16 where it measures faster
+    # core.llm.precision: bf16 where it measures faster
     dtype: Literal["auto", "float32", "bfloat16"] = TrainConfig.dtype
-    attention: Literal["auto", "kernel", "matmul"] = "auto"  # core.segments: auto measures
+    attention: Literal["auto", "kernel", "matmul"] = "auto"  # core.llm.segments: auto measures
     resume: bool = True  # continue an interrupted run from its last checkpoint
 
     def to_core(self) -> TrainConfig:
@@ -392,7 +392,7 @@ def lora_adapter(
     command = [
         *config.launcher(),
         "-m",
-        "lkg_pipeline.core.train_lora",
+        "lkg_pipeline.core.llm.train",
         "--prompts",
         str(prompts_path),
         "--base-model",

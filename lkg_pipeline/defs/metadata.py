@@ -1,6 +1,6 @@
 """Small renderers for materialisation metadata shown in the Dagster UI."""
 
-from lkg_pipeline.core.tables import markdown_table
+from lkg_pipeline.core.io.tables import markdown_table
 
 __all__ = ["markdown_table", "png_markdown"]
 

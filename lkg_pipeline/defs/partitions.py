@@ -2,6 +2,6 @@
 
 import dagster as dg
 
-from lkg_pipeline.core.sources import DATASETS
+from lkg_pipeline.core.data.sources import DATASETS
 
 dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))

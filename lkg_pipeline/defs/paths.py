@@ -9,7 +9,10 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core.paths import (
+from lkg_pipeline.core.io.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
+from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
+from lkg_pipeline.core.llm.prompts import PATHS_KEY, path_settings_json
+from lkg_pipeline.core.paths.enumeration import (
     PATH_SETTINGS_FILE,
     PathConfig,
     PathSelection,
@@ -22,15 +25,12 @@ from lkg_pipeline.core.paths import (
     signal_by_type,
     write_paths,
 )
-from lkg_pipeline.core.preference import (
+from lkg_pipeline.core.paths.preference import (
     USERS_PER_BATCH,
     PreferenceConfig,
     fit_preferences,
     save_preference,
 )
-from lkg_pipeline.core.prompts import PATHS_KEY, path_settings_json
-from lkg_pipeline.core.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
-from lkg_pipeline.core.warehouse import read_parquet, write_tables
 from lkg_pipeline.defs.layout import (
     candidates_file,
     kg_folder,

@@ -3,8 +3,8 @@
 import dagster as dg
 import polars as pl
 
-from lkg_pipeline.core import validate
-from lkg_pipeline.core.prepare import TITLE_STYLES, PrepareConfig, prepare
+from lkg_pipeline.core.data import validate
+from lkg_pipeline.core.data.prepare import TITLE_STYLES, PrepareConfig, prepare
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.reuse import versioned

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from upath import UPath
 
-from lkg_pipeline.core.storage import ParquetParts, replace_atomically, write_parquet_atomic
+from lkg_pipeline.core.io.storage import ParquetParts, replace_atomically, write_parquet_atomic
 
 FILE_METADATA_PREFIX = "lkg_pipeline."
 # The concurrency pool of the steps that keep every core (or a GPU) busy: the retriever's and

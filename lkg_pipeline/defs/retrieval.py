@@ -9,8 +9,9 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core import validate
-from lkg_pipeline.core.retrieval import (
+from lkg_pipeline.core.data import validate
+from lkg_pipeline.core.io.storage import replace_dir_atomically
+from lkg_pipeline.core.retrieval.retriever import (
     UserSequences,
     candidate_table,
     held_out_training_candidates,
@@ -23,7 +24,7 @@ from lkg_pipeline.core.retrieval import (
     training_candidates,
     user_sequences,
 )
-from lkg_pipeline.core.seqrec import (
+from lkg_pipeline.core.retrieval.seqrec import (
     ARCHITECTURES,
     RetrieverConfig,
     SelectionMetric,
@@ -31,7 +32,6 @@ from lkg_pipeline.core.seqrec import (
     load_retriever,
     save_retriever,
 )
-from lkg_pipeline.core.storage import replace_dir_atomically
 from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
@@ -122,7 +122,7 @@ class CandidatesRunConfig(dg.Config):
     # Which retriever scores the train prefixes (policy "retriever"). shared: the `retriever`
     # asset, which trained on them (sharper on them than on val: ml-100k recall@20 0.44 vs
     # 0.32). held_out: per prefix, a retriever of the same config trained on the sequences cut
-    # before its target (core.retrieval.held_out_training_candidates): train examples are
+    # before its target (core.retrieval.retriever.held_out_training_candidates): train examples are
     # scored as val is, at one retriever training per `train_examples_per_user`.
     train_scored_by: Literal["shared", "held_out"] = "shared"
     # Keep only the train examples whose target the retriever ranked in its top k (instead

@@ -1,6 +1,6 @@
 """Reusing an expensive stage's outputs when nothing it is made from changed.
 
-The comparison itself is `lkg_pipeline.core.fingerprints`; this wraps it for an asset body:
+The comparison itself is `lkg_pipeline.core.io.fingerprints`; this wraps it for an asset body:
 
     reuse = Reuse.start(context, lake.path, config, inputs={...})
     if (metadata := reuse.previous(outputs)) is not None:
@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from lkg_pipeline.core.fingerprints import (
+from lkg_pipeline.core.io.fingerprints import (
     StampStore,
     changed_parts,
     code_digest,
@@ -50,7 +50,7 @@ class Recomputable(dg.Config):
 
 def versioned(manual: str, module: str) -> str:
     """An asset's `code_version`: the hand-kept number plus the digest of the code its output
-    depends on (`core.fingerprints.code_closure`), so that the UI marks an asset stale exactly
+    depends on (`core.io.fingerprints.code_closure`), so that the UI marks an asset stale exactly
     when its own code changed, as the reuse decision does; an unrelated edit changes neither."""
     return f"{manual}+{code_digest(module)[:12]}"
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from lkg_pipeline.core.llm import load_base
+from lkg_pipeline.core.llm.model import load_base
 
 REPO = Path(__file__).resolve().parents[2]
 

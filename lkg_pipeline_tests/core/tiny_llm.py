@@ -2,8 +2,8 @@
 
 import polars as pl
 
-from lkg_pipeline.core.llm import LETTERS
-from lkg_pipeline.core.prompts import PROMPT_COLUMNS
+from lkg_pipeline.core.llm.model import LETTERS
+from lkg_pipeline.core.llm.prompts import PROMPT_COLUMNS
 
 
 def prompt_table(n: int = 9) -> pl.DataFrame:

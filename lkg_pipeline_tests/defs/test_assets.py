@@ -14,11 +14,11 @@ import polars as pl
 import pytest
 from upath import UPath
 
-from lkg_pipeline.core.metrics import ranking_metrics
-from lkg_pipeline.core.paths import PATH_SETTINGS_FILE
-from lkg_pipeline.core.prompts import PATHS_KEY, SETTINGS_KEY
-from lkg_pipeline.core.seqrec import load_retriever
-from lkg_pipeline.core.sources import RECBOLE_WHEEL
+from lkg_pipeline.core.data.sources import RECBOLE_WHEEL
+from lkg_pipeline.core.evaluate.metrics import ranking_metrics
+from lkg_pipeline.core.llm.prompts import PATHS_KEY, SETTINGS_KEY
+from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
+from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
@@ -568,7 +568,7 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
     assert meta["served_ranker"].value == "lkg_rag"
     assert meta["served_because"].value == "forced by run config"
     assert meta[SETTINGS_KEY].value == recorded_settings_of(lake)  # not the defaults
-    # as the adapter was trained; ranked by core.rank_llm in one launched CPU process
+    # as the adapter was trained; ranked by core.llm.rank.job in one launched CPU process
     assert meta["scores"].value.startswith("retriever log-prior + LLM")
     assert meta["processes"].value == 1 and meta["device"].value == "cpu"
     recs = read(lake, "evaluate", "recommendations", "ml-100k.parquet")

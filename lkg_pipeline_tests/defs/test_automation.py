@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
-from lkg_pipeline.core.prompts import VARIANTS
+from lkg_pipeline.core.llm.prompts import VARIANTS
 from lkg_pipeline.definitions import defs as load_defs
 from lkg_pipeline.defs.resources import DataLake
 from lkg_pipeline.defs.schedules import weekly_retrain

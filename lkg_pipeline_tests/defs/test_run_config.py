@@ -5,15 +5,15 @@ import dataclasses
 
 import pytest
 
-from lkg_pipeline.core.evaluation import EvaluationConfig
-from lkg_pipeline.core.kg import KGConfig
-from lkg_pipeline.core.paths import PathConfig, PathSelection
-from lkg_pipeline.core.preference import PreferenceConfig
-from lkg_pipeline.core.prepare import PrepareConfig
-from lkg_pipeline.core.prompts import PromptConfig
-from lkg_pipeline.core.recommend import RecommendConfig
-from lkg_pipeline.core.seqrec import RetrieverConfig
-from lkg_pipeline.core.train_lora import TrainConfig, build_parser, config_from_args
+from lkg_pipeline.core.data.prepare import PrepareConfig
+from lkg_pipeline.core.evaluate.compare import EvaluationConfig
+from lkg_pipeline.core.evaluate.recommend import RecommendConfig
+from lkg_pipeline.core.kg.graph import KGConfig
+from lkg_pipeline.core.llm.prompts import PromptConfig
+from lkg_pipeline.core.llm.train.script import TrainConfig, build_parser, config_from_args
+from lkg_pipeline.core.paths.enumeration import PathConfig, PathSelection
+from lkg_pipeline.core.paths.preference import PreferenceConfig
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 from lkg_pipeline.defs.evaluate import EvaluationRunConfig, RecommendationRunConfig
 from lkg_pipeline.defs.kg import KGRunConfig
 from lkg_pipeline.defs.llm import LoraRunConfig, PromptRunConfig

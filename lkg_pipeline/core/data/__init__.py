@@ -1,0 +1,1 @@
+"""Raw files to clean sequences: sources, readers, preparation and its invariants."""

@@ -1,0 +1,1 @@
+"""Rankers compared and chosen: metrics, paired tests, `ltr`, the served ranker, recommendations."""

@@ -1,0 +1,1 @@
+"""What every stage shares: all-or-nothing writes, content fingerprints for reuse, tables."""

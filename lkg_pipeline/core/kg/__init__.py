@@ -1,0 +1,1 @@
+"""The knowledge graph: typed nodes and relations (`graph`) and its DuckDB/Parquet copy."""

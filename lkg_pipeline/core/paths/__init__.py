@@ -1,0 +1,1 @@
+"""Relation paths from history to candidates, the preference over path types, selection."""

@@ -1,0 +1,1 @@
+"""The first stage: sequential retrievers (LRURec, SASRec) and the candidates they emit."""
