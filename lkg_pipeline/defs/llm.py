@@ -38,7 +38,7 @@ from lkg_pipeline.defs.layout import (
 from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DEFAULT_LAKE, TORCH_POOL, DataLake
-from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
+from lkg_pipeline.defs.reuse import Made, Recomputable, reuse_or_run, versioned
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 dataset_variant_partitions = dg.MultiPartitionsDefinition(
@@ -380,29 +380,20 @@ def lora_adapter(
     dataset, variant = keys["dataset"], keys["variant"]
     prompts_path, base = prompts_file(lake.path, dataset, variant), current_base_model(lake.path)
     output = adapter_dir(lake.path, dataset, variant)
+
+    def train() -> Made:
+        command = [
+            *config.launcher(), "-m", "lkg_pipeline.core.llm.train",
+            "--prompts", str(prompts_path), "--base-model", str(base), "--output", str(output),
+            *config.script_args(),
+        ]  # fmt: skip
+        context.log.info(" ".join(command))
+        reported = pipes_subprocess_client.run(command=command, context=context)
+        return Made({"adapter": output}, dict(reported.get_materialize_result().metadata or {}))
+
     inputs = {
         "prompts": prompts_path,
         "base_model": base,
         "accelerate_config": config.launch_file(),
     }
-    reuse = Reuse.start(context, lake.path, config, inputs)
-    if (metadata := reuse.previous({"adapter": output})) is not None:
-        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
-    reuse.invalidate()
-    command = [
-        *config.launcher(),
-        "-m",
-        "lkg_pipeline.core.llm.train",
-        "--prompts",
-        str(prompts_path),
-        "--base-model",
-        str(base),
-        "--output",
-        str(output),
-        *config.script_args(),
-    ]
-    context.log.info(" ".join(command))
-    reported = pipes_subprocess_client.run(command=command, context=context)
-    metadata = dict(reported.get_materialize_result().metadata or {})
-    version = reuse.record({"adapter": output}, metadata)
-    return dg.MaterializeResult(metadata=metadata, data_version=version)
+    return reuse_or_run(context, lake.path, config, inputs, {"adapter": output}, train)

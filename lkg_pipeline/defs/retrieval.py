@@ -1,6 +1,7 @@
 """Group `retrieval`: the retriever (LRURec or SASRec) per dataset and its candidates."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
@@ -36,7 +37,7 @@ from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
-from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
+from lkg_pipeline.defs.reuse import Made, Recomputable, reuse_or_run, versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -150,10 +151,19 @@ def retriever(
     """The retriever trained on train sequences, early-stopped on its validation metric."""
     dataset = context.partition_key
     target = retriever_dir(lake.path, dataset)
-    reuse = Reuse.start(context, lake.path, config, {"sequences": sequences, "items": items})
-    if (metadata := reuse.previous({"model": target})) is not None:
-        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
-    reuse.invalidate()
+    inputs = {"sequences": sequences, "items": items}
+    train = functools.partial(_train_retriever, context, config, dataset, target, sequences, items)
+    return reuse_or_run(context, lake.path, config, inputs, {"model": target}, train)
+
+
+def _train_retriever(
+    context: dg.AssetExecutionContext,
+    config: RetrieverRunConfig,
+    dataset: str,
+    target: Path,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+) -> Made:
     data = user_sequences(sequences, n_items=items.height)
     core_config = config.to_core(dataset, items.height)
     device = resolve_device(config.device)
@@ -207,8 +217,7 @@ def retriever(
         "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
         "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
     }
-    version = reuse.record({"model": target}, metadata)
-    return dg.MaterializeResult(metadata=metadata, data_version=version)
+    return Made({"model": target}, metadata)
 
 
 def _metrics_frame(report: dict) -> pl.DataFrame:

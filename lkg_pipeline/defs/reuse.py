@@ -1,13 +1,14 @@
 """Reusing an expensive stage's outputs when nothing it is made from changed.
 
-The comparison itself is `lkg_pipeline.core.io.fingerprints`; this wraps it for an asset body:
+The comparison itself is `lkg_pipeline.core.io.fingerprints`; `reuse_or_run` wraps it for an
+asset body, which declares what its output is made from and what it leaves behind:
 
-    reuse = Reuse.start(context, lake.path, config, inputs={...})
-    if (metadata := reuse.previous(outputs)) is not None:
-        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
-    reuse.invalidate()
-    ...  # compute and write
-    version = reuse.record(outputs, metadata)
+    return reuse_or_run(
+        context, lake.path, config,
+        inputs={"prompts": prompts_path, ...},   # what the output is made from
+        kept={"adapter": output},                # what the last run left
+        run=lambda: Made({"adapter": output}, train()),
+    )
 
 A reused materialisation still appears in the UI, with the metadata of the run that did the
 work and `reused_from` naming it. Its data version is the digest of the outputs, so a reuse (or
@@ -16,7 +17,8 @@ a recomputation that lands on identical outputs) does not make anything downstre
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,42 @@ class Reuse:
         self.store.save(self.stage, self.partition, stamp)
         self.data_version = dg.DataVersion(outputs_digest(stamp))
         return self.data_version
+
+
+@dataclass(frozen=True)
+class Made:
+    """What a stage's run made: the outputs its stamp digests (files, folders or frames) and
+    its materialisation's metadata."""
+
+    outputs: Mapping[str, Path | pl.DataFrame]
+    metadata: Mapping[str, Any]
+
+
+def reuse_or_run(
+    context: dg.AssetExecutionContext,
+    lake: Path,
+    config: Recomputable,
+    inputs: Mapping[str, Path | pl.DataFrame | None],
+    kept: Mapping[str, Path | pl.DataFrame | None],
+    run: Callable[[], Made],
+    returns: str | None = None,
+) -> dg.Output | dg.MaterializeResult:
+    """The stage's result: the last completed run's, if `inputs`, settings and code are as it
+    left them and its outputs (`kept`, None where absent) are intact, else `run()`'s.
+
+    `returns` names the output handed to the IO manager (`dg.Output`); None: the stage writes
+    its own files (`dg.MaterializeResult`). The last run's stamp is cleared before `run`
+    starts, so a crash in it leaves nothing that could pass for a complete result.
+    """
+    reuse = Reuse.start(context, lake, config, inputs)
+    metadata = reuse.previous(kept)
+    if metadata is not None:
+        outputs: Mapping[str, Path | pl.DataFrame | None] = kept
+    else:
+        reuse.invalidate()
+        made = run()
+        reuse.record(made.outputs, made.metadata)
+        outputs, metadata = made.outputs, dict(made.metadata)
+    if returns is None:
+        return dg.MaterializeResult(metadata=metadata, data_version=reuse.data_version)
+    return dg.Output(outputs[returns], metadata=metadata, data_version=reuse.data_version)
