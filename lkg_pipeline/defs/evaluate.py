@@ -1,5 +1,6 @@
 """Group `evaluate`: LLM rankings, the side-by-side evaluation report, recommendations."""
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -12,31 +13,34 @@ import polars as pl
 
 from lkg_pipeline.core.evaluate.compare import (
     PREFERENCE,
-    PRIOR_SUFFIX,
     RETRIEVER,
     SIGNIFICANCE,
+    Evaluation,
     EvaluationConfig,
     dumps,
     evaluate,
     example_based_ranks,
-    llm_ranks,
     report_dict,
     report_markdown,
     retriever_ranks,
 )
 from lkg_pipeline.core.evaluate.ltr import (
-    LtrConfig,
-    LtrResult,
-    feature_names,
     feature_table,
-    fit_and_rank,
     llm_scores,
     load_ltr,
     read_pair_features,
     save_ltr,
     score,
 )
-from lkg_pipeline.core.evaluate.metrics import ranking_metrics
+from lkg_pipeline.core.evaluate.rankers import (
+    MIN_LTR_EXAMPLES,
+    LtrRanker,
+    choice_ranks,
+    learnable_val_examples,
+    llm_rankers,
+    ltr_rankers,
+    rankings_by_variant,
+)
 from lkg_pipeline.core.evaluate.recommend import (
     RecommendConfig,
     explanation_texts,
@@ -48,26 +52,29 @@ from lkg_pipeline.core.evaluate.recommend import (
 from lkg_pipeline.core.evaluate.serving import (
     LTR,
     LTR_LLM,
-    SERVABLE,
     choose_served,
     fused_order,
     ranked_by,
     retriever_order,
     served_lines,
     served_summary,
+    serving_plan,
 )
 from lkg_pipeline.core.io.storage import replace_dir_atomically
 from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
-from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.llm.prompts import (
     SETTINGS_KEY,
     VARIANTS,
     PromptSettings,
     recorded_settings,
 )
-from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
-from lkg_pipeline.core.llm.rank.job import RankJob, script_args
-from lkg_pipeline.core.llm.segments import choose_attention
+from lkg_pipeline.core.llm.rank.job import (
+    RankJob,
+    prompts_to_rank,
+    resolve_auto_paths,
+    script_args,
+    split_summary,
+)
 from lkg_pipeline.core.paths.enumeration import enumerate_paths
 from lkg_pipeline.core.paths.preference import (
     load_preference,
@@ -95,16 +102,10 @@ from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.paths import read_path_config
 from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
-from lkg_pipeline.defs.reuse import Recomputable, Reuse, versioned
+from lkg_pipeline.defs.reuse import Made, Recomputable, reuse_or_run, versioned
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-# Boosting starts from the retriever's score and learns a correction (core.evaluate.ltr.LtrConfig):
-# where the features carry nothing, the ranking stays near the retriever's.
-LTR_CONFIG = LtrConfig(init_score_column="retriever_score")
-# Ten learnable val examples per fold at least; a user sample below it gets no ltr rows.
-MIN_LTR_EXAMPLES = 10 * LTR_CONFIG.n_folds
 
 
 def after_update_of(asset: str) -> dg.AutomationCondition:
@@ -119,8 +120,39 @@ def after_update_of(asset: str) -> dg.AutomationCondition:
     return dg.AutomationCondition.eager().replace("any_deps_updated", updated)
 
 
-def _previous_table(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path) if path.exists() else None
+def launch_ranking(
+    context: dg.AssetExecutionContext,
+    pipes: dg.PipesSubprocessClient,
+    lake: Path,
+    config: "RankingRunConfig | RecommendationRunConfig",
+    prompts: pl.DataFrame,
+    adapter: Path | None,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """`prompts` ranked by `core.llm.rank.job` under `accelerate launch` (its processes share
+    the prompts; progress streams into this run's log through Pipes), and how it ran."""
+    dtype, attention, chosen = config.dtype, config.attention, {}
+    if config.launch_file() is None:  # one CPU process: `auto` is measured here, once
+        dtype, attention, chosen = resolve_auto_paths(current_base_model(lake), dtype, attention)
+    scratch = scratch_dir(lake)
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
+        given, output = Path(folder) / "prompts.parquet", Path(folder) / "rankings.parquet"
+        prompts.write_parquet(given)
+        job = RankJob(
+            prompts=given,
+            base_model=current_base_model(lake),
+            adapter=adapter,
+            output=output,
+            batch_size=config.batch_size,
+            dtype=dtype,
+            what=f"{context.asset_key.to_user_string()} {context.partition_key}",
+            attention=attention,
+        )
+        command = [*config.launcher(), "-m", "lkg_pipeline.core.llm.rank", *script_args(job)]
+        context.log.info(" ".join(command))
+        reported = pipes.run(command=command, context=context)
+        metadata = dict(reported.get_materialize_result().metadata or {})
+        return pl.read_parquet(output), {**metadata, **chosen}
 
 
 def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path | None:
@@ -136,54 +168,8 @@ def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path 
     return adapter
 
 
-def launch_ranking(
-    context: dg.AssetExecutionContext,
-    pipes: dg.PipesSubprocessClient,
-    lake: Path,
-    launch: AccelerateLaunch,
-    prompts: pl.DataFrame,
-    adapter: Path | None,
-    batch_size: int | None,
-    dtype: str,
-    attention: str = "auto",
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """`prompts` ranked by `core.llm.rank.job` under `accelerate launch` (its processes share the
-    prompts; progress streams into this run's log through Pipes), and how it ran."""
-    chosen: dict[str, Any] = {}
-    if dtype == "auto" and launch.accelerate_config is None:
-        # One CPU process: `auto` is measured here, once per run's process (choose_dtype
-        # caches it; a run's steps share its process), as it was before ranking moved into a
-        # launched script. Measured anew in every launch, a near-threshold GEMM ratio could
-        # flip the type between two launches and with it the rankings (a forced recompute in
-        # the same process must repeat them).
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(current_base_model(lake))
-        choice = choose_dtype("auto", "cpu", model_gemm_shape(model_config))
-        dtype, chosen = choice.chosen, choice.metadata()
-        if attention == "auto":  # the same for the path of the segment windows
-            path = choose_attention("auto", choice.torch_dtype, "cpu", model_config, False)
-            attention, chosen = path.chosen, chosen | path.metadata()
-    scratch = scratch_dir(lake)
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix="rank-") as folder:
-        given, output = Path(folder) / "prompts.parquet", Path(folder) / "rankings.parquet"
-        prompts.write_parquet(given)
-        job = RankJob(
-            prompts=given,
-            base_model=current_base_model(lake),
-            adapter=adapter,
-            output=output,
-            batch_size=batch_size,
-            dtype=dtype,
-            what=f"{context.asset_key.to_user_string()} {context.partition_key}",
-            attention=attention,
-        )
-        command = [*launch.launcher(), "-m", "lkg_pipeline.core.llm.rank", *script_args(job)]
-        context.log.info(" ".join(command))
-        reported = pipes.run(command=command, context=context)
-        metadata = dict(reported.get_materialize_result().metadata or {})
-        return pl.read_parquet(output), {**metadata, **chosen}
+def _previous_table(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.exists() else None
 
 
 class RankingRunConfig(Recomputable, AccelerateLaunch):
@@ -220,76 +206,31 @@ def rankings(
     """The fine-tuned LLM's ranking of each val/test prompt's 20 candidates (one forward each)."""
     keys = context.partition_key.keys_by_dimension
     dataset, variant = keys["dataset"], keys["variant"]
-    unknown = set(config.splits) - {"val", "test"}
-    if unknown:
-        raise ValueError(f"unknown splits {sorted(unknown)}; choose from 'val', 'test'")
-    chosen = prompts.filter(pl.col("split").is_in(config.splits))
-    if config.scope == "subset":
-        chosen = chosen.filter(pl.col("target_index") >= 0)
-    if chosen.height == 0:
-        raise ValueError(
-            f"{dataset}|{variant}: no {'/'.join(config.splits)} prompt to rank with scope "
-            f"{config.scope!r} (no true item among the candidates?)"
+    chosen = prompts_to_rank(prompts, config.splits, config.scope, f"{dataset}|{variant}")
+
+    def rank() -> Made:
+        adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
+        context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}")
+        # an adapter trained over the retriever ranks by retriever prior + LLM (core.llm.rank)
+        table, launched = launch_ranking(
+            context, pipes_subprocess_client, lake.path, config, chosen, adapter
         )
-    adapter_path = adapter_dir(lake.path, dataset, variant) if config.use_adapter else None
+        metadata = {
+            "adapter": str(adapter) if adapter else "none (base model)",
+            "scope": config.scope,
+            **launched,  # scores, device, processes, prompts, seconds, rates, dtype
+            "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(split_summary(table))),
+        }
+        return Made({"rankings": table}, metadata)
+
     inputs = {
         "prompts": chosen,
         "base_model": current_base_model(lake.path),
-        "adapter": adapter_path,
+        "adapter": adapter_dir(lake.path, dataset, variant) if config.use_adapter else None,
         "accelerate_config": config.launch_file(),
     }
-    reuse = Reuse.start(context, lake.path, config, inputs)
-    output = rankings_file(lake.path, dataset, variant)
-    previous = _previous_table(output)
-    if (metadata := reuse.previous({"rankings": previous})) is not None:
-        return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
-    reuse.invalidate()
-    adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
-    context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}")
-    # an adapter trained over the retriever ranks by retriever prior + LLM (core.llm.rank.job)
-    table, launched = launch_ranking(
-        context,
-        pipes_subprocess_client,
-        lake.path,
-        config,
-        chosen,
-        adapter,
-        config.batch_size,
-        config.dtype,
-        config.attention,
-    )
-    summary = []
-    for split, rows in table.group_by("split", maintain_order=True):
-        ranks = rows["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
-        summary.append(
-            {
-                "split": split[0],
-                "prompts": rows.height,
-                **ranking_metrics(ranks, (1, 5, 10)),
-                "s_per_prompt": float(rows["seconds"].mean()),
-            }
-        )
-    metadata = {
-        "adapter": str(adapter) if adapter else "none (base model)",
-        "scope": config.scope,
-        **launched,  # scores, device, processes, prompts, seconds, rates, dtype
-        "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(summary))),
-    }
-    version = reuse.record({"rankings": table}, metadata)
-    return dg.Output(table, metadata=metadata, data_version=version)
-
-
-def _rankings_by_variant(rankings: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
-    """The loaded rankings partitions by variant (each table names its variant); an empty
-    table ranked nothing and counts as missing."""
-    out: dict[str, pl.DataFrame] = {}
-    for key, frame in rankings.items():
-        if frame.height == 0:
-            continue
-        names = frame["variant"].unique().to_list()
-        assert len(names) == 1, f"rankings partition {key} mixes variants {names}"
-        out[names[0]] = frame
-    return out
+    kept = {"rankings": _previous_table(rankings_file(lake.path, dataset, variant))}
+    return reuse_or_run(context, lake.path, config, inputs, kept, rank, returns="rankings")
 
 
 class EvaluationRunConfig(dg.Config):
@@ -305,6 +246,15 @@ class EvaluationRunConfig(dg.Config):
     # The learned reranker over explicit features (core.evaluate.ltr): `ltr`, and `ltr+llm` with the
     # LLM's score as one more feature when a variant was ranked. A few seconds on ml-100k.
     include_ltr: bool = True
+
+    def to_core(self) -> EvaluationConfig:
+        return EvaluationConfig(
+            n_bootstrap=self.n_bootstrap,
+            n_permutations=self.n_permutations,
+            confidence=self.confidence,
+            seed=self.seed,
+            ks=tuple(self.ks),
+        )
 
 
 @dg.asset(
@@ -351,128 +301,121 @@ def evaluation_report(
     """Every ranked variant, the retriever, the preference module and the learned reranker,
     side by side, and the ranker to serve."""
     dataset = context.partition_key
-    parts = [retriever_ranks(candidates)]
-    latency, variants, fusion = [], [], []
-    honest_val = []  # validation ranks for choosing what to serve (`core.evaluate.serving`)
-    by_variant = _rankings_by_variant(rankings)
-    for variant in VARIANTS:
-        ranked = by_variant.get(variant)
-        if ranked is None:
-            continue
-        parts.append(llm_ranks(candidates, ranked, variant))
-        variants.append(variant)
-        if (ranked["split"] == "val").any():  # λ is chosen on val, never on test
-            fused, choice = fused_ranks(ranked, candidates)
-            parts.append(example_based_ranks(candidates, fused, variant + PRIOR_SUFFIX))
-            fusion.append({"ranker": variant + PRIOR_SUFFIX, **choice.as_dict()})
-            crossed = cross_fitted_val_ranks(ranked, candidates, seed=config.seed)
-            if crossed is not None:  # else too few val examples: not a serving candidate
-                honest_val.append(example_based_ranks(candidates, crossed, variant + PRIOR_SUFFIX))
-            context.log.info(f"{variant}{PRIOR_SUFFIX}: {choice.describe()}")
-        seconds = ranked["seconds"].to_numpy()
-        latency.append(
-            {
-                "variant": variant,
-                "prompts": len(seconds),
-                "mean_s": float(seconds.mean()),
-                "p50_s": float(np.percentile(seconds, 50)),
-                "p95_s": float(np.percentile(seconds, 95)),
-                "mean_tokens": float(ranked["n_tokens"].mean()),
-            }
-        )
-    if not variants:
-        raise FileNotFoundError(
-            f"no rankings for {dataset} (partitions {dataset}|<variant> of `rankings`, under "
-            f"{rankings_file(lake.path, dataset, '*').parent}): materialise `rankings` for at "
-            "least one variant first"
-        )
-    missing = [v for v in VARIANTS if v not in variants]
-    if missing:  # said in the log, the report and the metadata, never skipped silently
-        context.log.warning(
-            f"{dataset}: no rankings for {', '.join(missing)}; the report covers "
-            f"{', '.join(variants)} (materialise `rankings` for {dataset}|<variant> to add them)"
-        )
+    by_variant = rankings_by_variant(rankings)
+    llm = llm_rankers(candidates, by_variant, seed=config.seed)
+    missing = _check_variants(context, lake.path, dataset, llm.variants)
+    for note in llm.notes:
+        context.log.info(note)
+    ranks = [retriever_ranks(candidates), *llm.ranks]
     if config.include_preference:
-        parts.append(_preference_ranks(lake.path, dataset, candidates))
-    ltr_summary: list[dict[str, Any]] = []
-    ltr_models: dict[str, LtrResult] = {}
-    if config.include_ltr:
-        for name, ranked in _ltr_ranks(
-            context, lake.path, dataset, candidates, sequences, items, by_variant
-        ):
-            parts.append(example_based_ranks(candidates, ranked["ranks"], name))
-            ltr_summary.append({"ranker": name, **ranked["summary"]})
-            ltr_models[name] = ranked["model"]
-    core = EvaluationConfig(
-        n_bootstrap=config.n_bootstrap,
-        n_permutations=config.n_permutations,
-        confidence=config.confidence,
-        seed=config.seed,
-        ks=tuple(config.ks),
+        ranks.append(_preference_ranks(lake.path, dataset, candidates))
+    ltr = _ltr_rankers(context, lake.path, dataset, candidates, sequences, items, by_variant)
+    ltr = ltr if config.include_ltr else []
+    ranks += [example_based_ranks(candidates, r.ranks, r.name) for r in ltr]
+    evaluation = evaluate(pl.concat(ranks), config.to_core())
+    choice = choose_served(
+        choice_ranks(ranks, llm), n_permutations=config.n_permutations, seed=config.seed
     )
-    evaluation = evaluate(pl.concat(parts), core)
-    fitted_on_val = {f["ranker"] for f in fusion}  # their val rows are replaced by honest ones
-    choice_ranks = pl.concat(
-        [p.filter(~pl.col("ranker").is_in(list(fitted_on_val))) for p in parts] + honest_val
-    )
-    served = served_summary(
-        choose_served(choice_ranks, n_permutations=config.n_permutations, seed=config.seed),
-        evaluation.comparisons,
-    )
+    served = served_summary(choice, evaluation.comparisons)
     context.log.info(f"served ranker: {served['served']}: {served['reason']}")
     report = report_dict(
         evaluation,
         {
             "dataset": dataset,
             "served": served,
-            "variants": variants,
+            "variants": llm.variants,
             "variants_missing": missing,
-            "latency": latency,
-            "fusion": fusion,
-            "ltr": ltr_summary,
+            "latency": llm.latency,
+            "fusion": llm.fusion,
+            "ltr": [{"ranker": r.name, **r.summary} for r in ltr],
             "base_model": str(current_base_model(lake.path)),
             "code_version": context.assets_def.code_versions_by_key[context.asset_key],
         },
     )
     markdown = report_markdown(report, evaluation, head=served_lines(served))
-    figure = _bar_chart(evaluation.metrics, dataset)
     target = reports_dir(lake.path, dataset)
+    chart = _write_report(target, report, markdown, evaluation.metrics, ltr, dataset)
+    for line in evaluation.verdicts:
+        context.log.info(line)
+    yield dg.MaterializeResult(
+        metadata=_report_metadata(target, served, evaluation, markdown, chart, report)
+    )
+    yield _beats_retriever(evaluation.metrics, llm.variants)
+    yield _served_holds(served)
+
+
+def _check_variants(
+    context: dg.AssetExecutionContext, lake: Path, dataset: str, variants: list[str]
+) -> list[str]:
+    """The variants not ranked yet (said in the log, the report and the metadata, never
+    skipped silently), or an error when none was."""
+    if not variants:
+        raise FileNotFoundError(
+            f"no rankings for {dataset} (partitions {dataset}|<variant> of `rankings`, under "
+            f"{rankings_file(lake, dataset, '*').parent}): materialise `rankings` for at "
+            "least one variant first"
+        )
+    missing = [v for v in VARIANTS if v not in variants]
+    if missing:
+        context.log.warning(
+            f"{dataset}: no rankings for {', '.join(missing)}; the report covers "
+            f"{', '.join(variants)} (materialise `rankings` for {dataset}|<variant> to add them)"
+        )
+    return missing
+
+
+def _write_report(
+    target: Path,
+    report: dict[str, Any],
+    markdown: str,
+    metrics: pl.DataFrame,
+    ltr: list[LtrRanker],
+    dataset: str,
+) -> str:
+    """The report folder, all or nothing (JSON, Markdown, chart, the fitted rerankers that
+    `recommendations` serves); returns the chart as Markdown for the UI."""
+    figure = _bar_chart(metrics, dataset)
 
     def write(folder: Path) -> None:
         (folder / "evaluation.json").write_text(dumps(report))
-        for name, fitted in ltr_models.items():  # what `recommendations` serves them with
-            save_ltr(fitted, folder / name)
+        for ranker in ltr:
+            save_ltr(ranker.model, folder / ranker.name)
         (folder / "evaluation.md").write_text(markdown)
         figure.savefig(folder / "evaluation.png", dpi=100, bbox_inches="tight")
 
     replace_dir_atomically(target, write)
     chart = png_markdown(figure, "test metrics with 95% intervals")
     plt.close(figure)
-    for line in evaluation.verdicts:
-        context.log.info(line)
-    yield dg.MaterializeResult(
-        metadata={
-            "report": dg.MetadataValue.path(str(target / "evaluation.md")),
-            "json": dg.MetadataValue.path(str(target / "evaluation.json")),
-            "served_ranker": served["served"],
-            "served_because": served["reason"],
-            "runner_up": str(served["runner_up"]),
-            "verdict": "\n".join(evaluation.verdicts),
-            "tables": dg.MetadataValue.md(markdown),
-            "chart": dg.MetadataValue.md(chart),
-            "populations": dg.MetadataValue.md(markdown_table(evaluation.populations)),
-            "variants": dg.MetadataValue.json(variants),
-            "variants_missing": dg.MetadataValue.json(missing),
-            **{
-                f"{row['ranker']}_importances": dg.MetadataValue.md(
-                    markdown_table(pl.DataFrame(row["importances"]).head(12))
-                )
-                for row in ltr_summary
-            },
-        }
-    )
-    yield _beats_retriever(evaluation.metrics, variants)
-    yield _served_holds(served)
+    return chart
+
+
+def _report_metadata(
+    target: Path,
+    served: dict[str, Any],
+    evaluation: Evaluation,
+    markdown: str,
+    chart: str,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "report": dg.MetadataValue.path(str(target / "evaluation.md")),
+        "json": dg.MetadataValue.path(str(target / "evaluation.json")),
+        "served_ranker": served["served"],
+        "served_because": served["reason"],
+        "runner_up": str(served["runner_up"]),
+        "verdict": "\n".join(evaluation.verdicts),
+        "tables": dg.MetadataValue.md(markdown),
+        "chart": dg.MetadataValue.md(chart),
+        "populations": dg.MetadataValue.md(markdown_table(evaluation.populations)),
+        "variants": dg.MetadataValue.json(report["variants"]),
+        "variants_missing": dg.MetadataValue.json(report["variants_missing"]),
+        **{
+            f"{row['ranker']}_importances": dg.MetadataValue.md(
+                markdown_table(pl.DataFrame(row["importances"]).head(12))
+            )
+            for row in report["ltr"]
+        },
+    }
 
 
 def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.DataFrame:
@@ -484,7 +427,7 @@ def _preference_ranks(lake: Path, dataset: str, candidates: pl.DataFrame) -> pl.
     return example_based_ranks(candidates, ranked, PREFERENCE)
 
 
-def _ltr_ranks(
+def _ltr_rankers(
     context: dg.AssetExecutionContext,
     lake: Path,
     dataset: str,
@@ -492,44 +435,22 @@ def _ltr_ranks(
     sequences: pl.DataFrame,
     items: pl.DataFrame,
     by_variant: dict[str, pl.DataFrame],
-) -> list[tuple[str, dict[str, Any]]]:
-    """(name, {"ranks": (example_id, rank), "summary": ...}) of `ltr` and, when a variant was
-    ranked (lkg_rag first), `ltr+llm`; val ranks cross-fitted, so honest for the choice."""
-    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
-    learnable = evaluated.filter((pl.col("split") == "val") & pl.col("in_candidates")).height
+) -> list[LtrRanker]:
+    """The learned rerankers over the dataset's path features and preference scores; none
+    (said in the log) where too few val examples can be learned from."""
+    learnable = learnable_val_examples(candidates)
     if learnable < MIN_LTR_EXAMPLES:
         context.log.warning(
             f"{dataset}: ltr skipped: {learnable} validation examples have their true item among "
             f"the candidates, fewer than the {MIN_LTR_EXAMPLES} it needs to fit and cross-fit"
         )
         return []
+    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
     folder = paths_folder(lake, dataset)
     pairs = read_pair_features(folder, evaluated["example_id"])
     preference = _preference_scores(lake, dataset, evaluated, pairs)
     path_types = read_path_types(folder)
-    llm_variant = next((v for v in ("lkg_rag", *VARIANTS) if v in by_variant), None)
-    llm = None if llm_variant is None else llm_scores(by_variant[llm_variant])
-    out = []
-    for name, with_llm in ((LTR, False), (LTR_LLM, True)):
-        if with_llm and llm is None:
-            continue
-        rows = evaluated
-        if with_llm:  # the LLM scored only the examples whose true item is a candidate
-            rows = evaluated.join(llm.select("example_id").unique(), on="example_id", how="semi")
-        features = feature_table(
-            rows, sequences, pairs, items, preference, llm if with_llm else None,
-            path_types=path_types,
-        )  # fmt: skip
-        columns = feature_names(features)
-        result, ranks = fit_and_rank(features, columns, LTR_CONFIG)
-        summary = {
-            "llm_variant": llm_variant if with_llm else None,
-            "features": columns,
-            "best_iterations": result.best_iterations,
-            "importances": result.importances.to_dicts(),
-        }
-        out.append((name, {"ranks": ranks, "summary": summary, "model": result}))
-    return out
+    return ltr_rankers(evaluated, sequences, items, pairs, preference, path_types, by_variant)
 
 
 def _served_holds(served: dict[str, Any]) -> dg.AssetCheckResult:
@@ -624,45 +545,6 @@ class RecommendationRunConfig(Recomputable, AccelerateLaunch):
     attention: Literal["auto", "kernel", "matmul"] = "auto"  # as in rankings
 
 
-def serving_plan(lake: Path, dataset: str, forced: str | None) -> dict[str, Any]:
-    """What `recommendations` ranks with: the report's served ranker (or `forced`), the LLM
-    variant it needs (None: no LLM forward) and, for `<variant>+prior`, the report's fusion."""
-    if forced == RETRIEVER:  # always servable: no report needed (no LLM stage has to run)
-        return {"ranker": RETRIEVER, "forced": True, "because": "forced by run config",
-                "runner_up": None, "variant": None, "fusion": None}  # fmt: skip
-    report_file = reports_dir(lake, dataset) / "evaluation.json"
-    if not report_file.exists():
-        raise FileNotFoundError(
-            f"{report_file} does not exist: materialise evaluation_report for {dataset} first "
-            "(it chooses the ranker to serve on validation), or name one with config `ranker`"
-        )
-    report = json.loads(report_file.read_text())
-    if "served" not in report:
-        raise ValueError(f"{report_file} predates the served-ranker choice: re-materialise it")
-    available = [row["ranker"] for row in report["served"]["evidence"]]
-    ranker = forced or report["served"]["served"]
-    if ranker not in SERVABLE or ranker not in available:
-        raise ValueError(
-            f"ranker {ranker!r} cannot be served for {dataset}: the report has validation ranks "
-            f"for {', '.join(available)} (servable kinds: {', '.join(SERVABLE)})"
-        )
-    variant = None if ranker in (RETRIEVER, LTR) else ranker.removesuffix(PRIOR_SUFFIX)
-    if ranker == LTR_LLM:  # the LLM whose scores the reranker was fitted on
-        variant = next(r["llm_variant"] for r in report["ltr"] if r["ranker"] == LTR_LLM)
-    fusion = next((f for f in report.get("fusion", []) if f["ranker"] == ranker), None)
-    if ranker.endswith(PRIOR_SUFFIX) and fusion is None:
-        raise ValueError(f"{report_file} has no fusion weight for {ranker}: re-materialise it")
-    return {
-        "ranker": ranker,
-        "forced": forced is not None,
-        "because": "forced by run config" if forced else report["served"]["reason"],
-        # validation's choice when forced, else validation's runner-up
-        "runner_up": report["served"]["served"] if forced else report["served"]["runner_up"],
-        "variant": variant,
-        "fusion": fusion,
-    }
-
-
 @dg.asset(
     automation_condition=after_update_of("evaluation_report"),  # see sensors.py
     group_name="evaluate",
@@ -691,7 +573,8 @@ def recommendations(
     """Top-N next items per user from their full history, ranked by the served ranker, each
     with the KG paths that explain it."""
     dataset = context.partition_key
-    plan = serving_plan(lake.path, dataset, config.ranker)
+    report_file = reports_dir(lake.path, dataset) / "evaluation.json"
+    plan = serving_plan(report_file, dataset, config.ranker)
     llm = plan["variant"]  # None: the retriever's order, no LLM forward
     variant = llm or config.variant
     if variant not in VARIANTS:
@@ -711,45 +594,49 @@ def recommendations(
         if plan["ranker"] in (LTR, LTR_LLM)
         else None,
     }
-    reuse = Reuse.start(context, lake.path, config, inputs)
     database = warehouse_path(lake.path, dataset, "recommendations")
     previous = _previous_table(recommendations_file(lake.path, dataset))
-    if (metadata := reuse.previous({"table": previous, "duckdb": database})) is not None:
-        return dg.Output(previous, metadata=metadata, data_version=reuse.data_version)
-    reuse.invalidate()
+    run = functools.partial(
+        _recommend, context, config, lake.path, pipes_subprocess_client, plan, variant,
+        sequences, items, database,
+    )  # fmt: skip
+    kept = {"table": previous, "duckdb": database}
+    return reuse_or_run(context, lake.path, config, inputs, kept, run, returns="table")
+
+
+def _recommend(
+    context: dg.AssetExecutionContext,
+    config: RecommendationRunConfig,
+    lake: Path,
+    pipes: dg.PipesSubprocessClient,
+    plan: dict[str, Any],
+    variant: str,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    database: Path,
+) -> Made:
+    """Rank every user's next-item candidates with the planned ranker, write the table to
+    DuckDB, and say how it went."""
+    dataset, llm = str(context.partition_key), plan["variant"]
     context.log.info(f"serving {plan['ranker']}: {plan['because']}")
     core = RecommendConfig(top_n=config.top_n, max_users=config.max_users)
-    examples = next_item_examples(
-        load_retriever(retriever_dir(lake.path, dataset)), sequences, core
-    )
+    examples = next_item_examples(load_retriever(retriever_dir(lake, dataset)), sequences, core)
     prompt_table, explanations, settings = _prompts_and_reasons(
-        lake.path, dataset, variant, examples, sequences, items
+        lake, dataset, variant, examples, sequences, items
     )
     launched: dict[str, Any] = {"llm_forward": "none: the served ranker reads no prompt"}
     if llm is None:
         ranked = retriever_order(examples)
     else:
-        adapter = _adapter(lake.path, dataset, llm, config.use_adapter)
-        ranked, launched = launch_ranking(
-            context,
-            pipes_subprocess_client,
-            lake.path,
-            config,
-            prompt_table,
-            adapter,
-            config.batch_size,
-            config.dtype,
-            config.attention,
-        )
+        adapter = _adapter(lake, dataset, llm, config.use_adapter)
+        ranked, launched = launch_ranking(context, pipes, lake, config, prompt_table, adapter)
         if plan["fusion"] is not None:
             fusion = plan["fusion"]
             prior = None if fusion["prior"] is None else np.asarray(fusion["prior"])
             ranked = fused_order(ranked, examples, fusion["lam"], prior)
     if plan["ranker"] in (LTR, LTR_LLM):
         llm_ranked = ranked if plan["ranker"] == LTR_LLM else None
-        ranked = _ltr_order(
-            lake.path, dataset, plan["ranker"], examples, sequences, items, llm_ranked
-        )
+        ranked = _ltr_order(lake, dataset, plan["ranker"], examples, sequences, items, llm_ranked)
     table = recommendation_table(
         examples,
         ranked,
@@ -765,8 +652,22 @@ def recommendations(
         "create table recommendations as select * from recommendations_df order by user_idx, rank;",
         database,
     )
-    explained = float(table["explanation"].is_not_null().mean())
-    metadata = {
+    metadata = _recommendation_metadata(config, plan, variant, table, database, launched)
+    metadata[SETTINGS_KEY] = dg.MetadataValue.json(json.loads(settings.to_json()))
+    metadata["prompt_format"] = settings.prompt.format
+    return Made({"table": table, "duckdb": database}, metadata)
+
+
+def _recommendation_metadata(
+    config: RecommendationRunConfig,
+    plan: dict[str, Any],
+    variant: str,
+    table: pl.DataFrame,
+    database: Path,
+    launched: dict[str, Any],
+) -> dict[str, Any]:
+    sample = table.filter(pl.col("user_idx") < 2)
+    return {
         "duckdb": dg.MetadataValue.path(str(database)),
         "served_ranker": plan["ranker"],
         "served_because": plan["because"],
@@ -774,21 +675,13 @@ def recommendations(
         "variant": variant,
         "users": table["user_idx"].n_unique(),
         "distinct_items": table["item_idx"].n_unique(),
-        "share_explained": round(explained, 4),
+        "share_explained": round(float(table["explanation"].is_not_null().mean()), 4),
         **launched,  # scores, device, processes, prompts, seconds, rates, dtype
         "sample": dg.MetadataValue.md(
-            markdown_table(
-                table.filter(pl.col("user_idx") < 2).select(
-                    "user_idx", "rank", "title", "ranker", "explanation"
-                )
-            )
+            markdown_table(sample.select("user_idx", "rank", "title", "ranker", "explanation"))
         ),
         "run_config": dg.MetadataValue.json(json.loads(config.model_dump_json())),
-        "prompt_format": settings.prompt.format,
-        SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
     }
-    version = reuse.record({"table": table, "duckdb": database}, metadata)
-    return dg.Output(table, metadata=metadata, data_version=version)
 
 
 def _ltr_order(

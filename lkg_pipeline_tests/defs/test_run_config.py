@@ -104,13 +104,3 @@ def test_the_retriever_takes_the_datasets_tuned_defaults_unless_a_run_sets_them(
     # the asset's run config, as JSON, round-trips to the same core config
     again = RetrieverRunConfig.model_validate_json(chosen.model_dump_json(exclude_unset=True))
     assert again.to_core("ml-100k", n_items=50) == mine
-
-
-def test_the_retriever_can_be_served_before_any_report_and_nothing_else_can(tmp_path) -> None:
-    from lkg_pipeline.defs.evaluate import serving_plan
-
-    plan = serving_plan(tmp_path, "ml-100k", "retriever")  # no LLM stage has run
-    assert plan["ranker"] == "retriever" and plan["variant"] is None and plan["forced"]
-    for forced in (None, "lkg_rag"):
-        with pytest.raises(FileNotFoundError, match="materialise evaluation_report"):
-            serving_plan(tmp_path, "ml-100k", forced)

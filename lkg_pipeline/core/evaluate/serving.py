@@ -17,8 +17,10 @@ validation (the `+prior` fusion's λ) is passed in with cross-fitted validation 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,3 +233,41 @@ def served_lines(summary: dict[str, Any]) -> list[str]:
     lines += ["", "Validation evidence (overall population, every user):", ""]
     lines += [markdown_table(evidence.with_columns(pl.selectors.float().round(4))), ""]
     return lines
+
+
+def serving_plan(report_file: Path, dataset: str, forced: str | None) -> dict[str, Any]:
+    """What `recommendations` ranks with: the report's served ranker (or `forced`), the LLM
+    variant it needs (None: no LLM forward) and, for `<variant>+prior`, the report's fusion."""
+    if forced == RETRIEVER:  # always servable: no report needed (no LLM stage has to run)
+        return {"ranker": RETRIEVER, "forced": True, "because": "forced by run config",
+                "runner_up": None, "variant": None, "fusion": None}  # fmt: skip
+    if not report_file.exists():
+        raise FileNotFoundError(
+            f"{report_file} does not exist: materialise evaluation_report for {dataset} first "
+            "(it chooses the ranker to serve on validation), or name one with config `ranker`"
+        )
+    report = json.loads(report_file.read_text())
+    if "served" not in report:
+        raise ValueError(f"{report_file} predates the served-ranker choice: re-materialise it")
+    available = [row["ranker"] for row in report["served"]["evidence"]]
+    ranker = forced or report["served"]["served"]
+    if ranker not in SERVABLE or ranker not in available:
+        raise ValueError(
+            f"ranker {ranker!r} cannot be served for {dataset}: the report has validation ranks "
+            f"for {', '.join(available)} (servable kinds: {', '.join(SERVABLE)})"
+        )
+    variant = None if ranker in (RETRIEVER, LTR) else ranker.removesuffix(PRIOR_SUFFIX)
+    if ranker == LTR_LLM:  # the LLM whose scores the reranker was fitted on
+        variant = next(r["llm_variant"] for r in report["ltr"] if r["ranker"] == LTR_LLM)
+    fusion = next((f for f in report.get("fusion", []) if f["ranker"] == ranker), None)
+    if ranker.endswith(PRIOR_SUFFIX) and fusion is None:
+        raise ValueError(f"{report_file} has no fusion weight for {ranker}: re-materialise it")
+    return {
+        "ranker": ranker,
+        "forced": forced is not None,
+        "because": "forced by run config" if forced else report["served"]["reason"],
+        # validation's choice when forced, else validation's runner-up
+        "runner_up": report["served"]["served"] if forced else report["served"]["runner_up"],
+        "variant": variant,
+        "fusion": fusion,
+    }

@@ -12,6 +12,7 @@ from lkg_pipeline.core.evaluate.serving import (
     retriever_order,
     served_lines,
     served_summary,
+    serving_plan,
 )
 from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks, val_folds
 from lkg_pipeline_tests.core.evaluate.test_recommend import toy_sequences
@@ -155,3 +156,12 @@ def test_cross_fitted_fusion_never_chooses_lambda_on_the_example_it_ranks() -> N
         seeds_apart += len({kind[e] for e in order if fold[e] == 0}) == 1
     assert seeds_apart > 0  # some seed put the kinds in different folds
     assert cross_fitted_val_ranks(rankings, candidates, n_folds=3) is None  # < 2 per fold
+
+
+def test_the_retriever_can_be_served_before_any_report_and_nothing_else_can(tmp_path) -> None:
+    report = tmp_path / "evaluation.json"
+    plan = serving_plan(report, "ml-100k", "retriever")  # no LLM stage has run
+    assert plan["ranker"] == "retriever" and plan["variant"] is None and plan["forced"]
+    for forced in (None, "lkg_rag"):
+        with pytest.raises(FileNotFoundError, match="materialise evaluation_report"):
+            serving_plan(report, "ml-100k", forced)

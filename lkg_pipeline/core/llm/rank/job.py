@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
+from lkg_pipeline.core.evaluate.metrics import ranking_metrics
 from lkg_pipeline.core.io.storage import write_parquet_atomic
 from lkg_pipeline.core.llm.precision import DTYPES, DtypeChoice, choose_dtype, model_gemm_shape
 from lkg_pipeline.core.llm.rank.scoring import (
@@ -60,6 +62,60 @@ class RankOutcome:
     processes: int
     device: str  # the main process's
     ranking_seconds: float  # the slowest process's time ranking its share
+
+
+def prompts_to_rank(
+    prompts: pl.DataFrame, splits: Sequence[str], scope: str, what: str
+) -> pl.DataFrame:
+    """The prompts of `splits` to rank: all of them, or (scope "subset") those whose true item
+    is a candidate (the others are misses whatever the LLM does)."""
+    unknown = set(splits) - {"val", "test"}
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)}; choose from 'val', 'test'")
+    chosen = prompts.filter(pl.col("split").is_in(list(splits)))
+    if scope == "subset":
+        chosen = chosen.filter(pl.col("target_index") >= 0)
+    if chosen.height == 0:
+        raise ValueError(
+            f"{what}: no {'/'.join(splits)} prompt to rank with scope {scope!r} "
+            "(no true item among the candidates?)"
+        )
+    return chosen
+
+
+def split_summary(rankings: pl.DataFrame) -> pl.DataFrame:
+    """Per split: prompts ranked, their metrics, seconds per prompt."""
+    rows = []
+    for split, group in rankings.group_by("split", maintain_order=True):
+        ranks = group["target_rank"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        rows.append(
+            {
+                "split": split[0],
+                "prompts": group.height,
+                **ranking_metrics(ranks, (1, 5, 10)),
+                "s_per_prompt": float(group["seconds"].mean()),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def resolve_auto_paths(
+    base_model: Path, dtype: str, attention: str
+) -> tuple[str, str, dict[str, Any]]:
+    """`auto` dtype and attention measured in this process, once (choose_dtype caches it),
+    and the figures that decided them. Measured anew in every launch, a near-threshold ratio
+    could flip the type between two launches and with it the rankings."""
+    if dtype != "auto":
+        return dtype, attention, {}
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(base_model)
+    choice = choose_dtype("auto", "cpu", model_gemm_shape(model_config))
+    chosen = choice.metadata()
+    if attention == "auto":  # the same for the path of the segment windows
+        path = choose_attention("auto", choice.torch_dtype, "cpu", model_config, False)
+        attention, chosen = path.chosen, chosen | path.metadata()
+    return choice.chosen, attention, chosen
 
 
 def _to_ipc(frame: pl.DataFrame) -> bytes:

@@ -1,0 +1,154 @@
+"""Every ranker's per-example ranks for the report, and the ranks that choose what to serve.
+
+The report scores the retriever, each ranked LLM variant, its `+prior` fusion with the
+retriever, the preference module and the learned rerankers side by side. Two of them set
+something on validation (the fusion's λ, the rerankers' boosting rounds), so their validation
+ranks would flatter them when the served ranker is chosen there: the choice reads
+cross-fitted validation ranks for those instead (`choice_ranks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from lkg_pipeline.core.evaluate.compare import PRIOR_SUFFIX, example_based_ranks, llm_ranks
+from lkg_pipeline.core.evaluate.ltr import (
+    LtrConfig,
+    LtrResult,
+    feature_names,
+    feature_table,
+    fit_and_rank,
+    llm_scores,
+)
+from lkg_pipeline.core.evaluate.serving import LTR, LTR_LLM
+from lkg_pipeline.core.llm.prompts import VARIANTS
+from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
+
+# Boosting starts from the retriever's score and learns a correction (LtrConfig): where the
+# features carry nothing, the ranking stays near the retriever's.
+LTR_CONFIG = LtrConfig(init_score_column="retriever_score")
+# Ten learnable val examples per fold at least; a user sample below it gets no ltr rows.
+MIN_LTR_EXAMPLES = 10 * LTR_CONFIG.n_folds
+
+
+def rankings_by_variant(rankings: Mapping[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """The loaded rankings partitions by variant (each table names its variant); an empty
+    table ranked nothing and counts as missing."""
+    out: dict[str, pl.DataFrame] = {}
+    for key, frame in rankings.items():
+        if frame.height == 0:
+            continue
+        names = frame["variant"].unique().to_list()
+        assert len(names) == 1, f"rankings partition {key} mixes variants {names}"
+        out[names[0]] = frame
+    return out
+
+
+@dataclass
+class LlmRankers:
+    """The ranked variants' ranks, their fusions with the retriever, and what the report says
+    about them."""
+
+    variants: list[str] = field(default_factory=list)
+    ranks: list[pl.DataFrame] = field(default_factory=list)
+    honest_val: list[pl.DataFrame] = field(default_factory=list)  # cross-fitted fusion val ranks
+    fusion: list[dict[str, Any]] = field(default_factory=list)  # λ chosen on val, per fusion
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one log line per fusion
+
+
+def llm_rankers(
+    candidates: pl.DataFrame, by_variant: Mapping[str, pl.DataFrame], seed: int
+) -> LlmRankers:
+    """Each ranked variant's ranks and, where val was ranked, its fusion with the retriever
+    (λ chosen on val, never on test)."""
+    out = LlmRankers()
+    for variant in VARIANTS:
+        ranked = by_variant.get(variant)
+        if ranked is None:
+            continue
+        out.ranks.append(llm_ranks(candidates, ranked, variant))
+        out.variants.append(variant)
+        if (ranked["split"] == "val").any():
+            name = variant + PRIOR_SUFFIX
+            fused, choice = fused_ranks(ranked, candidates)
+            out.ranks.append(example_based_ranks(candidates, fused, name))
+            out.fusion.append({"ranker": name, **choice.as_dict()})
+            crossed = cross_fitted_val_ranks(ranked, candidates, seed=seed)
+            if crossed is not None:  # else too few val examples: not a serving candidate
+                out.honest_val.append(example_based_ranks(candidates, crossed, name))
+            out.notes.append(f"{name}: {choice.describe()}")
+        seconds = ranked["seconds"].to_numpy()
+        out.latency.append(
+            {
+                "variant": variant,
+                "prompts": len(seconds),
+                "mean_s": float(seconds.mean()),
+                "p50_s": float(np.percentile(seconds, 50)),
+                "p95_s": float(np.percentile(seconds, 95)),
+                "mean_tokens": float(ranked["n_tokens"].mean()),
+            }
+        )
+    return out
+
+
+def choice_ranks(ranks: list[pl.DataFrame], llm: LlmRankers) -> pl.DataFrame:
+    """The ranks the served ranker is chosen on: every ranker's, with the fusions' val rows
+    replaced by their cross-fitted ones."""
+    fitted_on_val = [f["ranker"] for f in llm.fusion]
+    kept = [r.filter(~pl.col("ranker").is_in(fitted_on_val)) for r in ranks]
+    return pl.concat(kept + llm.honest_val)
+
+
+@dataclass(frozen=True)
+class LtrRanker:
+    name: str  # ltr or ltr+llm
+    ranks: pl.DataFrame  # (example_id, rank), val cross-fitted
+    model: LtrResult
+    summary: dict[str, Any]
+
+
+def learnable_val_examples(candidates: pl.DataFrame) -> int:
+    """Val examples whose true item is a candidate: what the rerankers learn from."""
+    return candidates.filter((pl.col("split") == "val") & pl.col("in_candidates")).height
+
+
+def ltr_rankers(
+    evaluated: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    pairs: pl.DataFrame,
+    preference: pl.DataFrame,
+    path_types: list[str],
+    by_variant: Mapping[str, pl.DataFrame],
+) -> list[LtrRanker]:
+    """`ltr` and, when a variant was ranked (lkg_rag first), `ltr+llm` with that LLM's score
+    as one more feature, fitted on val (cross-fitted there) and scored on test."""
+    llm_variant = next((v for v in ("lkg_rag", *VARIANTS) if v in by_variant), None)
+    llm = None if llm_variant is None else llm_scores(by_variant[llm_variant])
+    out = []
+    for name, with_llm in ((LTR, False), (LTR_LLM, True)):
+        if with_llm and llm is None:
+            continue
+        rows = evaluated
+        if with_llm:  # the LLM scored only the examples whose true item is a candidate
+            rows = evaluated.join(llm.select("example_id").unique(), on="example_id", how="semi")
+        features = feature_table(
+            rows, sequences, pairs, items, preference, llm if with_llm else None,
+            path_types=path_types,
+        )  # fmt: skip
+        columns = feature_names(features)
+        result, ranks = fit_and_rank(features, columns, LTR_CONFIG)
+        summary = {
+            "llm_variant": llm_variant if with_llm else None,
+            "features": columns,
+            "best_iterations": result.best_iterations,
+            "importances": result.importances.to_dicts(),
+        }
+        out.append(LtrRanker(name, ranks, result, summary))
+    return out
