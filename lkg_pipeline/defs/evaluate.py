@@ -234,7 +234,6 @@ def rankings(
 
 
 class EvaluationRunConfig(dg.Config):
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 
     n_bootstrap: int = EvaluationConfig.n_bootstrap
@@ -526,7 +525,6 @@ def _bar_chart(metrics: pl.DataFrame, dataset: str) -> "matplotlib.figure.Figure
 
 
 class RecommendationRunConfig(Recomputable, AccelerateLaunch):
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
     NOT_EXPOSED: ClassVar[dict[str, str]] = {
         "n_candidates": "20: the candidates per prompt the adapter was trained to rank",
     }

@@ -39,6 +39,7 @@ from lkg_pipeline.defs.metadata import markdown_table
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DEFAULT_LAKE, TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Made, Recomputable, reuse_or_run, versioned
+from lkg_pipeline.defs.run_config import differs_from_core
 
 variant_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 dataset_variant_partitions = dg.MultiPartitionsDefinition(
@@ -104,10 +105,6 @@ def base_model(
 
 
 class PromptRunConfig(dg.Config):
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "max_prompt_tokens": "2048: segments prompts of ml-100k (~850 tokens) are never cut",
-        "format": "segments: the format `make quality` measured to learn (QUALITY.md)",
-    }
     NOT_EXPOSED: ClassVar[dict[str, str]] = {
         "item_noun": "per dataset (ITEM_WORDS)",
         "item_verb": "per dataset (ITEM_WORDS)",
@@ -115,10 +112,14 @@ class PromptRunConfig(dg.Config):
 
     max_history: int = PromptConfig.max_history
     max_title_tokens: int = PromptConfig.max_title_tokens
-    max_prompt_tokens: int = 2048  # ml-100k: ~880 letters / ~850 segments tokens, none cut
+    max_prompt_tokens: int = differs_from_core(
+        2048, "ml-100k's prompts (~880 tokens letters, ~850 segments) are never cut"
+    )
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.llm.segments), no position bias
-    format: Literal["letters", "segments"] = "segments"  # the default since make quality
+    format: Literal["letters", "segments"] = differs_from_core(
+        "segments", "the format `make quality` measured to learn (benchmarks/QUALITY.md)"
+    )
     # How each candidate's segment ends ({noun}, {verb} filled in): the cue alone, the prefix
     # asks the question; e.g. "Is it the {noun} they will {verb} next? Answer:" as before
     segment_question: str = PromptConfig.segment_question
@@ -270,51 +271,43 @@ class AccelerateLaunch(dg.Config):
 
 
 class LoraRunConfig(Recomputable, AccelerateLaunch):
-    """`TrainConfig` plus how to launch it. The paper trains LoRA r=8 on q/v at lr 1e-4 for
-    thousands of steps; at a CPU budget of 20 steps that recipe learns nothing, so the
-    defaults here are the short-run recipe `make quality` trains (benchmarks/QUALITY.md):
-    LoRA r=16 on every linear layer at lr 5e-4 with a short warm-up, in the top 10 decoder
-    layers only (`make bench-lora-layers`: ×2.5 faster, validation no worse)."""
+    """`TrainConfig` plus how to launch it. The paper's recipe learns nothing at a CPU budget
+    of ~20 optimizer steps: the defaults here are the short-run recipe `make quality` trains
+    (benchmarks/QUALITY.md), each difference declared below with its reason."""
 
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "lora_r": "16 (the paper 8): the short-run recipe of make quality",
-        "target_modules": "every linear layer (the paper q/v): the short-run recipe",
-        "lr": "5e-4 (the paper 1e-4): the short-run recipe",
-        "warmup_steps": "3 (the paper 100): the CPU budget is ~20 optimizer steps",
-        "max_train_examples": "160 (core: all): the CPU budget",
-        "max_val_examples": "50 (core: 100): the CPU budget",
-        "lora_dropout": "0 (the paper 0.05): x1.31 training tokens/s measured; one epoch",
-        "lora_layers": "10 (the paper: all): x2.5 training tokens/s, validation no worse",
-    }
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 
-    lora_r: int = 16
+    lora_r: int = differs_from_core(16, "the paper's 8; the short-run recipe of make quality")
     lora_alpha: int = TrainConfig.lora_alpha
-    # Dropout on the LoRA input slows every CPU training step (drawing its masks costs more
-    # than the LoRA projections they feed; `make bench-dtype` times training with and without
-    # it, benchmarks/README.md#fp32-and-bf16) and regularises nothing in a single pass over a
-    # few hundred prompts.
-    lora_dropout: float = 0.0
-    target_modules: list[str] = [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    ]  # fmt: skip
-    # LoRA in the top 10 of SmolLM2's 30 layers: backward stops at the lowest adapted layer,
-    # so training is about 2.5 times as fast as with every layer, at no measurable cost on
-    # validation (`make bench-lora-layers`, benchmarks/README.md#lora-in-the-top-layers). A
-    # model with 10 layers or fewer gets LoRA in all of them.
-    lora_layers: int | None = 10
-    lr: float = 5e-4
-    # The paper warms up over 100 steps of a far longer run; at the CPU budget below (20
-    # optimizer steps) that would never reach the peak rate, so warm up over 3 steps.
-    warmup_steps: int = 3
+    lora_dropout: float = differs_from_core(
+        0.0,
+        "the paper's 0.05; drawing its masks slows every CPU step (x1.31 training tokens/s "
+        "without, `make bench-dtype`) and regularises nothing in one pass over a few hundred "
+        "prompts",
+    )
+    target_modules: list[str] = differs_from_core(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "every linear layer (the paper: q/v); the short-run recipe of make quality",
+    )
+    lora_layers: int | None = differs_from_core(
+        10,
+        "the paper: every layer; backward stops at the lowest adapted layer, so the top 10 of "
+        "SmolLM2's 30 train ~2.5x as fast, validation no worse (`make bench-lora-layers`); a "
+        "model of 10 layers or fewer gets LoRA in all",
+    )
+    lr: float = differs_from_core(5e-4, "the paper's 1e-4; the short-run recipe of make quality")
+    warmup_steps: int = differs_from_core(
+        3, "the paper's 100 would never reach the peak rate in ~20 optimizer steps"
+    )
     epochs: int = TrainConfig.epochs
     batch_size: int = TrainConfig.batch_size
     grad_accum: int = TrainConfig.grad_accum
-    # The CPU budget: 160 training prompts and 2 validations of 50 keep this stage to a few
-    # minutes on 2 CPU cores (`make bench-e2e`, benchmarks/README.md#end-to-end); None trains
-    # on every example, as on a GPU (docs/scaling.md).
-    max_train_examples: int | None = 160
-    max_val_examples: int | None = 50
+    max_train_examples: int | None = differs_from_core(
+        160,
+        "core: every example; with 2 validations of 50 it keeps this stage to a few minutes on "
+        "2 CPU cores (`make bench-e2e`); None trains on every example, as on a GPU",
+    )
+    max_val_examples: int | None = differs_from_core(50, "core: 100; the CPU budget")
     eval_every: int = TrainConfig.eval_every
     checkpoint_every: int = TrainConfig.checkpoint_every
     weight_decay: float = TrainConfig.weight_decay

@@ -43,6 +43,7 @@ from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
 from lkg_pipeline.defs.reuse import versioned
+from lkg_pipeline.defs.run_config import differs_from_core
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,7 +60,6 @@ create table history_profile as select * from read_parquet({history_profile}) or
 class PathRunConfig(dg.Config):
     """Run configuration mirroring `PathConfig`."""
 
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 
     history_len: int = PathConfig.history_len
@@ -191,12 +191,11 @@ def kg_paths(
 class PreferenceRunConfig(dg.Config):
     """The preference module (`PreferenceConfig`)."""
 
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "user_encoder": "auto: trains both encoders, keeps the better on val (core: one)",
-    }
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 
-    user_encoder: Literal["auto", "user_id", "history"] = "auto"  # auto: the better on val
+    user_encoder: Literal["auto", "user_id", "history"] = differs_from_core(
+        "auto", "auto trains both encoders and keeps the better on val (core: one)"
+    )
     hidden: int = PreferenceConfig.hidden
     lr: float = PreferenceConfig.lr
     weight_decay: float = PreferenceConfig.weight_decay
@@ -289,7 +288,6 @@ def preference_model(
 class SelectedPathsRunConfig(dg.Config):
     """Which enumerated paths each prompt shows (`PathSelection`)."""
 
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {}
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 
     per_history_item: int = PathSelection.per_history_item

@@ -38,6 +38,7 @@ from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import TORCH_POOL, DataLake
 from lkg_pipeline.defs.reuse import Made, Recomputable, reuse_or_run, versioned
+from lkg_pipeline.defs.run_config import differs_from_core
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,31 +61,31 @@ METRICS = get_args(SelectionMetric)
 class RetrieverRunConfig(Recomputable):
     """The retriever's family and hyperparameters, and the seed that makes a CPU run repeat."""
 
-    CORE_DIFFERENCES: ClassVar[dict[str, str]] = {
-        "max_len": "None: per dataset (TUNED, else 200 MovieLens, 50 Amazon), in to_core",
-        "architecture": "None: the dataset's tuned family (TUNED), else the core's",
-        "selection_metric": "None: the dataset's tuned metric (TUNED), else the core's",
-    }
     # Fields whose None means "the dataset's default" (to_core); TUNED may set only these.
     DATASET_DEFAULTS: ClassVar[tuple[str, ...]] = ("architecture", "max_len", "selection_metric")
     NOT_CORE: ClassVar[tuple[str, ...]] = ("recompute", "device")
     NOT_EXPOSED: ClassVar[dict[str, str]] = {"n_items": "the prepared catalogue's size"}
 
-    # "lrurec" | "sasrec"; None: the dataset's (TUNED). A plain str: Dagster cannot express
-    # an optional Literal.
-    architecture: str | None = None
+    # "lrurec" | "sasrec". A plain str: Dagster cannot express an optional Literal.
+    architecture: str | None = differs_from_core(
+        None, "None: the dataset's tuned family (TUNED), else the core's"
+    )
     d_model: int = RetrieverConfig.d_model
     n_layers: int = RetrieverConfig.n_layers
     n_heads: int = RetrieverConfig.n_heads  # sasrec only
     dropout: float = RetrieverConfig.dropout
-    max_len: int | None = None  # None: the dataset's (TUNED, else 200 MovieLens, 50 Amazon)
+    max_len: int | None = differs_from_core(
+        None, "None: the dataset's (TUNED, else 200 MovieLens, 50 Amazon), in to_core"
+    )
     lr: float = RetrieverConfig.lr
     weight_decay: float = RetrieverConfig.weight_decay
     grad_clip: float = RetrieverConfig.grad_clip
     batch_size: int = RetrieverConfig.batch_size
     max_epochs: int = RetrieverConfig.max_epochs
     patience: int = RetrieverConfig.patience  # epochs without a better val selection_metric
-    selection_metric: str | None = None  # "Recall@10" | "NDCG@10"; None: the dataset's
+    selection_metric: str | None = differs_from_core(  # "Recall@10" | "NDCG@10"
+        None, "None: the dataset's tuned metric (TUNED), else the core's"
+    )
     seed: int = RetrieverConfig.seed
     r_min: float = RetrieverConfig.r_min
     r_max: float = RetrieverConfig.r_max

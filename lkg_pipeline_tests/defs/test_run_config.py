@@ -20,6 +20,7 @@ from lkg_pipeline.defs.llm import LoraRunConfig, PromptRunConfig
 from lkg_pipeline.defs.paths import PathRunConfig, PreferenceRunConfig, SelectedPathsRunConfig
 from lkg_pipeline.defs.prepare import PrepareRunConfig
 from lkg_pipeline.defs.retrieval import RetrieverRunConfig
+from lkg_pipeline.defs.run_config import core_differences
 
 
 def test_every_training_setting_is_reachable_from_the_run_configuration() -> None:
@@ -68,9 +69,9 @@ def test_each_core_setting_is_reachable_with_the_cores_default_or_a_declared_one
     run_config, core
 ) -> None:
     """One source of truth per setting: a run configuration field takes the core's default
-    unless the difference is declared (with its reason) in CORE_DIFFERENCES, and a core field
+    unless the difference is declared with its reason (`differs_from_core`), and a core field
     it does not offer is declared in NOT_EXPOSED."""
-    differences = getattr(run_config, "CORE_DIFFERENCES", {})
+    differences = core_differences(run_config)
     not_exposed = getattr(run_config, "NOT_EXPOSED", {})
     fields = {f.name: f for f in dataclasses.fields(core)}
     missing = set(fields) - set(run_config.model_fields)
