@@ -61,7 +61,8 @@ from lkg_pipeline.core.io.storage import replace_atomically, write_parquet_atomi
 from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.llm.rank.fusion import fused_ranks
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, trained_over
-from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
+from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
 DATASET = "ml-100k"

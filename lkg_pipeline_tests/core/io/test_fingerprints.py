@@ -141,6 +141,10 @@ def test_the_real_stages_digest_what_they_run_and_show_it_as_their_code_version(
     assert {
         "defs/llm.py",
         "core/llm/train/script.py",
+        "core/llm/train/loop.py",
+        "core/llm/train/data.py",
+        "core/llm/train/config.py",
+        "core/llm/train/checkpoints.py",
         "core/llm/segments.py",
         "core/llm/prompts.py",
     } <= names
