@@ -69,12 +69,9 @@ from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_rank
 from lkg_pipeline.core.llm.rank.job import RankJob, script_args
 from lkg_pipeline.core.llm.segments import choose_attention
 from lkg_pipeline.core.paths.enumeration import enumerate_paths
-from lkg_pipeline.core.paths.preference import (
-    load_preference,
-    preference_ranks,
-    read_path_types,
-    score_examples,
-)
+from lkg_pipeline.core.paths.preference_grid import read_path_types
+from lkg_pipeline.core.paths.preference_model import load_preference
+from lkg_pipeline.core.paths.preference_ranking import preference_ranks, score_examples
 from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.layout import (
     adapter_dir,

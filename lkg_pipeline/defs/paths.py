@@ -25,12 +25,9 @@ from lkg_pipeline.core.paths.enumeration import (
     signal_by_type,
     write_paths,
 )
-from lkg_pipeline.core.paths.preference import (
-    USERS_PER_BATCH,
-    PreferenceConfig,
-    fit_preferences,
-    save_preference,
-)
+from lkg_pipeline.core.paths.preference_grid import USERS_PER_BATCH
+from lkg_pipeline.core.paths.preference_model import PreferenceConfig, save_preference
+from lkg_pipeline.core.paths.preference_training import fit_preferences
 from lkg_pipeline.defs.layout import (
     candidates_file,
     kg_folder,
