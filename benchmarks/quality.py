@@ -201,12 +201,8 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         build_prompts,
         truncate_titles,
     )
-    from lkg_pipeline.core.paths.enumeration import (
-        PathConfig,
-        PathSelection,
-        select_paths,
-        write_paths,
-    )
+    from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
+    from lkg_pipeline.core.paths.selection import PathSelection, select_paths
     from lkg_pipeline.core.retrieval.retriever import training_candidates, user_sequences
 
     work = lake / "quality" / "uniform"

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from lkg_pipeline.core.paths.enumeration import read_users, user_batches
+from lkg_pipeline.core.paths.batches import read_users, user_batches
 
 USERS_PER_BATCH = 2_500  # users whose path counts are read together: bounds memory only
 
