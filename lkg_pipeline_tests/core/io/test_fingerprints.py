@@ -5,6 +5,7 @@ from pathlib import Path
 import polars as pl
 
 from lkg_pipeline.core.io.fingerprints import (
+    PACKAGE_ROOT,
     StampStore,
     changed_parts,
     code_closure,
@@ -137,7 +138,8 @@ def test_the_real_stages_digest_what_they_run_and_show_it_as_their_code_version(
     from lkg_pipeline.defs.evaluate import rankings
     from lkg_pipeline.defs.llm import lora_adapter
 
-    names = {p.relative_to(p.parents[1]).as_posix() for p in code_closure("lkg_pipeline.defs.llm")}
+    closure = code_closure("lkg_pipeline.defs.llm")
+    names = {p.relative_to(PACKAGE_ROOT).as_posix() for p in closure}
     assert {
         "defs/llm.py",
         "core/llm/train/script.py",
