@@ -203,7 +203,8 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     )
     from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
     from lkg_pipeline.core.paths.selection import PathSelection, select_paths
-    from lkg_pipeline.core.retrieval.retriever import training_candidates, user_sequences
+    from lkg_pipeline.core.retrieval.candidates import training_candidates
+    from lkg_pipeline.core.retrieval.sequences import user_sequences
 
     work = lake / "quality" / "uniform"
     sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
