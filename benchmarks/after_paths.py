@@ -2,7 +2,7 @@
 prompts at growing numbers of Beauty-like users.
 
 `kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the stages
-after it read them the same way (`core.paths.enumeration.read_users`) and write their outputs in
+after it read them the same way (`core.paths.batches.read_users`) and write their outputs in
 parts that the IO manager concatenates into one file. This benchmark checks that on synthetic data
 shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at each size,
 the paths are enumerated with `write_paths`, then each stage runs in its own process as its asset
@@ -72,7 +72,7 @@ def _phase(start_rss_mb: float) -> dict[str, float]:
 
 def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `preference_model` runs (both encoders, scores, metrics, preferences)."""
-    from lkg_pipeline.core.paths.preference import fit_preferences
+    from lkg_pipeline.core.paths.preference_training import fit_preferences
 
     src = Path(folder)
     candidates = pl.read_parquet(src / "examples.parquet")
@@ -91,7 +91,7 @@ def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
 def stage_selection(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `selected_paths` runs, and the IO manager's concatenation of its parts."""
     from lkg_pipeline.core.io.storage import ParquetParts
-    from lkg_pipeline.core.paths.enumeration import PathSelection, selections_in_batches
+    from lkg_pipeline.core.paths.selection import PathSelection, selections_in_batches
 
     src = Path(folder)
     preferences = pl.read_parquet(src / "preference" / "preferences.parquet")

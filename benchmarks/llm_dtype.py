@@ -48,7 +48,8 @@ from lkg_pipeline.core.llm.precision import (
     model_gemm_shape,
 )
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments, rank_prompts
-from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
+from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.defs import layout
 
 DTYPES = ("float32", "bfloat16")
@@ -102,8 +103,9 @@ def ablation(
     from lkg_pipeline.core.llm.lowrank import fold_lora
     from lkg_pipeline.core.llm.model import fuse_rms_norms
     from lkg_pipeline.core.llm.segments import segment_batch, segment_scores, use_segment_attention
+    from lkg_pipeline.core.llm.train.config import lora_config
+    from lkg_pipeline.core.llm.train.loop import Run
     from lkg_pipeline.core.llm.train.lora_dropout import use_word_dropout
-    from lkg_pipeline.core.llm.train.script import Run, lora_config
 
     rows, answers = _segment_rows(tokenizer, prompts)
 

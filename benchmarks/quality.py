@@ -61,7 +61,8 @@ from lkg_pipeline.core.io.storage import replace_atomically, write_parquet_atomi
 from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.llm.rank.fusion import fused_ranks
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, trained_over
-from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
+from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
 DATASET = "ml-100k"
@@ -200,13 +201,10 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
         build_prompts,
         truncate_titles,
     )
-    from lkg_pipeline.core.paths.enumeration import (
-        PathConfig,
-        PathSelection,
-        select_paths,
-        write_paths,
-    )
-    from lkg_pipeline.core.retrieval.retriever import training_candidates, user_sequences
+    from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
+    from lkg_pipeline.core.paths.selection import PathSelection, select_paths
+    from lkg_pipeline.core.retrieval.candidates import training_candidates
+    from lkg_pipeline.core.retrieval.sequences import user_sequences
 
     work = lake / "quality" / "uniform"
     sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
@@ -515,7 +513,8 @@ EVAL = EvaluationConfig()
 
 def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
     """The preference module's own ranking of the val/test candidates (as the report does)."""
-    from lkg_pipeline.core.paths.preference import example_ranks, load_preference, score_examples
+    from lkg_pipeline.core.paths.preference_model import load_preference
+    from lkg_pipeline.core.paths.preference_ranking import example_ranks, score_examples
 
     folder = lake / "paths" / "kg_paths" / DATASET
     model = load_preference(lake / "models" / "preference" / DATASET)

@@ -43,16 +43,15 @@ from benchmarks.common import (
 from benchmarks.paths_bench import SHAPES, _long_tail, synthetic_sequences
 from lkg_pipeline.core.evaluate.metrics import rank_of_target
 from lkg_pipeline.core.retrieval.lrurec import LRURec
-from lkg_pipeline.core.retrieval.retriever import (
+from lkg_pipeline.core.retrieval.ranking import rank_users, score_users
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
+from lkg_pipeline.core.retrieval.sequences import user_sequences
+from lkg_pipeline.core.retrieval.training import (
     bucketed_batches,
     make_optimizer,
-    rank_users,
-    score_users,
     train_step,
     training_windows,
-    user_sequences,
 )
-from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,15 +27,15 @@ import torch
 from benchmarks.common import REPO, machine_info, table
 from benchmarks.paths_bench import _long_tail
 from lkg_pipeline.core.retrieval.lrurec import LRURec
-from lkg_pipeline.core.retrieval.retriever import (
+from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
+from lkg_pipeline.core.retrieval.sequences import user_sequences
+from lkg_pipeline.core.retrieval.training import (
     bucketed_batches,
     make_optimizer,
     train_retriever,
     train_step,
     training_windows,
-    user_sequences,
 )
-from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
 FOLLOW = 0.6  # share of steps that follow the current item's successors
 SUCCESSORS = 4

@@ -39,13 +39,9 @@ from benchmarks.common import (
 from lkg_pipeline.core.llm.model import LETTERS, load_base
 from lkg_pipeline.core.llm.prompts import PROMPT_COLUMNS
 from lkg_pipeline.core.llm.rank.scoring import max_positions
-from lkg_pipeline.core.llm.train.script import (
-    TrainConfig,
-    batch_loss,
-    get_dataloaders,
-    lora_config,
-    make_accelerator,
-)
+from lkg_pipeline.core.llm.train.config import TrainConfig, lora_config, make_accelerator
+from lkg_pipeline.core.llm.train.data import get_dataloaders
+from lkg_pipeline.core.llm.train.loop import batch_loss
 
 # variant → the TrainConfig loss whose data it trains on
 VARIANTS = {

@@ -1,6 +1,6 @@
 """`make tune-retriever`: the retriever's settings searched on validation, every trial kept.
 
-Each trial trains one retriever (`core.retrieval.retriever.train_retriever`, the asset's own
+Each trial trains one retriever (`core.retrieval.training.train_retriever`, the asset's own
 code) on the lake's ml-100k `sequences` with the defaults plus the trial's overrides, and records
 its validation and test metrics and each user's val/test rank. Trials are chosen and the best is
 picked on **validation NDCG@10 only**; the test columns are written so that a reader can see
@@ -43,13 +43,10 @@ from benchmarks.common import (
 )
 from lkg_pipeline.core.evaluate.compare import paired_randomization_test
 from lkg_pipeline.core.evaluate.metrics import per_user_metrics
-from lkg_pipeline.core.retrieval.retriever import (
-    UserSequences,
-    rank_users,
-    train_retriever,
-    user_sequences,
-)
+from lkg_pipeline.core.retrieval.ranking import rank_users
 from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
+from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
+from lkg_pipeline.core.retrieval.training import train_retriever
 
 MARKDOWN = REPO / "benchmarks" / "RETRIEVER_TUNING.md"
 SELECT_ON = "NDCG@10"  # validation metric that picks the best trial

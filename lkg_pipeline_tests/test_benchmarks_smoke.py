@@ -243,7 +243,7 @@ def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.llm_dtype import ablation
-    from lkg_pipeline.core.llm.train.script import lora_config
+    from lkg_pipeline.core.llm.train.config import lora_config
     from lkg_pipeline_tests.core.llm.test_segments import marked_prompts, marked_training
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)

@@ -27,8 +27,10 @@ from lkg_pipeline.core.kg.graph import KGConfig, build_kg
 from lkg_pipeline.core.llm.model import LETTERS
 from lkg_pipeline.core.llm.prompts import PromptConfig, build_prompts
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts
-from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
-from lkg_pipeline.core.paths.enumeration import enumerate_paths, select_paths
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
+from lkg_pipeline.core.llm.train.loop import training_function
+from lkg_pipeline.core.paths.enumeration import enumerate_paths
+from lkg_pipeline.core.paths.selection import select_paths
 from lkg_pipeline_tests.core.kg.test_kg import items_frame, sequences_frame
 from lkg_pipeline_tests.core.paths.test_paths import examples_frame
 

@@ -25,7 +25,10 @@ from lkg_pipeline.core.llm.prompts import (
     truncate_titles,
 )
 from lkg_pipeline.core.llm.segments import answer_token_ids
-from lkg_pipeline.core.llm.train.script import TrainConfig
+
+# The script lora_adapter launches, imported so that its code_version covers the training code.
+from lkg_pipeline.core.llm.train import script as _train_script  # noqa: F401
+from lkg_pipeline.core.llm.train.config import TrainConfig
 from lkg_pipeline.defs.layout import (
     adapter_dir,
     base_model_root,

@@ -12,24 +12,23 @@ import polars as pl
 from lkg_pipeline.core.io.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
 from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
 from lkg_pipeline.core.llm.prompts import PATHS_KEY, path_settings_json
+from lkg_pipeline.core.paths.batches import read_users
 from lkg_pipeline.core.paths.enumeration import (
     PATH_SETTINGS_FILE,
     PathConfig,
+    quoted_path,
+    signal_by_type,
+    write_paths,
+)
+from lkg_pipeline.core.paths.preference_grid import USERS_PER_BATCH
+from lkg_pipeline.core.paths.preference_model import PreferenceConfig, save_preference
+from lkg_pipeline.core.paths.preference_training import fit_preferences
+from lkg_pipeline.core.paths.selection import (
     PathSelection,
     TieBreak,
     examples_changed_by_candidate_order,
     paths_by_candidate_position,
-    quoted_path,
-    read_users,
     selections_in_batches,
-    signal_by_type,
-    write_paths,
-)
-from lkg_pipeline.core.paths.preference import (
-    USERS_PER_BATCH,
-    PreferenceConfig,
-    fit_preferences,
-    save_preference,
 )
 from lkg_pipeline.defs.layout import (
     candidates_file,

@@ -12,19 +12,14 @@ import polars as pl
 
 from lkg_pipeline.core.data import validate
 from lkg_pipeline.core.io.storage import replace_dir_atomically
-from lkg_pipeline.core.retrieval.retriever import (
-    UserSequences,
+from lkg_pipeline.core.retrieval.candidates import (
     candidate_table,
     held_out_training_candidates,
-    model_device,
-    popularity_report,
-    resolve_device,
     retrieve_candidates,
-    retriever_report,
-    train_retriever,
     training_candidates,
-    user_sequences,
 )
+from lkg_pipeline.core.retrieval.device import model_device, resolve_device
+from lkg_pipeline.core.retrieval.ranking import popularity_report, retriever_report
 from lkg_pipeline.core.retrieval.seqrec import (
     ARCHITECTURES,
     RetrieverConfig,
@@ -33,6 +28,8 @@ from lkg_pipeline.core.retrieval.seqrec import (
     load_retriever,
     save_retriever,
 )
+from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
+from lkg_pipeline.core.retrieval.training import train_retriever
 from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions

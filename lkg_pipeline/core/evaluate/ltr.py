@@ -47,7 +47,7 @@ import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.io.storage import replace_dir_atomically
-from lkg_pipeline.core.paths.preference import FEATURE_COLUMNS
+from lkg_pipeline.core.paths.preference_grid import FEATURE_COLUMNS
 
 # What identifies a row of the feature table; every other column is a feature.
 ID_COLUMNS = ("example_id", "user_idx", "split", "position", "candidate_item_idx", "label")
@@ -235,10 +235,10 @@ def feature_table(
     `sequences`: the prepare stage's table. `pair_features`: (example_id,
     candidate_item_idx, path_type, n_paths), as `read_pair_features` reads it. `item_popularity`:
     the items table (item_idx, n_train_interactions). `preference_scores`: (example_id,
-    candidate_item_idx, score), as `preference.score_examples` makes it; `llm_scores`: the same
-    keys with `llm_score`. `path_types`: the vocabulary of the path columns (default: the types
-    present); pass `preference.read_path_types(folder)` so that tables built apart (val/test to
-    fit, `next` to serve) have the same columns.
+    candidate_item_idx, score), as `preference_ranking.score_examples` makes it; `llm_scores`:
+    the same keys with `llm_score`. `path_types`: the vocabulary of the path columns (default:
+    the types present); pass `preference_grid.read_path_types(folder)` so that tables built
+    apart (val/test to fit, `next` to serve) have the same columns.
     """
     rows = _candidate_rows(candidates)
     rows = rows.with_columns(_retriever_features())

@@ -23,8 +23,10 @@ from lkg_pipeline.core.llm.prompts import (
     path_phrase,
     truncate_titles,
 )
-from lkg_pipeline.core.paths.enumeration import enumerate_paths, select_paths
-from lkg_pipeline.core.retrieval.retriever import CANDIDATE_SCHEMA, rank_users
+from lkg_pipeline.core.paths.enumeration import enumerate_paths
+from lkg_pipeline.core.paths.selection import select_paths
+from lkg_pipeline.core.retrieval.candidates import CANDIDATE_SCHEMA
+from lkg_pipeline.core.retrieval.ranking import rank_users
 from lkg_pipeline.core.retrieval.seqrec import SequentialRecommender
 
 NEXT_SPLIT = "next"  # the split name of full-history examples (no true item is known)

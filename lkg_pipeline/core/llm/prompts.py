@@ -19,7 +19,9 @@ import polars as pl
 
 from lkg_pipeline.core.kg.graph import ENTITY_NOUNS, RELATIONS
 from lkg_pipeline.core.llm.model import LETTERS
-from lkg_pipeline.core.paths.enumeration import PathConfig, PathSelection, read_users
+from lkg_pipeline.core.paths.batches import read_users
+from lkg_pipeline.core.paths.enumeration import PathConfig
+from lkg_pipeline.core.paths.selection import PathSelection
 
 T = TypeVar("T")
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")

@@ -19,15 +19,15 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import duckdb
 import polars as pl
 
 from lkg_pipeline.core.io.storage import concatenate_parquet
+from lkg_pipeline.core.paths.batches import read_users, user_batches
 
 PATH_SETTINGS_FILE = "settings.json"  # the PathConfig, beside the tables write_paths makes
 
@@ -86,6 +86,7 @@ create temp table item_edges as
     where head < $n_items and tail < $n_items and head <> tail;
 """
 
+
 # Per batch of users. Consecutive items of each user's training histories: what led from one
 # item to the next before any target, the leak-free material of the history profile. Then the
 # item pairs (h, c) → every path between them, computed once per distinct pair.
@@ -130,6 +131,7 @@ insert into pair_paths
     join item_edges e on e.item = b.item and e.other = p.c;
 """
 
+
 # What a batch yields, as queries (run to a frame, or copied straight to Parquet).
 PAIR_FEATURES_QUERY = """
     select c.example_id, c.candidate_item_idx, pp.path_type, count(*)::integer as n_paths,
@@ -138,6 +140,7 @@ PAIR_FEATURES_QUERY = """
     join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
     group by all order by all
 """
+
 
 # The last `relations` key makes the order total: two paths through the same node by
 # different relations (directed_by / written_by the same person) would otherwise tie, and which
@@ -158,11 +161,13 @@ KEPT_PATHS_QUERY = """
     order by k.example_id, k.history_position desc, k.candidate_position, k.path_rank
 """
 
+
 PROFILE_QUERY = """
     select s.user_idx, pp.path_type, count(*)::float as weight
     from steps s join pair_paths pp on pp.h = s.h and pp.c = s.c
     group by all order by all
 """
+
 
 # Targets vs other candidates, summed so that batches add up (see coverage_stats).
 COVERAGE_QUERY = """
@@ -177,6 +182,7 @@ COVERAGE_QUERY = """
     left join totals x using (example_id, candidate_item_idx)
     group by all
 """
+
 
 TABLE_QUERIES = {
     "paths": KEPT_PATHS_QUERY,
@@ -318,53 +324,6 @@ def enumerate_paths(
     )
 
 
-def user_batches(examples: pl.DataFrame, users_per_batch: int) -> list[pl.Series]:
-    """The users of `examples` in ascending order, cut into batches. By user, not by example:
-    a user's history profile needs all of their training examples in one batch."""
-    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
-    users = examples["user_idx"].unique().sort()
-    return [users.slice(i, users_per_batch) for i in range(0, users.len(), users_per_batch)]
-
-
-def bounded_user_batches(
-    rows_per_user: pl.DataFrame, users_per_batch: int, rows_per_batch: int | None
-) -> list[pl.Series]:
-    """Users of `rows_per_user` (user_idx, rows) ascending, cut where a batch would pass
-    `users_per_batch` users or `rows_per_batch` rows (a user with more rows than that is a batch
-    alone). A row budget is what bounds a stage's memory: a user count alone lets the batch
-    grow with the graph's density (2,500 Beauty-like users hold 1.4M paths, 2,500 ml-100k-like
-    ones ~9M)."""
-    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
-    assert rows_per_batch is None or rows_per_batch >= 1, (
-        f"rows_per_batch={rows_per_batch} must be ≥ 1 (or None: no row budget)"
-    )
-    ordered = rows_per_user.sort("user_idx")
-    users, rows = ordered["user_idx"], ordered["rows"].to_numpy()
-    # A greedy cut has to be sequential (each cut depends on where the last one fell); one pass
-    # over the counts takes 0.2 s at 1M users.
-    starts, held, count = [0], 0, 0
-    for i, n in enumerate(rows.tolist()):
-        if count and (count == users_per_batch or (rows_per_batch and held + n > rows_per_batch)):
-            starts.append(i)
-            held = count = 0
-        held, count = held + n, count + 1
-    ends = starts[1:] + [users.len()]
-    return [users.slice(a, b - a) for a, b in zip(starts, ends) if b > a]
-
-
-def rows_per_user(file: Path, users: pl.Series) -> pl.DataFrame:
-    """(user_idx, rows): how many rows each of `users` has in a Parquet table with a `user_idx`
-    column (0 for none), from that one column, streamed."""
-    counts = (
-        pl.scan_parquet(file).group_by("user_idx").agg(rows=pl.len()).collect(engine="streaming")
-    )
-    return (
-        pl.DataFrame({"user_idx": users.unique()})
-        .join(counts.with_columns(pl.col("user_idx").cast(users.dtype)), on="user_idx", how="left")
-        .with_columns(pl.col("rows").fill_null(0))
-    )
-
-
 def write_paths(
     examples: pl.DataFrame,
     sequences: pl.DataFrame,
@@ -428,30 +387,6 @@ def write_paths(
         "seconds": round(time.perf_counter() - start, 2),
         **_coverage_from_counts(coverage),
     }
-
-
-def read_users(
-    source: Path | pl.LazyFrame, users: pl.Series, columns: Sequence[str] | None = None
-) -> pl.DataFrame:
-    """The rows of `users` in a Parquet table with a `user_idx` column (a file, or a scan of
-    one), in file order.
-
-    What keeps the stages after `kg_paths` within a batch's memory: `write_paths` writes each
-    batch of users as its own row groups, users ascending, so the row-group statistics of
-    `user_idx` let the scan skip every row group outside [min, max] of the batch and a batch
-    reads about its own share of the file, whatever batch size the reader uses.
-    """
-    scan = pl.scan_parquet(source) if isinstance(source, Path) else source
-    if "user_idx" not in scan.collect_schema():
-        raise ValueError(
-            f"{source} has no user_idx column: it was written before the tables after kg_paths "
-            "were read a batch of users at a time; re-materialise kg_paths"
-        )
-    if users.len():
-        low, high = users.min(), users.max()
-        scan = scan.filter(pl.col("user_idx").is_between(low, high))
-    scan = scan.filter(pl.col("user_idx").is_in(users.cast(pl.Int32).implode()))
-    return (scan if columns is None else scan.select(columns)).collect()
 
 
 PARQUET = "(format parquet, compression zstd)"
@@ -564,209 +499,3 @@ def signal_by_type(
         .with_columns(lift=pl.col("targets") / pl.col("non_targets"))
         .sort("lift", descending=True)
     )
-
-
-TieBreak = Literal["hashed", "candidate_order"]
-TIE_BREAKS: tuple[str, ...] = get_args(TieBreak)
-
-
-@dataclass(frozen=True)
-class PathSelection:
-    """Which of an example's enumerated paths its prompt shows (`select_paths`)."""
-
-    per_history_item: int = 1  # the reference: one relation line per history item
-    max_paths: int = 20
-    # path types never shown (a path's type is its first relation: the 1-hop relation, or the
-    # one into a 2-hop path's shared attribute, e.g. "co_rated", "from_country"; a 3-hop path
-    # of another type may still step through an excluded relation); a history item without
-    # another path gets no line
-    exclude_path_types: tuple[str, ...] = ()
-    # how ties between candidates are broken (`select_paths`): `hashed`, blind to the
-    # candidates' order; `candidate_order` leaks the retriever's rank into val/test prompts
-    tie_break: TieBreak = "hashed"
-
-    def __post_init__(self) -> None:
-        excluded = self.exclude_path_types
-        if isinstance(excluded, str):
-            raise TypeError(f"exclude_path_types is a list of path types, not {excluded!r}")
-        if self.tie_break not in TIE_BREAKS:
-            raise ValueError(f"tie_break={self.tie_break!r}: one of {TIE_BREAKS}")
-        # sorted and unique: the same exclusion records the same settings in any order
-        object.__setattr__(self, "exclude_path_types", tuple(sorted(set(excluded))))
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> PathSelection:
-        """A recorded selection; one recorded before `tie_break` existed was made in candidate
-        order, and prompts made again for its adapter must be made the same way."""
-        return cls(**({"tie_break": "candidate_order"} | raw))
-
-
-def selections_in_batches(
-    paths_file: Path,
-    preferences: pl.DataFrame,
-    selection: PathSelection,
-    users_per_batch: int,
-    paths_per_batch: int | None = None,
-) -> Iterator[pl.DataFrame]:
-    """Both KG variants' `select_paths` (column `variant`: `kg_rag` without preferences,
-    `lkg_rag` with them), a batch of the preferences' users at a time: the enumerated paths
-    are the largest table of the pipeline (608M rows at 1M Beauty-like users). A batch holds
-    at most `users_per_batch` users and `paths_per_batch` paths (`bounded_user_batches`)."""
-    if paths_per_batch is None:
-        batches = user_batches(preferences, users_per_batch)
-    else:
-        counts = rows_per_user(paths_file, preferences["user_idx"])
-        batches = bounded_user_batches(counts, users_per_batch, paths_per_batch)
-    for users in batches or [preferences["user_idx"]]:
-        paths = read_users(paths_file, users)
-        mine = preferences.filter(pl.col("user_idx").is_in(users.implode()))
-        yield pl.concat(
-            [
-                select_paths(paths, None, selection).with_columns(variant=pl.lit("kg_rag")),
-                select_paths(paths, mine, selection).with_columns(variant=pl.lit("lkg_rag")),
-            ],
-            how="diagonal_relaxed",
-        ).drop("weight", strict=False)
-
-
-def examples_changed_by_candidate_order(
-    paths: pl.DataFrame,
-    preferences: pl.DataFrame | None,
-    selection: PathSelection,
-) -> int:
-    """How many examples' selections change when their candidates are listed in reverse (the
-    table `enumerate_paths` would make from the reversed lists: candidates in reverse, each
-    pair's paths in their own order): 0 is what keeps the retriever's rank out of the prompts
-    (`select_paths`)."""
-
-    def shown(table: pl.DataFrame) -> pl.DataFrame:
-        return select_paths(table, preferences, selection).select(
-            "example_id", "history_item_idx", "candidate_item_idx",
-            pl.col("via").fill_null(-1), pl.col("relations").list.join(">"),
-        )  # fmt: skip
-
-    as_listed = shown(paths)
-    reversed_ = shown(
-        paths.with_row_index("listed")
-        .with_columns(-pl.col("candidate_position"))
-        .sort(
-            "example_id",
-            "history_position",
-            "candidate_position",
-            "listed",
-            descending=[False, True, False, False],
-        )  # fmt: skip
-        .drop("listed")
-    )
-    keys = as_listed.columns
-    changed = pl.concat(
-        [
-            as_listed.join(reversed_, on=keys, how="anti")["example_id"],
-            reversed_.join(as_listed, on=keys, how="anti")["example_id"],
-        ]
-    )
-    return changed.n_unique()
-
-
-def paths_by_candidate_position(selected: pl.DataFrame, examples: pl.Series) -> pl.DataFrame:
-    """(candidate_position from 1, one column per variant): the mean number of paths a prompt
-    of `examples` shows for the candidate at each position. On val/test the position is the
-    retriever's rank, so a steep fall here is the retriever's order showing through; some
-    fall is genuine (the retriever's first picks are the ones the history relates to)."""
-    shown = selected.filter(pl.col("example_id").is_in(examples.implode()))
-    per_variant = shown.group_by("variant", "candidate_position").agg(
-        mean_paths=(pl.len() / max(examples.n_unique(), 1)).round(2)
-    )
-    wide = per_variant.pivot("variant", index="candidate_position", values="mean_paths")
-    return (
-        wide.select("candidate_position", *sorted(wide.columns[1:]))
-        .with_columns(pl.col("candidate_position") + 1)
-        .sort("candidate_position")
-        .with_columns(pl.exclude("candidate_position").fill_null(0.0))
-    )
-
-
-_TIE_MODULUS = 2**31 - 1  # a prime; every product below stays inside int64
-
-
-def candidate_tie_key(example_id: pl.Expr, candidate_item_idx: pl.Expr) -> pl.Expr:
-    """A pseudo-random rank of each candidate within its example, from ids alone: the same on
-    every run and polars version (modular arithmetic, not `Expr.hash`, whose values may
-    change between versions), unrelated to where the candidate sits in the list, and
-    different from one example to the next."""
-    m = _TIE_MODULUS
-    x = (example_id.cast(pl.Int64) % m * 1_103_515_245 + candidate_item_idx.cast(pl.Int64) + 1) % m
-    x = (x * 48_271 + 12_345) % m
-    return (x * x % m * 69_621 + x) % m
-
-
-def select_paths(
-    paths: pl.DataFrame,
-    preferences: pl.DataFrame | None,
-    selection: PathSelection = PathSelection(),
-) -> pl.DataFrame:
-    """The paths a prompt shows (`selection`): `per_history_item` per history item, at most
-    `max_paths`, none of a type in `exclude_path_types`.
-
-    With `preferences` (user_idx, path_type, weight) the path type that counts most for this
-    user wins (`lkg_rag`), rarer intermediate nodes first on ties; without, the fewest hops win
-    (`kg_rag`, the reference's shortest path). Most recent history items come first, so the
-    cap drops the oldest.
-
-    Ties between candidates are frequent (one history item has equally short paths to several
-    candidates) and decide which candidate a prompt links to the history at all. `hashed`
-    breaks them by a hash of (example, candidate), blind to the candidates' order; the
-    reference's `candidate_order` (first enumerated wins) hands them to the earliest
-    candidate, which on val/test is the retriever's first: the paths then carry the
-    retriever's rank into the prompt (on ml-100k test `kg_rag` showed 12.6 paths for the
-    retriever's first candidate and 0.1 for its last), a cue train prompts, whose candidates
-    are shuffled, never taught. Kept to reproduce that measurement, not to be used.
-    """
-    # The ranking runs on the key columns and a row number alone; only the chosen rows are
-    # then gathered with their lists and names: sorting the whole batch's paths with every
-    # column held ~+500 MB at 2,500 Beauty-like users (1.4M paths), this a fraction of it.
-    # The row number is the last key, so ties keep the (deterministic) order of the table;
-    # with `hashed` only paths between the same two items are left to it.
-    if selection.tie_break == "hashed":
-        candidate_key = ["candidate_tie", "candidate_item_idx"]
-        tie = candidate_tie_key(pl.col("example_id"), pl.col("candidate_item_idx"))
-    else:  # "candidate_order" (PathSelection admits no other)
-        candidate_key, tie = ["candidate_position"], pl.lit(0)
-    ranked = paths.with_row_index("row").select(
-        "row",
-        "example_id", "history_position", "history_item_idx", "path_type",
-        "hops", "candidate_position", "candidate_item_idx", "via_degree",
-        tie.alias("candidate_tie"),
-        *(["user_idx"] if preferences is not None else []),
-    )  # fmt: skip
-    if selection.exclude_path_types:
-        ranked = ranked.filter(~pl.col("path_type").is_in(list(selection.exclude_path_types)))
-    if preferences is not None:
-        ranked = ranked.join(
-            preferences.select("user_idx", "path_type", "weight"),
-            on=["user_idx", "path_type"],
-            how="left",
-        ).with_columns(pl.col("weight").fill_null(0.0))
-        keys = ["weight", "via_degree", "hops", *candidate_key]
-        descending = [True] + [False] * (len(keys) - 1)
-    else:
-        keys = ["hops", *candidate_key, "via_degree"]
-        descending = [False] * len(keys)
-    chosen = (
-        ranked.sort(
-            ["example_id", "history_position", *keys, "row"],
-            descending=[False, True, *descending, False],
-        )
-        .group_by("example_id", "history_item_idx", maintain_order=True)
-        .head(selection.per_history_item)
-        .group_by("example_id", maintain_order=True)
-        .head(selection.max_paths)
-    )
-    # (columns as a group_by head leaves them: its keys first)
-    selected = paths.select(
-        pl.col("example_id", "history_item_idx").gather(chosen["row"]),
-        pl.exclude("example_id", "history_item_idx").gather(chosen["row"]),
-    )
-    if preferences is not None:
-        selected = selected.with_columns(chosen["weight"])
-    return selected.with_columns(selection_rank=pl.int_range(1, pl.len() + 1).over("example_id"))

@@ -3,7 +3,7 @@
 A retriever is a causal sequence model over item ids whose hidden state at each position
 scores the whole catalogue through the tied item embedding (plus a popularity bias). The
 families (`lrurec.LRURec`, `sasrec.SASRec`) differ only in `encode`; training, scoring and
-candidate retrieval (`core.retrieval.retriever`) work on any of them.
+candidate retrieval (`core.retrieval.training`, `.ranking`, `.candidates`) work on any of them.
 
 Ids: models use internal ids 1..n_items with 0 as padding; everything outside the model
 speaks external 0-based item indices. `left_pad` and `SequentialRecommender.item_scores` do

@@ -120,13 +120,8 @@ def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_pa
         path_settings_json,
         truncate_titles,
     )
-    from lkg_pipeline.core.paths.enumeration import (
-        PATH_SETTINGS_FILE,
-        PathConfig,
-        PathSelection,
-        select_paths,
-        write_paths,
-    )
+    from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE, PathConfig, write_paths
+    from lkg_pipeline.core.paths.selection import PathSelection, select_paths
 
     repo = Path(__file__).resolve().parents[2]
     tokenizer = smollm2_tokenizer(

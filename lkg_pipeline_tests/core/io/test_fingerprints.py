@@ -138,10 +138,15 @@ def test_the_real_stages_digest_what_they_run_and_show_it_as_their_code_version(
     from lkg_pipeline.defs.evaluate import rankings
     from lkg_pipeline.defs.llm import lora_adapter
 
-    names = {p.relative_to(PACKAGE_ROOT).as_posix() for p in code_closure("lkg_pipeline.defs.llm")}
+    closure = code_closure("lkg_pipeline.defs.llm")
+    names = {p.relative_to(PACKAGE_ROOT).as_posix() for p in closure}
     assert {
         "defs/llm.py",
         "core/llm/train/script.py",
+        "core/llm/train/loop.py",
+        "core/llm/train/data.py",
+        "core/llm/train/config.py",
+        "core/llm/train/checkpoints.py",
         "core/llm/segments.py",
         "core/llm/prompts.py",
     } <= names

@@ -9,7 +9,7 @@ from lkg_pipeline.core.llm.prompts import (
     build_prompts,
     render,
 )
-from lkg_pipeline.core.paths.enumeration import PathSelection
+from lkg_pipeline.core.paths.selection import PathSelection
 
 TITLES = {0: "Heat (1995)", 1: "Ronin (1998)", 2: "Toy Story (1995)", 3: "Casino (1995)"}
 

@@ -38,12 +38,9 @@ from lkg_pipeline.core.llm.segments import (
     segment_scores,
     tokenize_segments,
 )
-from lkg_pipeline.core.llm.train.script import (
-    RunPaths,
-    TrainConfig,
-    read_examples,
-    training_function,
-)
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
+from lkg_pipeline.core.llm.train.data import read_examples
+from lkg_pipeline.core.llm.train.loop import training_function
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

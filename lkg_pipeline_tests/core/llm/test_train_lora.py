@@ -21,20 +21,13 @@ import torch
 
 from lkg_pipeline.core.evaluate.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.llm.model import LETTERS, letter_token_ids
+from lkg_pipeline.core.llm.prompts import PROMPT_COLUMNS
 from lkg_pipeline.core.llm.rank.fusion import retriever_log_prior
-from lkg_pipeline.core.llm.train.script import (
-    PROMPT_COLUMNS,
-    RunPaths,
-    TrainConfig,
-    batch_loss,
-    build_parser,
-    collate,
-    config_from_args,
-    lora_config,
-    read_examples,
-    score_prompts,
-    training_function,
-)
+from lkg_pipeline.core.llm.rank.scoring import score_prompts
+from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig, lora_config
+from lkg_pipeline.core.llm.train.data import collate, read_examples
+from lkg_pipeline.core.llm.train.loop import batch_loss, training_function
+from lkg_pipeline.core.llm.train.script import build_parser, config_from_args
 from lkg_pipeline_tests.pipes_launch import launched
 
 REPO = Path(__file__).resolve().parents[2]

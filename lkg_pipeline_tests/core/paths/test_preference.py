@@ -9,26 +9,30 @@ import torch
 from polars.testing import assert_frame_equal
 
 from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
-from lkg_pipeline.core.paths import preference
+from lkg_pipeline.core.paths import preference_grid, preference_ranking
 from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
-from lkg_pipeline.core.paths.preference import (
+from lkg_pipeline.core.paths.preference_grid import read_grid, read_path_types
+from lkg_pipeline.core.paths.preference_model import (
     ENCODERS,
     PreferenceConfig,
     PreferenceResult,
-    choose_encoder,
-    choose_encoder_on_grid,
-    evaluate_rankings,
     load_preference,
+    save_preference,
+    user_preferences,
+)
+from lkg_pipeline.core.paths.preference_ranking import (
+    evaluate_rankings,
+    example_ranks,
     preference_ranks,
     rank_metrics,
-    read_grid,
-    read_path_types,
     retriever_ranks,
-    save_preference,
     score_examples,
+)
+from lkg_pipeline.core.paths.preference_training import (
+    choose_encoder,
+    choose_encoder_on_grid,
     train_on_grid,
     train_preference,
-    user_preferences,
 )
 
 TYPES = ["also_bought", "co_rated", "directed_by", "has_genre", "starring"]
@@ -257,7 +261,7 @@ def test_history_profiles_follow_the_requested_users(data) -> None:
     _, _, history = data
     known = history["user_idx"].unique().sort().to_numpy()
     users = np.array([known[3], 10_000, known[0], known[3], known[1]])
-    profiles = preference._profiles(history, TYPES, users).numpy()
+    profiles = preference_grid._profiles(history, TYPES, users).numpy()
     for i, user in enumerate(users):
         rows = history.filter(pl.col("user_idx") == user)
         expected = np.zeros(len(TYPES))
@@ -266,7 +270,7 @@ def test_history_profiles_follow_the_requested_users(data) -> None:
         total = expected.sum()
         np.testing.assert_allclose(profiles[i], expected / total if total else expected, 1e-6)
     assert profiles[1].sum() == 0 and np.array_equal(profiles[0], profiles[3])
-    assert preference._profiles(history, TYPES, np.zeros(0, dtype=np.int64)).shape == (0, 5)
+    assert preference_grid._profiles(history, TYPES, np.zeros(0, dtype=np.int64)).shape == (0, 5)
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +326,8 @@ def test_batches_of_users_train_and_rank_as_the_whole_tables(
     whole = train_preference(examples, features, history, path_types, n_users, config)
 
     assert read_path_types(folder) == path_types
-    monkeypatch.setattr(preference, "CHUNK_ROWS", 32)  # 40 train rows: two chunks
+    for module in (preference_grid, preference_ranking):  # 40 train rows: two chunks
+        monkeypatch.setattr(module, "CHUNK_ROWS", 32)
     grid = read_grid(examples, folder, path_types, users_per_batch)
     assert set(grid.split_names()) == {"train", "val"} and grid.counts.dtype == np.uint8
     assert grid.mask.shape[0] == examples.filter(pl.col("split") != "test").height
@@ -333,14 +338,15 @@ def test_batches_of_users_train_and_rank_as_the_whole_tables(
     scores = score_examples(whole.model, examples, features, history)
     assert_frame_equal(scores, score_examples(batched.model, examples, features, history))
     ranked = preference_ranks(batched.model, examples, folder, users_per_batch)
-    assert_frame_equal(ranked, preference.example_ranks(examples, scores))
+    assert_frame_equal(ranked, example_ranks(examples, scores))
     evaluated = preference_ranks(batched.model, examples, folder, users_per_batch, ("val", "test"))
     assert set(evaluated["split"]) == {"val", "test"}
     assert rank_metrics(evaluated) == evaluate_rankings(examples, scores)
     order = retriever_ranks(examples, ("val", "test"))
     assert rank_metrics(order) == evaluate_rankings(examples, in_list_order(examples))
     assert_frame_equal(
-        retriever_ranks(examples), preference.example_ranks(examples, in_list_order(examples))
+        retriever_ranks(examples),
+        example_ranks(examples, in_list_order(examples)),
     )
 
 
@@ -395,7 +401,8 @@ def test_user_table_steps_update_only_the_batch_rows(data) -> None:
     """The user_id encoder learns through lazy (sparse) Adam, so a step costs its batch, not
     every user (dense AdamW made the stage grow as users²); with weight decay it keeps dense
     AdamW, and both still learn the planted preferences."""
-    from lkg_pipeline.core.paths.preference import PreferenceModel, _optimizers
+    from lkg_pipeline.core.paths.preference_model import PreferenceModel
+    from lkg_pipeline.core.paths.preference_training import _optimizers
 
     config = dataclasses.replace(CONFIG, user_encoder="user_id")
     model = PreferenceModel(config, TYPES, N_USERS)

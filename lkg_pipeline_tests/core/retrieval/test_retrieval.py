@@ -6,27 +6,28 @@ import pytest
 import torch
 
 from lkg_pipeline.core.evaluate.metrics import rank_of_target
-from lkg_pipeline.core.retrieval.retriever import (
-    UserSequences,
+from lkg_pipeline.core.retrieval.candidates import (
+    held_out_training_candidates,
+    retrieve_candidates,
+    training_candidates,
+)
+from lkg_pipeline.core.retrieval.device import resolve_device
+from lkg_pipeline.core.retrieval.ranking import (
     evaluate_model,
     evaluate_scores,
-    held_out_training_candidates,
     popularity_report,
     rank_users,
-    resolve_device,
-    retrieve_candidates,
     retriever_report,
     score_users,
     top_k,
-    train_retriever,
-    training_candidates,
-    user_sequences,
 )
 from lkg_pipeline.core.retrieval.seqrec import (
     RetrieverConfig,
     SequentialRecommender,
     build_retriever,
 )
+from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
+from lkg_pipeline.core.retrieval.training import train_retriever
 
 
 def long_frame(seqs: list[list[int]]) -> pl.DataFrame:
@@ -210,7 +211,7 @@ def test_tiny_model_overfits_a_tiny_dataset(architecture: str) -> None:
 
 
 def test_sampled_softmax_is_cross_entropy_over_the_target_and_the_drawn_items() -> None:
-    from lkg_pipeline.core.retrieval.retriever import _sampled_softmax_loss
+    from lkg_pipeline.core.retrieval.training import _sampled_softmax_loss
 
     model = random_model(n_items=60)
     hidden = torch.randn(5, 16)
