@@ -32,7 +32,7 @@ from typing import Any
 
 import polars as pl
 
-from benchmarks.common import (
+from benchmarks.harness import (
     REPO,
     child_memory_limit_mb,
     current_rss_mb,

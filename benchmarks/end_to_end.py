@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import REPO, _tree_rss, lake_root, machine_info, table
+from benchmarks.harness import REPO, _tree_rss, lake_root, machine_info, table
 from lkg_pipeline.instance_storage import open_instance
 
 RESULT_FILE = REPO / "benchmarks" / "end_to_end.json"

@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     RESULTS_JSON,
     lake_root,
     machine_info,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_JSON, lake_root, machine_info, save_results_section
+from benchmarks.harness import RESULTS_JSON, lake_root, machine_info, save_results_section
 from benchmarks.llm_dtype import pipeline_recipe
 from lkg_pipeline.core.llm.train.script import RunPaths, training_function
 from lkg_pipeline.defs.layout import current_base_model, prompts_file

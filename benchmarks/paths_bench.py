@@ -33,7 +33,7 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from benchmarks.common import (
+from benchmarks.harness import (
     child_memory_limit_mb,
     current_rss_mb,
     require_lake,

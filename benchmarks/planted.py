@@ -52,7 +52,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from benchmarks.common import (
+from benchmarks.harness import (
     DATASET,
     REPO,
     RESULTS_JSON,

@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     REPO,
     RESULTS_JSON,
     lake_root,

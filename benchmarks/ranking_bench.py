@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import LakeFiles, ceiling, lake_root, require_lake, si, table
+from benchmarks.harness import LakeFiles, ceiling, lake_root, require_lake, si, table
 from lkg_pipeline.core.llm.model import LETTERS, letter_token_ids, load_base
 from lkg_pipeline.core.llm.rank.scoring import (
     left_pad,

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     child_memory_limit_mb,
     current_rss_mb,
     lake_root,

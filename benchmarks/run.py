@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import end_to_end, paths_bench, ranking_bench, retriever_bench, training_bench
-from benchmarks.common import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
+from benchmarks.harness import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[str, ...]]] = {
     # name → (run, to_markdown, data-lake files the full run reads)

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import REPO, machine_info, table
+from benchmarks.harness import REPO, machine_info, table
 from benchmarks.paths_bench import _long_tail
 from lkg_pipeline.core.retrieval.lrurec import LRURec
 from lkg_pipeline.core.retrieval.retriever import (

@@ -26,7 +26,7 @@ import polars as pl
 import psutil
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     LakeFiles,
     ceiling,
     current_rss_mb,

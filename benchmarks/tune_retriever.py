@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from benchmarks.common import (
+from benchmarks.harness import (
     DATASET,
     REPO,
     RESULTS_JSON,

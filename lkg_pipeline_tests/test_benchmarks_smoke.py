@@ -22,7 +22,7 @@ from benchmarks import (
     training_bench,
     tune_retriever,
 )
-from benchmarks.common import ceiling, machine_info
+from benchmarks.harness import ceiling, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
@@ -306,7 +306,7 @@ def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_p
 
 
 def test_save_results_section_replaces_one_section_and_keeps_the_others(tmp_path: Path) -> None:
-    from benchmarks.common import save_results_section
+    from benchmarks.harness import save_results_section
 
     results = tmp_path / "results.json"
     save_results_section(results, "a", {"x": 1})

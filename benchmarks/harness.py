@@ -226,7 +226,7 @@ def run_isolated(
     """
     with tempfile.TemporaryDirectory(prefix="lkg_bench_") as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs), str(out)]
+        command = [sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs), str(out)]
         start = time.perf_counter()
         log = Path(tmp) / "stderr.txt"
         with log.open("w") as stderr:
