@@ -1,6 +1,6 @@
 """Does the frozen LLM already know what LoRA is asked to learn? A linear probe on its states.
 
-    python -m benchmarks.frozen_probe --prompts PROMPTS.parquet   # ~30 min on 2 CPU cores
+    python -m benchmarks.llm.frozen_probe --prompts PROMPTS.parquet   # ~30 min on 2 CPU cores
 
 The fine-tuning runs (`lora_adapter`, `make quality`) see a few hundred prompts; a probe sees
 thousands for the cost of one forward pass each. The base model (bf16, the ranker's own windowed

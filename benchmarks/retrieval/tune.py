@@ -9,13 +9,13 @@ previous defaults) by the paired sign-flip test the evaluation report uses, on v
 
 Trials run one after another (two torch processes on 2 cores slow each other) and each is
 appended to `data_lake/tuning/retriever_<dataset>.jsonl` as it finishes, so an interrupted
-search resumes where it stopped. Output: `benchmarks/RETRIEVER_TUNING.md` and results.json
+search resumes where it stopped. Output: `benchmarks/retrieval/RETRIEVER_TUNING.md` and results.json
 section `retriever_tuning`.
 
-    python -m benchmarks.tune_retriever                 # every trial in TRIALS
-    python -m benchmarks.tune_retriever --only sasrec   # trials whose name contains "sasrec"
-    python -m benchmarks.tune_retriever --report        # re-render from the trials run so far
-    python -m benchmarks.tune_retriever --quick         # tiny synthetic data, a temp folder
+    python -m benchmarks.retrieval.tune                 # every trial in TRIALS
+    python -m benchmarks.retrieval.tune --only sasrec   # trials whose name contains "sasrec"
+    python -m benchmarks.retrieval.tune --report        # re-render from the trials run so far
+    python -m benchmarks.retrieval.tune --quick         # tiny synthetic data, a temp folder
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import polars as pl
 
 from benchmarks.harness import (
     DATASET,
-    REPO,
     RESULTS_JSON,
     lake_root,
     machine_info,
@@ -51,7 +50,8 @@ from lkg_pipeline.core.retrieval.retriever import (
 )
 from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 
-MARKDOWN = REPO / "benchmarks" / "RETRIEVER_TUNING.md"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+MARKDOWN = HERE / "RETRIEVER_TUNING.md"
 SELECT_ON = "NDCG@10"  # validation metric that picks the best trial
 SHOWN = ("NDCG@10", "Recall@10", "MRR@10", "Recall@20")
 

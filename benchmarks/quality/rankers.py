@@ -1,8 +1,8 @@
 """`make quality`: does the LLM ranker earn its place? Every ranker side by side on ml-100k.
 
-    python -m benchmarks.quality                 # everything below, resuming what is cached
-    python -m benchmarks.quality --only lkg_rag-letters-zero_shot,lkg_rag-segments-tuned
-    python -m benchmarks.quality --report        # re-render QUALITY.md from the cached rankings
+    python -m benchmarks.quality.rankers            # everything below, resuming what is cached
+    python -m benchmarks.quality.rankers --only lkg_rag-letters-zero_shot,lkg_rag-segments-tuned
+    python -m benchmarks.quality.rankers --report   # re-render QUALITY.md from the cached rankings
 
 Rows (each scored on the whole val and test subset, i.e. every user whose true item is among
 the retriever's 20): the retriever, the preference module, and for each variant and prompt
@@ -17,7 +17,7 @@ the rankings), so an interrupted run resumes where it stopped and `--report` cos
 recipe of the tuned rows is `RECIPE` below: `lora_adapter`'s defaults at a larger budget. A
 cached row trained with another recipe, or made from prompts that have since been rebuilt (the
 lake changed under it), is moved to `data_lake/quality/superseded/` and run again.
-Writes benchmarks/QUALITY.md and the `quality` section of benchmarks/results.json.
+Writes benchmarks/quality/QUALITY.md and the `quality` section of benchmarks/results.json.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import polars as pl
 import torch
 
 from benchmarks.harness import (
-    REPO,
     RESULTS_JSON,
     lake_root,
     machine_info,
@@ -66,7 +65,8 @@ from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
 DATASET = "ml-100k"
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
-QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+QUALITY_MD = HERE / "QUALITY.md"
 
 
 @dataclass(frozen=True)
@@ -729,16 +729,17 @@ def report(lake: Path) -> dict[str, Any]:
     section["residual_recipe_changes"] = {
         k: v for k, v in dataclasses.asdict(RESIDUAL_RECIPE).items() if v != getattr(RECIPE, k)
     }
-    curve = REPO / "benchmarks" / "quality_curve.png"
-    positions = REPO / "benchmarks" / "quality_positions.png"
+    curve = HERE / "quality_curve.png"
+    positions = HERE / "quality_positions.png"
     section["training"] = curve_figure(lake, curve)
     position_figure(lake, positions)
 
     lines = [
         "# Ranker quality on ml-100k (GroupLens ML-100K via RecBole, 943 users)",
         "",
-        "Written by `make quality` (`python -m benchmarks.quality`). Every choice (the recipe, "
-        "each `+prior` row's λ and calibration) was made on validation; test was only scored.",
+        "Written by `make quality` (`python -m benchmarks.quality.rankers`). Every choice (the "
+        "recipe, each `+prior` row's λ and calibration) was made on validation; test was only "
+        "scored.",
         "",
         f"Machine: {section['machine'].get('cpu_model')}, {section['machine'].get('nproc')} "
         f"cores, torch {section['machine'].get('torch')}; {section['machine'].get('date_utc')}.",
@@ -812,7 +813,7 @@ def report(lake: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.rankers")
     parser.add_argument("--only", default="", help="comma-separated row names (default: all)")
     parser.add_argument("--report", action="store_true", help="only re-render from the cache")
     parser.add_argument(

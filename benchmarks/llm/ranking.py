@@ -214,7 +214,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m = result["matmul"]
     return "\n".join(
         [
-            "## Ranking throughput (`benchmarks/ranking_bench.py`)",
+            "## Ranking throughput (`benchmarks/llm/ranking.py`)",
             "",
             f"{result['source']}: {result['prompts']} prompts, {result['prompt_tokens']:,} tokens "
             f"(mean {result['mean_tokens']:.0f}, {result['min_tokens']}–{result['max_tokens']}), "
