@@ -33,12 +33,13 @@ import polars as pl
 import torch
 
 from benchmarks.harness import (
+    DATASET,
     RESULTS_JSON,
     lake_root,
     machine_info,
     save_results_section,
 )
-from benchmarks.quality.rankers import DATASET, EVERY_LAYER_RECIPE, Row, base_model, prompts_file
+from benchmarks.quality.rankers import EVERY_LAYER_RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
 from lkg_pipeline.core.llm.precision import (
     choose_dtype,

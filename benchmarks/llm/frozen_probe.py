@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.harness import (
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="default: lake/quality/...")
     args = parser.parse_args(argv)
     lake = lake_root()
-    base = args.base_model or lake / "models" / "base_model" / "smollm2-135m"
+    base = args.base_model or LakeFiles(lake).base_model
     cache = args.cache or lake / "quality" / "frozen_probe"
     prompts = pl.read_parquet(args.prompts).filter(pl.col("target_index") >= 0)
     from transformers import AutoTokenizer

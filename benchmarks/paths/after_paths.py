@@ -33,7 +33,7 @@ from typing import Any
 import polars as pl
 
 from benchmarks.harness import (
-    REPO,
+    RESULTS_JSON,
     child_memory_limit_mb,
     current_rss_mb,
     lake_root,
@@ -41,6 +41,7 @@ from benchmarks.harness import (
     peak_rss_mb,
     reset_peak_rss,
     run_isolated,
+    save_results_section,
     table,
 )
 from benchmarks.paths.bench import QUICK_ITEMS, USERS_PER_BATCH
@@ -54,7 +55,6 @@ QUICK_SIZES = {40: 120, 120: 120}
 BUDGET_MB = 1024  # the bar: a stage's peak within its inputs + 1 GB
 HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
 OUT_MD = HERE / "AFTER_PATHS.md"
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
 
 
 def _tokenizer_folder() -> str | None:
@@ -409,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.quick:
         OUT_MD.write_text(markdown)
-        results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-        results["after_paths"] = result
-        RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        save_results_section(RESULTS_JSON, "after_paths", result)
     return 0
 
 

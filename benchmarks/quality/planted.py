@@ -56,6 +56,7 @@ from benchmarks.harness import (
     DATASET,
     REPO,
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -580,7 +581,7 @@ def compare(
 
 def report(lake: Path) -> dict[str, Any]:
     root = work_root(lake)
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     found = conditions(root)
     by_name = {row["name"]: row for row in found}
     reference_table = by_name.get(REFERENCE_VARIANT, {}).get("rankings")

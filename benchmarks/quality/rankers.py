@@ -37,7 +37,9 @@ import polars as pl
 import torch
 
 from benchmarks.harness import (
+    DATASET,
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -63,7 +65,6 @@ from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, traine
 from lkg_pipeline.core.llm.train.script import RunPaths, TrainConfig, training_function
 from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
-DATASET = "ml-100k"
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
 HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
 QUALITY_MD = HERE / "QUALITY.md"
@@ -209,7 +210,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     from lkg_pipeline.core.retrieval.retriever import training_candidates, user_sequences
 
     work = lake / "quality" / "uniform"
-    sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
+    sequences = pl.read_parquet(LakeFiles(lake).sequences)
     items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
     data = user_sequences(sequences, n_items=items.height)
     examples = (
@@ -221,7 +222,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     )
     kg_paths = lake / "paths" / "kg_paths" / DATASET
     path_config = PathConfig(**json.loads((kg_paths / PATH_SETTINGS_FILE).read_text()))
-    kg = read_parquet(lake / "kg" / "kg_triples" / DATASET)
+    kg = read_parquet(LakeFiles(lake).kg)
     paths_dir = work / "paths"
     write_paths(
         examples,
@@ -269,9 +270,9 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
 def uniform_prompt_sources(lake: Path, row: Row) -> dict[str, Path]:
     """The lake files the uniform rows' train prompts are made from (beside the code)."""
     return {
-        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "sequences": LakeFiles(lake).sequences,
         "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
-        "kg_triples": lake / "kg" / "kg_triples" / DATASET,
+        "kg_triples": LakeFiles(lake).kg,
         "kg_paths_settings": lake / "paths" / "kg_paths" / DATASET / PATH_SETTINGS_FILE,
         "selected_paths": lake / "paths" / "selected_paths" / f"{DATASET}.parquet",
         "preferences": lake / "models" / "preference" / DATASET / "preferences.parquet",
@@ -298,8 +299,8 @@ def base_model(lake: Path) -> Path:
 def format_prompt_sources(lake: Path, variant: str) -> dict[str, Path]:
     """The lake files a variant's prompts are made from."""
     files = {
-        "candidates": lake / "retrieval" / "candidates" / f"{DATASET}.parquet",
-        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "candidates": LakeFiles(lake).candidates,
+        "sequences": LakeFiles(lake).sequences,
         "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
     }
     if variant != "llamarec":
@@ -335,8 +336,8 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
     if variant != "llamarec":
         selected = pl.read_parquet(lake / "paths" / "selected_paths" / f"{DATASET}.parquet")
     table = build_prompts(
-        pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet"),
-        pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet"),
+        pl.read_parquet(LakeFiles(lake).candidates),
+        pl.read_parquet(LakeFiles(lake).sequences),
         titles,
         selected,
         variant,
@@ -532,7 +533,7 @@ def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
 def all_ranks(lake: Path) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Per-user ranks of every cached row (and its +prior fusion), the retriever and the
     preference module; and how each fusion was chosen."""
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     parts = [retriever_ranks(candidates), preference_ranks(lake, candidates)]
     fusion = []
     for row in (*ROWS, *EXPERIMENTS):
@@ -602,7 +603,7 @@ def position_figure(lake: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     test = candidates.filter((pl.col("split") == "test") & pl.col("in_candidates"))
     fig, ax = plt.subplots(figsize=(8, 3.2))
     bins = np.arange(1, 22) - 0.5

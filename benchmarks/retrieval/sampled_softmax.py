@@ -16,7 +16,6 @@ items), where the full projection dominates. Writes benchmarks/retrieval/SAMPLED
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.harness import REPO, machine_info, table
+from benchmarks.harness import RESULTS_JSON, machine_info, save_results_section, table
 from benchmarks.paths.bench import _long_tail
 from lkg_pipeline.core.retrieval.lrurec import LRURec
 from lkg_pipeline.core.retrieval.retriever import (
@@ -42,7 +41,6 @@ FOLLOW = 0.6  # share of steps that follow the current item's successors
 SUCCESSORS = 4
 BEAUTY = {"users": 22_363, "items": 12_101, "mean_len": 8.9}
 NEGATIVES = (256, 1024)
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
 HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
 OUT_MD = HERE / "SAMPLED_SOFTMAX.md"
 
@@ -197,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.quick:
         OUT_MD.write_text(markdown)
-        results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-        results["sampled_softmax"] = result
-        RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+        save_results_section(RESULTS_JSON, "sampled_softmax", result)
     return 0
 
 

@@ -34,6 +34,7 @@ import polars as pl
 from benchmarks.harness import (
     DATASET,
     RESULTS_JSON,
+    cpu_flags_shown,
     lake_root,
     machine_info,
     require_lake,
@@ -197,7 +198,7 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "# Retriever search on validation (`make tune-retriever`)",
             "",
             f"Dataset {DATASET}; machine: {machine.get('cpu_model', '?')}, "
-            f"{machine.get('nproc', '?')} cores, flags {_cpu_flags()}. Trials sorted by "
+            f"{machine.get('nproc', '?')} cores, flags {cpu_flags_shown()}. Trials sorted by "
             f"validation {SELECT_ON}, which alone picks the best; test columns are for reading, "
             "not choosing. `seconds` is each trial's wall time; other jobs shared the machine "
             "during parts of the search, so compare them loosely.",
@@ -221,17 +222,6 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "",
         ]
     )
-
-
-def _cpu_flags() -> str:
-    """The instruction-set flags that decide kernel speed here (AVX-512, BF16, AMX)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set()
-    if cpuinfo.exists():
-        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
-        flags = set(line.split(":", 1)[-1].split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(shown) or "none of avx2/avx512/amx"
 
 
 def synthetic_sequences(users: int = 40, items: int = 30, length: int = 12) -> pl.DataFrame:
