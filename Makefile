@@ -74,9 +74,9 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 
 ## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
 ## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
-## resumes from data_lake/quality/; benchmarks/quality/QUALITY.md; three LoRA trainings of 800 prompts
-## and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel Xeon
-## with AMX).
+## resumes from data_lake/quality/; benchmarks/quality/QUALITY.md; three LoRA trainings of 800
+## prompts and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel
+## Xeon with AMX).
 quality: venv
 	$(BIN)/python -m benchmarks.quality.rankers
 
@@ -98,7 +98,8 @@ bench-lora-layers: venv
 
 ## The stages after kg_paths (preference module, path selection, prompts) at 10K, 100K and 1M
 ## Beauty-like users: peak memory over the inputs and time per user (~1.5 h on 2 CPU cores;
-## benchmarks/paths/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts tokens).
+## benchmarks/paths/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts
+## tokens).
 bench-after-paths: venv
 	$(BIN)/python -m benchmarks.paths.after_paths
 
@@ -108,8 +109,8 @@ bench-e2e: venv
 	$(BIN)/python -m benchmarks.end_to_end
 
 ## The retriever's settings and family (LRURec, SASRec) searched on validation, one training per
-## trial, resumable (needs the lake's `sequences`; benchmarks/retrieval/RETRIEVER_TUNING.md, results.json
-## `retriever_tuning`; ~2 min per trial on 2 CPU cores).
+## trial, resumable (needs the lake's `sequences`; benchmarks/retrieval/RETRIEVER_TUNING.md,
+## results.json `retriever_tuning`; ~2 min per trial on 2 CPU cores).
 tune-retriever: venv
 	$(BIN)/python -m benchmarks.retrieval.tune
 
