@@ -4,7 +4,7 @@ prompts at growing numbers of Beauty-like users.
 `kg_paths` writes its tables a batch of users at a time (benchmarks/paths/bench.py); the stages
 after it read them the same way (`core.paths.enumeration.read_users`) and write their outputs in
 parts that the IO manager concatenates into one file. This benchmark checks that on synthetic data
-shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at each size,
+shaped like Amazon Beauty (built by the real KG builder, as paths/bench.py builds it): at each size,
 the paths are enumerated with `write_paths`, then each stage runs in its own process as its asset
 runs it. A stage first loads what the IO manager hands its asset (the candidates, sequences, titles,
 preferences, a tokenizer): that process's RSS then is its baseline, "inputs"; the peak after it
@@ -161,7 +161,7 @@ BUILT_FILE = "built.json"  # written last by build_with_paths: the folder is com
 
 
 def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
-    """Child: the synthetic dataset (as paths_bench builds it, plus its items) and its paths;
+    """Child: the synthetic dataset (as paths/bench.py builds it, plus its items) and its paths;
     `BUILT_FILE` records what was built once all of it is written."""
     from benchmarks.paths.bench import build_synthetic, measure_enumerate
 
