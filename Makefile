@@ -74,33 +74,34 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 
 ## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
 ## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
-## resumes from data_lake/quality/; benchmarks/QUALITY.md; three LoRA trainings of 800 prompts
-## and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel Xeon
-## with AMX).
+## resumes from data_lake/quality/; benchmarks/quality/QUALITY.md; three LoRA trainings of 800
+## prompts and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel
+## Xeon with AMX).
 quality: venv
-	$(BIN)/python -m benchmarks.quality
+	$(BIN)/python -m benchmarks.quality.rankers
 
 ## Does the KG → prompt → LoRA → ranking chain carry a signal? A relation planted at known
 ## strengths on copies of the ml-100k lake (data_lake/planted/), the real assets run on each,
-## with controls (benchmarks/PLANTED.md; needs `make run`'s lake; resumable).
+## with controls (benchmarks/quality/PLANTED.md; needs `make run`'s lake; resumable).
 sanity: venv
-	$(BIN)/python -m benchmarks.planted
+	$(BIN)/python -m benchmarks.quality.planted
 
 ## The LLM in fp32 and bf16 side by side on this machine: speed and whether bf16 ranks the same
 ## (results.json `llm_dtype`; ~15 min on 2 CPU cores).
 bench-dtype: venv
-	$(BIN)/python -m benchmarks.llm_dtype
+	$(BIN)/python -m benchmarks.llm.dtype
 
 ## LoRA in the top 5, 10, 15 or every decoder layer: training tokens/s against validation
 ## NDCG@10 (needs the lake of `make run`; results.json `lora_layers`; ~30 min on 2 CPU cores).
 bench-lora-layers: venv
-	$(BIN)/python -m benchmarks.lora_layers
+	$(BIN)/python -m benchmarks.llm.lora_layers
 
 ## The stages after kg_paths (preference module, path selection, prompts) at 10K, 100K and 1M
 ## Beauty-like users: peak memory over the inputs and time per user (~1.5 h on 2 CPU cores;
-## benchmarks/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts tokens).
+## benchmarks/paths/AFTER_PATHS.md, results.json `after_paths`; the lake's base model counts
+## tokens).
 bench-after-paths: venv
-	$(BIN)/python -m benchmarks.after_paths
+	$(BIN)/python -m benchmarks.paths.after_paths
 
 ## `make run` from an empty data lake, then again with nothing changed: time and peak memory
 ## per step, what was reused (~17 min; temporary lake and instance; benchmarks/end_to_end.json).
@@ -108,10 +109,10 @@ bench-e2e: venv
 	$(BIN)/python -m benchmarks.end_to_end
 
 ## The retriever's settings and family (LRURec, SASRec) searched on validation, one training per
-## trial, resumable (needs the lake's `sequences`; benchmarks/RETRIEVER_TUNING.md, results.json
-## `retriever_tuning`; ~2 min per trial on 2 CPU cores).
+## trial, resumable (needs the lake's `sequences`; benchmarks/retrieval/RETRIEVER_TUNING.md,
+## results.json `retriever_tuning`; ~2 min per trial on 2 CPU cores).
 tune-retriever: venv
-	$(BIN)/python -m benchmarks.tune_retriever
+	$(BIN)/python -m benchmarks.retrieval.tune
 
 ## The Dagster UI on http://127.0.0.1:3000, sharing runs and lineage with `make run`.
 ui: venv $(DAGSTER_HOME)/dagster.yaml

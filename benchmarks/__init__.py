@@ -1,2 +1,3 @@
-"""Benchmarks for the pipeline's hot paths, each measured against the reference's approach in
-the same run (see benchmarks/README.md); `python -m benchmarks.run` runs them all."""
+"""Benchmarks of the pipeline, one folder per topic (`retrieval/`, `paths/`, `llm/`, `quality/`)
+sharing one harness (`harness.py`); `python -m benchmarks.run` (`make bench`) runs the hot paths
+against the reference's approach, `end_to_end.py` times `make run`. Index: benchmarks/README.md."""

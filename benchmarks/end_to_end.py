@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import REPO, _tree_rss, lake_root, machine_info, table
+from benchmarks.harness import REPO, lake_root, machine_info, table, tree_rss
 from lkg_pipeline.instance_storage import open_instance
 
 RESULT_FILE = REPO / "benchmarks" / "end_to_end.json"
@@ -70,7 +70,7 @@ def make_run(
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         watched = psutil.Process(child.pid)
         while child.poll() is None:
-            samples.append((time.time(), _tree_rss(watched)))
+            samples.append((time.time(), tree_rss(watched)))
             time.sleep(interval)
     end = time.time()
     if child.returncode != 0:

@@ -24,20 +24,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import end_to_end, paths_bench, ranking_bench, retriever_bench, training_bench
-from benchmarks.common import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
+from benchmarks import end_to_end
+from benchmarks.harness import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
+from benchmarks.llm import ranking, training
+from benchmarks.paths import bench as paths_bench
+from benchmarks.retrieval import bench as retriever_bench
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[str, ...]]] = {
     # name → (run, to_markdown, data-lake files the full run reads)
     "paths": (paths_bench.run, paths_bench.to_markdown, ("kg", "candidates", "sequences")),
-    "ranking": (ranking_bench.run, ranking_bench.to_markdown, ("prompts", "base_model")),
-    "training": (training_bench.run, training_bench.to_markdown, ("prompts", "base_model")),
+    "ranking": (ranking.run, ranking.to_markdown, ("prompts", "base_model")),
+    "training": (training.run, training.to_markdown, ("prompts", "base_model")),
     "retriever": (retriever_bench.run, retriever_bench.to_markdown, ("sequences",)),
 }
 
 
-# results.json sections written by other commands (`make quality`, `benchmarks.sampled_softmax`,
-# `make bench-dtype`), kept when this one rewrites
+# results.json sections written by other commands (`make quality`,
+# `benchmarks.retrieval.sampled_softmax`, `make bench-dtype`), kept when this one rewrites
 FOREIGN_SECTIONS = ("quality", "llm_dtype", "sampled_softmax")
 
 

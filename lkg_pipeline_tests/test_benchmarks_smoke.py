@@ -12,17 +12,13 @@ from typing import Any
 
 import pytest
 
-from benchmarks import (
-    after_paths,
-    end_to_end,
-    paths_bench,
-    ranking_bench,
-    retriever_bench,
-    run,
-    training_bench,
-    tune_retriever,
-)
-from benchmarks.common import ceiling, machine_info
+from benchmarks import end_to_end, run
+from benchmarks.harness import ceiling, machine_info
+from benchmarks.llm import ranking, training
+from benchmarks.paths import after_paths
+from benchmarks.paths import bench as paths_bench
+from benchmarks.retrieval import bench as retriever_bench
+from benchmarks.retrieval import tune as tune_retriever
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LKG_TEST_CACHE", REPO / "data_lake" / "cache"))
@@ -43,12 +39,12 @@ def paths_result(plot_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ranking_result() -> dict[str, Any]:
-    return ranking_bench.run(quick=True, cache_dir=CACHE)
+    return ranking.run(quick=True, cache_dir=CACHE)
 
 
 @pytest.fixture(scope="module")
 def training_result() -> dict[str, Any]:
-    return training_bench.run(quick=True, cache_dir=CACHE)
+    return training.run(quick=True, cache_dir=CACHE)
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +102,12 @@ def test_paths_quick(paths_result: dict[str, Any], plot_dir: Path) -> None:
     for row in measured:
         assert row["seconds"] > 0 and row["ms_per_user"] > 0
         assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0
-    assert (plot_dir / "paths_scaling.png").stat().st_size > 0
+    assert (plot_dir / paths_bench.PLOT).stat().st_size > 0
 
 
 def test_ranking_quick(ranking_result: dict[str, Any]) -> None:
     rows = ranking_result["policies"]
-    assert [r["policy"] for r in rows] == list(ranking_bench.POLICIES)
+    assert [r["policy"] for r in rows] == list(ranking.POLICIES)
     for row in rows:
         assert row["seconds"] > 0 and row["prompts_per_s"] > 0 and row["speedup_vs_batch_1"] > 0
         assert row["share_of_matmul"] > 0
@@ -121,14 +117,14 @@ def test_ranking_quick(ranking_result: dict[str, Any]) -> None:
 
 def test_training_quick(training_result: dict[str, Any]) -> None:
     rows = training_result["variants"]
-    assert [r["variant"] for r in rows] == list(training_bench.VARIANTS)
+    assert [r["variant"] for r in rows] == list(training.VARIANTS)
     for row in rows:
         assert row["status"] == "ok"
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["speed_vs_letters"] > 0
         assert row["share_of_matmul"] > 0
     by_name = {r["variant"]: r for r in rows}
     # the reference's loss and ours (`loss: lm`) are the same objective, computed differently
-    lm, reference = by_name["lm (ours, logits_to_keep=3)"], by_name[training_bench.REFERENCE]
+    lm, reference = by_name["lm (ours, logits_to_keep=3)"], by_name[training.REFERENCE]
     assert lm["mean_loss"] == pytest.approx(reference["mean_loss"], rel=1e-4)
 
 
@@ -224,7 +220,7 @@ def test_end_to_end_quick_runs_make_run_twice_and_reuses_the_expensive_stages(
 
 
 def test_sampled_softmax_quick() -> None:
-    from benchmarks import sampled_softmax
+    from benchmarks.retrieval import sampled_softmax
 
     result = sampled_softmax.run(quick=True)
     full, sampled = result["quality"][0], result["quality"][1]
@@ -242,7 +238,7 @@ def test_dtype_ablation_quick(tiny_base: Path, tmp_path: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.llm_dtype import ablation
+    from benchmarks.llm.dtype import ablation
     from lkg_pipeline.core.llm.train.config import lora_config
     from lkg_pipeline_tests.core.llm.test_segments import marked_prompts, marked_training
 
@@ -267,7 +263,7 @@ def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from benchmarks.frozen_probe import DEPTHS, extract, load, per_user, train_head
+    from benchmarks.llm.frozen_probe import DEPTHS, extract, load, per_user, train_head
     from lkg_pipeline.core.llm.rank.scoring import load_ranker
     from lkg_pipeline_tests.core.llm.test_segments import marked_prompts
 
@@ -292,7 +288,7 @@ def test_frozen_probe_states_and_heads(tiny_base: Path, tmp_path: Path) -> None:
 
 
 def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_path: Path) -> None:
-    from benchmarks.lora_layers import measure
+    from benchmarks.llm.lora_layers import measure
     from lkg_pipeline_tests.core.llm.test_train_lora import synthetic_prompts
 
     prompts = tmp_path / "prompts.parquet"
@@ -306,7 +302,7 @@ def test_lora_layers_trains_each_setting_and_validates_it(tiny_base: Path, tmp_p
 
 
 def test_save_results_section_replaces_one_section_and_keeps_the_others(tmp_path: Path) -> None:
-    from benchmarks.common import save_results_section
+    from benchmarks.harness import save_results_section
 
     results = tmp_path / "results.json"
     save_results_section(results, "a", {"x": 1})
@@ -320,7 +316,7 @@ def test_quality_recipe_is_lora_adapters_at_a_larger_budget() -> None:
     """`make quality` measures what `make run` ships: only the budget fields differ."""
     import dataclasses
 
-    from benchmarks.quality import RECIPE, RESIDUAL_RECIPE
+    from benchmarks.quality.rankers import RECIPE, RESIDUAL_RECIPE
     from lkg_pipeline.defs.llm import LoraRunConfig
 
     shipped = dataclasses.asdict(LoraRunConfig().to_core())
@@ -339,7 +335,7 @@ def test_quality_cache_of_another_recipe_is_set_aside(tmp_path: Path) -> None:
 
     import polars as pl
 
-    from benchmarks.quality import ROWS, recipe_record, scored, superseded
+    from benchmarks.quality.rankers import ROWS, recipe_record, scored, superseded
 
     tuned = next(r for r in ROWS if r.tuned)
     zero_shot = next(r for r in ROWS if not r.tuned)
@@ -369,7 +365,7 @@ def test_quality_prompts_and_rows_follow_the_lake_they_were_made_from(tmp_path: 
     a file from before records were kept is judged by modification times."""
     import polars as pl
 
-    from benchmarks.quality import (
+    from benchmarks.quality.rankers import (
         INPUTS_KEY,
         PROMPT_TOKENS,
         ROW_INPUTS,

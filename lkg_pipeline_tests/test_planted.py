@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from benchmarks.planted import (
+from benchmarks.quality.planted import (
     CUE,
     PATH_TYPE,
     RELATION,

@@ -121,7 +121,7 @@ class CandidatesRunConfig(dg.Config):
     # Which retriever scores the train prefixes (policy "retriever"). shared: the `retriever`
     # asset, which trained on them (sharper on them than on val: ml-100k recall@20 0.44 vs
     # 0.32). held_out: per prefix, a retriever of the same config trained on the sequences cut
-    # before its target (core.retrieval.retriever.held_out_training_candidates): train examples are
+    # before its target (core.retrieval.candidates.held_out_training_candidates): train examples are
     # scored as val is, at one retriever training per `train_examples_per_user`.
     train_scored_by: Literal["shared", "held_out"] = "shared"
     # Keep only the train examples whose target the retriever ranked in its top k (instead

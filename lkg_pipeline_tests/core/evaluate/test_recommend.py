@@ -110,7 +110,7 @@ def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_pa
     from pathlib import Path
     from types import SimpleNamespace
 
-    from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+    from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
     from lkg_pipeline.core.evaluate.recommend import prompts_as_trained
     from lkg_pipeline.core.llm.model import smollm2_tokenizer
     from lkg_pipeline.core.llm.prompts import (

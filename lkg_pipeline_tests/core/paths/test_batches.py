@@ -4,7 +4,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
 from lkg_pipeline.core.paths.batches import bounded_user_batches, read_users, user_batches
 from lkg_pipeline.core.paths.enumeration import PathConfig, signal_by_type, write_paths
 

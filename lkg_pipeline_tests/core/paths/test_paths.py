@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
 from lkg_pipeline.core.kg.graph import build_kg
 from lkg_pipeline.core.paths.enumeration import (
     PATH_SETTINGS_FILE,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
 from lkg_pipeline.core.paths import preference_grid, preference_ranking
 from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
 from lkg_pipeline.core.paths.preference_grid import read_grid, read_path_types

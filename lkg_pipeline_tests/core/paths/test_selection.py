@@ -3,7 +3,7 @@ from pathlib import Path
 
 import polars as pl
 
-from benchmarks.paths_bench import QUICK_ITEMS, SHAPES, synthetic_inputs
+from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
 from lkg_pipeline.core.paths.batches import bounded_user_batches, rows_per_user
 from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
 from lkg_pipeline.core.paths.selection import (

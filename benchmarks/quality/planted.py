@@ -1,8 +1,8 @@
 """Does the KG → prompt → LoRA → ranking chain carry a signal? A planted-signal dose-response.
 
-    make sanity                                   # python -m benchmarks.planted (resumable)
-    python -m benchmarks.planted --report         # rewrite PLANTED.md from what has run
-    python -m benchmarks.planted --doses 1.0 0.0  # fewer doses (--variants: fewer variants)
+    make sanity                                   # python -m benchmarks.quality.planted (resumable)
+    python -m benchmarks.quality.planted --report         # rewrite PLANTED.md from what has run
+    python -m benchmarks.quality.planted --doses 1.0 0.0  # fewer doses (--variants: fewer variants)
 
 On copies of the ml-100k lake that `make run` wrote (`data_lake/planted/p<dose>/`; the user's
 lake is only read), a synthetic relation is planted: a studio shared by two films, written as a
@@ -52,10 +52,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from benchmarks.common import (
+from benchmarks.harness import (
     DATASET,
     REPO,
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -93,8 +94,9 @@ TEST_ONLY = {"ops": {"rankings": {"config": {"splits": ["test"]}}}}
 # training budget (160 train prompts: LoraRunConfig) to see how far more training goes.
 SWAP, BIGGER = "swap", "x3"
 BIGGER_BUDGET = {"lora_adapter": {"config": {"max_train_examples": 480}}}
-PAGE = REPO / "benchmarks" / "PLANTED.md"
-FIGURE = REPO / "benchmarks" / "planted_curve.png"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+PAGE = HERE / "PLANTED.md"
+FIGURE = HERE / "planted_curve.png"
 
 
 def work_root(lake: Path) -> Path:
@@ -579,7 +581,7 @@ def compare(
 
 def report(lake: Path) -> dict[str, Any]:
     root = work_root(lake)
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     found = conditions(root)
     by_name = {row["name"]: row for row in found}
     reference_table = by_name.get(REFERENCE_VARIANT, {}).get("rankings")
@@ -757,8 +759,8 @@ def page(section: dict[str, Any]) -> str:
         [
             "# Planted signal: does the KG → prompt → LoRA → ranking chain carry a cue?",
             "",
-            "Written by `make sanity` (`python -m benchmarks.planted`; `--report` rewrites it "
-            "from the finished runs). How the studio relation is planted and why: the module's "
+            "Written by `make sanity` (`python -m benchmarks.quality.planted`; `--report` rewrites "
+            "it from the finished runs). How the studio relation is planted and why: the module's "
             "docstring. Test split of ml-100k, 943 users; subset = users whose true item is a "
             "candidate; intervals: 95% bootstrap over users; p: paired sign-flip test.",
             "",

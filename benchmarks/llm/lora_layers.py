@@ -6,7 +6,7 @@ model (`make run`'s lake), each validated on the same `--val` validation prompts
 at the end. Backward stops at the lowest adapted layer, so fewer layers train faster; the
 question is what that costs on validation. Writes `lora_layers` in benchmarks/results.json.
 
-    python -m benchmarks.lora_layers            # 5 10 15 all, 300 val prompts (~30 min, 2 cores)
+    python -m benchmarks.llm.lora_layers    # 5 10 15 all, 300 val prompts (~30 min, 2 cores)
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_JSON, lake_root, machine_info, save_results_section
-from benchmarks.llm_dtype import pipeline_recipe
+from benchmarks.harness import RESULTS_JSON, lake_root, machine_info, save_results_section
+from benchmarks.llm.dtype import pipeline_recipe
 from lkg_pipeline.core.llm.train.config import RunPaths
 from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.defs.layout import current_base_model, prompts_file
@@ -60,7 +60,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_layers")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm.lora_layers")
     parser.add_argument("layers", nargs="*", default=["5", "10", "15", "all"])
     parser.add_argument("--val", type=int, default=300, help="validation prompts")
     args = parser.parse_args(argv)

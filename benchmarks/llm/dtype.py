@@ -1,9 +1,9 @@
 """`make bench-dtype`: the LLM in fp32 and bf16 side by side on this machine, and whether bf16
 ranks the same.
 
-    python -m benchmarks.llm_dtype                  # all test-subset prompts, both dtypes
-    python -m benchmarks.llm_dtype --prompts 40     # a quicker look
-    python -m benchmarks.llm_dtype --section llm_dtype_amd_epyc   # beside another machine's
+    python -m benchmarks.llm.dtype                  # all test-subset prompts, both dtypes
+    python -m benchmarks.llm.dtype --prompts 40     # a quicker look
+    python -m benchmarks.llm.dtype --section llm_dtype_amd_epyc   # beside another machine's
 
 Measured in one process, one dtype after the other, with nothing else running: the GEMM
 ceilings of the model's own shapes, ranking prompts/s on the real ml-100k test prompts whose
@@ -32,13 +32,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
+    DATASET,
     RESULTS_JSON,
     lake_root,
     machine_info,
     save_results_section,
 )
-from benchmarks.quality import DATASET, EVERY_LAYER_RECIPE, Row, base_model, prompts_file
+from benchmarks.quality.rankers import EVERY_LAYER_RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
 from lkg_pipeline.core.llm.precision import (
     choose_dtype,
@@ -389,9 +390,11 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm_dtype")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm.dtype")
     parser.add_argument("--prompts", type=int, default=None, help="test prompts (default: all)")
-    parser.add_argument("--row", default="lkg_rag-segments-tuned", help="a benchmarks.quality row")
+    parser.add_argument(
+        "--row", default="lkg_rag-segments-tuned", help="a benchmarks.quality.rankers row"
+    )
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument(
         "--ablation-prompts", type=int, default=12, help="prompts per ablation (0: none)"

@@ -9,13 +9,13 @@ previous defaults) by the paired sign-flip test the evaluation report uses, on v
 
 Trials run one after another (two torch processes on 2 cores slow each other) and each is
 appended to `data_lake/tuning/retriever_<dataset>.jsonl` as it finishes, so an interrupted
-search resumes where it stopped. Output: `benchmarks/RETRIEVER_TUNING.md` and results.json
+search resumes where it stopped. Output: `benchmarks/retrieval/RETRIEVER_TUNING.md` and results.json
 section `retriever_tuning`.
 
-    python -m benchmarks.tune_retriever                 # every trial in TRIALS
-    python -m benchmarks.tune_retriever --only sasrec   # trials whose name contains "sasrec"
-    python -m benchmarks.tune_retriever --report        # re-render from the trials run so far
-    python -m benchmarks.tune_retriever --quick         # tiny synthetic data, a temp folder
+    python -m benchmarks.retrieval.tune                 # every trial in TRIALS
+    python -m benchmarks.retrieval.tune --only sasrec   # trials whose name contains "sasrec"
+    python -m benchmarks.retrieval.tune --report        # re-render from the trials run so far
+    python -m benchmarks.retrieval.tune --quick         # tiny synthetic data, a temp folder
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from benchmarks.common import (
+from benchmarks.harness import (
     DATASET,
-    REPO,
     RESULTS_JSON,
+    cpu_flags_shown,
     lake_root,
     machine_info,
     require_lake,
@@ -48,7 +48,8 @@ from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
 from lkg_pipeline.core.retrieval.training import train_retriever
 
-MARKDOWN = REPO / "benchmarks" / "RETRIEVER_TUNING.md"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+MARKDOWN = HERE / "RETRIEVER_TUNING.md"
 SELECT_ON = "NDCG@10"  # validation metric that picks the best trial
 SHOWN = ("NDCG@10", "Recall@10", "MRR@10", "Recall@20")
 
@@ -194,7 +195,7 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "# Retriever search on validation (`make tune-retriever`)",
             "",
             f"Dataset {DATASET}; machine: {machine.get('cpu_model', '?')}, "
-            f"{machine.get('nproc', '?')} cores, flags {_cpu_flags()}. Trials sorted by "
+            f"{machine.get('nproc', '?')} cores, flags {cpu_flags_shown()}. Trials sorted by "
             f"validation {SELECT_ON}, which alone picks the best; test columns are for reading, "
             "not choosing. `seconds` is each trial's wall time; other jobs shared the machine "
             "during parts of the search, so compare them loosely.",
@@ -218,17 +219,6 @@ def to_markdown(trials: dict[str, Trial], summary: dict[str, Any], machine: dict
             "",
         ]
     )
-
-
-def _cpu_flags() -> str:
-    """The instruction-set flags that decide kernel speed here (AVX-512, BF16, AMX)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set()
-    if cpuinfo.exists():
-        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
-        flags = set(line.split(":", 1)[-1].split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(shown) or "none of avx2/avx512/amx"
 
 
 def synthetic_sequences(users: int = 40, items: int = 30, length: int = 12) -> pl.DataFrame:

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     child_memory_limit_mb,
     current_rss_mb,
     lake_root,
@@ -40,7 +40,7 @@ from benchmarks.common import (
     run_isolated,
     table,
 )
-from benchmarks.paths_bench import SHAPES, _long_tail, synthetic_sequences
+from benchmarks.paths.bench import SHAPES, _long_tail, synthetic_sequences
 from lkg_pipeline.core.evaluate.metrics import rank_of_target
 from lkg_pipeline.core.retrieval.lrurec import LRURec
 from lkg_pipeline.core.retrieval.ranking import rank_users, score_users
@@ -194,7 +194,7 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
             rows[-1] |= measure_size(**kwargs)
             continue
         isolated = run_isolated(
-            "benchmarks.retriever_bench:measure_size",
+            "benchmarks.retrieval.bench:measure_size",
             kwargs,
             timeout_s=20 * 60,
             memory_limit_mb=memory_limit_mb,
@@ -264,7 +264,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         )
     return "\n".join(
         [
-            "## Retriever at catalogue scale (`benchmarks/retriever_bench.py`)",
+            "## Retriever at catalogue scale (`benchmarks/retrieval/bench.py`)",
             "",
             "LRURec with the published settings (d=64, 2 blocks, batch 64, AdamW), fp32, "
             f"{result['threads']} torch threads. Training: `train_step` (what `train_retriever` "

@@ -1,7 +1,7 @@
 """The retriever's sampled softmax (`sampled_negatives`) against the full softmax, side by side.
 
-    python -m benchmarks.sampled_softmax            # Beauty-sized, a few minutes on 2 cores
-    python -m benchmarks.sampled_softmax --quick    # tiny, seconds (the smoke test)
+    python -m benchmarks.retrieval.sampled_softmax          # Beauty-sized, a few minutes on 2 cores
+    python -m benchmarks.retrieval.sampled_softmax --quick  # tiny, seconds (the smoke test)
 
 Quality needs data with something to learn beyond popularity, so the users here walk a
 synthetic catalogue of Beauty's size (22,363 users, 12,101 items, ~8.9 items per user, max_len
@@ -9,23 +9,23 @@ synthetic catalogue of Beauty's size (22,363 users, 12,101 items, ~8.9 items per
 probability `FOLLOW`, else a long-tail popularity draw. Both losses train the same model from
 the same seed for the same epochs; validation Recall@10 / NDCG@10 rank the whole catalogue
 either way. Speed: seconds per training step at Beauty's and at 10× Beauty's catalogue (121,010
-items), where the full projection dominates. Writes benchmarks/SAMPLED_SOFTMAX.md and the
+items), where the full projection dominates. Writes benchmarks/retrieval/SAMPLED_SOFTMAX.md and the
 `sampled_softmax` section of benchmarks/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import REPO, machine_info, table
-from benchmarks.paths_bench import _long_tail
+from benchmarks.harness import RESULTS_JSON, machine_info, save_results_section, table
+from benchmarks.paths.bench import _long_tail
 from lkg_pipeline.core.retrieval.lrurec import LRURec
 from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 from lkg_pipeline.core.retrieval.sequences import user_sequences
@@ -41,8 +41,8 @@ FOLLOW = 0.6  # share of steps that follow the current item's successors
 SUCCESSORS = 4
 BEAUTY = {"users": 22_363, "items": 12_101, "mean_len": 8.9}
 NEGATIVES = (256, 1024)
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
-OUT_MD = REPO / "benchmarks" / "SAMPLED_SOFTMAX.md"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+OUT_MD = HERE / "SAMPLED_SOFTMAX.md"
 
 
 def walks(n_users: int, n_items: int, mean_len: float, seed: int) -> pl.DataFrame:
@@ -168,8 +168,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         [
             "# The retriever's sampled softmax vs the full softmax",
             "",
-            f"`python -m benchmarks.sampled_softmax` on {m['cpu_model']}, {m['nproc']} cores, "
-            f"torch {m['torch']}, {m['date_utc']}. Synthetic walks "
+            f"`python -m benchmarks.retrieval.sampled_softmax` on {m['cpu_model']}, "
+            f"{m['nproc']} cores, torch {m['torch']}, {m['date_utc']}. Synthetic walks "
             f"({d['users']:,} users, {d['items']:,} items, ~{d['mean_len']} items per user; "
             f"a user follows one of the current item's {d['successors']} successors with "
             f"probability {d['follow']}), max_len 50, the same seed and epochs for every loss; "
@@ -186,7 +186,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sampled_softmax")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.retrieval.sampled_softmax")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.quick:
         OUT_MD.write_text(markdown)
-        results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-        results["sampled_softmax"] = result
-        RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+        save_results_section(RESULTS_JSON, "sampled_softmax", result)
     return 0
 
 

@@ -1,8 +1,8 @@
 """`make quality`: does the LLM ranker earn its place? Every ranker side by side on ml-100k.
 
-    python -m benchmarks.quality                 # everything below, resuming what is cached
-    python -m benchmarks.quality --only lkg_rag-letters-zero_shot,lkg_rag-segments-tuned
-    python -m benchmarks.quality --report        # re-render QUALITY.md from the cached rankings
+    python -m benchmarks.quality.rankers            # everything below, resuming what is cached
+    python -m benchmarks.quality.rankers --only lkg_rag-letters-zero_shot,lkg_rag-segments-tuned
+    python -m benchmarks.quality.rankers --report   # re-render QUALITY.md from the cached rankings
 
 Rows (each scored on the whole val and test subset, i.e. every user whose true item is among
 the retriever's 20): the retriever, the preference module, and for each variant and prompt
@@ -17,7 +17,7 @@ the rankings), so an interrupted run resumes where it stopped and `--report` cos
 recipe of the tuned rows is `RECIPE` below: `lora_adapter`'s defaults at a larger budget. A
 cached row trained with another recipe, or made from prompts that have since been rebuilt (the
 lake changed under it), is moved to `data_lake/quality/superseded/` and run again.
-Writes benchmarks/QUALITY.md and the `quality` section of benchmarks/results.json.
+Writes benchmarks/quality/QUALITY.md and the `quality` section of benchmarks/results.json.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
-    REPO,
+from benchmarks.harness import (
+    DATASET,
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -65,9 +66,9 @@ from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
 from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
 
-DATASET = "ml-100k"
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
-QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+QUALITY_MD = HERE / "QUALITY.md"
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     from lkg_pipeline.core.retrieval.sequences import user_sequences
 
     work = lake / "quality" / "uniform"
-    sequences = pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet")
+    sequences = pl.read_parquet(LakeFiles(lake).sequences)
     items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
     data = user_sequences(sequences, n_items=items.height)
     examples = (
@@ -219,7 +220,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
     )
     kg_paths = lake / "paths" / "kg_paths" / DATASET
     path_config = PathConfig(**json.loads((kg_paths / PATH_SETTINGS_FILE).read_text()))
-    kg = read_parquet(lake / "kg" / "kg_triples" / DATASET)
+    kg = read_parquet(LakeFiles(lake).kg)
     paths_dir = work / "paths"
     write_paths(
         examples,
@@ -267,9 +268,9 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
 def uniform_prompt_sources(lake: Path, row: Row) -> dict[str, Path]:
     """The lake files the uniform rows' train prompts are made from (beside the code)."""
     return {
-        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "sequences": LakeFiles(lake).sequences,
         "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
-        "kg_triples": lake / "kg" / "kg_triples" / DATASET,
+        "kg_triples": LakeFiles(lake).kg,
         "kg_paths_settings": lake / "paths" / "kg_paths" / DATASET / PATH_SETTINGS_FILE,
         "selected_paths": lake / "paths" / "selected_paths" / f"{DATASET}.parquet",
         "preferences": lake / "models" / "preference" / DATASET / "preferences.parquet",
@@ -296,8 +297,8 @@ def base_model(lake: Path) -> Path:
 def format_prompt_sources(lake: Path, variant: str) -> dict[str, Path]:
     """The lake files a variant's prompts are made from."""
     files = {
-        "candidates": lake / "retrieval" / "candidates" / f"{DATASET}.parquet",
-        "sequences": lake / "prepare" / "sequences" / f"{DATASET}.parquet",
+        "candidates": LakeFiles(lake).candidates,
+        "sequences": LakeFiles(lake).sequences,
         "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
     }
     if variant != "llamarec":
@@ -333,8 +334,8 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
     if variant != "llamarec":
         selected = pl.read_parquet(lake / "paths" / "selected_paths" / f"{DATASET}.parquet")
     table = build_prompts(
-        pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet"),
-        pl.read_parquet(lake / "prepare" / "sequences" / f"{DATASET}.parquet"),
+        pl.read_parquet(LakeFiles(lake).candidates),
+        pl.read_parquet(LakeFiles(lake).sequences),
         titles,
         selected,
         variant,
@@ -531,7 +532,7 @@ def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
 def all_ranks(lake: Path) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Per-user ranks of every cached row (and its +prior fusion), the retriever and the
     preference module; and how each fusion was chosen."""
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     parts = [retriever_ranks(candidates), preference_ranks(lake, candidates)]
     fusion = []
     for row in (*ROWS, *EXPERIMENTS):
@@ -601,7 +602,7 @@ def position_figure(lake: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    candidates = pl.read_parquet(lake / "retrieval" / "candidates" / f"{DATASET}.parquet")
+    candidates = pl.read_parquet(LakeFiles(lake).candidates)
     test = candidates.filter((pl.col("split") == "test") & pl.col("in_candidates"))
     fig, ax = plt.subplots(figsize=(8, 3.2))
     bins = np.arange(1, 22) - 0.5
@@ -728,16 +729,17 @@ def report(lake: Path) -> dict[str, Any]:
     section["residual_recipe_changes"] = {
         k: v for k, v in dataclasses.asdict(RESIDUAL_RECIPE).items() if v != getattr(RECIPE, k)
     }
-    curve = REPO / "benchmarks" / "quality_curve.png"
-    positions = REPO / "benchmarks" / "quality_positions.png"
+    curve = HERE / "quality_curve.png"
+    positions = HERE / "quality_positions.png"
     section["training"] = curve_figure(lake, curve)
     position_figure(lake, positions)
 
     lines = [
         "# Ranker quality on ml-100k (GroupLens ML-100K via RecBole, 943 users)",
         "",
-        "Written by `make quality` (`python -m benchmarks.quality`). Every choice (the recipe, "
-        "each `+prior` row's λ and calibration) was made on validation; test was only scored.",
+        "Written by `make quality` (`python -m benchmarks.quality.rankers`). Every choice (the "
+        "recipe, each `+prior` row's λ and calibration) was made on validation; test was only "
+        "scored.",
         "",
         f"Machine: {section['machine'].get('cpu_model')}, {section['machine'].get('nproc')} "
         f"cores, torch {section['machine'].get('torch')}; {section['machine'].get('date_utc')}.",
@@ -811,7 +813,7 @@ def report(lake: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.rankers")
     parser.add_argument("--only", default="", help="comma-separated row names (default: all)")
     parser.add_argument("--report", action="store_true", help="only re-render from the cache")
     parser.add_argument(

@@ -1,10 +1,10 @@
 """After the paths, in bounded memory: the preference module, the path selection and the
 prompts at growing numbers of Beauty-like users.
 
-`kg_paths` writes its tables a batch of users at a time (benchmarks/paths_bench.py); the stages
+`kg_paths` writes its tables a batch of users at a time (benchmarks/paths/bench.py); the stages
 after it read them the same way (`core.paths.batches.read_users`) and write their outputs in
 parts that the IO manager concatenates into one file. This benchmark checks that on synthetic data
-shaped like Amazon Beauty (built by the real KG builder, as paths_bench builds it): at each size,
+shaped like Amazon Beauty (built by the real KG builder, as paths/bench.py builds it): at each size,
 the paths are enumerated with `write_paths`, then each stage runs in its own process as its asset
 runs it. A stage first loads what the IO manager hands its asset (the candidates, sequences, titles,
 preferences, a tokenizer): that process's RSS then is its baseline, "inputs"; the peak after it
@@ -13,9 +13,9 @@ preferences, a tokenizer): that process's RSS then is its baseline, "inputs"; th
 The issue's bar: at 1M Beauty-like users each stage's peak stays within the inputs + 1 GB,
 and time per user stays within 2× of the 10K figure.
 
-    python -m benchmarks.after_paths            # 10K, 100K and 1M users (~1.5 h on 2 cores)
-    python -m benchmarks.after_paths --quick    # two tiny sizes, seconds
-    python -m benchmarks.after_paths --stages preference --sizes 1000000 --data DIR
+    python -m benchmarks.paths.after_paths            # 10K, 100K and 1M users (~1.5 h on 2 cores)
+    python -m benchmarks.paths.after_paths --quick    # two tiny sizes, seconds
+    python -m benchmarks.paths.after_paths --stages preference --sizes 1000000 --data DIR
         # keep each size's data and paths in DIR/<users>, and reuse them on the next run:
         # the 1M build (~50 min) is most of a run that re-measures one stage
 """
@@ -32,8 +32,8 @@ from typing import Any
 
 import polars as pl
 
-from benchmarks.common import (
-    REPO,
+from benchmarks.harness import (
+    RESULTS_JSON,
     child_memory_limit_mb,
     current_rss_mb,
     lake_root,
@@ -41,9 +41,10 @@ from benchmarks.common import (
     peak_rss_mb,
     reset_peak_rss,
     run_isolated,
+    save_results_section,
     table,
 )
-from benchmarks.paths_bench import QUICK_ITEMS, USERS_PER_BATCH
+from benchmarks.paths.bench import QUICK_ITEMS, USERS_PER_BATCH
 
 SHAPE = "beauty-like"
 EXAMPLES_PER_BATCH = 10_000  # PromptRunConfig.examples_per_batch
@@ -52,8 +53,8 @@ STAGES = ("preference", "selection", "prompts")
 SIZES = {10_000: 900, 100_000: 1_800, 1_000_000: 4_800}
 QUICK_SIZES = {40: 120, 120: 120}
 BUDGET_MB = 1024  # the issue's bar: a stage's peak within its inputs + 1 GB
-OUT_MD = REPO / "benchmarks" / "AFTER_PATHS.md"
-RESULTS_JSON = REPO / "benchmarks" / "results.json"
+HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
+OUT_MD = HERE / "AFTER_PATHS.md"
 
 
 def _tokenizer_folder() -> str | None:
@@ -160,9 +161,9 @@ BUILT_FILE = "built.json"  # written last by build_with_paths: the folder is com
 
 
 def build_with_paths(folder: str, n_users: int, quick: bool) -> dict[str, Any]:
-    """Child: the synthetic dataset (as paths_bench builds it, plus its items) and its paths;
+    """Child: the synthetic dataset (as paths/bench.py builds it, plus its items) and its paths;
     `BUILT_FILE` records what was built once all of it is written."""
-    from benchmarks.paths_bench import build_synthetic, measure_enumerate
+    from benchmarks.paths.bench import build_synthetic, measure_enumerate
 
     stats = build_synthetic(SHAPE, n_users, folder, QUICK_ITEMS[SHAPE] if quick else None)
     n_items = json.loads((Path(folder) / "meta.json").read_text())["n_items"]
@@ -226,7 +227,7 @@ def run(
                     flush=True,
                 )
                 made = run_isolated(
-                    "benchmarks.after_paths:build_with_paths",
+                    "benchmarks.paths.after_paths:build_with_paths",
                     {"folder": folder, "n_users": n_users, "quick": quick},
                     timeout_s=2 * limit_s,
                     memory_limit_mb=memory_limit_mb,
@@ -264,7 +265,7 @@ def run(
                     continue
                 print(f"  {stage} …", flush=True)
                 measured = run_isolated(
-                    f"benchmarks.after_paths:stage_{stage}",
+                    f"benchmarks.paths.after_paths:stage_{stage}",
                     {"folder": folder, **kwargs[stage]},
                     timeout_s=limit_s,
                     memory_limit_mb=memory_limit_mb,
@@ -327,7 +328,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"*Last run {result['measured_at']} on {machine['cpu_model']} ({machine['nproc']} "
         f"CPUs, {machine['ram_gib']} GiB, load {machine['load_average_1m']} at the start); "
-        "each row names when and where it was measured. `python -m benchmarks.after_paths`.*",
+        "each row names when and where it was measured. `python -m benchmarks.paths.after_paths`.*",
         "",
         __doc__.split("\n\n")[1].replace("\n", " "),
         "",
@@ -362,7 +363,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.after_paths")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paths.after_paths")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--stages",
@@ -408,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.quick:
         OUT_MD.write_text(markdown)
-        results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-        results["after_paths"] = result
-        RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        save_results_section(RESULTS_JSON, "after_paths", result)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Does the frozen LLM already know what LoRA is asked to learn? A linear probe on its states.
 
-    python -m benchmarks.frozen_probe --prompts PROMPTS.parquet   # ~30 min on 2 CPU cores
+    python -m benchmarks.llm.frozen_probe --prompts PROMPTS.parquet   # ~30 min on 2 CPU cores
 
 The fine-tuning runs (`lora_adapter`, `make quality`) see a few hundred prompts; a probe sees
 thousands for the cost of one forward pass each. The base model (bf16, the ranker's own windowed
@@ -33,8 +33,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     RESULTS_JSON,
+    LakeFiles,
     lake_root,
     machine_info,
     save_results_section,
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="default: lake/quality/...")
     args = parser.parse_args(argv)
     lake = lake_root()
-    base = args.base_model or lake / "models" / "base_model" / "smollm2-135m"
+    base = args.base_model or LakeFiles(lake).base_model
     cache = args.cache or lake / "quality" / "frozen_probe"
     prompts = pl.read_parquet(args.prompts).filter(pl.col("target_index") >= 0)
     from transformers import AutoTokenizer

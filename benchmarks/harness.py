@@ -1,5 +1,6 @@
-"""What every benchmark shares: where the real data is, the machine, the matmul ceiling, and
-measurements in a child process.
+"""What every benchmark shares, whichever topic folder it is in: where the real data is (the
+lake's files), the machine (CPU model and flags), the matmul ceiling, measurements in a child
+process, and its section of benchmarks/results.json.
 
 Peak memory is measured in a child process because the figure people want ("how much RAM does
 this need") includes DuckDB's and torch's native allocations, which `tracemalloc` never sees,
@@ -135,6 +136,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_flags_shown() -> str:
+    """The instruction-set flags that decide kernel speed here (AVX-512, BF16, AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    if cpuinfo.exists():
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(shown) or "none of avx2/avx512/amx"
+
+
 @functools.cache
 def matmul_ceiling(n: int = 2048, repeats: int = 10, threads: int | None = None) -> dict[str, Any]:
     """Dense fp32 matmul FLOP/s on this machine with this thread count: the ceiling that the
@@ -205,7 +217,7 @@ class Isolated:
         return float(self.result.get("peak_rss_mb", self.sampled_peak_rss_mb))
 
 
-def _tree_rss(process: psutil.Process) -> int:
+def tree_rss(process: psutil.Process) -> int:
     try:
         total = process.memory_info().rss
         for child in process.children(recursive=True):
@@ -226,7 +238,7 @@ def run_isolated(
     """
     with tempfile.TemporaryDirectory(prefix="lkg_bench_") as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs), str(out)]
+        command = [sys.executable, "-m", "benchmarks.harness", target, json.dumps(kwargs), str(out)]
         start = time.perf_counter()
         log = Path(tmp) / "stderr.txt"
         with log.open("w") as stderr:
@@ -234,7 +246,7 @@ def run_isolated(
             watched = psutil.Process(child.pid)
             peak, status = 0, "ok"
             while child.poll() is None:
-                peak = max(peak, _tree_rss(watched))
+                peak = max(peak, tree_rss(watched))
                 if peak > memory_limit_mb * 2**20:
                     status = "memory"
                 elif time.perf_counter() - start > timeout_s:
@@ -316,10 +328,6 @@ def si(value: float, unit: str = "") -> str:
     return f"{value:.2f} {unit}".rstrip()
 
 
-if __name__ == "__main__":
-    _child_main(*sys.argv[1:4])
-
-
 def save_results_section(results: Path, name: str, section: dict[str, Any]) -> None:
     """Replace one benchmark's section of `results` (benchmarks/results.json), keeping the
     others; written beside it and renamed over it, so an interrupted write loses nothing."""
@@ -327,3 +335,7 @@ def save_results_section(results: Path, name: str, section: dict[str, Any]) -> N
     saved[name] = section
     text = json.dumps(saved, indent=2, default=str) + "\n"
     replace_atomically(results, lambda tmp: tmp.write_text(text))
+
+
+if __name__ == "__main__":
+    _child_main(*sys.argv[1:4])

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import LakeFiles, ceiling, lake_root, require_lake, si, table
+from benchmarks.harness import LakeFiles, ceiling, lake_root, require_lake, si, table
 from lkg_pipeline.core.llm.model import LETTERS, letter_token_ids, load_base
 from lkg_pipeline.core.llm.rank.scoring import (
     left_pad,
@@ -214,7 +214,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m = result["matmul"]
     return "\n".join(
         [
-            "## Ranking throughput (`benchmarks/ranking_bench.py`)",
+            "## Ranking throughput (`benchmarks/llm/ranking.py`)",
             "",
             f"{result['source']}: {result['prompts']} prompts, {result['prompt_tokens']:,} tokens "
             f"(mean {result['mean_tokens']:.0f}, {result['min_tokens']}–{result['max_tokens']}), "

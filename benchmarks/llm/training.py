@@ -26,7 +26,7 @@ import polars as pl
 import psutil
 import torch
 
-from benchmarks.common import (
+from benchmarks.harness import (
     LakeFiles,
     ceiling,
     current_rss_mb,
@@ -187,7 +187,7 @@ def run(quick: bool, out_dir: Path | None = None, cache_dir: Path | None = None)
                 result = train_steps(**kwargs) | {"peak_rss_mb": None}
             else:
                 isolated = run_isolated(
-                    "benchmarks.training_bench:train_steps",
+                    "benchmarks.llm.training:train_steps",
                     kwargs,
                     timeout_s=480,
                     memory_limit_mb=0.7 * psutil.virtual_memory().available / 2**20,
@@ -250,7 +250,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m = result["matmul"]
     return "\n".join(
         [
-            "## LoRA training throughput (`benchmarks/training_bench.py`)",
+            "## LoRA training throughput (`benchmarks/llm/training.py`)",
             "",
             f"{result['source']}: {first.get('prompts', 0)} prompts, "
             f"{first.get('tokens', 0):,} tokens per pass, batch 1, one AdamW step per prompt "

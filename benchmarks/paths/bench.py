@@ -33,7 +33,7 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from benchmarks.common import (
+from benchmarks.harness import (
     child_memory_limit_mb,
     current_rss_mb,
     require_lake,
@@ -56,6 +56,9 @@ N_CANDIDATES = 20
 USERS_PER_BATCH = 2_500
 # co_rated counts ratings ≥ this (KGConfig.co_rated_min_rating), see Shape.liked_per_user
 LIKED = 4.0
+# The scaling plot, relative to the folder `run` writes RESULTS.md to (`make bench`: benchmarks/,
+# so the plot lands in this topic's folder, benchmarks/paths/)
+PLOT = "paths/paths_scaling.png"
 
 
 @dataclass(frozen=True)
@@ -565,7 +568,7 @@ def scaling(
             try:
                 print(f"  paths scaling: {name}, {n_users:,} users …", flush=True)
                 build = run_isolated(
-                    "benchmarks.paths_bench:build_synthetic",
+                    "benchmarks.paths.bench:build_synthetic",
                     {
                         "shape": name,
                         "n_users": n_users,
@@ -581,7 +584,7 @@ def scaling(
                     continue
                 row |= {k: build.result[k] for k in ("ratings", "triples", "examples", "build_s")}
                 measured = run_isolated(
-                    "benchmarks.paths_bench:measure_enumerate",
+                    "benchmarks.paths.bench:measure_enumerate",
                     {"folder": folder, "users_per_batch": 20 if quick else USERS_PER_BATCH},
                     timeout_s=time_limit_s,
                     memory_limit_mb=memory_limit_mb,
@@ -654,7 +657,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
-    """Ours vs the per-pair searches, then the synthetic scaling (and its plot in `out_dir`).
+    """Ours vs the per-pair searches, then the synthetic scaling (and its plot, `out_dir / PLOT`).
 
     quick: a tiny synthetic graph in place of the real one, two tiny sizes, seconds in all.
     """
@@ -688,7 +691,8 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
     rows = scaling(limits, quick, memory_limit_mb)
     plot = None
     if out_dir is not None:
-        plot = out_dir / "paths_scaling.png"
+        plot = out_dir / PLOT
+        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_scaling(rows, plot)
     return {
         "comparison": comparison,
@@ -747,7 +751,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             }
         )
     text = [
-        "## Path enumeration (`benchmarks/paths_bench.py`)",
+        "## Path enumeration (`benchmarks/paths/bench.py`)",
         "",
         f"Real ml-100k graph ({c['graph_nodes']:,} non-user nodes, {c['graph_edges']:,} "
         f"undirected edges), {c['examples']:,} examples of {c['users']:,} users (train, val and "
@@ -783,5 +787,5 @@ def to_markdown(result: dict[str, Any]) -> str:
         table(scaling_rows),
     ]
     if result.get("plot"):
-        text += ["", f"![paths scaling]({Path(result['plot']).name})"]
+        text += ["", f"![paths scaling]({PLOT})"]
     return "\n".join(text)
