@@ -4,19 +4,18 @@
     python -m benchmarks.quality.planted --report         # rewrite PLANTED.md from what has run
     python -m benchmarks.quality.planted --doses 1.0 0.0  # fewer doses (--variants: fewer variants)
 
-On copies of the ml-100k lake that `make run` wrote (`data_lake/planted/p<dose>/`; the user's
-lake is only read), a synthetic relation is planted: a studio shared by two films, written as a
-Freebase-like fact (`lkg.film.studio`, read by `core.kg.graph` as `made_at_studio`) into the copy's
-`raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
-and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of
-all examples (train, val and test alike) a new studio links the true next item to an item of
-the example's shown history (the one whose link would show on a wrong candidate in the fewest
-other prompts: `plant_links`); for a fraction DECOY_RATE of examples one more studio links a
-history item to a candidate drawn uniformly from all 20 (the true item included, so at dose 0
-the relation says nothing about the answer). The draws are shared across doses: the examples
-planted at 0.1 are among those planted at 0.3. Only item metadata changes: no interaction,
-candidate or split does, so the retriever, its candidates and the leakage check are the real
-ones.
+On copies of the ml-100k lake that `make run` wrote (`data_lake/planted/p<dose>/`; the user's lake
+is only read), a synthetic relation is planted: a studio shared by two films, written as a
+Freebase-like fact (`lkg.film.studio`, read by `core.kg.freebase` as `made_at_studio`) into the
+copy's `raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
+and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of all
+examples (train, val and test alike) a new studio links the true next item to an item of the
+example's shown history (the one whose link would show on a wrong candidate in the fewest other
+prompts: `plant_links`); for a fraction DECOY_RATE of examples one more studio links a history item
+to a candidate drawn uniformly from all 20 (the true item included, so at dose 0 the relation says
+nothing about the answer). The draws are shared across doses: the examples planted at 0.1 are among
+those planted at 0.3. Only item metadata changes: no interaction, candidate or split does, so the
+retriever, its candidates and the leakage check are the real ones.
 
 The real assets then run on each copy with their default configuration: kg_triples → kg_paths
 → preference_model → selected_paths → prompts → lora_adapter → rankings (test prompts), for
@@ -80,7 +79,7 @@ KG_VARIANTS = ("lkg_rag", "kg_rag")
 DECOY_RATE = 0.1  # examples that get one more studio, on a uniformly drawn candidate
 SEED = 0
 WINDOW = 20  # history items a prompt shows (PromptConfig.max_history, PathConfig.history_len)
-RELATION = "lkg.film.studio"  # core.kg.graph reads it as made_at_studio
+RELATION = "lkg.film.studio"  # core.kg.freebase reads it as made_at_studio
 PATH_TYPE = "made_at_studio"
 CUE = "same studio"  # how core.llm.prompts phrases a made_at_studio path
 # Inputs of the kg and llm stages: copied, small. The base model is hard-linked (read only;

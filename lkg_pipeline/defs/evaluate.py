@@ -24,14 +24,8 @@ from lkg_pipeline.core.evaluate.compare import (
     report_markdown,
     retriever_ranks,
 )
-from lkg_pipeline.core.evaluate.ltr import (
-    feature_table,
-    llm_scores,
-    load_ltr,
-    read_pair_features,
-    save_ltr,
-    score,
-)
+from lkg_pipeline.core.evaluate.ltr import load_ltr, save_ltr, score
+from lkg_pipeline.core.evaluate.ltr_features import feature_table, llm_scores, read_pair_features
 from lkg_pipeline.core.evaluate.rankers import (
     MIN_LTR_EXAMPLES,
     LtrRanker,

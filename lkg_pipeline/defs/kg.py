@@ -7,7 +7,8 @@ import matplotlib
 import polars as pl
 
 from lkg_pipeline.core.data import validate
-from lkg_pipeline.core.kg.graph import RELATIONS, KGConfig, KnowledgeGraph, build_kg
+from lkg_pipeline.core.kg.graph import KGConfig, KnowledgeGraph, build_kg
+from lkg_pipeline.core.kg.relations import RELATIONS
 from lkg_pipeline.core.kg.warehouse import write_kg
 from lkg_pipeline.defs.layout import kg_folder, warehouse_path
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown

@@ -8,6 +8,7 @@ the test item.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -97,8 +98,10 @@ def clean_product_title(
     return " ".join(title.split()) or None
 
 
+# (title, year, drop_placeholders) → the title prompts show, or None when it has none usable.
+TitleCleaner = Callable[[str | None, int | None, bool], str | None]
 # Title rules by source: which cleaner a dataset's titles go through.
-TITLE_CLEANERS = {"movielens": clean_title, "amazon": clean_product_title}
+TITLE_CLEANERS: dict[str, TitleCleaner] = {"movielens": clean_title, "amazon": clean_product_title}
 TITLE_STYLES: dict[str, str] = {
     "ml-100k": "movielens",
     "ml-latest-small": "movielens",
@@ -169,19 +172,60 @@ def prepare(
     - A user's items are ordered by timestamp, ties broken by original item id ascending; the last
       is test, the second-to-last val, the rest train.
     """
+    clean = _title_cleaner(title_style)
+    _require_input(raw_interactions, raw_items)
+    raw_items = conform(raw_items, {"item_id": raw_items.schema["item_id"], **ITEM_COLUMNS})
+    items, titles = _titled_items(raw_items, clean, config.drop_placeholder_titles)
+    known, inter = _on_titled_items(raw_interactions, raw_items, items)
+    n_titled = inter.height
+    inter = _sample_users(inter, config.max_users, config.seed)
+    inter = _rated_at_least(inter, config.min_rating)
+    inter, duplicates = _first_rating_per_pair(inter)
+    inter, rounds = _k_core_or_raise(inter, config)
+    user_map = _dense(inter["user_id"], "user_id", "user_idx")
+    item_map = _dense(inter["item_id"], "item_id", "item_idx")
+    sequences = _leave_one_out(inter, user_map, item_map)
+    items = _item_table(items, item_map, sequences)
+    return Prepared(
+        items,
+        sequences,
+        sequence_stats(sequences)
+        | {
+            "raw_interactions": raw_interactions.height,
+            "raw_items": raw_items.height,
+            "items_without_title": sum(t is None for t in titles),
+            "interactions_unknown_item": raw_interactions.height - known.height,
+            "interactions_untitled_item": known.height - n_titled,
+            "duplicate_pairs_dropped": duplicates,
+            "k_core_rounds": rounds,
+        },
+    )
+
+
+def _title_cleaner(title_style: str) -> TitleCleaner:
+    """The title rules of `title_style` (a key of `TITLE_CLEANERS`)."""
     if title_style not in TITLE_CLEANERS:
         raise ValueError(
             f"Unknown title_style {title_style!r}; choose one of {', '.join(TITLE_CLEANERS)}."
         )
-    clean = TITLE_CLEANERS[title_style]
+    return TITLE_CLEANERS[title_style]
+
+
+def _require_input(raw_interactions: pl.DataFrame, raw_items: pl.DataFrame) -> None:
     if raw_interactions.is_empty() or raw_items.is_empty():
         raise EmptyPreparationError(
             f"Nothing to prepare: {raw_interactions.height} raw interactions, "
             f"{raw_items.height} raw items."
         )
-    raw_items = conform(raw_items, {"item_id": raw_items.schema["item_id"], **ITEM_COLUMNS})
+
+
+def _titled_items(
+    raw_items: pl.DataFrame, clean: TitleCleaner, drop_placeholders: bool
+) -> tuple[pl.DataFrame, list[str | None]]:
+    """Items with a usable cleaned title (the raw one kept as `raw_title`), first row per id;
+    also every raw item's cleaned title (None: unusable)."""
     titles = [
-        clean(t, y, config.drop_placeholder_titles)
+        clean(t, y, drop_placeholders)
         for t, y in zip(raw_items["title"].to_list(), raw_items["year"].to_list())
     ]
     items = (
@@ -189,6 +233,14 @@ def prepare(
         .filter(pl.col("title").is_not_null())
         .unique("item_id", keep="first", maintain_order=True)
     )
+    return items, titles
+
+
+def _on_titled_items(
+    raw_interactions: pl.DataFrame, raw_items: pl.DataFrame, items: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(interactions on catalogue items, interactions on titled items); raises when the latter
+    is empty."""
     known = raw_interactions.filter(pl.col("item_id").is_in(raw_items["item_id"].implode()))
     inter = known.filter(pl.col("item_id").is_in(items["item_id"].implode()))
     if inter.is_empty():
@@ -198,23 +250,40 @@ def prepare(
             f"catalogue items; {raw_items.height:,} raw items, {items.height:,} with a title. "
             "The ratings and the item file do not belong together, or no item has a title."
         )
-    n_titled = inter.height
-    if config.max_users is not None:
+    return known, inter
+
+
+def _sample_users(inter: pl.DataFrame, max_users: int | None, seed: int) -> pl.DataFrame:
+    """A seeded sample of `max_users` users (drawn from the sorted user ids); None: all."""
+    if max_users is not None:
         users = inter["user_id"].unique().sort()
-        if users.len() > config.max_users:
-            kept_users = users.sample(n=config.max_users, seed=config.seed)
+        if users.len() > max_users:
+            kept_users = users.sample(n=max_users, seed=seed)
             inter = inter.filter(pl.col("user_id").is_in(kept_users.implode()))
-    if config.min_rating is not None:
-        inter = inter.filter(pl.col("rating") >= config.min_rating)
+    return inter
+
+
+def _rated_at_least(inter: pl.DataFrame, min_rating: float | None) -> pl.DataFrame:
+    if min_rating is not None:
+        inter = inter.filter(pl.col("rating") >= min_rating)
         if inter.is_empty():
-            raise EmptyPreparationError(
-                f"No interaction has a rating >= min_rating={config.min_rating}."
-            )
+            raise EmptyPreparationError(f"No interaction has a rating >= min_rating={min_rating}.")
+    return inter
+
+
+def _first_rating_per_pair(inter: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """The earliest rating of each (user, item) pair, and how many later ones were dropped."""
     n_before_dedup = inter.height
     inter = inter.sort("user_id", "item_id", "timestamp").unique(
         ["user_id", "item_id"], keep="first", maintain_order=True
     )
     duplicates = n_before_dedup - inter.height
+    return inter, duplicates
+
+
+def _k_core_or_raise(inter: pl.DataFrame, config: PrepareConfig) -> tuple[pl.DataFrame, int]:
+    """`k_core` at the config's thresholds; raises, with the sizes before it, when it leaves
+    nothing."""
     before_core = inter
     inter, rounds = k_core(inter, config.min_user_interactions, config.min_item_interactions)
     if inter.is_empty():
@@ -227,10 +296,15 @@ def prepare(
             f"by {per_user.len():,} users on {per_item.len():,} items (at most {per_user.max()} "
             f"per user, {per_item.max()} per item). Lower the thresholds or use more data."
         )
+    return inter, rounds
 
-    user_map = _dense(inter["user_id"], "user_id", "user_idx")
-    item_map = _dense(inter["item_id"], "item_id", "item_idx")
-    sequences = (
+
+def _leave_one_out(
+    inter: pl.DataFrame, user_map: pl.DataFrame, item_map: pl.DataFrame
+) -> pl.DataFrame:
+    """The sequences table: dense ids, each user's items in (timestamp, item id) order with
+    their position, the last test, the one before val, the rest train."""
+    return (
         inter.join(user_map, on="user_id")
         .join(item_map, on="item_id")
         .sort("user_idx", "timestamp", "item_idx")  # item_idx order == original id order
@@ -246,11 +320,17 @@ def prepare(
             "user_idx", "item_idx", "user_id", "item_id", "rating", "timestamp", "position", "split"
         )
     )
+
+
+def _item_table(
+    items: pl.DataFrame, item_map: pl.DataFrame, sequences: pl.DataFrame
+) -> pl.DataFrame:
+    """The kept items by dense id, with their interaction counts (all, and train only)."""
     counts = sequences.group_by("item_idx").agg(
         n_interactions=pl.len().cast(pl.Int32),
         n_train_interactions=(pl.col("split") == "train").sum().cast(pl.Int32),
     )
-    items = (
+    return (
         items.join(item_map, on="item_id")
         .join(counts, on="item_idx")
         .sort("item_idx")
@@ -263,20 +343,6 @@ def prepare(
             "n_interactions",
             "n_train_interactions",
         )
-    )
-    return Prepared(
-        items,
-        sequences,
-        sequence_stats(sequences)
-        | {
-            "raw_interactions": raw_interactions.height,
-            "raw_items": raw_items.height,
-            "items_without_title": sum(t is None for t in titles),
-            "interactions_unknown_item": raw_interactions.height - known.height,
-            "interactions_untitled_item": known.height - n_titled,
-            "duplicate_pairs_dropped": duplicates,
-            "k_core_rounds": rounds,
-        },
     )
 
 

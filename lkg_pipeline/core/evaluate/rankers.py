@@ -17,14 +17,8 @@ import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.evaluate.compare import PRIOR_SUFFIX, example_based_ranks, llm_ranks
-from lkg_pipeline.core.evaluate.ltr import (
-    LtrConfig,
-    LtrResult,
-    feature_names,
-    feature_table,
-    fit_and_rank,
-    llm_scores,
-)
+from lkg_pipeline.core.evaluate.ltr import LtrConfig, LtrResult, fit_and_rank
+from lkg_pipeline.core.evaluate.ltr_features import feature_names, feature_table, llm_scores
 from lkg_pipeline.core.evaluate.serving import LTR, LTR_LLM
 from lkg_pipeline.core.llm.prompts import VARIANTS
 from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks

@@ -1,1 +1,2 @@
-"""The knowledge graph: typed nodes and relations (`graph`) and its DuckDB/Parquet copy."""
+"""The knowledge graph: its relation schema (`relations`), edges from each source (`edges`,
+`freebase`), the assembled graph (`graph`) and its DuckDB/Parquet copy (`warehouse`)."""

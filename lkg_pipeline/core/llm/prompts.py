@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import polars as pl
 
-from lkg_pipeline.core.kg.graph import ENTITY_NOUNS, RELATIONS
+from lkg_pipeline.core.kg.freebase import ENTITY_NOUNS
+from lkg_pipeline.core.kg.relations import RELATIONS
 from lkg_pipeline.core.llm.model import LETTERS
 from lkg_pipeline.core.paths.batches import read_users
 from lkg_pipeline.core.paths.enumeration import PathConfig

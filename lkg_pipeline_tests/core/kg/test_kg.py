@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 from lkg_pipeline.core.data import validate
-from lkg_pipeline.core.kg.graph import RELATIONS, KGConfig, build_kg
+from lkg_pipeline.core.kg.graph import KGConfig, build_kg
+from lkg_pipeline.core.kg.relations import RELATIONS
 from lkg_pipeline.core.kg.warehouse import read_parquet, write_duckdb, write_kg, write_parquet
 
 INVERSES = {r.name: r.inverse for r in RELATIONS.values()}
