@@ -121,7 +121,7 @@ class PromptRunConfig(dg.Config):
     # letters: the paper's lettered candidate pool; segments: one block-masked segment per
     # candidate after a shared history (core.llm.segments), no position bias
     format: Literal["letters", "segments"] = differs_from_core(
-        "segments", "the format `make quality` measured to learn (benchmarks/QUALITY.md)"
+        "segments", "the format `make quality` measured to learn (benchmarks/quality/QUALITY.md)"
     )
     # How each candidate's segment ends ({noun}, {verb} filled in): the cue alone, the prefix
     # asks the question; e.g. "Is it the {noun} they will {verb} next? Answer:" as before
@@ -276,7 +276,7 @@ class AccelerateLaunch(dg.Config):
 class LoraRunConfig(Recomputable, AccelerateLaunch):
     """`TrainConfig` plus how to launch it. The paper's recipe learns nothing at a CPU budget
     of ~20 optimizer steps: the defaults here are the short-run recipe `make quality` trains
-    (benchmarks/QUALITY.md), each difference declared below with its reason."""
+    (benchmarks/quality/QUALITY.md), each difference declared below with its reason."""
 
     NOT_EXPOSED: ClassVar[dict[str, str]] = {}
 

@@ -304,7 +304,7 @@ class SelectedPathsRunConfig(dg.Config):
     # Users whose paths are selected together, at most this many users and this many
     # enumerated paths (a user with more is a batch alone): bounds memory, never changes a
     # selected path. The path budget is what holds with a dense graph: a batch of 1.4M
-    # Beauty-like paths added ~0.75 GB (benchmarks/AFTER_PATHS.md), and 2,500 ml-100k-like
+    # Beauty-like paths added ~0.75 GB (benchmarks/paths/AFTER_PATHS.md), and 2,500 ml-100k-like
     # users hold ~9M. `paths_per_batch: null` cuts by users alone.
     users_per_batch: int = 2_500
     paths_per_batch: int | None = 1_500_000

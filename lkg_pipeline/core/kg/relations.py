@@ -92,7 +92,7 @@ RELATIONS: dict[str, Relation] = {
             "was made by",
             "made",
         ),
-        # No public source has studios: benchmarks/planted.py plants them to test the chain
+        # No public source has studios: benchmarks/quality/planted.py plants them to test the chain
         *_pair(
             "made_at_studio",
             "studio_made",

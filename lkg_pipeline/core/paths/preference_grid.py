@@ -44,7 +44,7 @@ class PathGrid:
     decoded to log1p(float32) a chunk of rows at a time (`feats`): at 20 candidates × 4 types,
     80 B an example (uint8) instead of 320 B, and no float32 copy of the whole grid. Splits are
     indices into SPLITS (1 B, not a 20 B string). At 1M Beauty-like users the grid is what the
-    preference stage holds (benchmarks/AFTER_PATHS.md), so every byte an example saves is
+    preference stage holds (benchmarks/paths/AFTER_PATHS.md), so every byte an example saves is
     2 MB there.
     """
 

@@ -135,7 +135,7 @@ def _optimizers(model: PreferenceModel, config: PreferenceConfig) -> list[torch.
 
     Dense AdamW on an (n_users, T) table updates every row on every step, and an epoch has
     n_users / batch steps, so the encoder cost grew as users² (20 ms a step at 1M users: 24 min
-    of the stage there; benchmarks/AFTER_PATHS.md). `SparseAdam` updates a batch's rows only.
+    of the stage there; benchmarks/paths/AFTER_PATHS.md). `SparseAdam` updates a batch's rows only.
     It has no weight decay, so a user_id config with `weight_decay` > 0 keeps dense AdamW.
     """
     weights = [model.type_weight_raw]
