@@ -43,8 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 # The published max_len: 200 for MovieLens, 50 for Amazon (shared DESIGN.md §1).
 DEFAULT_MAX_LEN = {"ml-100k": 200, "ml-latest-small": 200, "beauty": 50}
 # Each dataset's best setting on validation from `make tune-retriever`
-# (benchmarks/retrieval/RETRIEVER_TUNING.md, every trial there); a field a run sets explicitly wins. Datasets not
-# searched yet keep the published LRURec recipe.
+# (benchmarks/retrieval/RETRIEVER_TUNING.md, every trial there); a field a run sets explicitly
+# wins. Datasets not searched yet keep the published LRURec recipe.
 TUNED: dict[str, dict[str, object]] = {
     # val NDCG@10 0.1263 against 0.1088 for the published LRURec recipe (paired p 0.009)
     "ml-100k": {"architecture": "sasrec", "max_len": 50, "selection_metric": "NDCG@10"},
@@ -89,7 +89,8 @@ class RetrieverRunConfig(Recomputable):
     sliding_step: int | None = RetrieverConfig.sliding_step
     eval_batch_size: int = RetrieverConfig.eval_batch_size
     # None: the full softmax; N: the target against N uniform negatives per batch (for very
-    # large catalogues; benchmarks/retrieval/SAMPLED_SOFTMAX.md measures it against the full softmax)
+    # large catalogues; benchmarks/retrieval/SAMPLED_SOFTMAX.md measures it against the full
+    # softmax)
     sampled_negatives: int | None = RetrieverConfig.sampled_negatives
     # Where the model trains and scores: auto = CUDA when present (on the CPU the results are
     # the reference, bit for bit the same as before the option existed).
