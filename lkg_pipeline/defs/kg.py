@@ -1,12 +1,14 @@
 """Group `kg`: the knowledge graph of a dataset in DuckDB and Parquet, checked for leakage."""
 
 import time
+from pathlib import Path
 
 import dagster as dg
 import matplotlib
 import polars as pl
 
 from lkg_pipeline.core.data import validate
+from lkg_pipeline.core.kg import stats
 from lkg_pipeline.core.kg.graph import KGConfig, KnowledgeGraph, build_kg
 from lkg_pipeline.core.kg.relations import RELATIONS
 from lkg_pipeline.core.kg.warehouse import write_kg
@@ -92,87 +94,65 @@ def kg_triples(
     build_s = time.perf_counter() - start
     if kg.unmapped_relations:
         context.log.warning(f"Freebase relations not read: {kg.unmapped_relations}")
-    paths = write_kg(kg, warehouse_path(lake.path, dataset), kg_folder(lake.path, dataset))
+    database = warehouse_path(lake.path, dataset)
+    paths = write_kg(kg, database, kg_folder(lake.path, dataset))
     context.log.info(
         f"{dataset}: {kg.entities.height} entities, {kg.triples.height} triples "
         f"built in {build_s:.1f}s"
     )
+    checks = _kg_checks(kg, sequences, items.height)
+    metadata = _kg_metadata(kg, dataset, database, paths, build_s)
+    yield dg.MaterializeResult(metadata=metadata)
+    yield from checks
+
+
+def _kg_checks(
+    kg: KnowledgeGraph, sequences: pl.DataFrame, n_items: int
+) -> list[dg.AssetCheckResult]:
     outcomes = {
         "no_dangling_ids": validate.no_dangling_ids(kg.entities, kg.triples),
         "inverses_complete": validate.inverses_complete(
             kg.triples, {r.name: r.inverse for r in RELATIONS.values()}
         ),
-        "no_held_out_leakage": validate.no_held_out_leakage(kg.triples, sequences, items.height),
+        "no_held_out_leakage": validate.no_held_out_leakage(kg.triples, sequences, n_items),
         "item_metadata_coverage": validate.item_metadata_coverage(
             kg.entities, kg.triples, BEHAVIOUR
         ),
     }
-    yield dg.MaterializeResult(
-        metadata={
-            "entities": kg.entities.height,
-            "triples": kg.triples.height,
-            "build_seconds": round(build_s, 2),
-            "duckdb": dg.MetadataValue.path(str(warehouse_path(lake.path, dataset))),
-            "parquet": dg.MetadataValue.path(str(paths["triples"].parent)),
-            "nodes_by_type": dg.MetadataValue.md(
-                markdown_table(kg.entities.group_by("type").len("nodes").sort("type"))
-            ),
-            "edges_by_relation": dg.MetadataValue.md(markdown_table(_edges_by_relation(kg))),
-            "degree": dg.MetadataValue.md(markdown_table(_degree_stats(kg))),
-            "degree_distribution": dg.MetadataValue.md(_degree_plot(kg, dataset)),
-        }
-    )
-    for name, outcome in outcomes.items():
-        severity = (
-            dg.AssetCheckSeverity.WARN
-            if name == "item_metadata_coverage"
-            else dg.AssetCheckSeverity.ERROR
-        )
-        yield dg.AssetCheckResult(
+    return [
+        dg.AssetCheckResult(
             check_name=name,
             passed=outcome.passed,
-            severity=severity,
+            severity=(
+                dg.AssetCheckSeverity.WARN
+                if name == "item_metadata_coverage"
+                else dg.AssetCheckSeverity.ERROR
+            ),
             description=outcome.description,
             metadata=outcome.metadata,
         )
+        for name, outcome in outcomes.items()
+    ]
 
 
-def _edges_by_relation(kg: KnowledgeGraph) -> pl.DataFrame:
-    return (
-        kg.triples.group_by("relation")
-        .len("edges")
-        .join(kg.relations.select("relation", "family", "head_type", "tail_type"), on="relation")
-        .sort("family", "relation")
-    )
-
-
-def _degrees(kg: KnowledgeGraph) -> pl.DataFrame:
-    out = kg.triples.group_by("head").len("degree")
-    return (
-        kg.entities.select("entity_id", "type")
-        .join(out, left_on="entity_id", right_on="head", how="left")
-        .with_columns(pl.col("degree").fill_null(0))
-    )
-
-
-def _degree_stats(kg: KnowledgeGraph) -> pl.DataFrame:
-    return (
-        _degrees(kg)
-        .group_by("type")
-        .agg(
-            nodes=pl.len(),
-            mean=pl.col("degree").mean(),
-            median=pl.col("degree").median(),
-            p99=pl.col("degree").quantile(0.99),
-            max=pl.col("degree").max(),
-            isolated=(pl.col("degree") == 0).sum(),
-        )
-        .sort("type")
-    )
+def _kg_metadata(
+    kg: KnowledgeGraph, dataset: str, database: Path, paths: dict[str, Path], build_s: float
+) -> dict:
+    return {
+        "entities": kg.entities.height,
+        "triples": kg.triples.height,
+        "build_seconds": round(build_s, 2),
+        "duckdb": dg.MetadataValue.path(str(database)),
+        "parquet": dg.MetadataValue.path(str(paths["triples"].parent)),
+        "nodes_by_type": dg.MetadataValue.md(markdown_table(stats.nodes_by_type(kg))),
+        "edges_by_relation": dg.MetadataValue.md(markdown_table(stats.edges_by_relation(kg))),
+        "degree": dg.MetadataValue.md(markdown_table(stats.degree_stats(kg))),
+        "degree_distribution": dg.MetadataValue.md(_degree_plot(kg, dataset)),
+    }
 
 
 def _degree_plot(kg: KnowledgeGraph, dataset: str) -> str:
-    degrees = _degrees(kg)
+    degrees = stats.degrees(kg)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for node_type in ("item", "user", "person", "genre"):
         values = degrees.filter(pl.col("type") == node_type)["degree"]

@@ -1,19 +1,20 @@
 """Group `llm`: the base model, the prompt datasets and (later) the LoRA adapter."""
 
 import dataclasses
+import functools
 import json
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import dagster as dg
-import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.io.storage import ParquetParts, replace_atomically, replace_dir_atomically
+from lkg_pipeline.core.llm.checkpoint import folder_name, parameter_count, save_checkpoint
 from lkg_pipeline.core.llm.model import letter_token_ids, load_base, sanity_generation
+from lkg_pipeline.core.llm.prompt_parts import PromptTally, token_count, write_prompts
 from lkg_pipeline.core.llm.prompts import (
     PATHS_KEY,
     SETTINGS_KEY,
@@ -24,7 +25,6 @@ from lkg_pipeline.core.llm.prompts import (
     recorded_settings,
     truncate_titles,
 )
-from lkg_pipeline.core.llm.segments import answer_token_ids
 
 # The script lora_adapter launches, imported so that its code_version covers the training code.
 from lkg_pipeline.core.llm.train import script as _train_script  # noqa: F401
@@ -68,27 +68,17 @@ def base_model(
 ) -> dg.MaterializeResult:
     """A causal LM as a plain checkpoint folder (fp32 safetensors + tokenizer)."""
     model, tokenizer, description = load_base(config.source, cache_dir(lake.path), config.seed)
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", config.source).strip("_")
+    folder = folder_name(config.source)
     target = base_model_root(lake.path) / folder
     letters = letter_token_ids(tokenizer, "Candidate pool:\n(A) x\nAnswer:")
-    params = sum(p.numel() for p in model.parameters())
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "provenance.json").write_text(
-            json.dumps(
-                {
-                    "source": config.source,
-                    "description": description,
-                    "parameters": params,
-                    "letter_token_ids": letters,
-                },
-                indent=2,
-            )
-        )
-
-    replace_dir_atomically(target, write)
+    params = parameter_count(model)
+    provenance = {
+        "source": config.source,
+        "description": description,
+        "parameters": params,
+        "letter_token_ids": letters,
+    }
+    replace_dir_atomically(target, functools.partial(save_checkpoint, model, tokenizer, provenance))
     replace_atomically(
         base_model_root(lake.path) / "current.json",
         lambda tmp: tmp.write_text(json.dumps({"folder": folder})),
@@ -96,15 +86,20 @@ def base_model(
     sample = sanity_generation(model, tokenizer)
     context.log.info(f"{description}: 'The capital of France is' → {sample!r}")
     return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(target)),
-            "source": description,
-            "parameters": params,
-            "vocab_size": len(tokenizer),
-            "letter_token_ids": dg.MetadataValue.json(dict(zip("ABCDEFGHIJKLMNOPQRST", letters))),
-            "sanity_generation": f"The capital of France is{sample}",
-        }
+        metadata=_base_model_metadata(target, provenance, tokenizer, sample)
     )
+
+
+def _base_model_metadata(target: Path, provenance: dict, tokenizer: Any, sample: str) -> dict:
+    letters = provenance["letter_token_ids"]
+    return {
+        "path": dg.MetadataValue.path(str(target)),
+        "source": provenance["description"],
+        "parameters": provenance["parameters"],
+        "vocab_size": len(tokenizer),
+        "letter_token_ids": dg.MetadataValue.json(dict(zip("ABCDEFGHIJKLMNOPQRST", letters))),
+        "sanity_generation": f"The capital of France is{sample}",
+    }
 
 
 class PromptRunConfig(dg.Config):
@@ -173,70 +168,52 @@ def prompts(
     titles = truncate_titles(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, core.max_title_tokens
     )
-    settings = PromptSettings(core)
-    if variant != "llamarec":
-        if selected_paths is None:
-            raise FileNotFoundError(
-                f"{variant} prompts show KG paths: materialise selected_paths for {dataset} "
-                "first (after kg_paths and preference_model)"
-            )
-        file = selected_paths_file(lake.path, dataset)  # the settings it was selected with
-        made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
-        settings = PromptSettings.from_dict({**made_with, "prompt": dataclasses.asdict(core)})
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    settings = _prompt_settings(core, dataset, variant, selected_paths, lake.path)
+    count = functools.partial(token_count, tokenizer)
     batches = prompts_in_batches(
         candidates, sequences, titles, selected_paths, variant, core, count,
         config.examples_per_batch,
     )  # fmt: skip
     parts = ParquetParts(scratch_dir(lake.path) / f"prompts-{dataset}-{variant}")
-    summaries, shown = [], None
     try:
-        for table in batches:
-            if shown is None:  # the first slice: the answer-token check and the samples
-                if core.format == "letters":  # fails loudly if the answer is not one token
-                    letter_token_ids(tokenizer, table["prompt"][0])
-                else:
-                    answer_token_ids(tokenizer, table["segments"][0][0])
-                shown = table.head(3).select(
-                    text=pl.col("prompt") + pl.col("segments").list.join("").fill_null("")
-                )
-            parts.write(table)
-            summaries.append(table.select("split", "target_index", "n_tokens"))
-        summary = pl.concat(summaries)
-        lengths = summary["n_tokens"].to_numpy()
-        stats = pl.DataFrame(
-            {
-                "split": ["all"],
-                "min": [int(lengths.min())],
-                "mean": [float(lengths.mean())],
-                "p95": [float(np.percentile(lengths, 95))],
-                "max": [int(lengths.max())],
-            }
-        )
-        samples = "\n\n".join(f"```\n{p}\n```" for p in shown["text"])
-        yield dg.Output(  # the IO manager writes the file before the parts are removed
-            parts,
-            metadata={
-                "examples": dg.MetadataValue.md(
-                    markdown_table(
-                        summary.group_by("split")
-                        .agg(examples=pl.len(), target_in_pool=(pl.col("target_index") >= 0).mean())
-                        .sort("split")
-                    )
-                ),
-                "token_lengths": dg.MetadataValue.md(markdown_table(stats)),
-                "samples": dg.MetadataValue.md(samples),
-                "max_tokens": int(lengths.max()),
-                "batches": len(parts.files),
-                # also written into the file (ParquetIOManager): what recommendations rebuild from
-                SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
-            },
-        )
+        tally = write_prompts(batches, parts, tokenizer, core.format)
+        # the IO manager writes the file before the parts are removed
+        yield dg.Output(parts, metadata=_prompts_metadata(tally, parts, settings))
     finally:
         parts.remove()
+
+
+def _prompt_settings(
+    core: PromptConfig,
+    dataset: str,
+    variant: str,
+    selected_paths: pl.LazyFrame | None,
+    lake: Path,
+) -> PromptSettings:
+    """What the prompts are made with: `core`, and for a KG variant the settings its selected
+    paths record (or a clear error when they were not materialised)."""
+    if variant == "llamarec":
+        return PromptSettings(core)
+    if selected_paths is None:
+        raise FileNotFoundError(
+            f"{variant} prompts show KG paths: materialise selected_paths for {dataset} "
+            "first (after kg_paths and preference_model)"
+        )
+    file = selected_paths_file(lake, dataset)  # the settings it was selected with
+    made_with = recorded_settings(pl.read_parquet_metadata(file), PATHS_KEY, str(file))
+    return PromptSettings.from_dict({**made_with, "prompt": dataclasses.asdict(core)})
+
+
+def _prompts_metadata(tally: PromptTally, parts: ParquetParts, settings: PromptSettings) -> dict:
+    return {
+        "examples": dg.MetadataValue.md(markdown_table(tally.examples)),
+        "token_lengths": dg.MetadataValue.md(markdown_table(tally.token_lengths)),
+        "samples": dg.MetadataValue.md("\n\n".join(f"```\n{p}\n```" for p in tally.samples)),
+        "max_tokens": tally.max_tokens,
+        "batches": len(parts.files),
+        # also written into the file (ParquetIOManager): what recommendations rebuild from
+        SETTINGS_KEY: dg.MetadataValue.json(json.loads(settings.to_json())),
+    }
 
 
 class AccelerateLaunch(dg.Config):

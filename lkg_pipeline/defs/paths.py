@@ -1,5 +1,6 @@
 """Group `paths`: KG paths from each user's history to each candidate, and the preference module."""
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,27 +10,34 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core.io.storage import ParquetParts, replace_dir_atomically, write_parquet_atomic
-from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
+from lkg_pipeline.core.io.storage import ParquetParts, replace_dir_atomically
+from lkg_pipeline.core.kg.warehouse import read_parquet
 from lkg_pipeline.core.llm.prompts import PATHS_KEY, path_settings_json
 from lkg_pipeline.core.paths.batches import read_users
 from lkg_pipeline.core.paths.enumeration import (
     PATH_SETTINGS_FILE,
     PathConfig,
-    quoted_path,
     signal_by_type,
     write_paths,
 )
+from lkg_pipeline.core.paths.fitted import save_fitted
 from lkg_pipeline.core.paths.preference_grid import USERS_PER_BATCH
-from lkg_pipeline.core.paths.preference_model import PreferenceConfig, save_preference
-from lkg_pipeline.core.paths.preference_training import fit_preferences
+from lkg_pipeline.core.paths.preference_model import PreferenceConfig
+from lkg_pipeline.core.paths.preference_training import FittedPreferences, fit_preferences
+from lkg_pipeline.core.paths.selected import (
+    SelectionTally,
+    check_excluded_types,
+    held_out_examples,
+    write_selections,
+)
 from lkg_pipeline.core.paths.selection import (
     PathSelection,
     TieBreak,
     examples_changed_by_candidate_order,
-    paths_by_candidate_position,
     selections_in_batches,
 )
+from lkg_pipeline.core.paths.stats import mean_preference_by_type, path_sample, paths_by_type
+from lkg_pipeline.core.paths.tables import write_paths_warehouse
 from lkg_pipeline.defs.layout import (
     candidates_file,
     kg_folder,
@@ -46,14 +54,6 @@ from lkg_pipeline.defs.run_config import differs_from_core
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-PATH_TABLES = ("paths", "pair_features", "history_profile")
-PATHS_DDL = """
-create table paths as select * from read_parquet({paths})
-    order by example_id, history_position desc, candidate_position;
-create table pair_features as select * from read_parquet({pair_features}) order by all;
-create table history_profile as select * from read_parquet({history_profile}) order by all;
-"""
 
 
 class PathRunConfig(dg.Config):
@@ -131,54 +131,42 @@ def kg_paths(
         )
 
     replace_dir_atomically(folder, write)
+    database = warehouse_path(lake.path, dataset, "paths")
+    write_paths_warehouse(folder, database)
+    context.log.info(f"{dataset}: {stats}")
+    yield dg.MaterializeResult(
+        metadata=_paths_metadata(folder, database, stats, candidates, config.users_per_batch)
+    )
+    yield _signal_check(stats)
+
+
+def _paths_metadata(
+    folder: Path,
+    database: Path,
+    stats: dict[str, float | int],
+    candidates: pl.DataFrame,
+    users_per_batch: int,
+) -> dict:
     # Summaries that never hold a whole table: the pair features streamed or a batch of
     # users at a time, the concrete paths (the largest table) only lend their first rows.
     features_file = folder / "pair_features.parquet"
-    sample = pl.scan_parquet(folder / "paths.parquet").head(10).collect()
-    database = warehouse_path(lake.path, dataset, "paths")
-    files = {name: quoted_path(folder / f"{name}.parquet") for name in PATH_TABLES}
-    write_tables({}, PATHS_DDL.format(**files), database)
-    context.log.info(f"{dataset}: {stats}")
-    by_type = (
-        pl.scan_parquet(features_file)
-        .group_by("path_type")
-        .agg(pairs=pl.len(), paths=pl.col("n_paths").sum())
-        .sort("paths", descending=True)
-        .collect(engine="streaming")
-    )
-    signal = signal_by_type(candidates, features_file, config.users_per_batch)
-    yield dg.MaterializeResult(
-        metadata={
-            "parquet": dg.MetadataValue.path(str(folder)),
-            "duckdb": dg.MetadataValue.path(str(database)),
-            "stats": dg.MetadataValue.md(
-                markdown_table(
-                    pl.DataFrame(
-                        {
-                            "statistic": list(stats),
-                            "value": [str(v) for v in stats.values()],
-                        }
-                    )
-                )
-            ),
-            "paths_by_type": dg.MetadataValue.md(markdown_table(by_type)),
-            "signal_by_type": dg.MetadataValue.md(markdown_table(signal)),
-            "sample": dg.MetadataValue.md(
-                markdown_table(
-                    sample.select(
-                        "example_id",
-                        "history_item_idx",
-                        "candidate_item_idx",
-                        "path_type",
-                        "via_name",
-                    )
-                )
-            ),
-            **{k: v for k, v in stats.items() if isinstance(v, int | float)},
-        }
-    )
+    sample = path_sample(folder / "paths.parquet")
+    statistics = pl.DataFrame({"statistic": list(stats), "value": [str(v) for v in stats.values()]})
+    signal = signal_by_type(candidates, features_file, users_per_batch)
+    return {
+        "parquet": dg.MetadataValue.path(str(folder)),
+        "duckdb": dg.MetadataValue.path(str(database)),
+        "stats": dg.MetadataValue.md(markdown_table(statistics)),
+        "paths_by_type": dg.MetadataValue.md(markdown_table(paths_by_type(features_file))),
+        "signal_by_type": dg.MetadataValue.md(markdown_table(signal)),
+        "sample": dg.MetadataValue.md(markdown_table(sample)),
+        **{k: v for k, v in stats.items() if isinstance(v, int | float)},
+    }
+
+
+def _signal_check(stats: dict[str, float | int]) -> dg.AssetCheckResult:
     targets, others = stats["mean_paths_to_targets"], stats["mean_paths_to_non_targets"]
-    yield dg.AssetCheckResult(
+    return dg.AssetCheckResult(
         check_name="graph_carries_signal",
         passed=targets > others,
         severity=dg.AssetCheckSeverity.WARN,
@@ -237,51 +225,29 @@ def preference_model(
         config.to_core(),
         config.users_per_batch,
     )
-    result, encoder, by_encoder = fitted.result, fitted.encoder, fitted.val_ndcg10_by_encoder
-    report, preferences, path_types = fitted.report, fitted.preferences, fitted.path_types
+    result = fitted.result
     context.log.info(
-        f"{dataset}: encoder {encoder} (val NDCG@10 {by_encoder}), "
+        f"{dataset}: encoder {fitted.encoder} (val NDCG@10 {fitted.val_ndcg10_by_encoder}), "
         f"best epoch {result.best_epoch}, π shift {result.pi_shift}"
     )
-
-    def write(folder: Path) -> None:
-        save_preference(result, result.model.config, path_types, folder)
-        (folder / "training.json").write_text(
-            json.dumps(
-                {
-                    "dataset": dataset,
-                    "encoder": encoder,
-                    "val_ndcg10_by_encoder": by_encoder,
-                    "best_epoch": result.best_epoch,
-                    "pi_shift": result.pi_shift,
-                    "history": result.loss_history,
-                    "metrics": report,
-                },
-                indent=2,
-                default=float,
-            )
-        )
-        write_parquet_atomic(preferences, folder / "preferences.parquet")
-
     target = preference_dir(lake.path, dataset)
-    replace_dir_atomically(target, write)
-    mean_pi = (
-        preferences.group_by("path_type")
-        .agg(mean_pi=pl.col("pi").mean())
-        .sort("mean_pi", descending=True)
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(target)),
-            "encoder": encoder,
-            "val_ndcg10_by_encoder": dg.MetadataValue.json(by_encoder),
-            "best_epoch": result.best_epoch,
-            "pi_shift": dg.MetadataValue.json(result.pi_shift),
-            "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
-            "mean_preference_by_type": dg.MetadataValue.md(markdown_table(mean_pi)),
-            "loss_curve": dg.MetadataValue.md(_loss_plot(result.loss_history, dataset)),
-        }
-    )
+    replace_dir_atomically(target, functools.partial(save_fitted, fitted, dataset))
+    return dg.MaterializeResult(metadata=_preference_metadata(fitted, target, dataset))
+
+
+def _preference_metadata(fitted: FittedPreferences, target: Path, dataset: str) -> dict:
+    result = fitted.result
+    mean_pi = mean_preference_by_type(fitted.preferences)
+    return {
+        "path": dg.MetadataValue.path(str(target)),
+        "encoder": fitted.encoder,
+        "val_ndcg10_by_encoder": dg.MetadataValue.json(fitted.val_ndcg10_by_encoder),
+        "best_epoch": result.best_epoch,
+        "pi_shift": dg.MetadataValue.json(result.pi_shift),
+        "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(fitted.report))),
+        "mean_preference_by_type": dg.MetadataValue.md(markdown_table(mean_pi)),
+        "loss_curve": dg.MetadataValue.md(_loss_plot(result.loss_history, dataset)),
+    }
 
 
 class SelectedPathsRunConfig(dg.Config):
@@ -350,70 +316,38 @@ def selected_paths(
         tuple(config.exclude_path_types),
         config.tie_break,
     )
-    known = set(preferences["path_type"].unique().to_list())
-    unknown = sorted(set(selection.exclude_path_types) - known)
-    if unknown:
-        raise ValueError(
-            f"selected_paths {dataset}: exclude_path_types {unknown} are not path types of this "
-            f"dataset's paths; they are {sorted(known)}"
-        )
+    check_excluded_types(selection, preferences, f"selected_paths {dataset}")
     parts = ParquetParts(scratch_dir(lake.path) / f"selected_paths-{dataset}")
-    per_example, by_type = [], []
     try:
         batches = selections_in_batches(
             paths_file, preferences, selection, config.users_per_batch, config.paths_per_batch
         )
-        held_out = (
-            pl.scan_parquet(candidates_file(lake.path, dataset))
-            .filter(pl.col("split") != "train")
-            .select("example_id")
-            .collect()["example_id"]
-        )
-        by_position = []
-        for table in batches:
-            parts.write(table)
-            per_example.append(table.group_by("variant", "example_id").len())
-            by_type.append(table.group_by("variant", "path_type").len())
-            by_position.append(
-                table.filter(pl.col("example_id").is_in(held_out.implode())).select(
-                    "variant", "example_id", "candidate_position"
-                )
-            )
+        held_out = held_out_examples(candidates_file(lake.path, dataset))
+        tally = write_selections(batches, parts, held_out)
         made_with = path_settings_json(read_path_config(lake.path, dataset), selection)
-        counts = pl.concat(per_example)
-        position_table = paths_by_candidate_position(pl.concat(by_position), held_out)
-        yield dg.Output(  # the IO manager writes the file before the parts are removed
-            parts,
-            metadata={
-                "rows": int(counts["len"].sum()),
-                "user_batches": len(parts.files),
-                "tie_break": selection.tie_break,
-                # on val/test the position is the retriever's rank (see the check)
-                "val_test_paths_by_candidate_position": dg.MetadataValue.md(
-                    markdown_table(position_table)
-                ),
-                "paths_per_prompt": dg.MetadataValue.md(
-                    markdown_table(
-                        counts.group_by("variant")
-                        .agg(prompts=pl.len(), mean=pl.col("len").mean(), max=pl.col("len").max())
-                        .sort("variant")
-                    )
-                ),
-                "selected_paths_per_variant": dg.MetadataValue.md(
-                    markdown_table(
-                        pl.concat(by_type)
-                        .group_by("variant", "path_type")
-                        .agg(pl.col("len").sum())
-                        .sort("variant", "len", descending=[False, True])
-                    )
-                ),
-                # also written into the file (ParquetIOManager): what prompts record as theirs
-                PATHS_KEY: dg.MetadataValue.json(json.loads(made_with)),
-            },
-        )
+        # the IO manager writes the file before the parts are removed
+        yield dg.Output(parts, metadata=_selected_metadata(tally, parts, selection, made_with))
     finally:
         parts.remove()
     yield _order_blindness_check(paths_file, preferences, selection)
+
+
+def _selected_metadata(
+    tally: SelectionTally, parts: ParquetParts, selection: PathSelection, made_with: str
+) -> dict:
+    return {
+        "rows": tally.rows,
+        "user_batches": len(parts.files),
+        "tie_break": selection.tie_break,
+        # on val/test the position is the retriever's rank (see the check)
+        "val_test_paths_by_candidate_position": dg.MetadataValue.md(
+            markdown_table(tally.by_candidate_position)
+        ),
+        "paths_per_prompt": dg.MetadataValue.md(markdown_table(tally.per_prompt)),
+        "selected_paths_per_variant": dg.MetadataValue.md(markdown_table(tally.per_variant)),
+        # also written into the file (ParquetIOManager): what prompts record as theirs
+        PATHS_KEY: dg.MetadataValue.json(json.loads(made_with)),
+    }
 
 
 ORDER_CHECK_USERS = 50  # users whose selections are made again in reverse candidate order

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
 
@@ -19,17 +18,17 @@ from lkg_pipeline.core.retrieval.candidates import (
     training_candidates,
 )
 from lkg_pipeline.core.retrieval.device import model_device, resolve_device
-from lkg_pipeline.core.retrieval.ranking import popularity_report, retriever_report
 from lkg_pipeline.core.retrieval.seqrec import (
     ARCHITECTURES,
     RetrieverConfig,
     SelectionMetric,
     SequentialRecommender,
     load_retriever,
-    save_retriever,
 )
 from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
-from lkg_pipeline.core.retrieval.training import train_retriever
+from lkg_pipeline.core.retrieval.stats import coverage_by_split, train_retrieved
+from lkg_pipeline.core.retrieval.trained import progress, report_with_popularity, save_trained
+from lkg_pipeline.core.retrieval.training import TrainResult, train_retriever
 from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions
@@ -169,38 +168,27 @@ def _train_retriever(
     name = FAMILY_NAMES[core_config.architecture]
 
     def log(record: dict) -> None:
-        shown = {
-            k: round(v, 4) if isinstance(v, float) else v
-            for k, v in record.items()
-            if k in ("epoch", "step", "loss", "val_Recall@10", "val_NDCG@10", "best")
-        }
-        context.log.info(f"{dataset} {name} {shown}")
+        context.log.info(f"{dataset} {name} {progress(record)}")
 
     result = train_retriever(data, core_config, on_log=log, device=device)
-    report = {
-        name: retriever_report(result.model, data, REPORT_KS, 20),
-        "popularity": popularity_report(data, REPORT_KS, 20),
-    }
-
-    def write(folder: Path) -> None:
-        save_retriever(result.model, core_config, folder)
-        (folder / "training.json").write_text(
-            json.dumps(
-                {
-                    "dataset": dataset,
-                    "config": dataclasses.asdict(core_config),
-                    "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-                    "best_epoch": result.best_epoch,
-                    "wall_time_s": result.wall_time_s,
-                    "history": result.history,
-                    "metrics": report,
-                },
-                indent=2,
-            )
-        )
-
+    report = report_with_popularity(result, data, name, REPORT_KS, 20)
+    code_version = context.assets_def.code_versions_by_key[context.asset_key]
+    write = functools.partial(save_trained, result, core_config, dataset, code_version, report)
     replace_dir_atomically(target, write)
-    metadata = {
+    metadata = _retriever_metadata(target, name, core_config, device, result, report, dataset)
+    return Made({"model": target}, metadata)
+
+
+def _retriever_metadata(
+    target: Path,
+    name: str,
+    core_config: RetrieverConfig,
+    device: str,
+    result: TrainResult,
+    report: dict,
+    dataset: str,
+) -> dict:
+    return {
         "path": dg.MetadataValue.path(str(target)),
         "architecture": name,
         # the resolved settings: this run's, else the dataset's tuned defaults (TUNED)
@@ -216,7 +204,6 @@ def _train_retriever(
         "metrics": dg.MetadataValue.md(markdown_table(_metrics_frame(report))),
         "curves": dg.MetadataValue.md(_curves(result.history, dataset)),
     }
-    return Made({"model": target}, metadata)
 
 
 def _metrics_frame(report: dict) -> pl.DataFrame:
@@ -311,37 +298,32 @@ def candidates(
     evaluated = retrieve_candidates(model, data, k=config.k)
     train = train_examples(context, config, data, model)
     table = candidate_table(evaluated, train, data)
-    coverage = (
-        table.filter(pl.col("split") != "train")
-        .group_by("split")
-        .agg(users=pl.len(), coverage=pl.col("in_candidates").mean())
-        .sort("split")
-    )
-    yield dg.Output(
-        table,
-        metadata={
-            "device": device,
-            "train_policy": config.train_policy,
-            "train_scored_by": config.train_scored_by,
-            "train_retrieved_only": config.train_retrieved_only,
-            "examples": dg.MetadataValue.md(
-                markdown_table(table.group_by("split").len().sort("split"))
-            ),
-            "coverage": dg.MetadataValue.md(markdown_table(coverage)),
-            "test_coverage": float(coverage.filter(pl.col("split") == "test")["coverage"][0]),
-            # Train prefixes are ones the retriever was fitted on: its top-k holds their
-            # target more often than val's (ml-100k: 0.44 vs 0.32), and the rest get the
-            # target put in. A ranker trained over the retriever's scores sees that prior.
-            "train_retrieved": float(
-                table.filter(pl.col("split") == "train")
-                .select((pl.col("target_rank") <= config.k).mean())
-                .item()
-                or 0.0
-            ),
-        },
-    )
-    outcome = validate.candidates_well_formed(table, sequences, config.k)
-    yield dg.AssetCheckResult(
+    yield dg.Output(table, metadata=_candidates_metadata(table, config, device))
+    yield _candidates_check(table, sequences, config.k)
+
+
+def _candidates_metadata(table: pl.DataFrame, config: CandidatesRunConfig, device: str) -> dict:
+    coverage = coverage_by_split(table)
+    return {
+        "device": device,
+        "train_policy": config.train_policy,
+        "train_scored_by": config.train_scored_by,
+        "train_retrieved_only": config.train_retrieved_only,
+        "examples": dg.MetadataValue.md(
+            markdown_table(table.group_by("split").len().sort("split"))
+        ),
+        "coverage": dg.MetadataValue.md(markdown_table(coverage)),
+        "test_coverage": float(coverage.filter(pl.col("split") == "test")["coverage"][0]),
+        # Train prefixes are ones the retriever was fitted on: its top-k holds their
+        # target more often than val's (ml-100k: 0.44 vs 0.32), and the rest get the
+        # target put in. A ranker trained over the retriever's scores sees that prior.
+        "train_retrieved": train_retrieved(table, config.k),
+    }
+
+
+def _candidates_check(table: pl.DataFrame, sequences: pl.DataFrame, k: int) -> dg.AssetCheckResult:
+    outcome = validate.candidates_well_formed(table, sequences, k)
+    return dg.AssetCheckResult(
         check_name="candidates_well_formed",
         passed=outcome.passed,
         description=outcome.description,
