@@ -73,7 +73,7 @@ def _phase(start_rss_mb: float) -> dict[str, float]:
 
 def stage_preference(folder: str, users_per_batch: int) -> dict[str, Any]:
     """Child: what `preference_model` runs (both encoders, scores, metrics, preferences)."""
-    from lkg_pipeline.core.paths.preference_training import fit_preferences
+    from lkg_pipeline.core.paths.preference.training import fit_preferences
 
     src = Path(folder)
     candidates = pl.read_parquet(src / "examples.parquet")

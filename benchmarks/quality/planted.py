@@ -69,7 +69,7 @@ from lkg_pipeline.core.evaluate.compare import (
     retriever_ranks,
 )
 from lkg_pipeline.core.io.storage import replace_atomically
-from lkg_pipeline.core.paths.preference_model import load_preference
+from lkg_pipeline.core.paths.preference.model import load_preference
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

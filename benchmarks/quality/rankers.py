@@ -514,8 +514,8 @@ EVAL = EvaluationConfig()
 
 def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
     """The preference module's own ranking of the val/test candidates (as the report does)."""
-    from lkg_pipeline.core.paths.preference_model import load_preference
-    from lkg_pipeline.core.paths.preference_ranking import example_ranks, score_examples
+    from lkg_pipeline.core.paths.preference.model import load_preference
+    from lkg_pipeline.core.paths.preference.ranking import example_ranks, score_examples
 
     folder = lake / "paths" / "kg_paths" / DATASET
     model = load_preference(lake / "models" / "preference" / DATASET)

@@ -70,9 +70,9 @@ from lkg_pipeline.core.llm.rank.job import (
     split_summary,
 )
 from lkg_pipeline.core.paths.enumeration import enumerate_paths
-from lkg_pipeline.core.paths.preference_grid import read_path_types
-from lkg_pipeline.core.paths.preference_model import load_preference
-from lkg_pipeline.core.paths.preference_ranking import preference_ranks, score_examples
+from lkg_pipeline.core.paths.preference.grid import read_path_types
+from lkg_pipeline.core.paths.preference.model import load_preference
+from lkg_pipeline.core.paths.preference.ranking import preference_ranks, score_examples
 from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.layout import (
     adapter_dir,

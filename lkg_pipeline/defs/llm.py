@@ -12,8 +12,14 @@ import dagster as dg
 import polars as pl
 
 from lkg_pipeline.core.io.storage import ParquetParts, replace_atomically, replace_dir_atomically
-from lkg_pipeline.core.llm.checkpoint import folder_name, parameter_count, save_checkpoint
-from lkg_pipeline.core.llm.model import letter_token_ids, load_base, sanity_generation
+from lkg_pipeline.core.llm.model import (
+    folder_name,
+    letter_token_ids,
+    load_base,
+    parameter_count,
+    sanity_generation,
+    save_checkpoint,
+)
 from lkg_pipeline.core.llm.prompt_parts import PromptTally, token_count, write_prompts
 from lkg_pipeline.core.llm.prompts import (
     PATHS_KEY,

@@ -20,24 +20,25 @@ from lkg_pipeline.core.paths.enumeration import (
     signal_by_type,
     write_paths,
 )
-from lkg_pipeline.core.paths.fitted import save_fitted
-from lkg_pipeline.core.paths.preference_grid import USERS_PER_BATCH
-from lkg_pipeline.core.paths.preference_model import PreferenceConfig
-from lkg_pipeline.core.paths.preference_training import FittedPreferences, fit_preferences
-from lkg_pipeline.core.paths.selected import (
-    SelectionTally,
-    check_excluded_types,
-    held_out_examples,
-    write_selections,
+from lkg_pipeline.core.paths.preference.grid import USERS_PER_BATCH
+from lkg_pipeline.core.paths.preference.model import PreferenceConfig
+from lkg_pipeline.core.paths.preference.training import (
+    FittedPreferences,
+    fit_preferences,
+    save_fitted,
 )
 from lkg_pipeline.core.paths.selection import (
     PathSelection,
+    SelectionTally,
     TieBreak,
+    check_excluded_types,
     examples_changed_by_candidate_order,
+    held_out_examples,
     selections_in_batches,
+    write_selections,
 )
 from lkg_pipeline.core.paths.stats import mean_preference_by_type, path_sample, paths_by_type
-from lkg_pipeline.core.paths.tables import write_paths_warehouse
+from lkg_pipeline.core.paths.warehouse import write_paths_warehouse
 from lkg_pipeline.defs.layout import (
     candidates_file,
     kg_folder,

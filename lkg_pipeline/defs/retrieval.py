@@ -27,8 +27,13 @@ from lkg_pipeline.core.retrieval.seqrec import (
 )
 from lkg_pipeline.core.retrieval.sequences import UserSequences, user_sequences
 from lkg_pipeline.core.retrieval.stats import coverage_by_split, train_retrieved
-from lkg_pipeline.core.retrieval.trained import progress, report_with_popularity, save_trained
-from lkg_pipeline.core.retrieval.training import TrainResult, train_retriever
+from lkg_pipeline.core.retrieval.training import (
+    TrainResult,
+    progress,
+    report_with_popularity,
+    save_trained,
+    train_retriever,
+)
 from lkg_pipeline.defs.layout import retriever_dir
 from lkg_pipeline.defs.metadata import markdown_table, png_markdown
 from lkg_pipeline.defs.partitions import dataset_partitions

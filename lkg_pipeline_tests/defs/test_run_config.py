@@ -13,7 +13,7 @@ from lkg_pipeline.core.llm.prompts import PromptConfig
 from lkg_pipeline.core.llm.train.config import TrainConfig
 from lkg_pipeline.core.llm.train.script import build_parser, config_from_args
 from lkg_pipeline.core.paths.enumeration import PathConfig
-from lkg_pipeline.core.paths.preference_model import PreferenceConfig
+from lkg_pipeline.core.paths.preference.model import PreferenceConfig
 from lkg_pipeline.core.paths.selection import PathSelection
 from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig
 from lkg_pipeline.defs.evaluate import EvaluationRunConfig, RecommendationRunConfig

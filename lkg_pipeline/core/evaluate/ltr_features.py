@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from lkg_pipeline.core.paths.preference_grid import FEATURE_COLUMNS
+from lkg_pipeline.core.paths.preference.grid import FEATURE_COLUMNS
 
 # What identifies a row of the feature table; every other column is a feature.
 ID_COLUMNS = ("example_id", "user_idx", "split", "position", "candidate_item_idx", "label")

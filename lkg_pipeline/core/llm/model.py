@@ -15,6 +15,8 @@ tokenizer), so training and ranking load any of them the same way:
 from __future__ import annotations
 
 import copy
+import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,3 +253,20 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     for name, fused in swaps:
         replace_submodule(model, name, fused)
     return len(swaps)
+
+
+def folder_name(source: str) -> str:
+    """A source (a name, a Hugging Face id, a path) as one safe folder name, one per source."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("_")
+
+
+def parameter_count(model: Any) -> int:
+    """Every weight of the model: what says which model a run actually used."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(model: Any, tokenizer: Any, provenance: dict, folder: Path) -> None:
+    """Weights, tokenizer and where they came from in one folder, so they are replaced together."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "provenance.json").write_text(json.dumps(provenance, indent=2))

@@ -497,5 +497,5 @@ def signal_by_type(
             non_targets=pl.col("non_targets").sum() / max(n_others, 1),
         )
         .with_columns(lift=pl.col("targets") / pl.col("non_targets"))
-        .sort("lift", descending=True)
+        .sort(["lift", "path_type"], descending=[True, False])  # ties in a fixed order
     )

@@ -22,7 +22,7 @@ from lkg_pipeline.core.evaluate.compare import (
     verdicts,
 )
 from lkg_pipeline.core.evaluate.metrics import per_user_metrics, ranking_metrics
-from lkg_pipeline.core.paths.preference_ranking import example_ranks
+from lkg_pipeline.core.paths.preference.ranking import example_ranks
 
 
 def test_per_user_metrics_by_hand_with_k_beyond_the_list_and_absent_items() -> None:

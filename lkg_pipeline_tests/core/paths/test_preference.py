@@ -9,10 +9,11 @@ import torch
 from polars.testing import assert_frame_equal
 
 from benchmarks.paths.bench import QUICK_ITEMS, SHAPES, synthetic_inputs
-from lkg_pipeline.core.paths import preference_grid, preference_ranking
 from lkg_pipeline.core.paths.enumeration import PathConfig, write_paths
-from lkg_pipeline.core.paths.preference_grid import read_grid, read_path_types
-from lkg_pipeline.core.paths.preference_model import (
+from lkg_pipeline.core.paths.preference import grid as preference_grid
+from lkg_pipeline.core.paths.preference import ranking as preference_ranking
+from lkg_pipeline.core.paths.preference.grid import read_grid, read_path_types
+from lkg_pipeline.core.paths.preference.model import (
     ENCODERS,
     PreferenceConfig,
     PreferenceResult,
@@ -20,7 +21,7 @@ from lkg_pipeline.core.paths.preference_model import (
     save_preference,
     user_preferences,
 )
-from lkg_pipeline.core.paths.preference_ranking import (
+from lkg_pipeline.core.paths.preference.ranking import (
     evaluate_rankings,
     example_ranks,
     preference_ranks,
@@ -28,7 +29,7 @@ from lkg_pipeline.core.paths.preference_ranking import (
     retriever_ranks,
     score_examples,
 )
-from lkg_pipeline.core.paths.preference_training import (
+from lkg_pipeline.core.paths.preference.training import (
     choose_encoder,
     choose_encoder_on_grid,
     train_on_grid,
@@ -401,8 +402,8 @@ def test_user_table_steps_update_only_the_batch_rows(data) -> None:
     """The user_id encoder learns through lazy (sparse) Adam, so a step costs its batch, not
     every user (dense AdamW made the stage grow as users²); with weight decay it keeps dense
     AdamW, and both still learn the planted preferences."""
-    from lkg_pipeline.core.paths.preference_model import PreferenceModel
-    from lkg_pipeline.core.paths.preference_training import _optimizers
+    from lkg_pipeline.core.paths.preference.model import PreferenceModel
+    from lkg_pipeline.core.paths.preference.training import _optimizers
 
     config = dataclasses.replace(CONFIG, user_encoder="user_id")
     model = PreferenceModel(config, TYPES, N_USERS)

@@ -5,6 +5,7 @@ the best epoch, the choice of user encoder, and `fit_preferences`, what the pref
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
-from lkg_pipeline.core.paths.preference_grid import (
+from lkg_pipeline.core.io.storage import write_parquet_atomic
+from lkg_pipeline.core.paths.preference.grid import (
     USERS_PER_BATCH,
     PathGrid,
     _chunks,
@@ -25,15 +27,16 @@ from lkg_pipeline.core.paths.preference_grid import (
     read_grid,
     read_path_types,
 )
-from lkg_pipeline.core.paths.preference_model import (
+from lkg_pipeline.core.paths.preference.model import (
     ENCODERS,
     PreferenceConfig,
     PreferenceModel,
     PreferenceResult,
     _forward,
+    save_preference,
     user_preferences,
 )
-from lkg_pipeline.core.paths.preference_ranking import (
+from lkg_pipeline.core.paths.preference.ranking import (
     _ranks,
     preference_ranks,
     rank_metrics,
@@ -295,3 +298,25 @@ def fit_preferences(
     history = pl.read_parquet(folder / "history_profile.parquet")  # (user, type): small
     preferences = user_preferences(result.model, None, history)
     return FittedPreferences(result, encoder, by_encoder, path_types, report, preferences)
+
+
+def save_fitted(fitted: FittedPreferences, dataset: str, folder: Path) -> None:
+    """Model, training record and preferences in one folder, so that they are replaced together."""
+    result = fitted.result
+    save_preference(result, result.model.config, fitted.path_types, folder)
+    (folder / "training.json").write_text(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "encoder": fitted.encoder,
+                "val_ndcg10_by_encoder": fitted.val_ndcg10_by_encoder,
+                "best_epoch": result.best_epoch,
+                "pi_shift": result.pi_shift,
+                "history": result.loss_history,
+                "metrics": fitted.report,
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    write_parquet_atomic(fitted.preferences, folder / "preferences.parquet")

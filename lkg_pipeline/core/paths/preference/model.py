@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from lkg_pipeline.core.paths.preference_grid import PathGrid, _chunks, _profiles
+from lkg_pipeline.core.paths.preference.grid import PathGrid, _chunks, _profiles
 
 UserEncoder = Literal["user_id", "history"]
 

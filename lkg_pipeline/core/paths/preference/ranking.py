@@ -13,7 +13,7 @@ import polars as pl
 import torch
 
 from lkg_pipeline.core.evaluate.metrics import rank_of_target, ranking_metrics
-from lkg_pipeline.core.paths.preference_grid import (
+from lkg_pipeline.core.paths.preference.grid import (
     CHUNK_ROWS,
     USERS_PER_BATCH,
     _candidates,
@@ -25,7 +25,7 @@ from lkg_pipeline.core.paths.preference_grid import (
     _read_batch,
     _user_rows,
 )
-from lkg_pipeline.core.paths.preference_model import PreferenceModel, _forward, _scores
+from lkg_pipeline.core.paths.preference.model import PreferenceModel, _forward, _scores
 
 
 def _ranks(scores: torch.Tensor, target: torch.Tensor) -> np.ndarray:
