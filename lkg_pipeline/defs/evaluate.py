@@ -24,14 +24,15 @@ from lkg_pipeline.core.evaluate.compare import (
     report_markdown,
     retriever_ranks,
 )
-from lkg_pipeline.core.evaluate.ltr import load_ltr, save_ltr, score
-from lkg_pipeline.core.evaluate.ltr_features import feature_table, llm_scores, read_pair_features
+from lkg_pipeline.core.evaluate.ltr import load_ltr, save_ltr
+from lkg_pipeline.core.evaluate.ltr_features import read_pair_features
 from lkg_pipeline.core.evaluate.rankers import (
     MIN_LTR_EXAMPLES,
     LtrRanker,
     choice_ranks,
     learnable_val_examples,
     llm_rankers,
+    ltr_order,
     ltr_rankers,
     rankings_by_variant,
 )
@@ -48,7 +49,6 @@ from lkg_pipeline.core.evaluate.serving import (
     LTR_LLM,
     choose_served,
     fused_order,
-    ranked_by,
     retriever_order,
     served_lines,
     served_summary,
@@ -693,14 +693,10 @@ def _ltr_order(
         read_path_config(lake, dataset),
     )  # fmt: skip
     preference = _preference_scores(lake, dataset, examples, paths.pair_features)
-    llm = None if llm_ranked is None else llm_scores(llm_ranked)
-    features = feature_table(
-        examples, sequences, paths.pair_features, items, preference, llm,
-        path_types=read_path_types(folder),
+    return ltr_order(
+        result, examples, sequences, items, paths.pair_features, preference,
+        read_path_types(folder), llm_ranked,
     )  # fmt: skip
-    # feature rows are sorted by (example_id, position): one row of scores per example
-    ordered = examples.sort("example_id")
-    return ranked_by(ordered, score(result, features).reshape(ordered.height, -1))
 
 
 def _preference_scores(

@@ -17,9 +17,9 @@ import numpy as np
 import polars as pl
 
 from lkg_pipeline.core.evaluate.compare import PRIOR_SUFFIX, example_based_ranks, llm_ranks
-from lkg_pipeline.core.evaluate.ltr import LtrConfig, LtrResult, fit_and_rank
+from lkg_pipeline.core.evaluate.ltr import LtrConfig, LtrResult, fit_and_rank, score
 from lkg_pipeline.core.evaluate.ltr_features import feature_names, feature_table, llm_scores
-from lkg_pipeline.core.evaluate.serving import LTR, LTR_LLM
+from lkg_pipeline.core.evaluate.serving import LTR, LTR_LLM, ranked_by
 from lkg_pipeline.core.llm.prompts import VARIANTS
 from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
 
@@ -146,3 +146,24 @@ def ltr_rankers(
         }
         out.append(LtrRanker(name, ranks, result, summary))
     return out
+
+
+def ltr_order(
+    result: LtrResult,
+    examples: pl.DataFrame,
+    sequences: pl.DataFrame,
+    items: pl.DataFrame,
+    pair_features: pl.DataFrame,
+    preference: pl.DataFrame,
+    path_types: list[str],
+    llm_ranked: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """New examples' candidates ordered by a fitted reranker, their features made as for
+    val/test (the LLM's scores only for `ltr+llm`)."""
+    llm = None if llm_ranked is None else llm_scores(llm_ranked)
+    features = feature_table(
+        examples, sequences, pair_features, items, preference, llm, path_types=path_types
+    )
+    # feature rows are sorted by (example_id, position): one row of scores per example
+    ordered = examples.sort("example_id")
+    return ranked_by(ordered, score(result, features).reshape(ordered.height, -1))
