@@ -1,5 +1,5 @@
 """Training the retriever (LRURec or SASRec) on users' train sequences, with the best validation
-epoch kept.
+epoch kept; then its progress lines, its report against popularity, and its folder.
 """
 
 from __future__ import annotations
