@@ -123,7 +123,7 @@ def test_prompts_made_again_follow_the_recorded_settings_not_the_defaults(tmp_pa
     from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE, PathConfig, write_paths
     from lkg_pipeline.core.paths.selection import PathSelection, select_paths
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     tokenizer = smollm2_tokenizer(
         Path(os.environ.get("LKG_TEST_CACHE", repo / "data_lake" / "cache"))
     )

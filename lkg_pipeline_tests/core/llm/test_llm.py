@@ -6,7 +6,7 @@ import torch
 
 from lkg_pipeline.core.llm.model import LETTERS, letter_token_ids, smollm2_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from lkg_pipeline.core.llm.train.loop import batch_loss, training_function
 from lkg_pipeline.core.llm.train.script import build_parser, config_from_args
 from lkg_pipeline_tests.pipes_launch import launched
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TARGET = 2  # the true item is always candidate "C"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 LAUNCH = [
