@@ -39,9 +39,9 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[st
 }
 
 
-# results.json sections written by other commands (`make quality`,
-# `benchmarks.retrieval.sampled_softmax`, `make bench-dtype`), kept when this one rewrites
-FOREIGN_SECTIONS = ("quality", "llm_dtype", "sampled_softmax")
+# The results.json sections this command writes; every other one (`make quality`, `make
+# sanity`, `make bench-dtype`, …) belongs to another command and is kept as it is.
+OWN_SECTIONS = ("machine", "matmul", "results", "runs")
 
 
 def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -222,10 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick and end_to_end.RESULT_FILE.exists():
         saved = json.loads(end_to_end.RESULT_FILE.read_text())
     text = report(machine, matmul, results, seconds, args.quick, saved, earlier)
-    payload = {"machine": machine, "matmul": matmul, "results": results, "runs": runs}
-    if not args.quick and (out_dir / "results.json").exists():  # sections other commands own
-        owned = json.loads((out_dir / "results.json").read_text())
-        payload = {**{k: v for k, v in owned.items() if k in FOREIGN_SECTIONS}, **payload}
+    payload = dict(zip(OWN_SECTIONS, (machine, matmul, results, runs), strict=True))
+    if not args.quick:
+        payload = with_other_sections(out_dir / "results.json", payload)
     for name, content in (
         ("RESULTS.md", text),
         ("results.json", json.dumps(payload, indent=2, default=str)),
@@ -236,6 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         partial.replace(out_dir / name)
     print(f"\nwrote {out_dir / 'RESULTS.md'}")
     return 0
+
+
+def with_other_sections(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` (this command's sections) with every other section `path` holds, unchanged."""
+    if not path.exists():
+        return payload
+    others = {k: v for k, v in json.loads(path.read_text()).items() if k not in OWN_SECTIONS}
+    return {**others, **payload}
 
 
 def saved_results(

@@ -190,6 +190,17 @@ def test_only_keeps_the_other_benchmarks_from_the_earlier_run(
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_a_full_run_keeps_the_sections_other_commands_wrote(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    other = {"planted": {"doses": [1.0, 0.3]}, "retriever_tuning": {"trials": 3}}
+    results.write_text(json.dumps({"machine": {"old": True}, "results": {"paths": {}}, **other}))
+    mine = {"machine": {"new": True}, "matmul": {}, "results": {"retriever": {}}, "runs": {}}
+    merged = run.with_other_sections(results, mine)
+    assert {k: merged[k] for k in other} == other  # kept whatever command wrote them
+    assert {k: merged[k] for k in mine} == mine  # this run's own sections replace the old
+    assert run.with_other_sections(tmp_path / "absent.json", mine) == mine
+
+
 def test_full_run_without_a_data_lake_names_make_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
