@@ -99,6 +99,18 @@ def split_summary(rankings: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def choose_paths(
+    base_model: Path, dtype: str, attention: str, device: str
+) -> tuple[DtypeChoice, AttentionChoice]:
+    """The compute type and the segment windows' attention path for `base_model` on
+    `device`: as requested, or measured here for `auto` (cached per process)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_model)
+    choice = choose_dtype(dtype, device, model_gemm_shape(config))
+    return choice, choose_attention(attention, choice.torch_dtype, device, config, False)
+
+
 def resolve_auto_paths(
     base_model: Path, dtype: str, attention: str
 ) -> tuple[str, str, dict[str, Any]]:
@@ -107,15 +119,9 @@ def resolve_auto_paths(
     could flip the type between two launches and with it the rankings."""
     if dtype != "auto":
         return dtype, attention, {}
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(base_model)
-    choice = choose_dtype("auto", "cpu", model_gemm_shape(model_config))
-    chosen = choice.metadata()
-    if attention == "auto":  # the same for the path of the segment windows
-        path = choose_attention("auto", choice.torch_dtype, "cpu", model_config, False)
-        attention, chosen = path.chosen, chosen | path.metadata()
-    return choice.chosen, attention, chosen
+    choice, path = choose_paths(base_model, dtype, attention, "cpu")
+    chosen = choice.metadata() | (path.metadata() if attention == "auto" else {})
+    return choice.chosen, path.chosen, chosen
 
 
 def _to_ipc(frame: pl.DataFrame) -> bytes:
@@ -137,15 +143,13 @@ def launch_state() -> Any:
 def rank_file(job: RankJob, log: Callable[[str], None] | None = None) -> RankOutcome:
     """Rank `job.prompts` on every process of the launch; the gathered table on the main one."""
     from accelerate.utils import gather_object
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     state = launch_state()
     # "cpu" for every CPU process (torch names a distributed one's "cpu:0"); "cuda:i" per GPU
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     prompts = pl.read_parquet(job.prompts)
-    config = AutoConfig.from_pretrained(job.base_model)
-    choice = choose_dtype(job.dtype, device, model_gemm_shape(config))
-    attention = choose_attention(job.attention, choice.torch_dtype, device, config, False)
+    choice, attention = choose_paths(job.base_model, job.dtype, job.attention, device)
     if state.num_processes > 1:  # `auto` measures: every share in the main process's choice
         from accelerate.utils import broadcast_object_list
 
