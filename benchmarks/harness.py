@@ -328,12 +328,17 @@ def si(value: float, unit: str = "") -> str:
     return f"{value:.2f} {unit}".rstrip()
 
 
-def save_results_section(results: Path, name: str, section: dict[str, Any]) -> None:
-    """Replace one benchmark's section of `results` (benchmarks/results.json), keeping the
-    others; written beside it and renamed over it, so an interrupted write loses nothing."""
+def with_saved_sections(results: Path, sections: dict[str, Any]) -> dict[str, Any]:
+    """`sections` over every section `results` (benchmarks/results.json) already holds: each
+    command owns its sections and keeps the others'."""
     saved = json.loads(results.read_text()) if results.exists() else {}
-    saved[name] = section
-    text = json.dumps(saved, indent=2, default=str) + "\n"
+    return {**saved, **sections}
+
+
+def save_results_section(results: Path, name: str, section: dict[str, Any]) -> None:
+    """Replace one benchmark's section of `results`, keeping the others; written beside it and
+    renamed over it, so an interrupted write loses nothing."""
+    text = json.dumps(with_saved_sections(results, {name: section}), indent=2, default=str) + "\n"
     replace_atomically(results, lambda tmp: tmp.write_text(text))
 
 

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import end_to_end
-from benchmarks.harness import REPO, MissingLakeData, ceiling, machine_info, require_lake, si, table
+from benchmarks.harness import (
+    REPO,
+    MissingLakeData,
+    ceiling,
+    machine_info,
+    require_lake,
+    si,
+    table,
+    with_saved_sections,
+)
 from benchmarks.llm import ranking, training
 from benchmarks.paths import bench as paths_bench
 from benchmarks.retrieval import bench as retriever_bench
@@ -37,11 +46,6 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], tuple[st
     "training": (training.run, training.to_markdown, ("prompts", "base_model")),
     "retriever": (retriever_bench.run, retriever_bench.to_markdown, ("sequences",)),
 }
-
-
-# The results.json sections this command writes; every other one (`make quality`, `make
-# sanity`, `make bench-dtype`, …) belongs to another command and is kept as it is.
-OWN_SECTIONS = ("machine", "matmul", "results", "runs")
 
 
 def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -222,9 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick and end_to_end.RESULT_FILE.exists():
         saved = json.loads(end_to_end.RESULT_FILE.read_text())
     text = report(machine, matmul, results, seconds, args.quick, saved, earlier)
-    payload = dict(zip(OWN_SECTIONS, (machine, matmul, results, runs), strict=True))
-    if not args.quick:
-        payload = with_other_sections(out_dir / "results.json", payload)
+    payload = {"machine": machine, "matmul": matmul, "results": results, "runs": runs}
+    if not args.quick:  # and the sections other commands own (`make quality`, `make sanity`, …)
+        payload = with_saved_sections(out_dir / "results.json", payload)
     for name, content in (
         ("RESULTS.md", text),
         ("results.json", json.dumps(payload, indent=2, default=str)),
@@ -235,14 +239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         partial.replace(out_dir / name)
     print(f"\nwrote {out_dir / 'RESULTS.md'}")
     return 0
-
-
-def with_other_sections(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` (this command's sections) with every other section `path` holds, unchanged."""
-    if not path.exists():
-        return payload
-    others = {k: v for k, v in json.loads(path.read_text()).items() if k not in OWN_SECTIONS}
-    return {**others, **payload}
 
 
 def saved_results(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from benchmarks import end_to_end, run
-from benchmarks.harness import ceiling, machine_info
+from benchmarks.harness import ceiling, machine_info, with_saved_sections
 from benchmarks.llm import ranking, training
 from benchmarks.paths import after_paths
 from benchmarks.paths import bench as paths_bench
@@ -195,10 +195,10 @@ def test_a_full_run_keeps_the_sections_other_commands_wrote(tmp_path: Path) -> N
     other = {"planted": {"doses": [1.0, 0.3]}, "retriever_tuning": {"trials": 3}}
     results.write_text(json.dumps({"machine": {"old": True}, "results": {"paths": {}}, **other}))
     mine = {"machine": {"new": True}, "matmul": {}, "results": {"retriever": {}}, "runs": {}}
-    merged = run.with_other_sections(results, mine)
+    merged = with_saved_sections(results, mine)
     assert {k: merged[k] for k in other} == other  # kept whatever command wrote them
     assert {k: merged[k] for k in mine} == mine  # this run's own sections replace the old
-    assert run.with_other_sections(tmp_path / "absent.json", mine) == mine
+    assert with_saved_sections(tmp_path / "absent.json", mine) == mine
 
 
 def test_full_run_without_a_data_lake_names_make_run(
