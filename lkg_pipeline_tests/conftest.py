@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,12 @@ import pytest
 import torch
 
 from lkg_pipeline.core.data.sources import RECBOLE_WHEEL, fetch_recbole_wheel
+from lkg_pipeline.core.llm.probes import PROBE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+# Kept kernel measurements (core.llm.probes) go to a file of this test session, not the user's;
+# the processes the tests launch inherit it.
+os.environ[PROBE_CACHE_ENV] = str(Path(tempfile.mkdtemp(prefix="lkg-probes-")) / "probes.json")
 
 
 @pytest.fixture(scope="session")

@@ -41,13 +41,8 @@ from benchmarks.harness import (
 )
 from benchmarks.quality.rankers import EVERY_LAYER_RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
-from lkg_pipeline.core.llm.precision import (
-    choose_dtype,
-    cpu_flags,
-    cpu_model,
-    gemm_gflops,
-    model_gemm_shape,
-)
+from lkg_pipeline.core.llm.precision import choose_dtype, gemm_gflops, model_gemm_shape
+from lkg_pipeline.core.llm.probes import cpu_flags, cpu_model
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments, rank_prompts
 from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
 from lkg_pipeline.core.llm.train.loop import training_function

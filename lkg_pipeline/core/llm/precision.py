@@ -5,7 +5,8 @@ a bf16 GEMM of SmolLM2's shape runs several times the fp32 rate (3.3× on an Int
 AVX-512 BF16 alone it gains less, and a CPU without a bf16 unit runs bf16 tens of times slower
 (per machine: benchmarks/README.md#fp32-and-bf16). So
 `auto` never assumes: on a CPU it times one GEMM of the model's own shape in both types (well
-under a second) and takes bf16 only when it is clearly faster. On CUDA bf16 is always the
+under a second) and takes bf16 only when it is clearly faster; the measurement is kept per
+machine (core.llm.probes) so that a busy moment cannot flip it. On CUDA bf16 is always the
 faster type for these models.
 
 Weights are stored in fp32 whatever is chosen (the checkpoint and the adapter keep one
@@ -17,48 +18,23 @@ fp32 master weights and the published adapter has the same format in both types.
 from __future__ import annotations
 
 import functools
-import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from lkg_pipeline.core.llm.probes import cpu_flags, cpu_model, kept_or_measured, machine_key
+
 DtypeName = Literal["auto", "float32", "bfloat16"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# The CPU features that decide how fast bf16 runs: AMX tiles, AVX-512 BF16 dot products, and
-# AVX-512 / AVX2 without which oneDNN falls back to slow conversions.
-BF16_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma")
 # bf16 must beat fp32 by this much on the GEMM to be chosen: a whole forward gains less than
 # its GEMMs (norms, rotary, attention softmax and casts do not speed up), measured here as
 # about two thirds of the GEMM's gain, so a marginal GEMM win would be a loss end to end.
 MIN_GEMM_SPEEDUP = 1.3
 # One projection of SmolLM2-135M (576 → 1536, the MLP's up/gate) on a 512-token prompt.
 DEFAULT_GEMM_SHAPE = (512, 576, 1536)
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's answer elsewhere)."""
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """Which of `BF16_FLAGS` this CPU has (empty where /proc/cpuinfo does not exist)."""
-    info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return []
-    for line in info.read_text().splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return [f for f in BF16_FLAGS if f in present]
-    return []
 
 
 def gemm_gflops(
@@ -98,6 +74,8 @@ class DtypeChoice:
     cpu_flags: tuple[str, ...]
     fp32_gflops: float | None = None  # the start-up GEMM (CPU `auto` only)
     bf16_gflops: float | None = None
+    cpu_share: float | None = None  # of the process while it measured (core.llm.probes)
+    measured_utc: str | None = None  # now, or when the kept measurement was taken
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -159,20 +137,27 @@ def _measured_choice(
     model: str,
     flags: tuple[str, ...],
 ) -> DtypeChoice:
-    # Alternating rounds, best of each: the first GEMMs of a process also wake the thread pool
-    # (seen here: one fp32 round at 38 GFLOP/s, the next at 190), which would bias one side.
-    rates: dict[torch.dtype, float] = {torch.float32: 0.0, torch.bfloat16: 0.0}
-    for _ in range(3):
-        for dtype in rates:
-            rates[dtype] = max(rates[dtype], gemm_gflops(dtype, shape, 0.05, device))
-    fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
+    def measure() -> dict[str, Any]:
+        # Alternating rounds, best of each: the first GEMMs of a process also wake the thread
+        # pool (seen here: one fp32 round at 38 GFLOP/s, the next at 190), which would bias one.
+        rates: dict[torch.dtype, float] = {torch.float32: 0.0, torch.bfloat16: 0.0}
+        for _ in range(3):
+            for dtype in rates:
+                rates[dtype] = max(rates[dtype], gemm_gflops(dtype, shape, 0.05, device))
+        return {"fp32_gflops": rates[torch.float32], "bf16_gflops": rates[torch.bfloat16]}
+
+    key = machine_key("gemm_dtype", device=device, shape=shape)
+    probed = kept_or_measured(key, measure, threads)
+    fp32, bf16 = probed.result["fp32_gflops"], probed.result["bf16_gflops"]
     ratio = bf16 / fp32
     chosen = "bfloat16" if ratio >= MIN_GEMM_SPEEDUP else "float32"
     reason = (
         f"measured GEMM {shape[0]}×{shape[1]}→{shape[2]} on {threads} threads: bf16 "
-        f"{bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s (×{ratio:.2f}; bf16 needs ×{MIN_GEMM_SPEEDUP})"
+        f"{bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s (×{ratio:.2f}; bf16 needs ×{MIN_GEMM_SPEEDUP}); "
+        + probed.note(threads, "dtype")
     )
-    return DtypeChoice("auto", chosen, device, reason, model, flags, fp32, bf16)
+    return DtypeChoice("auto", chosen, device, reason, model, flags, fp32, bf16,
+                       probed.cpu_share, probed.measured_utc)  # fmt: skip
 
 
 def model_gemm_shape(config: Any, tokens: int = 512) -> tuple[int, int, int]:

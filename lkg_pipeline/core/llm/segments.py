@@ -36,8 +36,8 @@ Which is faster depends on the machine: in bf16 a CPU with AMX runs the flash ke
 tiles, one without runs the matmuls faster (per machine: benchmarks/README.md#fp32-and-bf16).
 So `choose_attention` decides as `precision.choose_dtype` does: with `auto` on a CPU it times
 one window of the model's own shape both ways (forward for ranking, forward and backward for
-training) and takes the faster, and the stages record the figures; `kernel` or `matmul` force
-a path.
+training) and takes the faster, kept per machine (core.llm.probes), and the stages record
+the figures; `kernel` or `matmul` force a path.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from lkg_pipeline.core.llm.model import final_hidden, token_logits, unwrapped
+from lkg_pipeline.core.llm.probes import kept_or_measured, machine_key
 
 ANSWERS = (" Yes", " No")
 PREFIX, PAD = -1, -2  # segment index of prefix and padding tokens
@@ -331,6 +332,8 @@ class AttentionChoice:
     reason: str
     kernel_ms: float | None = None  # one probe window (CPU `auto` only)
     matmul_ms: float | None = None
+    cpu_share: float | None = None  # of the process while it measured (core.llm.probes)
+    measured_utc: str | None = None  # now, or when the kept measurement was taken
 
     def metadata(self) -> dict[str, Any]:
         """Flat, JSON-ready: what the log and the materialisation metadata show."""
@@ -380,33 +383,42 @@ def _probe(
 def _measured_attention(
     dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, backward: bool, threads: int
 ) -> AttentionChoice:
-    generator = torch.Generator().manual_seed(0)
     keys = PROBE_PREFIX + PROBE_QUERIES
 
-    def tensor(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
+    def measure() -> dict[str, float]:
+        generator = torch.Generator().manual_seed(0)
 
-    query = tensor(1, heads, PROBE_QUERIES, head_dim)
-    key, value = tensor(1, kv_heads, keys, head_dim), tensor(1, kv_heads, keys, head_dim)
-    allowed = torch.ones(PROBE_QUERIES, keys, dtype=torch.bool)
-    allowed[:, PROBE_PREFIX:] = torch.ones(PROBE_QUERIES, PROBE_QUERIES, dtype=torch.bool).tril()
-    mask = torch.zeros(1, 1, PROBE_QUERIES, keys, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    inputs = (query, key, value, mask)
-    # alternating rounds, best of each: the first calls also wake the thread pool
-    seconds = {"kernel": float("inf"), "matmul": float("inf")}
-    for _ in range(2):
-        seconds["kernel"] = min(seconds["kernel"], _probe(grouped_sdpa, inputs, backward))
-        seconds["matmul"] = min(seconds["matmul"], _probe(grouped_attention, inputs, backward))
-    speedup = seconds["kernel"] / seconds["matmul"]
+        def tensor(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(dtype)
+
+        query = tensor(1, heads, PROBE_QUERIES, head_dim)
+        key, value = tensor(1, kv_heads, keys, head_dim), tensor(1, kv_heads, keys, head_dim)
+        allowed = torch.ones(PROBE_QUERIES, keys, dtype=torch.bool)
+        allowed[:, PROBE_PREFIX:] = torch.ones(PROBE_QUERIES, PROBE_QUERIES).bool().tril()
+        mask = torch.zeros(1, 1, PROBE_QUERIES, keys, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        inputs = (query, key, value, mask)
+        # alternating rounds, best of each: the first calls also wake the thread pool
+        seconds = {"kernel": float("inf"), "matmul": float("inf")}
+        for _ in range(2):
+            seconds["kernel"] = min(seconds["kernel"], _probe(grouped_sdpa, inputs, backward))
+            seconds["matmul"] = min(seconds["matmul"], _probe(grouped_attention, inputs, backward))
+        return {"kernel_ms": seconds["kernel"] * 1e3, "matmul_ms": seconds["matmul"] * 1e3}
+
+    window = (PROBE_QUERIES, keys, heads, kv_heads, head_dim)
+    key = machine_key("attention", dtype=dtype, window=window, backward=backward)
+    probed = kept_or_measured(key, measure, threads)
+    kernel_ms, matmul_ms = probed.result["kernel_ms"], probed.result["matmul_ms"]
+    speedup = kernel_ms / matmul_ms
     chosen = "matmul" if speedup >= MIN_MATMUL_SPEEDUP else "kernel"
     what = "forward and backward" if backward else "forward"
     reason = (
         f"measured one {PROBE_QUERIES}×{keys} window ({heads} heads, {str(dtype)[6:]}, {what}, "
-        f"{threads} threads): kernel {seconds['kernel'] * 1e3:.2f} ms, matmul "
-        f"{seconds['matmul'] * 1e3:.2f} ms (×{speedup:.2f}; matmul needs ×{MIN_MATMUL_SPEEDUP})"
-    )
-    return AttentionChoice("auto", chosen, reason, seconds["kernel"] * 1e3, seconds["matmul"] * 1e3)
+        f"{threads} threads): kernel {kernel_ms:.2f} ms, matmul {matmul_ms:.2f} ms "
+        f"(×{speedup:.2f}; matmul needs ×{MIN_MATMUL_SPEEDUP}); "
+    ) + probed.note(threads, "attention")
+    return AttentionChoice("auto", chosen, reason, kernel_ms, matmul_ms, probed.cpu_share,
+                           probed.measured_utc)  # fmt: skip
 
 
 def decoder_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:

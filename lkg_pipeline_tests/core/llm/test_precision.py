@@ -4,7 +4,7 @@ and ranks in both types through the real code paths."""
 import pytest
 import torch
 
-from lkg_pipeline.core.llm import precision
+from lkg_pipeline.core.llm import precision, probes
 from lkg_pipeline.core.llm.precision import MIN_GEMM_SPEEDUP, choose_dtype, gemm_gflops
 
 
@@ -24,6 +24,7 @@ def test_auto_takes_bf16_only_when_it_measures_clearly_faster(
     rates = {torch.float32: 200.0, torch.bfloat16: bf16_rate}
     monkeypatch.setattr(precision, "gemm_gflops", lambda dtype, *a, **k: rates[dtype])
     monkeypatch.setattr(precision, "cpu_flags", lambda: ["avx512_bf16", "avx512f"])
+    monkeypatch.setenv(probes.PROBE_CACHE_ENV, "off")  # each rate measured, none kept
     precision._measured_choice.cache_clear()
     choice = choose_dtype("auto", "cpu", (64, 64, 64))
     precision._measured_choice.cache_clear()
