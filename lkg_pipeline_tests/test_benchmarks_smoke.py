@@ -462,3 +462,32 @@ def test_tune_retriever_quick_writes_its_table_and_resumes(tmp_path: Path) -> No
     assert all(len(json.loads(line)["val_ranks"]) == 40 for line in log)  # one rank per user
     tune_retriever.main(["--quick", "--out", str(tmp_path)])  # done trials are not run again
     assert (tmp_path / "trials.jsonl").read_text().splitlines() == log
+
+
+def test_fractions_of_ceiling_count_the_linear_layers_by_hand() -> None:
+    """SmolLM2-135M's decoder: per layer q, o 576×576, k, v 576×192, gate, up, down 576×1536."""
+    from types import SimpleNamespace
+
+    from benchmarks.llm import dtype
+
+    smol = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                           num_key_value_heads=3, num_hidden_layers=30)  # fmt: skip
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert dtype.linear_weights_per_layer(smol) == per_layer == 3_538_944
+    assert dtype.gflop_per_token(smol) == pytest.approx(2 * 30 * per_layer / 1e9)
+    # the backward through the 10 LoRA layers only: a third more than the forward's 30
+    assert dtype.gflop_per_token(smol, 10) == pytest.approx(2 * 40 * per_layer / 1e9)
+    section = {
+        "ceilings": {"a": {"float32_gflops": 100.0, "bfloat16_gflops": 300.0},
+                     "b": {"float32_gflops": 200.0, "bfloat16_gflops": 400.0}},
+        "float32": {"ranking_tokens_per_s": 500.0, "training_tokens_per_s": 100.0},
+        "bfloat16": {"ranking_tokens_per_s": 1000.0},
+    }  # fmt: skip
+    out = dtype.fractions_of_ceiling(section, smol, {"training_tokens_per_s": 10})
+    forward = 2 * 30 * per_layer / 1e9
+    assert out["ranking_fraction_of_ceiling"] == {
+        "float32": round(500 * forward / 200, 3), "bfloat16": round(1000 * forward / 400, 3)
+    }  # fmt: skip
+    assert out["training_fraction_of_ceiling"] == {
+        "float32": round(100 * forward * 4 / 3 / 200, 3), "bfloat16": None
+    }  # fmt: skip

@@ -271,6 +271,65 @@ def inputs(lake: Path, row: Row) -> tuple[Path, Path | None]:
     return prompts, adapter if row.tuned else None
 
 
+def linear_weights_per_layer(config: Any) -> int:
+    """Weights of one decoder layer's linear projections (q, k, v, o; gate, up, down)."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return 2 * hidden * heads * head_dim + 2 * hidden * kv + 3 * hidden * inner
+
+
+def gflop_per_token(config: Any, trained_layers: int | None = None) -> float:
+    """GEMM work per token of the decoder's linear layers, the convention of model-FLOPs
+    utilisation: 2 per weight for the forward (the LM head is not applied: scores read two of
+    its rows); with `trained_layers` (LoRA on the top ones), 2 more per weight of the layers
+    the backward goes through (input gradients only: the base is frozen; LoRA's own weights
+    are under 2% and gradient checkpointing's recomputation is not useful work). Attention's
+    score products are left out, so a fraction of the ceiling is a lower bound."""
+    per_layer = linear_weights_per_layer(config)
+    layers = config.num_hidden_layers
+    flops = 2 * per_layer * layers
+    if trained_layers is not None:
+        flops += 2 * per_layer * min(trained_layers, layers)
+    return flops / 1e9
+
+
+def fractions_of_ceiling(
+    section: dict[str, Any], config: Any, trained_layers: dict[str, int]
+) -> dict[str, Any]:
+    """Each measured LLM rate as a share of its own dtype's best GEMM rate on the model's
+    shapes (`ceilings`): how far the stage is from running its GEMMs flat out. Derived from
+    the section's own figures, so it applies to a section measured before it existed.
+    `trained_layers` maps a training key of the section to the layers its recipe trains."""
+    out: dict[str, Any] = {"gflop_per_token": {"ranking": gflop_per_token(config)}}
+    for key, layers in trained_layers.items():
+        out["gflop_per_token"][key] = gflop_per_token(config, layers)
+    for dtype in DTYPES:
+        ceiling = max(shape[f"{dtype}_gflops"] for shape in section["ceilings"].values())
+        rates = section.get(dtype, {})
+        row = {"ceiling_gflops": ceiling}
+        if "ranking_tokens_per_s" in rates:
+            row["ranking"] = rates["ranking_tokens_per_s"] * gflop_per_token(config) / ceiling
+        for key, layers in trained_layers.items():
+            if key in rates:
+                row[key] = rates[key] * gflop_per_token(config, layers) / ceiling
+        out[dtype] = {k: round(v, 3) for k, v in row.items()}
+    out["ranking_fraction_of_ceiling"] = {d: out[d].get("ranking") for d in DTYPES}
+    out["training_fraction_of_ceiling"] = {d: out[d].get("training_tokens_per_s") for d in DTYPES}
+    return out
+
+
+def trained_layers_of(config: Any, pipeline: TrainConfig) -> dict[str, int]:
+    """The layers each training figure's recipe puts LoRA on (None in a recipe: all)."""
+    every = EVERY_LAYER_RECIPE.lora_layers or config.num_hidden_layers
+    return {
+        "training_tokens_per_s": every,
+        "training_tokens_per_s_no_dropout": every,
+        "pipeline_training_tokens_per_s": pipeline.lora_layers or config.num_hidden_layers,
+    }
+
+
 def pipeline_recipe() -> TrainConfig:
     """`lora_adapter`'s default training settings as a TrainConfig."""
     from lkg_pipeline.defs.llm import LoraRunConfig
@@ -377,11 +436,27 @@ def run(
             "pipeline_training_tokens_per_s"
         ]
         / section["float32"]["training_tokens_per_s"],
+        fraction_of_ceiling=fractions_of_ceiling(
+            section, config, trained_layers_of(config, pipeline)
+        ),
         top1_agreement=float(np.mean(top)),
         ndcg10_fp32=section["float32"]["ndcg10"],
         ndcg10_bf16=section["bfloat16"]["ndcg10"],
     )
     return section
+
+
+def derive_fractions(name: str) -> int:
+    """Add `fraction_of_ceiling` to a stored section (measured before the field existed)."""
+    from transformers import AutoConfig
+
+    section = json.loads(RESULTS_JSON.read_text())[name]
+    config = AutoConfig.from_pretrained(base_model(lake_root()))
+    layers = trained_layers_of(config, pipeline_recipe())
+    section["fraction_of_ceiling"] = fractions_of_ceiling(section, config, layers)
+    save_results_section(RESULTS_JSON, name, section)
+    print(json.dumps(section["fraction_of_ceiling"], indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,11 +470,18 @@ def main(argv: list[str] | None = None) -> int:
         "--ablation-prompts", type=int, default=12, help="prompts per ablation (0: none)"
     )
     parser.add_argument(
+        "--derive-fractions",
+        action="store_true",
+        help="only add fraction_of_ceiling to the stored --section from its own figures",
+    )
+    parser.add_argument(
         "--section",
         default="llm_dtype",
         help="results.json section to write (another name keeps a second machine's run beside)",
     )
     args = parser.parse_args(argv)
+    if args.derive_fractions:
+        return derive_fractions(args.section)
     torch.set_num_threads(2)
     variant, fmt, kind = args.row.split("-")
     section = run(
