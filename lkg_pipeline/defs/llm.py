@@ -31,9 +31,6 @@ from lkg_pipeline.core.llm.prompts import (
     recorded_settings,
     truncate_titles,
 )
-
-# The script lora_adapter launches, imported so that its code_version covers the training code.
-from lkg_pipeline.core.llm.train import script as _train_script  # noqa: F401
 from lkg_pipeline.core.llm.train.config import TrainConfig
 from lkg_pipeline.defs.layout import (
     adapter_dir,

@@ -71,8 +71,8 @@ CORE = "lkg_pipeline.core"
 
 def code_closure(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> list[Path]:
     """The source files a stage's output can depend on: its own module (`module`, e.g.
-    `lkg_pipeline.defs.llm`) and every module of `core` it imports, directly or through other
-    core modules, sorted.
+    `lkg_pipeline.defs.llm`) and every module of `core` it imports or launches (`-m`), directly
+    or through other core modules, sorted.
 
     Why not the whole package: an editable install keeps its version number through any edit,
     so code must be hashed, but hashing every file made a docstring edit in `sensors.py`
@@ -108,12 +108,17 @@ def code_closure(module: str, root: Path = PACKAGE_ROOT, core: str = CORE) -> li
 
 @functools.lru_cache(maxsize=256)
 def _imports_in(path: str, stamp: tuple[int, int], core: str) -> frozenset[str]:
-    """The `core` modules a source file names in its imports. Cached by (mtime, size): every
-    asset's `code_version` walks these closures when the definitions load, and most of them
-    share the same core files; an edit changes the stamp and the file is parsed again."""
+    """The `core` modules a source file names in its imports, and those it launches: a string
+    that is a core module's name (`python -m <name>` runs its `__main__`). Cached by (mtime,
+    size): every asset's `code_version` walks these closures when the definitions load, and
+    most of them share the same core files; an edit changes the stamp and the file is parsed
+    again."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(Path(path).read_text(), filename=path)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.startswith(core + ".") and node.value.replace(".", "").isidentifier():
+                names.update((node.value, node.value + ".__main__"))
+        elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)

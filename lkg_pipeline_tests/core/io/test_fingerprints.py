@@ -104,12 +104,19 @@ def test_stamp_is_reusable_only_while_outputs_are_unchanged(tmp_path: Path) -> N
 
 
 def fake_package(root: Path) -> Path:
-    """pkg/defs/a.py → core.x → core.y (inside a function); core.z and defs/b.py unrelated."""
+    """pkg/defs/a.py → core.x → core.y (inside a function), and launches `-m pkg.core.job`
+    (its __main__ → core.job.run); core.z and defs/b.py unrelated."""
     package = root / "pkg"
     for folder in ("core", "defs"):
         (package / folder).mkdir(parents=True)
         (package / folder / "__init__.py").write_text("")
-    (package / "defs" / "a.py").write_text("from pkg.core.x import f\nfrom pkg.defs.b import g\n")
+    (package / "defs" / "a.py").write_text(
+        "from pkg.core.x import f\nfrom pkg.defs.b import g\nLAUNCH = ['-m', 'pkg.core.job']\n"
+    )
+    (package / "core" / "job").mkdir()
+    (package / "core" / "job" / "__init__.py").write_text("")
+    (package / "core" / "job" / "__main__.py").write_text("from pkg.core.job.run import main\n")
+    (package / "core" / "job" / "run.py").write_text("def main():\n    pass\n")
     (package / "defs" / "b.py").write_text("from pkg.core.z import h\n")
     (package / "core" / "x.py").write_text("def f():\n    from pkg.core import y\n")
     (package / "core" / "y.py").write_text("import os\nVALUE = 1\n")
@@ -122,6 +129,9 @@ def test_a_stage_digests_its_own_module_and_the_core_code_it_imports(tmp_path: P
     closure = code_closure("pkg.defs.a", package, "pkg.core")
     assert [p.relative_to(package).as_posix() for p in closure] == [
         "core/__init__.py",  # `from pkg.core import y` names the package too
+        "core/job/__init__.py",  # launched with -m: the package, its __main__, what that runs
+        "core/job/__main__.py",
+        "core/job/run.py",
         "core/x.py",
         "core/y.py",
         "defs/a.py",
@@ -131,6 +141,9 @@ def test_a_stage_digests_its_own_module_and_the_core_code_it_imports(tmp_path: P
     (package / "defs" / "b.py").write_text("from pkg.core.z import h  # edited\n")  # other defs
     assert code_digest("pkg.defs.a", package, "pkg.core") == before
     (package / "core" / "y.py").write_text("import os\nVALUE = 4\n")  # imported through x
+    assert code_digest("pkg.defs.a", package, "pkg.core") != before
+    before = code_digest("pkg.defs.a", package, "pkg.core")
+    (package / "core" / "job" / "run.py").write_text("def main():\n    return 1\n")  # launched
     assert code_digest("pkg.defs.a", package, "pkg.core") != before
 
 
@@ -142,6 +155,7 @@ def test_the_real_stages_digest_what_they_run_and_show_it_as_their_code_version(
     names = {p.relative_to(PACKAGE_ROOT).as_posix() for p in closure}
     assert {
         "defs/llm.py",
+        "core/llm/train/__main__.py",  # launched: `-m lkg_pipeline.core.llm.train`
         "core/llm/train/script.py",
         "core/llm/train/loop.py",
         "core/llm/train/data.py",
