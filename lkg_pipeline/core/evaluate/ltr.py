@@ -37,7 +37,7 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from lkg_pipeline.core.evaluate.ltr_features import ID_COLUMNS, _require
+from lkg_pipeline.core.evaluate.ltr_features import ID_COLUMNS, require_columns
 from lkg_pipeline.core.io.storage import replace_dir_atomically
 
 MODEL_FILE = "ltr_model.txt"  # LightGBM's own text format
@@ -198,7 +198,7 @@ def fit_ltr(
     candidates are learnt from, but every row of the split gets a cross-fitted score."""
     columns = list(feature_columns)
     init = [config.init_score_column] if config.init_score_column else []
-    _require(features, [*ID_COLUMNS, *columns, *init], "features")
+    require_columns(features, [*ID_COLUMNS, *columns, *init], "features")
     val = features.filter(pl.col("split") == config.train_split).sort("example_id", "position")
     positives = _positives(val)
     folds = _user_folds(val["user_idx"], config)
@@ -238,7 +238,7 @@ def score(result: LtrResult, features: pl.DataFrame) -> np.ndarray:
     """(rows,) the served model's score of each row of `features`, in its order."""
     config = result.config
     init = [config.init_score_column] if config.init_score_column else []
-    _require(features, [*result.feature_columns, *init], "features")
+    require_columns(features, [*result.feature_columns, *init], "features")
     # every tree: the served model was grown to its chosen size
     return _predict(result.booster, features, result.feature_columns, config, trees=-1)
 
@@ -247,7 +247,7 @@ def ranks_from_scores(features: pl.DataFrame, scores: np.ndarray) -> pl.DataFram
     """(example_id, rank): the 1-based rank of each example's label-1 row under `scores`
     (aligned with `features`' rows), ties to the lower position (`fusion.target_ranks`' rule).
     Examples without a label-1 row (true item not a candidate, or `next`) are omitted."""
-    _require(features, ["example_id", "position", "label"], "features")
+    require_columns(features, ["example_id", "position", "label"], "features")
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(values) != features.height:
         raise ValueError(f"{len(values)} scores for {features.height} rows")

@@ -31,7 +31,7 @@ PATH_PREFIX = "paths_"  # one feature column per path type: paths_directed_by, .
 KEYS = ["example_id", "candidate_item_idx"]
 
 
-def _require(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
+def require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{what} lacks the columns {missing}; it has {frame.columns}")
@@ -52,7 +52,7 @@ def read_pair_features(folder: str | Path, example_ids: pl.Series) -> pl.DataFra
 
 def _candidate_rows(candidates: pl.DataFrame) -> pl.DataFrame:
     """One row per (example, candidate) with its position, label and retriever score."""
-    _require(candidates, CANDIDATE_COLUMNS, "candidates")
+    require_columns(candidates, CANDIDATE_COLUMNS, "candidates")
     if candidates["example_id"].n_unique() != candidates.height:
         raise ValueError("candidates: example_id must be unique")
     items, scores = pl.col("candidate_item_idxs"), pl.col("candidate_scores")
@@ -104,7 +104,7 @@ def _popularity_features(
     """log1p(train interactions) of the candidate, and that minus the mean over the example's
     input history (its user's first `prefix_len` items): the retriever's popularity prior is
     one for everybody, while users differ in how far from the mainstream they go."""
-    _require(item_popularity, ["item_idx", "n_train_interactions"], "item_popularity")
+    require_columns(item_popularity, ["item_idx", "n_train_interactions"], "item_popularity")
     pop = item_popularity.select(
         pl.col("item_idx").cast(pl.Int32),
         pl.col("n_train_interactions").cast(pl.Float64).log1p().alias("log_popularity"),
@@ -139,7 +139,7 @@ def _path_features(
 ) -> tuple[pl.DataFrame, list[str]]:
     """Per path type the number of KG paths from the history to the candidate (0 where none),
     and their total. Pair rows of other examples or candidates are ignored; duplicates add."""
-    _require(pair_features, FEATURE_COLUMNS, "pair_features")
+    require_columns(pair_features, FEATURE_COLUMNS, "pair_features")
     pf = pair_features.select(
         pl.col("example_id").cast(pl.Int64),
         pl.col("candidate_item_idx").cast(pl.Int32),
@@ -165,7 +165,7 @@ def _path_features(
 
 def _join_scores(rows: pl.DataFrame, scores: pl.DataFrame, column: str, name: str) -> pl.DataFrame:
     """`scores`' `column` as the feature `name`; every candidate must have exactly one."""
-    _require(scores, [*KEYS, column], name)
+    require_columns(scores, [*KEYS, column], name)
     scores = scores.select(
         pl.col("example_id").cast(pl.Int64),
         pl.col("candidate_item_idx").cast(pl.Int32),

@@ -39,7 +39,7 @@ def user_key(idx: pl.Expr) -> pl.Expr:
     return pl.lit("user:") + idx.cast(pl.String)
 
 
-def _edges(
+def forward_edges(
     frame: pl.DataFrame, head: pl.Expr, relation: str, tail: pl.Expr, weight: pl.Expr | None = None
 ) -> pl.DataFrame:
     """Forward edges in EDGE_SCHEMA, one per distinct (head, tail), from any frame."""
@@ -98,16 +98,18 @@ def co_rated_edges(train: pl.DataFrame, top_n: int, min_rating: float | None) ->
         },
     ).pl()
     con.close()
-    return _edges(pairs, item_key(pl.col("i")), "co_rated", item_key(pl.col("j")), pl.col("w"))
+    return forward_edges(
+        pairs, item_key(pl.col("i")), "co_rated", item_key(pl.col("j")), pl.col("w")
+    )
 
 
 def movielens_edges(items: pl.DataFrame) -> list[pl.DataFrame]:
     genres = items.select("item_idx", "genres").explode("genres").drop_nulls("genres")
     return [
-        _edges(
+        forward_edges(
             genres, item_key(pl.col("item_idx")), "has_genre", pl.lit("genre:") + pl.col("genres")
         ),
-        _edges(
+        forward_edges(
             items.drop_nulls("year"),
             item_key(pl.col("item_idx")),
             "released_in",
@@ -128,7 +130,7 @@ def tag_edges(tags: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame) 
         .agg(w=pl.col("user_id").n_unique())
         .sort("item_idx", "tag")
     )
-    return _edges(
+    return forward_edges(
         usable, item_key(pl.col("item_idx")), "tagged", pl.lit("tag:") + pl.col("tag"), pl.col("w")
     )
 
@@ -140,25 +142,25 @@ def amazon_edges(items: pl.DataFrame) -> list[pl.DataFrame]:
     paths = items.select("item_idx", "categories").explode("categories").drop_nulls("categories")
     levels = paths.explode("categories").drop_nulls("categories")
     out = [
-        _edges(
+        forward_edges(
             items.drop_nulls("brand"),
             item_key(pl.col("item_idx")),
             "has_brand",
             pl.lit("brand:") + pl.col("brand"),
         ),
-        _edges(
+        forward_edges(
             levels,
             item_key(pl.col("item_idx")),
             "in_category",
             pl.lit("category:") + pl.col("categories"),
         ),
-        _edges(
+        forward_edges(
             paths.filter(pl.col("categories").list.len() > 0),
             item_key(pl.col("item_idx")),
             "has_category_path",
             pl.lit("category_path:") + pl.col("categories").list.join(" > "),
         ),
-        _edges(
+        forward_edges(
             items.drop_nulls("sales_rank_category"),
             item_key(pl.col("item_idx")),
             "ranked_in",
@@ -169,7 +171,9 @@ def amazon_edges(items: pl.DataFrame) -> list[pl.DataFrame]:
         related = items.select("item_idx", pl.col(relation).alias("other_id")).explode("other_id")
         kept = related.join(idx, on="other_id").filter(pl.col("other_idx") != pl.col("item_idx"))
         out.append(
-            _edges(kept, item_key(pl.col("item_idx")), relation, item_key(pl.col("other_idx")))
+            forward_edges(
+                kept, item_key(pl.col("item_idx")), relation, item_key(pl.col("other_idx"))
+            )
         )
     return out
 
@@ -181,7 +185,7 @@ def user_attribute_edges(sequences: pl.DataFrame, users: pl.DataFrame) -> list[p
         age = pl.when(pl.col("age") < bound).then(pl.lit(label)).otherwise(age)
     head = user_key(pl.col("user_idx"))
     return [
-        _edges(known.drop_nulls("age"), head, "has_age_group", pl.lit("age_group:") + age),
-        _edges(known, head, "has_gender", pl.lit("gender:") + pl.col("gender")),
-        _edges(known, head, "has_occupation", pl.lit("occupation:") + pl.col("occupation")),
+        forward_edges(known.drop_nulls("age"), head, "has_age_group", pl.lit("age_group:") + age),
+        forward_edges(known, head, "has_gender", pl.lit("gender:") + pl.col("gender")),
+        forward_edges(known, head, "has_occupation", pl.lit("occupation:") + pl.col("occupation")),
     ]

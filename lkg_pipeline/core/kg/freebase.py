@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from lkg_pipeline.core.kg.edges import _edges, item_key
+from lkg_pipeline.core.kg.edges import forward_edges, item_key
 from lkg_pipeline.core.kg.relations import RELATIONS
 
 # Freebase relation (RecBole's ml-100k.kg) → (our relation, True if the film is the head).
@@ -88,12 +88,14 @@ def freebase_edges(
         mids.rename({"item_idx": "other_idx"}), left_on="other", right_on="entity_id"
     )
     out.append(
-        _edges(sequels, item_key(pl.col("item_idx")), "has_sequel", item_key(pl.col("other_idx")))
+        forward_edges(
+            sequels, item_key(pl.col("item_idx")), "has_sequel", item_key(pl.col("other_idx"))
+        )
     )
     for relation in ENTITY_NOUNS:
         subset = facts.filter(pl.col("relation") == relation)
         out.append(
-            _edges(
+            forward_edges(
                 subset,
                 item_key(pl.col("item_idx")),
                 relation,
@@ -103,7 +105,7 @@ def freebase_edges(
     return out, dict(unmapped.iter_rows())
 
 
-def _attribute_names(edges: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+def attribute_names(edges: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Names for Freebase nodes, which have only a MID: "director of Heat (1995)" (+N more).
 
     The item shown is the node's most-rated item in training (ties: lower index), so the name

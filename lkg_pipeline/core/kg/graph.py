@@ -27,7 +27,7 @@ from lkg_pipeline.core.kg.edges import (
     user_attribute_edges,
     user_key,
 )
-from lkg_pipeline.core.kg.freebase import _attribute_names, freebase_edges
+from lkg_pipeline.core.kg.freebase import attribute_names, freebase_edges
 from lkg_pipeline.core.kg.relations import RELATIONS
 
 ENTITY_SCHEMA = {"entity_id": pl.Int64, "type": pl.String, "key": pl.String, "name": pl.String}
@@ -129,7 +129,7 @@ def _entities(items: pl.DataFrame, sequences: pl.DataFrame, edges: pl.DataFrame)
         )
         .sort("type", "key")
     )
-    names = _attribute_names(edges, items)
+    names = attribute_names(edges, items)
     others = others.join(names, on="key", how="left").select(
         entity_id=(pl.int_range(pl.len()) + n_items + users.height).cast(pl.Int64),
         type=pl.col("type"),

@@ -14,7 +14,7 @@ import torch
 
 from lkg_pipeline.core.evaluate.metrics import rank_of_target
 from lkg_pipeline.core.retrieval.device import model_device
-from lkg_pipeline.core.retrieval.ranking import _mask_history, rank_users, top_k
+from lkg_pipeline.core.retrieval.ranking import mask_history, rank_users, top_k
 from lkg_pipeline.core.retrieval.seqrec import RetrieverConfig, SequentialRecommender, left_pad
 from lkg_pipeline.core.retrieval.sequences import UserSequences
 from lkg_pipeline.core.retrieval.training import train_retriever
@@ -102,7 +102,7 @@ def _prefix_scores(
                 hidden[rows] = h[b, x.shape[1] - len(window) + np.asarray(positions)]
         scores = model.item_scores(hidden)  # (N, I)
     model.train(was_training)
-    return _mask_history(scores, [train[u][:p] for u, p in zip(users, prefix_lens, strict=True)])
+    return mask_history(scores, [train[u][:p] for u, p in zip(users, prefix_lens, strict=True)])
 
 
 def _train_prefixes(

@@ -20,7 +20,7 @@ from lkg_pipeline.core.retrieval.seqrec import SequentialRecommender, left_pad
 from lkg_pipeline.core.retrieval.sequences import UserSequences
 
 
-def _mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+def mask_history(scores: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
     """Set each row's history items to -inf in place: candidates must be new items."""
     rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
     cols = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=len(rows))
@@ -47,7 +47,7 @@ def _scored_batches(
             batch = [inputs[j] for j in chunk]
             with torch.no_grad():
                 scores = model(left_pad(batch, model.config.max_len).to(device))  # (b, I)
-            yield chunk, _mask_history(scores, batch)
+            yield chunk, mask_history(scores, batch)
     finally:
         model.train(was_training)
 
@@ -168,7 +168,7 @@ def popularity_scores(data: UserSequences, inputs: list[list[int]]) -> torch.Ten
     """(U, I) train-interaction counts, history masked: the baseline any retriever must beat."""
     counts = np.bincount(np.concatenate(data.train), minlength=data.n_items).astype(np.float32)
     scores = torch.from_numpy(counts)[None, :].repeat(len(inputs), 1)  # (U, I)
-    return _mask_history(scores, inputs)
+    return mask_history(scores, inputs)
 
 
 def retriever_report(

@@ -262,7 +262,7 @@ def test_history_profiles_follow_the_requested_users(data) -> None:
     _, _, history = data
     known = history["user_idx"].unique().sort().to_numpy()
     users = np.array([known[3], 10_000, known[0], known[3], known[1]])
-    profiles = preference_grid._profiles(history, TYPES, users).numpy()
+    profiles = preference_grid.history_profiles(history, TYPES, users).numpy()
     for i, user in enumerate(users):
         rows = history.filter(pl.col("user_idx") == user)
         expected = np.zeros(len(TYPES))
@@ -271,7 +271,10 @@ def test_history_profiles_follow_the_requested_users(data) -> None:
         total = expected.sum()
         np.testing.assert_allclose(profiles[i], expected / total if total else expected, 1e-6)
     assert profiles[1].sum() == 0 and np.array_equal(profiles[0], profiles[3])
-    assert preference_grid._profiles(history, TYPES, np.zeros(0, dtype=np.int64)).shape == (0, 5)
+    assert preference_grid.history_profiles(history, TYPES, np.zeros(0, dtype=np.int64)).shape == (
+        0,
+        5,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def _split_codes(values: pl.Series) -> np.ndarray:
     return codes.to_numpy()
 
 
-def _profiles(history: pl.DataFrame | None, path_types: Sequence[str], users: np.ndarray):
+def history_profiles(history: pl.DataFrame | None, path_types: Sequence[str], users: np.ndarray):
     """(len(users), T) L1-normalised history bag of path types; zeros for an empty history.
     Users are found by a sorted search, not a dict: a dict of 1M users costs ~100 MB."""
     uniq, inverse = np.unique(np.asarray(users, dtype=np.int64), return_inverse=True)
@@ -112,8 +112,8 @@ def _profiles(history: pl.DataFrame | None, path_types: Sequence[str], users: np
     return torch.from_numpy(out[inverse.reshape(-1)]).float()
 
 
-def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
-    """The candidate grid of the examples, without features (those are filled by _grid), with
+def candidate_grid(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
+    """The candidate grid of the examples, without features (those are filled by path_grid), with
     `width` columns (default: the longest list)."""
     ids = examples["example_id"].cast(pl.Int64).to_numpy()
     assert len(np.unique(ids)) == len(ids), "example_id must be unique"
@@ -146,7 +146,7 @@ def _candidates(examples: pl.DataFrame, width: int | None = None) -> PathGrid:
     return PathGrid([], ids, split, cand, mask, users, target, counts, empty, users[:0], empty)
 
 
-def _cells(g: PathGrid) -> pl.DataFrame:
+def grid_cells(g: PathGrid) -> pl.DataFrame:
     """(example_id, candidate_item_idx, r, p): every real candidate and its grid cell."""
     r, p = np.nonzero(g.cand >= 0)
     cand = g.cand[r, p].astype(np.int64)
@@ -159,7 +159,7 @@ def _count_dtype(largest: int) -> np.dtype:
     return np.promote_types(np.uint8, np.min_scalar_type(largest))
 
 
-def _grid(
+def path_grid(
     examples: pl.DataFrame,
     pair_features: pl.DataFrame,
     history: pl.DataFrame | None,
@@ -168,7 +168,7 @@ def _grid(
 ) -> PathGrid:
     """Candidates plus features. Pair features of candidates not in an example's list (or of
     absent examples) are ignored; duplicate (example, candidate, type) rows add up."""
-    g = _candidates(examples, width)
+    g = candidate_grid(examples, width)
     g.path_types = list(path_types)
     pf = pair_features.select(
         pl.col("example_id").cast(pl.Int64),
@@ -178,7 +178,7 @@ def _grid(
     )
     codes = _type_codes(pf["path_type"], path_types, "pair_features")
     pf = pf.with_columns(code=pl.Series(codes, dtype=pl.Int64)).join(
-        _cells(g), on=["example_id", "candidate_item_idx"]
+        grid_cells(g), on=["example_id", "candidate_item_idx"]
     )
     assert (pf["n_paths"] >= 0).all(), "n_paths must be >= 0"
     cells = pf.group_by("r", "p", "code").agg(pl.col("n_paths").sum())
@@ -188,32 +188,32 @@ def _grid(
     g.counts[cell] = cells["n_paths"].to_numpy()
     uniq, inverse = np.unique(g.users.numpy(), return_inverse=True)
     g.user_ids = torch.from_numpy(uniq)
-    g.user_profile = _profiles(history, path_types, uniq)  # (U, T)
+    g.user_profile = history_profiles(history, path_types, uniq)  # (U, T)
     g.profile = g.user_profile[torch.from_numpy(inverse)]  # (E, T)
     return g
 
 
-def _in_splits(splits: Sequence[str] | None) -> pl.Expr:
+def in_splits(splits: Sequence[str] | None) -> pl.Expr:
     """Whether an example belongs to `splits` (None: every split)."""
     return pl.lit(True) if splits is None else pl.col("split").is_in(list(splits))
 
 
-def _positions(examples: pl.DataFrame, splits: Sequence[str] | None) -> np.ndarray:
+def split_positions(examples: pl.DataFrame, splits: Sequence[str] | None) -> np.ndarray:
     """Ascending row positions of the examples of `splits` (None: every example)."""
     assert examples["example_id"].n_unique() == examples.height, "example_id must be unique"
     if splits is None:
         return np.arange(examples.height)
-    return np.flatnonzero(examples.select(_in_splits(splits)).to_series().to_numpy())
+    return np.flatnonzero(examples.select(in_splits(splits)).to_series().to_numpy())
 
 
-def _user_rows(
+def rows_by_user(
     examples: pl.DataFrame,
     keep: np.ndarray,
     splits: Sequence[str] | None,
     users_per_batch: int,
 ) -> Iterator[tuple[pl.Series, np.ndarray, pl.DataFrame]]:
     """Each batch of users of `examples` (`user_batches`), with the ascending indices into
-    `keep` (`_positions(examples, splits)`) of the kept examples of those users (empty for a
+    `keep` (`split_positions(examples, splits)`) of the kept examples of those users (empty for a
     user with none), and those examples, in the same order.
 
     The examples are selected by a filter rather than gathered by position: a frame read from
@@ -228,23 +228,23 @@ def _user_rows(
         high = np.searchsorted(ordered, batch.max(), side="right")
         rows = np.sort(order[low:high])
         mine = pl.col("user_idx").is_in(batch.cast(examples.schema["user_idx"]).implode())
-        selected = examples.filter(mine & _in_splits(splits)) if len(rows) else examples.clear()
+        selected = examples.filter(mine & in_splits(splits)) if len(rows) else examples.clear()
         assert selected.height == len(rows), "a batch's examples differ from its rows"
         yield batch, rows, selected
 
 
-def _read_batch(
+def read_user_batch(
     examples: pl.DataFrame,
     folder: Path,
     users: pl.Series,
     path_types: Sequence[str],
     width: int,
 ) -> tuple[PathGrid, pl.DataFrame]:
-    """`_grid` of `examples` (examples of `users` only) from those users' rows of kg_paths'
+    """`path_grid` of `examples` (examples of `users` only) from those users' rows of kg_paths'
     tables, and their history profile rows."""
     history = read_users(folder / "history_profile.parquet", users, HISTORY_COLUMNS)
     features = read_users(folder / "pair_features.parquet", users, FEATURE_COLUMNS)
-    return _grid(examples, features, history, path_types, width), history
+    return path_grid(examples, features, history, path_types, width), history
 
 
 def read_grid(
@@ -255,13 +255,13 @@ def read_grid(
     splits: Sequence[str] | None = ("train", "val"),
 ) -> PathGrid:
     """The grid of the examples of `splits` from kg_paths' tables in `folder`, read a batch
-    of users at a time: the rows of `_grid` on the whole frames, in `examples` order and as
+    of users at a time: the rows of `path_grid` on the whole frames, in `examples` order and as
     wide (K) as the longest list, so training on it gives the same numbers. Training never
     looks at the test split, and `preference_ranks` scores it, hence the default. The user
     profiles cover every user of `examples`, as the π statistics of `train_preference` do.
     """
     folder = Path(folder)
-    keep = _positions(examples, splits)
+    keep = split_positions(examples, splits)
     n, k, t = len(keep), int(examples["candidate_item_idxs"].list.len().max()), len(path_types)
     n_users = examples["user_idx"].n_unique()
     g = PathGrid(
@@ -278,10 +278,10 @@ def read_grid(
         torch.zeros((n_users, t)),
     )
     done = 0
-    for users, rows, batch in _user_rows(examples, keep, splits, users_per_batch):
+    for users, rows, batch in rows_by_user(examples, keep, splits, users_per_batch):
         ids = users.to_numpy().astype(np.int64)
         if len(rows):
-            b, history = _read_batch(batch, folder, users, path_types, k)
+            b, history = read_user_batch(batch, folder, users, path_types, k)
             at = torch.from_numpy(rows)
             g.example_id[rows], g.split[rows] = b.example_id, b.split
             for mine, theirs in ((g.mask, b.mask), (g.users, b.users), (g.target, b.target)):
@@ -293,7 +293,7 @@ def read_grid(
         else:  # only examples outside `splits`: their profile still counts for π statistics
             history = read_users(folder / "history_profile.parquet", users, HISTORY_COLUMNS)
         g.user_ids[done : done + len(ids)] = torch.from_numpy(ids)
-        g.user_profile[done : done + len(ids)] = _profiles(history, path_types, ids)
+        g.user_profile[done : done + len(ids)] = history_profiles(history, path_types, ids)
         done += len(ids)
     assert done == n_users, f"{done} users read of {n_users}"
     return g
@@ -309,7 +309,7 @@ def read_path_types(folder: str | Path) -> list[str]:
     return sorted(found)
 
 
-def _chunks(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def row_chunks(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`rows` in near-equal chunks of at most CHUNK_ROWS. Equal, not CHUNK_ROWS and a
     remainder: the history encoder's matmul rounds differently for fewer than 12 rows (MKL's
     small-M kernels, measured), so a tiny last chunk would change the last bit of its scores.

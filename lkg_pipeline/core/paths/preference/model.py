@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from lkg_pipeline.core.paths.preference.grid import PathGrid, _chunks, _profiles
+from lkg_pipeline.core.paths.preference.grid import PathGrid, history_profiles, row_chunks
 
 UserEncoder = Literal["user_id", "history"]
 
@@ -133,16 +133,16 @@ class PreferenceResult:
     pi_shift: dict[str, float] = field(default_factory=dict)  # KL / TV to uniform, init vs final
 
 
-def _forward(model: PreferenceModel, g: PathGrid, rows: torch.Tensor):
+def forward_rows(model: PreferenceModel, g: PathGrid, rows: torch.Tensor):
     # index_select, not g.users[rows]: advanced indexing is ~100x slower on a busy 2-core CPU
     users, profile, mask = (x.index_select(0, rows) for x in (g.users, g.profile, g.mask))
     return model(users, profile, g.feats(rows), mask)
 
 
 @torch.no_grad()
-def _scores(model: PreferenceModel, g: PathGrid, rows: torch.Tensor) -> torch.Tensor:
+def score_rows(model: PreferenceModel, g: PathGrid, rows: torch.Tensor) -> torch.Tensor:
     """(N, K) scores of grid rows, a chunk at a time; each row's are those of any batch."""
-    return torch.cat([_forward(model, g, chunk)[0] for chunk in _chunks(rows)])
+    return torch.cat([forward_rows(model, g, chunk)[0] for chunk in row_chunks(rows)])
 
 
 @torch.no_grad()
@@ -154,7 +154,9 @@ def user_preferences(
         "the history encoder needs the history profile"
     )
     ids = np.arange(model.n_users) if users is None else np.asarray(users, dtype=np.int64)
-    pi = model.logits(torch.from_numpy(ids).long(), _profiles(history, model.path_types, ids))
+    pi = model.logits(
+        torch.from_numpy(ids).long(), history_profiles(history, model.path_types, ids)
+    )
     t = len(model.path_types)
     probs = pi.softmax(dim=-1)  # (U, T)
     # What one path of each type adds to this user's candidate score (before log1p of the

@@ -16,19 +16,19 @@ from lkg_pipeline.core.evaluate.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.paths.preference.grid import (
     CHUNK_ROWS,
     USERS_PER_BATCH,
-    _candidates,
-    _cells,
-    _chunks,
-    _grid,
-    _in_splits,
-    _positions,
-    _read_batch,
-    _user_rows,
+    candidate_grid,
+    grid_cells,
+    in_splits,
+    path_grid,
+    read_user_batch,
+    row_chunks,
+    rows_by_user,
+    split_positions,
 )
-from lkg_pipeline.core.paths.preference.model import PreferenceModel, _forward, _scores
+from lkg_pipeline.core.paths.preference.model import PreferenceModel, forward_rows, score_rows
 
 
-def _ranks(scores: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+def grid_ranks(scores: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """1-based target ranks; ties go to the earlier candidate (= retriever order for val/test,
     so a user without any path keeps the retriever's ranking); absent target → inf."""
     ranks = np.full(len(target), np.inf)
@@ -50,9 +50,9 @@ def score_examples(
     assert history is not None or model.config.user_encoder == "user_id", (
         "the history encoder needs the history profile"
     )
-    g = _grid(examples, pair_features, history, model.path_types)
+    g = path_grid(examples, pair_features, history, model.path_types)
     model.eval()
-    scores = _scores(model, g, torch.arange(len(g.example_id)))  # (E, K)
+    scores = score_rows(model, g, torch.arange(len(g.example_id)))  # (E, K)
     m = g.mask.numpy()
     return pl.DataFrame(
         {
@@ -64,14 +64,27 @@ def score_examples(
     )
 
 
+def preference_scores(
+    model: PreferenceModel, examples: pl.DataFrame, pair_features: pl.DataFrame, folder: str | Path
+) -> pl.DataFrame:
+    """`score_examples` for examples of any split (serving's are `next`), with their users'
+    history profile read from kg_paths' `folder`."""
+    history = pl.read_parquet(Path(folder) / "history_profile.parquet").join(
+        examples.select("user_idx").unique(), on="user_idx", how="semi"
+    )
+    # The model knows the splits train/val/test only; a split does not change a score.
+    as_test = examples.with_columns(split=pl.lit("test"))
+    return score_examples(model, as_test, pair_features, history)
+
+
 def example_ranks(examples: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     """(example_id, split, rank) for each example: the target's 1-based rank under `scores`.
 
     Ties go to the earlier candidate in candidate_item_idxs (a stable descending sort); an
     example whose target is not a candidate gets rank inf.
     """
-    g = _candidates(examples)
-    cells = _cells(g)
+    g = candidate_grid(examples)
+    cells = grid_cells(g)
     keyed = scores.select(pl.col("example_id", "candidate_item_idx").cast(pl.Int64), "score")
     joined = cells.join(keyed, on=["example_id", "candidate_item_idx"], how="left")
     assert joined.height == cells.height, "scores has duplicate (example_id, candidate) rows"
@@ -84,7 +97,7 @@ def example_ranks(examples: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
         {
             "example_id": g.example_id,
             "split": g.split_names(),
-            "rank": _ranks(torch.from_numpy(matrix), g.target),
+            "rank": grid_ranks(torch.from_numpy(matrix), g.target),
         }
     )
 
@@ -101,19 +114,19 @@ def preference_ranks(
     `example_ranks` of `score_examples` on the whole tables of kg_paths' `folder`, scored a
     batch of users at a time, without a row per candidate (60M at 1M users)."""
     folder = Path(folder)
-    keep = _positions(examples, splits)
+    keep = split_positions(examples, splits)
     width = int(examples["candidate_item_idxs"].list.len().max()) if examples.height else 0
     ranks = np.full(len(keep), np.inf)
     model.eval()
-    for users, rows, batch in _user_rows(examples, keep, splits, users_per_batch):
+    for users, rows, batch in rows_by_user(examples, keep, splits, users_per_batch):
         if not len(rows):
             continue
-        g, _ = _read_batch(batch, folder, users, model.path_types, width)
+        g, _ = read_user_batch(batch, folder, users, model.path_types, width)
         everything = torch.arange(len(rows))
         ranks[rows] = np.concatenate(
             [
-                _ranks(_forward(model, g, chunk)[0], g.target.index_select(0, chunk))
-                for chunk in _chunks(everything)
+                grid_ranks(forward_rows(model, g, chunk)[0], g.target.index_select(0, chunk))
+                for chunk in row_chunks(everything)
             ]
         )
     return pl.DataFrame(
@@ -129,12 +142,12 @@ def retriever_ranks(examples: pl.DataFrame, splits: Sequence[str] | None = None)
     """(example_id, split, rank) of the examples of `splits` (None: all) under the order of
     their own candidate lists (the retriever's, for val/test): the target's position + 1, inf
     if absent. What `example_ranks` makes of scores falling along each list, by chunks."""
-    keep = _positions(examples, splits)
+    keep = split_positions(examples, splits)
     ranks = [np.zeros(0)]
-    for start in range(0, examples.height, CHUNK_ROWS):  # slices: no copy (`_user_rows`)
-        chunk = examples.slice(start, CHUNK_ROWS).filter(_in_splits(splits))
+    for start in range(0, examples.height, CHUNK_ROWS):  # slices: no copy (`rows_by_user`)
+        chunk = examples.slice(start, CHUNK_ROWS).filter(in_splits(splits))
         if chunk.height:
-            target = _candidates(chunk).target.numpy()
+            target = candidate_grid(chunk).target.numpy()
             ranks.append(np.where(target >= 0, target + 1.0, np.inf))
     return pl.DataFrame(
         {

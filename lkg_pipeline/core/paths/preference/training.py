@@ -22,22 +22,22 @@ from lkg_pipeline.core.io.storage import write_parquet_atomic
 from lkg_pipeline.core.paths.preference.grid import (
     USERS_PER_BATCH,
     PathGrid,
-    _chunks,
-    _grid,
+    path_grid,
     read_grid,
     read_path_types,
+    row_chunks,
 )
 from lkg_pipeline.core.paths.preference.model import (
     ENCODERS,
     PreferenceConfig,
     PreferenceModel,
     PreferenceResult,
-    _forward,
+    forward_rows,
     save_preference,
     user_preferences,
 )
 from lkg_pipeline.core.paths.preference.ranking import (
-    _ranks,
+    grid_ranks,
     preference_ranks,
     rank_metrics,
     retriever_ranks,
@@ -65,12 +65,12 @@ def _target_log_probs(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(N, 1) log-probability of each row's target and (N,) its rank (if asked), by chunk."""
     log_probs, ranks = [torch.zeros((0, 1))], [np.zeros(0)]
-    for chunk in _chunks(rows):
-        scores, _ = _forward(model, g, chunk)  # (C, K)
+    for chunk in row_chunks(rows):
+        scores, _ = forward_rows(model, g, chunk)  # (C, K)
         target = g.target.index_select(0, chunk)
         log_probs.append(F.log_softmax(scores, dim=1).gather(1, target[:, None]))
         if with_ranks:
-            ranks.append(_ranks(scores, target))
+            ranks.append(grid_ranks(scores, target))
     return torch.cat(log_probs), np.concatenate(ranks)
 
 
@@ -89,7 +89,7 @@ def _epoch_log(model: PreferenceModel, g: PathGrid, train: torch.Tensor, val: to
 def _pi_stats(model: PreferenceModel, users: torch.Tensor, profile: torch.Tensor):
     """Mean KL(π_u ‖ uniform) and total-variation distance to uniform, over the given users."""
     kl, tv = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
-    for u, p in zip(_chunks(users), _chunks(profile)):  # per user, a chunk at a time
+    for u, p in zip(row_chunks(users), row_chunks(profile)):  # per user, a chunk at a time
         pi = model.logits(u, p).softmax(dim=-1).double()  # (C, T)
         t = pi.shape[1]
         kl.append((pi * (pi * t).clamp_min(1e-300).log()).sum(dim=1))
@@ -102,7 +102,7 @@ def _idf(g: PathGrid, train: torch.Tensor) -> torch.Tensor:
     """(T,) idf_t over the training (example, candidate) pairs, counted a chunk at a time."""
     present = torch.zeros(len(g.path_types), dtype=torch.long)  # pairs with >= 1 path of t
     n_pairs = 0
-    for rows in _chunks(train):
+    for rows in row_chunks(train):
         mask = g.mask.index_select(0, rows).numpy()  # (C, K)
         has = (g.counts.take(rows.numpy(), axis=0) > 0) & mask[..., None]  # (C, K, T)
         present += torch.from_numpy(has.sum(axis=(0, 1), dtype=np.int64))
@@ -122,7 +122,7 @@ def _train_epoch(
     for rows in train[torch.randperm(len(train), generator=gen)].split(
         config.batch_size or len(train)
     ):
-        scores, logits = _forward(model, g, rows)  # (B, K), (B, T)
+        scores, logits = forward_rows(model, g, rows)  # (B, K), (B, T)
         loss = _loss(scores, g.target[rows]) + config.logit_l2 * logits.square().mean()
         for opt in opts:
             opt.zero_grad()
@@ -166,7 +166,7 @@ def train_preference(
     """Fit on the train split and keep the epoch (0 = untrained, uniform π) with the best val
     subset NDCG@10. NDCG saturates on easy data, so ties go to the lower val loss (then the
     earlier epoch); without val examples the lowest train loss wins."""
-    grid = _grid(examples, pair_features, history, path_types)
+    grid = path_grid(examples, pair_features, history, path_types)
     return train_on_grid(grid, n_users, config, on_log)
 
 
@@ -233,7 +233,7 @@ def choose_encoder(
 ) -> EncoderChoice:
     """Train both encoders with the same config; the better val NDCG@10 wins (ties: user_id,
     the paper's choice). config.user_encoder is overridden."""
-    grid = _grid(examples, pair_features, history, path_types)
+    grid = path_grid(examples, pair_features, history, path_types)
     return choose_encoder_on_grid(grid, n_users, config, on_log)
 
 
