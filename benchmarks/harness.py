@@ -67,6 +67,10 @@ class LakeFiles:
         return self.root / "prepare" / "sequences" / f"{DATASET}.parquet"
 
     @property
+    def items(self) -> Path:
+        return self.root / "prepare" / "items" / f"{DATASET}.parquet"
+
+    @property
     def prompts(self) -> Path:
         return self.root / "llm" / "prompts" / DATASET / f"{VARIANT}.parquet"
 

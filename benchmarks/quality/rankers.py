@@ -7,9 +7,13 @@
 Rows (each scored on the whole val and test subset, i.e. every user whose true item is among
 the retriever's 20): the retriever, the preference module, and for each variant and prompt
 format the zero-shot base model and the fine-tuned adapter, each also fused with the
-retriever's scores (`+prior`, λ and calibration chosen on val only, core.llm.rank.fusion). Paired
-randomisation tests against the retriever and against `llamarec` of the same format and
-training, on test overall (943 users), as the report of the pipeline computes them.
+retriever's scores (`+prior`, λ and calibration chosen on val only, core.llm.rank.fusion); the
+learned rerankers of the report over the KG's explicit features (`ltr`) and with the tuned
+`lkg_rag` row's score as one more (`ltr+llm`); and `served`, the ranker the pipeline's rule
+(core.evaluate.serving) picks among all of them on validation. Paired randomisation tests
+against the retriever and against `llamarec` of the same format and training (for `ltr`,
+`ltr+llm` and `served`: the tuned `llamarec`), on test overall (943 users), as the report of
+the pipeline computes them.
 
 Everything is cached under `data_lake/quality/` (each format's prompts, built here from the
 lake's candidates, sequences, items and selected paths; per row the adapter, its training log,
@@ -56,15 +60,32 @@ from lkg_pipeline.core.evaluate.compare import (
     paired_randomization_test,
     retriever_ranks,
 )
+from lkg_pipeline.core.evaluate.ltr_features import read_pair_features
 from lkg_pipeline.core.evaluate.metrics import per_user_metrics
+from lkg_pipeline.core.evaluate.rankers import (
+    MIN_LTR_EXAMPLES,
+    LtrRanker,
+    learnable_val_examples,
+    ltr_rankers,
+)
+from lkg_pipeline.core.evaluate.serving import (
+    LTR,
+    LTR_LLM,
+    ServedChoice,
+    choose_served,
+    served_lines,
+    served_summary,
+)
 from lkg_pipeline.core.io.fingerprints import content_digest
 from lkg_pipeline.core.io.storage import replace_atomically, write_parquet_atomic
 from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
-from lkg_pipeline.core.llm.rank.fusion import fused_ranks
+from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, trained_over
 from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
 from lkg_pipeline.core.llm.train.loop import training_function
 from lkg_pipeline.core.paths.enumeration import PATH_SETTINGS_FILE
+from lkg_pipeline.core.paths.preference.grid import read_path_types
+from lkg_pipeline.core.paths.preference.ranking import preference_scores
 
 VARIANTS = ("llamarec", "kg_rag", "lkg_rag")
 HERE = Path(__file__).resolve().parent  # the topic folder: its pages and figures
@@ -209,7 +230,7 @@ def build_uniform_prompts(lake: Path, row: Row) -> Path:
 
     work = lake / "quality" / "uniform"
     sequences = pl.read_parquet(LakeFiles(lake).sequences)
-    items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
+    items = pl.read_parquet(LakeFiles(lake).items)
     data = user_sequences(sequences, n_items=items.height)
     examples = (
         training_candidates(data, "random", n_candidates=20, examples_per_user=1, seed=42)
@@ -269,7 +290,7 @@ def uniform_prompt_sources(lake: Path, row: Row) -> dict[str, Path]:
     """The lake files the uniform rows' train prompts are made from (beside the code)."""
     return {
         "sequences": LakeFiles(lake).sequences,
-        "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
+        "items": LakeFiles(lake).items,
         "kg_triples": LakeFiles(lake).kg,
         "kg_paths_settings": lake / "paths" / "kg_paths" / DATASET / PATH_SETTINGS_FILE,
         "selected_paths": lake / "paths" / "selected_paths" / f"{DATASET}.parquet",
@@ -299,7 +320,7 @@ def format_prompt_sources(lake: Path, variant: str) -> dict[str, Path]:
     files = {
         "candidates": LakeFiles(lake).candidates,
         "sequences": LakeFiles(lake).sequences,
-        "items": lake / "prepare" / "items" / f"{DATASET}.parquet",
+        "items": LakeFiles(lake).items,
     }
     if variant != "llamarec":
         files["selected_paths"] = lake / "paths" / "selected_paths" / f"{DATASET}.parquet"
@@ -326,7 +347,7 @@ def build_format_prompts(lake: Path, variant: str, fmt: str, max_prompt_tokens: 
 
     tokenizer = AutoTokenizer.from_pretrained(base_model(lake))
     config = PromptConfig(format=fmt, max_prompt_tokens=max_prompt_tokens)
-    items = pl.read_parquet(lake / "prepare" / "items" / f"{DATASET}.parquet")
+    items = pl.read_parquet(LakeFiles(lake).items)
     titles = truncate_titles(
         dict(items.select("item_idx", "title").iter_rows()), tokenizer, config.max_title_tokens
     )
@@ -529,29 +550,86 @@ def preference_ranks(lake: Path, candidates: pl.DataFrame) -> pl.DataFrame:
     return example_based_ranks(candidates, example_ranks(evaluated, scores), PREFERENCE)
 
 
-def all_ranks(lake: Path) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
-    """Per-user ranks of every cached row (and its +prior fusion), the retriever and the
-    preference module; and how each fusion was chosen."""
+# The learned rerankers' LLM feature and the KG-free reference of the rows that have no
+# variant in their name (ltr, ltr+llm, served): the rows of the recipe `make run` serves.
+LTR_LLM_ROW = Row("lkg_rag", "segments", True)
+LLAMAREC_ROW = Row("llamarec", "segments", True)
+SERVED = "served"
+
+
+@dataclass
+class AllRanks:
+    ranks: pl.DataFrame  # per-user ranks of every row (RANK_COLUMNS)
+    fusion: list[dict[str, Any]]  # how each +prior row's λ was chosen (on val)
+    ltr: list[dict[str, Any]]  # each learned reranker's features, rounds and importances
+    served: ServedChoice  # the ranker validation picks among the rows, as the pipeline does
+
+
+def ltr_ranks(
+    lake: Path, candidates: pl.DataFrame, llm_ranked: pl.DataFrame | None
+) -> list[LtrRanker]:
+    """`ltr` over the lake's KG path counts, popularity, recency and preference scores, and
+    `ltr+llm` with `llm_ranked`'s scores as one more feature: the report's rerankers
+    (core.evaluate.rankers), fitted on val (cross-fitted there), scored on test."""
+    from lkg_pipeline.core.paths.preference.model import load_preference
+
+    folder = lake / "paths" / "kg_paths" / DATASET
+    files = LakeFiles(lake)
+    evaluated = candidates.filter(pl.col("split").is_in(["val", "test"]))
+    pairs = read_pair_features(folder, evaluated["example_id"])
+    model = load_preference(lake / "models" / "preference" / DATASET)
+    preference = preference_scores(model, evaluated, pairs, folder)
+    by_variant = {} if llm_ranked is None else {LTR_LLM_ROW.variant: llm_ranked}
+    return ltr_rankers(
+        evaluated, pl.read_parquet(files.sequences), pl.read_parquet(files.items), pairs,
+        preference, read_path_types(folder), by_variant,
+    )  # fmt: skip
+
+
+def all_ranks(lake: Path) -> AllRanks:
+    """Per-user ranks of every cached row (and its +prior fusion), the retriever, the
+    preference module, the learned rerankers and the served ranker, which is chosen among
+    them by the pipeline's rule (core.evaluate.serving) on honest validation ranks."""
     candidates = pl.read_parquet(LakeFiles(lake).candidates)
     parts = [retriever_ranks(candidates), preference_ranks(lake, candidates)]
-    fusion = []
+    honest_val, fitted_on_val, fusion = [], [], []
+    llm_ranked = None
     for row in (*ROWS, *EXPERIMENTS):
         path = scored(lake, row)
         if path is None:
             continue
         ranked = pl.read_parquet(path)
+        llm_ranked = ranked if row == LTR_LLM_ROW else llm_ranked
         parts.append(llm_ranks(candidates, ranked, row.name))
         fused, choice = fused_ranks(ranked, candidates)
-        parts.append(example_based_ranks(candidates, fused, row.name + PRIOR_SUFFIX))
+        name = row.name + PRIOR_SUFFIX
+        parts.append(example_based_ranks(candidates, fused, name))
         fusion.append(
-            {
-                "ranker": row.name + PRIOR_SUFFIX,
-                "lam": choice.lam,
-                "calibrate": choice.calibrate,
-                "choice": choice.describe(),
-            }
-        )
-    return pl.concat(parts), fusion
+            {"ranker": name, "lam": choice.lam, "calibrate": choice.calibrate,
+             "choice": choice.describe()}
+        )  # fmt: skip
+        crossed = cross_fitted_val_ranks(ranked, candidates, seed=EVAL.seed)
+        fitted_on_val.append(name)
+        if crossed is not None:
+            honest_val.append(example_based_ranks(candidates, crossed, name))
+    ltr = []
+    if learnable_val_examples(candidates) >= MIN_LTR_EXAMPLES:
+        for reranker in ltr_ranks(lake, candidates, llm_ranked):
+            # its val ranks are cross-fitted: honest as they are
+            parts.append(example_based_ranks(candidates, reranker.ranks, reranker.name))
+            llm_row = LTR_LLM_ROW.name if reranker.summary["llm_variant"] else None
+            ltr.append({"ranker": reranker.name, **reranker.summary, "llm_variant": llm_row})
+    ranks = pl.concat(parts)
+    choosable = [n for n in dict.fromkeys(ranks["ranker"].to_list()) if n != PREFERENCE]
+    on_val = pl.concat(
+        [ranks.filter(~pl.col("ranker").is_in(fitted_on_val)), *honest_val], how="vertical"
+    )
+    served = choose_served(on_val, n_permutations=EVAL.n_permutations, seed=EVAL.seed,
+                           servable=choosable)  # fmt: skip
+    served_ranks = ranks.filter(pl.col("ranker") == served.served).with_columns(
+        ranker=pl.lit(SERVED)
+    )
+    return AllRanks(pl.concat([ranks, served_ranks]), fusion, ltr, served)
 
 
 def paired(ranks: pl.DataFrame, a: str, b: str, split: str, population: str) -> dict[str, Any]:
@@ -575,9 +653,27 @@ def paired(ranks: pl.DataFrame, a: str, b: str, split: str, population: str) -> 
     return out
 
 
+def llamarec_of(name: str) -> str | None:
+    """The row `name` is compared with to see what the KG adds: the same row without it; for
+    the learned rerankers and the served ranker, the tuned `llamarec` of the served recipe."""
+    if name in (LTR, LTR_LLM, SERVED):
+        return LLAMAREC_ROW.name
+    base = name.removesuffix(PRIOR_SUFFIX)
+    if "-" not in base:
+        return None
+    variant, fmt, kind = base.split("-")
+    reference = f"llamarec-{fmt}-{kind}{name[len(base) :]}"
+    return None if reference == name else reference
+
+
 def baselines_of(name: str) -> list[str]:
     """What a row is tested against: the retriever; the same row without the KG; its own
-    zero-shot model (tuned rows); its own unfused scores (+prior rows)."""
+    zero-shot model (tuned rows); its own unfused scores (+prior rows); for `ltr+llm`, `ltr`
+    (what the LLM's score adds to the explicit features) and the LLM row alone."""
+    if name in (LTR, SERVED):
+        return [RETRIEVER, LLAMAREC_ROW.name]
+    if name == LTR_LLM:
+        return [RETRIEVER, LLAMAREC_ROW.name, LTR, LTR_LLM_ROW.name]
     base = name.removesuffix(PRIOR_SUFFIX)
     suffix = name[len(base) :]
     variant, fmt, kind = base.split("-")
@@ -676,7 +772,8 @@ def report(lake: Path) -> dict[str, Any]:
     from lkg_pipeline.core.evaluate.compare import metrics_wide
     from lkg_pipeline.core.io.tables import markdown_table
 
-    ranks, fusion = all_ranks(lake)
+    ranked = all_ranks(lake)
+    ranks, fusion = ranked.ranks, ranked.fusion
     evaluation = evaluate(ranks, EVAL)
     names = list(dict.fromkeys(ranks["ranker"].to_list()))
     tests = []
@@ -709,19 +806,17 @@ def report(lake: Path) -> dict[str, Any]:
 
     section: dict[str, Any] = {"machine": machine_info(), "dataset": DATASET, "rankers": {}}
     for name in names:
-        base = name.removesuffix(PRIOR_SUFFIX)
-        reference = None
-        if "-" in base:
-            variant, fmt, kind = base.split("-")
-            reference = f"llamarec-{fmt}-{kind}{name[len(base) :]}"
+        reference = llamarec_of(name)
         section["rankers"][name] = {
             "test_overall": {m: value[(name, m)] for m in HEADLINE},
             "p_vs_retriever": {m: p_of(name, RETRIEVER, m) for m in HEADLINE},
             "p_vs_llamarec": {m: p_of(name, reference, m) for m in HEADLINE}
-            if reference and reference != name
+            if reference in names
             else None,
         }
+    section["served"] = served_summary(ranked.served, evaluation.comparisons)
     section["fusion"] = fusion
+    section["ltr"] = ranked.ltr
     section["recipe"] = {
         **dataclasses.asdict(RECIPE),
         "target_modules": list(RECIPE.target_modules),
@@ -738,12 +833,15 @@ def report(lake: Path) -> dict[str, Any]:
         "# Ranker quality on ml-100k (GroupLens ML-100K via RecBole, 943 users)",
         "",
         "Written by `make quality` (`python -m benchmarks.quality.rankers`). Every choice (the "
-        "recipe, each `+prior` row's λ and calibration) was made on validation; test was only "
-        "scored.",
+        "recipe, each `+prior` row's λ and calibration, the learned rerankers' boosting rounds, "
+        "the served ranker) was made on validation; test was only scored.",
         "",
         f"Machine: {section['machine'].get('cpu_model')}, {section['machine'].get('nproc')} "
         f"cores, torch {section['machine'].get('torch')}; {section['machine'].get('date_utc')}.",
         "",
+        "## Served ranker (the pipeline's rule, core.evaluate.serving, over these rows)",
+        "",
+        *served_lines(section["served"]),
         "## Verdicts (test, overall, paired randomisation test over users)",
         "",
     ]
@@ -782,6 +880,18 @@ def report(lake: Path) -> dict[str, Any]:
     lines.append(markdown_table(tests_table))
     lines += ["", "## Retriever prior (λ and calibration chosen on validation)", ""]
     lines += [f"- {f['ranker']}: {f['choice']}" for f in fusion]
+    for reranker in ranked.ltr:
+        importance = pl.DataFrame(reranker["importances"])
+        lines += [
+            "",
+            f"## {reranker['ranker']}: what the learned reranker uses",
+            "",
+            f"LightGBM lambdarank from the retriever's score; boosting rounds per fold "
+            f"{reranker['best_iterations']} (early-stopped on validation folds); LLM feature: "
+            f"{reranker['llm_variant'] or 'none'}.",
+            "",
+            markdown_table(importance.with_columns(pl.selectors.float().round(4))),
+        ]
     lines += ["", "## Training", ""]
     lines.append(
         "Recipe of every tuned row: "

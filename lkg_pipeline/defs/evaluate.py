@@ -72,7 +72,7 @@ from lkg_pipeline.core.llm.rank.job import (
 from lkg_pipeline.core.paths.enumeration import enumerate_paths
 from lkg_pipeline.core.paths.preference.grid import read_path_types
 from lkg_pipeline.core.paths.preference.model import load_preference
-from lkg_pipeline.core.paths.preference.ranking import preference_ranks, score_examples
+from lkg_pipeline.core.paths.preference.ranking import preference_ranks, preference_scores
 from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.layout import (
     adapter_dir,
@@ -702,16 +702,9 @@ def _ltr_order(
 def _preference_scores(
     lake: Path, dataset: str, examples: pl.DataFrame, pair_features: pl.DataFrame
 ) -> pl.DataFrame:
-    """The preference module's (example_id, candidate_item_idx, score) for `examples`, with
-    their users' history profile from kg_paths."""
-    history = pl.read_parquet(paths_folder(lake, dataset) / "history_profile.parquet").join(
-        examples.select("user_idx").unique(), on="user_idx", how="semi"
-    )
-    # The module knows the splits train/val/test only (serving's are `next`); a split does
-    # not change a score.
-    as_test = examples.with_columns(split=pl.lit("test"))
+    """The preference module's (example_id, candidate_item_idx, score) for `examples`."""
     model = load_preference(preference_dir(lake, dataset))
-    return score_examples(model, as_test, pair_features, history)
+    return preference_scores(model, examples, pair_features, paths_folder(lake, dataset))
 
 
 def _prompts_and_reasons(

@@ -591,6 +591,46 @@ def test_recommendations_serve_the_reports_choice_or_a_forced_ranker(built: dict
         serve(lake, ranker="kg_rag")
 
 
+def test_the_quality_benchmark_reranks_and_serves_as_the_report_does(
+    built: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make quality`'s ltr, ltr+llm and served rows are the report's own: given the same lake
+    and LLM scores, the same reranker metrics and the same choice on the same evidence."""
+    from benchmarks.quality import rankers as quality
+
+    lake = built["lake"]
+    folder = lake / "evaluate" / "rankings" / "ml-100k"
+    ranked_by = {  # the benchmark's rows scored as the pipeline's rankings were
+        quality.LTR_LLM_ROW: ("lkg_rag", folder / "lkg_rag.parquet"),
+        quality.LLAMAREC_ROW: ("llamarec", folder / "llamarec.parquet"),
+    }
+    monkeypatch.setattr(quality, "scored", lambda _lake, row: ranked_by.get(row, (0, None))[1])
+    ranked = quality.all_ranks(lake)
+    as_pipeline = {"retriever": "retriever", "ltr": "ltr", "ltr+llm": "ltr+llm"}
+    for row, (variant, _) in ranked_by.items():
+        as_pipeline |= {row.name: variant, f"{row.name}+prior": f"{variant}+prior"}
+    assert set(ranked.ranks["ranker"]) == {*as_pipeline, "preference", "served"}
+    report = json.loads((lake / "reports" / "ml-100k" / "evaluation.json").read_text())
+    evidence = ranked.served.evidence.with_columns(pl.col("ranker").replace(as_pipeline))
+    assert evidence.to_dicts() == report["served"]["evidence"]
+    assert as_pipeline[ranked.served.served] == report["served"]["served"]
+    served = ranked.ranks.filter(pl.col("ranker") == "served").drop("ranker")
+    chosen = ranked.ranks.filter(pl.col("ranker") == ranked.served.served).drop("ranker")
+    assert served.equals(chosen)
+    metrics = quality.evaluate(ranked.ranks, quality.EVAL).metrics
+    for name in ("ltr", "ltr+llm"):
+        mine = metrics.filter((pl.col("ranker") == name) & (pl.col("metric") == "NDCG@10"))
+        theirs = [m for m in report["metrics"] if (m["ranker"], m["metric"]) == (name, "NDCG@10")]
+        assert sorted(mine["value"].to_list()) == sorted(m["value"] for m in theirs)
+    assert [r["llm_variant"] for r in ranked.ltr] == [None, quality.LTR_LLM_ROW.name]
+    assert quality.baselines_of("ltr+llm") == [
+        "retriever",
+        quality.LLAMAREC_ROW.name,
+        "ltr",
+        quality.LTR_LLM_ROW.name,
+    ]
+
+
 def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -> None:
     """Last in the module: it rewrites the rankings the tests above read."""
     lake = built["lake"]

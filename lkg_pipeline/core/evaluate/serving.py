@@ -85,17 +85,19 @@ def choose_served(
     alpha: float = SIGNIFICANCE,
     n_permutations: int = 10_000,
     seed: int = 0,
+    servable: Sequence[str] = SERVABLE,
 ) -> ServedChoice:
     """The served ranker from validation ranks (`evaluation.RANK_COLUMNS` rows, split val).
 
-    Rankers outside `SERVABLE` (e.g. the preference module) are shown nowhere here: they are
-    not candidates for serving.
+    Rankers outside `servable` (by default what `recommendations` can rank with; the preference
+    module is not) are shown nowhere here: they are not candidates for serving. The retriever
+    is always one.
     """
     val_ranks = val_ranks.filter(pl.col("split") == "val")
     present = set(val_ranks["ranker"].unique().to_list())
     if RETRIEVER not in present:
         raise ValueError("no validation ranks of the retriever: nothing to compare with")
-    rankers = [r for r in SERVABLE if r in present]
+    rankers = [r for r in dict.fromkeys((RETRIEVER, *servable)) if r in present]
     values = _per_user(val_ranks, rankers)  # (U, R)
     base = values[:, rankers.index(RETRIEVER)]
     p = paired_randomization_test(

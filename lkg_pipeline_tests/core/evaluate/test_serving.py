@@ -88,6 +88,11 @@ def test_rankers_on_different_users_are_an_error_and_non_servable_ones_are_ignor
     best = np.ones_like(BASE)
     choice = choose_served(val_ranks(retriever=BASE, preference=best), n_permutations=200)
     assert choice.served == RETRIEVER and choice.evidence["ranker"].to_list() == [RETRIEVER]
+    # a caller that names its own candidates (the quality benchmark's rows) gets them weighed
+    named = choose_served(
+        val_ranks(retriever=BASE, preference=best), n_permutations=200, servable=["preference"]
+    )
+    assert named.served == "preference" and named.runner_up == RETRIEVER
 
 
 def test_the_summary_states_the_choice_and_the_served_test_row() -> None:
