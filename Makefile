@@ -73,10 +73,10 @@ bench: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m benchmarks.run
 
 ## Does the LLM ranker earn its place? Zero-shot and fine-tuned rows for the variants and prompt
-## formats, each also fused with the retriever, with paired tests (needs the lake of `make run`;
-## resumes from data_lake/quality/; benchmarks/quality/QUALITY.md; three LoRA trainings of 800
-## prompts and nine rankings of the 565 val/test subset prompts: about 2 h on 2 cores of an Intel
-## Xeon with AMX).
+## formats, each also fused with the retriever, the learned rerankers and the served choice, with
+## paired tests (needs the lake of `make run`; resumes from data_lake/quality/;
+## benchmarks/quality/QUALITY.md; three LoRA trainings of 800 prompts and nine rankings of the
+## 588 val/test subset prompts: about 2.5 h on 2 cores of an AMD EPYC, 8–11 min per ranking).
 quality: venv
 	$(BIN)/python -m benchmarks.quality.rankers
 
