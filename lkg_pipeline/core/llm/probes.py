@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 PROBE_CACHE_ENV = "LKG_PROBE_CACHE"
-# On 2 AMD EPYC cores the dtype and attention probes measured a share of 0.96–0.99 alone and
+# On 2 AMD EPYC cores the dtype and attention probes measured a share of 0.84–0.99 alone and
 # 0.49–0.50 beside a second 2-thread torch process (where the forward attention probe flipped
 # from matmul 1.6 vs kernel 2.7 ms to kernel 7.9 vs matmul 39.9 ms). Between the two a
 # measurement is not trusted to stand for the machine.
