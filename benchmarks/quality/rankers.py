@@ -64,7 +64,9 @@ from lkg_pipeline.core.evaluate.ltr_features import read_pair_features
 from lkg_pipeline.core.evaluate.metrics import per_user_metrics
 from lkg_pipeline.core.evaluate.rankers import (
     MIN_LTR_EXAMPLES,
+    LlmRankers,
     LtrRanker,
+    choice_ranks,
     learnable_val_examples,
     ltr_rankers,
 )
@@ -592,7 +594,7 @@ def all_ranks(lake: Path) -> AllRanks:
     them by the pipeline's rule (core.evaluate.serving) on honest validation ranks."""
     candidates = pl.read_parquet(LakeFiles(lake).candidates)
     parts = [retriever_ranks(candidates), preference_ranks(lake, candidates)]
-    honest_val, fitted_on_val, fusion = [], [], []
+    honest_val, fusion = [], []
     llm_ranked = None
     for row in (*ROWS, *EXPERIMENTS):
         path = scored(lake, row)
@@ -609,7 +611,6 @@ def all_ranks(lake: Path) -> AllRanks:
              "choice": choice.describe()}
         )  # fmt: skip
         crossed = cross_fitted_val_ranks(ranked, candidates, seed=EVAL.seed)
-        fitted_on_val.append(name)
         if crossed is not None:
             honest_val.append(example_based_ranks(candidates, crossed, name))
     ltr = []
@@ -621,9 +622,8 @@ def all_ranks(lake: Path) -> AllRanks:
             ltr.append({"ranker": reranker.name, **reranker.summary, "llm_variant": llm_row})
     ranks = pl.concat(parts)
     choosable = [n for n in dict.fromkeys(ranks["ranker"].to_list()) if n != PREFERENCE]
-    on_val = pl.concat(
-        [ranks.filter(~pl.col("ranker").is_in(fitted_on_val)), *honest_val], how="vertical"
-    )
+    # the fusions' val rows replaced by their cross-fitted ones, as the report chooses
+    on_val = choice_ranks(parts, LlmRankers(honest_val=honest_val, fusion=fusion))
     served = choose_served(on_val, n_permutations=EVAL.n_permutations, seed=EVAL.seed,
                            servable=choosable)  # fmt: skip
     served_ranks = ranks.filter(pl.col("ranker") == served.served).with_columns(
