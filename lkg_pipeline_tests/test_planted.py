@@ -37,28 +37,28 @@ from lkg_pipeline_tests.core.paths.test_paths import examples_frame
 N_ITEMS = 400
 
 
-def synthetic_lake(n_users: int, seed: int = 0) -> dict[str, pl.DataFrame]:
+def synthetic_lake(n_users: int, seed: int = 0, n_items: int = N_ITEMS) -> dict[str, pl.DataFrame]:
     """Random 8-item histories; per user a train, val and test example whose 20 candidates
     are the true item and 19 unseen items, shuffled."""
     rng = random.Random(seed)
-    per_user = {u: rng.sample(range(N_ITEMS), 8) for u in range(n_users)}
+    per_user = {u: rng.sample(range(n_items), 8) for u in range(n_users)}
     sequences = sequences_frame(per_user)
     counts = sequences.filter(pl.col("split") == "train").group_by("item_idx").len()
     count_of = dict(counts.iter_rows())
     items = items_frame(
-        [(i, 10 + i, f"film {i}", None, [], count_of.get(i, 0)) for i in range(N_ITEMS)]
+        [(i, 10 + i, f"film {i}", None, [], count_of.get(i, 0)) for i in range(n_items)]
     )
     rows = []
     for u, seq in per_user.items():
         for split, prefix in (("train", 5), ("val", 6), ("test", 7)):
-            others = rng.sample([i for i in range(N_ITEMS) if i not in seq], len(LETTERS) - 1)
+            others = rng.sample([i for i in range(n_items) if i not in seq], len(LETTERS) - 1)
             pool = [seq[prefix], *others]
             rng.shuffle(pool)
             rows.append((3 * u + ("train", "val", "test").index(split), u, split, prefix,
                          seq[prefix], pool))  # fmt: skip
     candidates = examples_frame(rows)
     links = pl.DataFrame(
-        {"item_id": [10 + i for i in range(0, N_ITEMS, 2)]},
+        {"item_id": [10 + i for i in range(0, n_items, 2)]},
         schema={"item_id": pl.Int64},
     ).with_columns(entity_id=pl.format("m.film_{}", "item_id"))
     return {"candidates": candidates, "sequences": sequences, "items": items, "links": links}
@@ -68,7 +68,8 @@ def test_doses_nest_and_dose_zero_plants_only_uniform_decoys() -> None:
     lake = synthetic_lake(60)
     args = (lake["candidates"], lake["sequences"], lake["items"])
     full, some, none = (plant_links(*args, dose, decoy_rate=0.5) for dose in (1.0, 0.3, 0.0))
-    planted = {d: set(f.filter(pl.col("kind") == "planted")["example_id"]) for d, f in
+    drawn = pl.col("kind").is_in(["planted", "blocked"])
+    planted = {d: set(f.filter(drawn)["example_id"]) for d, f in
                (("full", full), ("some", some), ("none", none))}  # fmt: skip
     assert planted["full"] == set(lake["candidates"]["example_id"])
     assert planted["none"] == set() and 0 < len(planted["some"]) < len(planted["full"])
@@ -78,8 +79,8 @@ def test_doses_nest_and_dose_zero_plants_only_uniform_decoys() -> None:
     joined = full.join(lake["candidates"], on="example_id")
     # planted links end at the true item, decoys at one of the candidates, and every link
     # starts from the example's shown history
-    assert (joined.filter(pl.col("kind") == "planted")["item_idx"] ==
-            joined.filter(pl.col("kind") == "planted")["target_item_idx"]).all()  # fmt: skip
+    assert (joined.filter(drawn)["item_idx"] ==
+            joined.filter(drawn)["target_item_idx"]).all()  # fmt: skip
     decoys = joined.filter(pl.col("kind") == "decoy")
     assert all(i in pool for i, pool in decoys.select("item_idx", "candidate_item_idxs").rows())
     history = dict(
@@ -87,6 +88,45 @@ def test_doses_nest_and_dose_zero_plants_only_uniform_decoys() -> None:
     )
     for h, user, prefix in joined.select("history_item_idx", "user_idx", "prefix_len").rows():
         assert h in history[user][:prefix]
+
+
+def test_a_planted_link_never_shows_on_a_wrong_candidate_of_a_train_or_test_prompt() -> None:
+    # few items: most links would also show elsewhere, so both kinds of draw happen
+    lake = synthetic_lake(60, n_items=60)
+    candidates = lake["candidates"]
+    links = plant_links(candidates, lake["sequences"], lake["items"], 1.0, decoy_rate=0.0)
+    kinds = links.group_by("kind").len()
+    assert set(kinds["kind"]) == {"planted", "blocked"}, kinds
+    history = dict(
+        lake["sequences"].sort("position").group_by("user_idx").agg("item_idx").iter_rows()
+    )
+    prompts = [
+        (e, split, set(history[u][:prefix]), set(pool) - {target})
+        for e, u, split, prefix, target, pool in candidates.select(
+            "example_id", "user_idx", "split", "prefix_len", "target_item_idx",
+            "candidate_item_idxs",
+        ).rows()
+    ]  # fmt: skip
+
+    def misleads(a: int, b: int, example: int) -> bool:
+        return any(
+            e != example
+            and split != "val"
+            and ((a in shown and b in wrong) or (b in shown and a in wrong))
+            for e, split, shown, wrong in prompts
+        )
+
+    own = {e: shown for e, _, shown, _ in prompts}
+    for example, h, kind, t in links.select(
+        "example_id", "history_item_idx", "kind", "item_idx"
+    ).rows():
+        if kind == "planted":
+            assert not misleads(h, t, example)
+        else:  # blocked: every shown history item's link would mislead somewhere
+            assert all(misleads(other, t, example) for other in own[example])
+    # only planted links become studios
+    _, triples = studio_facts(links, lake["items"], lake["links"])
+    assert triples["tail"].n_unique() == kinds.filter(pl.col("kind") == "planted")["len"].item()
 
 
 def test_studio_facts_give_each_linked_pair_its_own_studio() -> None:

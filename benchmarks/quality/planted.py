@@ -10,25 +10,30 @@ Freebase-like fact (`lkg.film.studio`, read by `core.kg.freebase` as `made_at_st
 copy's `raw_entity_links` and `raw_entity_triples`, so `kg_triples` reads it as it reads a director
 and path enumeration finds "same studio" as it finds "same director". For a fraction `dose` of all
 examples (train, val and test alike) a new studio links the true next item to an item of the
-example's shown history (the one whose link would show on a wrong candidate in the fewest other
-prompts: `plant_links`); for a fraction DECOY_RATE of examples one more studio links a history item
-to a candidate drawn uniformly from all 20 (the true item included, so at dose 0 the relation says
+example's shown history. A studio is item metadata: the link also shows in every prompt whose
+history holds one film and whose candidates the other, so it is planted only from a history item
+whose link shows on no wrong candidate of any other train or test prompt (`plant_links`); an
+example without one is "blocked" and stays unplanted at every dose (on ml-100k most test examples
+whose true item is popular). So the cue marks the target wherever it was planted and nowhere else
+but for the decoys: for a fraction DECOY_RATE of examples one more studio links a history item to a
+candidate drawn uniformly from all 20 (the true item included, so at dose 0 the relation says
 nothing about the answer). The draws are shared across doses: the examples planted at 0.1 are among
 those planted at 0.3. Only item metadata changes: no interaction, candidate or split does, so the
 retriever, its candidates and the leakage check are the real ones.
 
 The real assets then run on each copy with their default configuration: kg_triples → kg_paths
 → preference_model → selected_paths → prompts → lora_adapter → rankings (test prompts), for
-`lkg_rag` at every dose and `kg_rag` at dose 1 (its shortest-path selection shows the cue on
-~2% of the planted true items, so lower doses would only repeat that), and for `lkg_rag` at
-dose 1 with three times the default training budget. Controls:
+`lkg_rag` at every dose and `kg_rag` at dose 1 (its shortest-path selection, blind to what a
+relation is worth, shows the cue on few planted true items, so lower doses would only repeat
+that), and for `lkg_rag` at dose 1 with three times the default training budget. Controls:
 - swap: the dose-1.0 adapters rank the same test prompts with each candidate's relation line
   moved to another candidate of the same prompt (a derangement), so the cue points elsewhere;
 - dose 0: planted decoys only, compared with the real lake's `lkg_rag` rankings;
 - `llamarec`: its prompts carry no relation; their sha256 is shown equal at every dose, so it is
   trained and ranked once.
 
-Each finished piece is a file under `data_lake/planted/results/`; a rerun skips it. The page
+Each finished piece is a file under `data_lake/planted/results/`; a rerun skips it (pieces made
+with another DESIGN are set aside whole). The page
 (PLANTED.md), results.json `planted` and the dose-response plot are rewritten from those files.
 """
 
@@ -78,6 +83,7 @@ DOSES = (1.0, 0.3, 0.1, 0.0)
 KG_VARIANTS = ("lkg_rag", "kg_rag")
 DECOY_RATE = 0.1  # examples that get one more studio, on a uniformly drawn candidate
 SEED = 0
+SCORED_SPLITS = ("train", "test")  # the prompts a planted link must not mislead (plant_links)
 WINDOW = 20  # history items a prompt shows (PromptConfig.max_history, PathConfig.history_len)
 RELATION = "lkg.film.studio"  # core.kg.freebase reads it as made_at_studio
 PATH_TYPE = "made_at_studio"
@@ -100,6 +106,24 @@ FIGURE = HERE / "planted_curve.png"
 
 def work_root(lake: Path) -> Path:
     return lake / "planted"
+
+
+# What the kept pieces under work_root depend on besides the lake: a run made another way is
+# set aside whole (`set_aside_other_design`), never mixed into one page.
+DESIGN = {"planting": 2, "decoy_rate": DECOY_RATE, "seed": SEED, "scored": list(SCORED_SPLITS)}
+
+
+def set_aside_other_design(root: Path) -> None:
+    """Moves a work root made with another DESIGN to <root>.superseded (replacing one there)."""
+    recorded = root / "design.json"
+    if root.exists() and not (recorded.exists() and json.loads(recorded.read_text()) == DESIGN):
+        aside = root.with_name(root.name + ".superseded")
+        shutil.rmtree(aside, ignore_errors=True)
+        root.rename(aside)
+        print(f"[planted] {root} was made with another design; moved to {aside}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    if not recorded.exists():
+        save_json(recorded, DESIGN)
 
 
 def lake_of(root: Path, dose: float) -> Path:
@@ -127,15 +151,18 @@ def plant_links(
     seed: int = SEED,
     window: int = WINDOW,
 ) -> pl.DataFrame:
-    """One row per studio to plant: (example_id, split, kind, history_item_idx, item_idx).
+    """One row per studio drawn: (example_id, split, kind, history_item_idx, item_idx).
 
-    kind "planted" links the example's true item, "decoy" a uniformly drawn candidate. A
-    studio is item metadata, so it shows in every prompt whose history holds one of its items
-    and whose candidates hold the other: of the example's shown history items, the one whose
-    link would point at a wrong candidate in the fewest other prompts is chosen (then the
-    rarest, then the most recent). Some popular true items cannot avoid it: `cue_shares`
-    measures how often the cue lands elsewhere. The random draws depend on the seed only,
-    never on the dose, so doses nest.
+    kind "planted" links the example's true item to a shown history item, "decoy" a uniformly
+    drawn candidate. A studio is item metadata, so it shows in every prompt whose history holds
+    one of its films and whose candidates the other: a link is planted only from a history item
+    whose link would show on no wrong candidate of another train or test prompt (the prompts
+    the model learns from and is scored on), so the planted cue never points elsewhere there;
+    an example without such an item is "blocked" (drawn, not planted: on ml-100k's SASRec
+    candidates most test examples whose true item is popular). Of the clean history items the
+    one with the fewest such showings in val prompts wins, then the rarest, then the most
+    recent. Decoys take the history item with the fewest showings elsewhere, clean or not. The
+    random draws depend on the seed only, never on the dose, so doses nest.
     """
     examples = candidates.sort("example_id")
     rng = np.random.default_rng(seed)
@@ -143,8 +170,10 @@ def plant_links(
     plant_draw, decoy_draw, decoy_pick = rng.random(n), rng.random(n), rng.random(n)
     popularity = dict(zip(items["item_idx"].to_list(), items["n_train_interactions"].to_list()))
     history_of = histories(sequences)
-    shown_in: dict[int, set[int]] = {}  # item → examples whose shown history holds it
-    offered_in: dict[int, set[int]] = {}  # item → examples that offer it, not as the true item
+    # per group of splits: item → examples whose shown history holds it, and item → examples
+    # that offer it not as the true item
+    shown_in: dict[bool, dict[int, set[int]]] = {True: {}, False: {}}
+    offered_in: dict[bool, dict[int, set[int]]] = {True: {}, False: {}}
     windows = []
     for ex in examples.iter_rows(named=True):
         history = history_of[ex["user_idx"]]
@@ -155,17 +184,25 @@ def plant_links(
             )
         shown = history[: ex["prefix_len"]][-window:]
         windows.append(shown)
+        scored = ex["split"] in SCORED_SPLITS
         for item in shown:
-            shown_in.setdefault(item, set()).add(ex["example_id"])
+            shown_in[scored].setdefault(item, set()).add(ex["example_id"])
         for item in ex["candidate_item_idxs"]:
             if item != ex["target_item_idx"]:
-                offered_in.setdefault(item, set()).add(ex["example_id"])
+                offered_in[scored].setdefault(item, set()).add(ex["example_id"])
 
-    def elsewhere(a: int, b: int, example_id: int) -> int:
-        seen = (shown_in.get(a, set()) & offered_in.get(b, set())) | (
-            shown_in.get(b, set()) & offered_in.get(a, set())
+    def elsewhere(a: int, b: int, example_id: int, scored: bool) -> int:
+        shown, offered = shown_in[scored], offered_in[scored]
+        seen = (shown.get(a, set()) & offered.get(b, set())) | (
+            shown.get(b, set()) & offered.get(a, set())
         )
         return len(seen - {example_id})
+
+    def anchor_key(h: int, item: int, example_id: int, planted: bool) -> tuple[int, ...]:
+        scored, val = elsewhere(h, item, example_id, True), elsewhere(h, item, example_id, False)
+        return (
+            (scored, val, popularity.get(h, 0)) if planted else (scored + val, popularity.get(h, 0))
+        )
 
     rows = []
     for i, ex in enumerate(examples.iter_rows(named=True)):
@@ -176,10 +213,13 @@ def plant_links(
             pool = ex["candidate_item_idxs"]
             chosen.append(("decoy", pool[int(decoy_pick[i] * len(pool))]))
         for kind, item in chosen:
-            anchor = min(
-                reversed(windows[i]),
-                key=lambda h: (elsewhere(h, item, ex["example_id"]), popularity.get(h, 0)),
-            )
+            keys = {
+                h: anchor_key(h, item, ex["example_id"], kind == "planted")
+                for h in reversed(windows[i])
+            }
+            anchor = min(keys, key=keys.__getitem__)  # the first minimum: the most recent
+            if kind == "planted" and keys[anchor][0]:
+                kind = "blocked"
             rows.append(
                 {
                     "example_id": ex["example_id"],
@@ -216,7 +256,10 @@ def studio_facts(
     )
     new_links = films.join(known, on="item_id", how="anti").select(entity_links.columns)
     pairs = (
-        links.filter(pl.col("history_item_idx") != pl.col("item_idx"))
+        links.filter(
+            pl.col("kind").is_in(["planted", "decoy"])
+            & (pl.col("history_item_idx") != pl.col("item_idx"))
+        )
         .select("history_item_idx", "item_idx")
         .unique(maintain_order=True)
         .with_columns(studio=pl.format("m.lkg_studio_{}", pl.int_range(pl.len())))
@@ -455,10 +498,11 @@ def run_condition(
 
 def run_all(lake: Path, doses: Sequence[float], variants: Sequence[str]) -> None:
     """Every piece not yet on disk, most telling first: the first variant at the strongest
-    dose and its swap, at dose 0, the reference, the lower doses; then the other variants at
-    the strongest dose only (`kg_rag`'s shortest-path selection shows the cue in ~2% of the
-    prompts at dose 1: PLANTED.md)."""
+    dose, its swap and its larger budget, the reference, dose 0, the lower doses; then the
+    other variants at the strongest dose only (`kg_rag`'s shortest-path selection shows the
+    cue in few prompts: PLANTED.md)."""
     root = work_root(lake)
+    set_aside_other_design(root)
     results_dir(root).mkdir(parents=True, exist_ok=True)
     log = root / "runs.log"
 
@@ -477,19 +521,16 @@ def run_all(lake: Path, doses: Sequence[float], variants: Sequence[str]) -> None
         return target
 
     strongest = max(doses)
-    ordered = sorted(doses, key=lambda d: (d != strongest, d != 0.0, -d))
     first, *others = variants
-    for i, dose in enumerate(ordered):
-        target = ready(dose)
-        run_condition(root, target, first, f"p{dose:g}_{first}", log)
-        if dose == strongest:
-            run_condition(root, target, first, f"p{dose:g}_{first}_{SWAP}", log, SWAP)
-        if i == min(1, len(ordered) - 1):
-            run_condition(root, lake_of(root, strongest), REFERENCE_VARIANT, REFERENCE_VARIANT, log)
+    target = ready(strongest)
+    run_condition(root, target, first, f"p{strongest:g}_{first}", log)
+    run_condition(root, target, first, f"p{strongest:g}_{first}_{SWAP}", log, SWAP)
+    run_condition(root, target, first, f"p{strongest:g}_{first}_{BIGGER}", log, BIGGER)
+    run_condition(root, target, REFERENCE_VARIANT, REFERENCE_VARIANT, log)
+    for dose in sorted((d for d in doses if d != strongest), key=lambda d: (d != 0.0, -d)):
+        run_condition(root, ready(dose), first, f"p{dose:g}_{first}", log)
     for variant in others:
         run_condition(root, ready(strongest), variant, f"p{strongest:g}_{variant}", log)
-    target = ready(strongest)
-    run_condition(root, target, first, f"p{strongest:g}_{first}_{BIGGER}", log, BIGGER)
 
 
 def prompt_digest(lake: Path, variant: str) -> str:
@@ -725,8 +766,9 @@ def page(section: dict[str, Any]) -> str:
             cells[f"Δ NDCG@10 vs {baseline} (p)"] = (
                 f"{versus['difference']:+.4f} ({versus['p']:.4f})" if versus else "–"
             )
-        cells["planted first"] = _fmt(r["planted_target_first"], 3)
         cues = r["cues"] or {}
+        cells["planted test prompts"] = cues.get("planted_test_prompts", "–")
+        cells["planted first"] = _fmt(r["planted_target_first"], 3)
         cells["cue on planted target"] = _fmt(cues.get("cue_on_planted_target"), 3)
         cells["cue per other candidate"] = _fmt(cues.get("cue_per_other_candidate"), 3)
         rows.append(cells)
@@ -776,10 +818,10 @@ def page(section: dict[str, Any]) -> str:
             "",
             "## By where the cue shows in the test prompt",
             "",
-            "The studio is item metadata: a link planted for one example also shows in every "
-            "prompt whose history holds one of its films and whose candidates the other, and "
-            "the prompt shows one relation line per history item. So the cue sits on the true "
-            "item alone, on it and on other candidates, or (lost to selection) elsewhere only.",
+            "A planted link shows on no wrong candidate of a train or test prompt; a decoy may, "
+            "and a prompt shows one relation line per history item. So the cue sits on the true "
+            "item alone, on it and on a decoy's candidate, on others only (a decoy, or a planted "
+            "line lost to selection), or nowhere (not planted: not drawn, or blocked).",
             "",
             table(cases) if cases else "–",
             "",
