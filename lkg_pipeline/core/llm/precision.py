@@ -146,8 +146,8 @@ def _measured_choice(
                 rates[dtype] = max(rates[dtype], gemm_gflops(dtype, shape, 0.05, device))
         return {"fp32_gflops": rates[torch.float32], "bf16_gflops": rates[torch.bfloat16]}
 
-    key = machine_key("gemm_dtype", device=device, shape=shape)
-    probed = kept_or_measured(key, measure, threads)
+    key = machine_key("gemm_dtype", threads, device=device, shape=shape)
+    probed = kept_or_measured(key, measure)
     fp32, bf16 = probed.result["fp32_gflops"], probed.result["bf16_gflops"]
     ratio = bf16 / fp32
     chosen = "bfloat16" if ratio >= MIN_GEMM_SPEEDUP else "float32"

@@ -130,23 +130,23 @@ def _write(path: Path, records: dict[str, Any]) -> None:
     os.replace(out.name, path)
 
 
-def machine_key(kind: str, **shape: Any) -> dict[str, Any]:
-    """What a measurement depends on: the machine, torch, the threads and the probe's shapes."""
+def machine_key(kind: str, threads: int, **shape: Any) -> dict[str, Any]:
+    """What a measurement depends on: the machine, torch, the threads the probe runs on and
+    its shapes."""
     return {
         "kind": kind,
         "cpu_model": cpu_model(),
         "cpu_flags": " ".join(cpu_flags()),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         **{k: str(v) for k, v in shape.items()},
     }
 
 
-def kept_or_measured(
-    key: Mapping[str, Any], measure: Callable[[], dict[str, Any]], threads: int
-) -> Probed:
-    """`measure()`'s result for `key`, from the kept file when it holds one, else measured now
-    (and kept when this process had the CPU to itself)."""
+def kept_or_measured(key: Mapping[str, Any], measure: Callable[[], dict[str, Any]]) -> Probed:
+    """`measure()`'s result for `key` (a `machine_key`), from the kept file when it holds one,
+    else measured now on key["threads"] threads (and kept when this process had the CPU to
+    itself)."""
     path = probe_cache()
     name = json.dumps(dict(key), sort_keys=True)
     records = _read(path) if path is not None else {}
@@ -155,6 +155,7 @@ def kept_or_measured(
         return Probed(r["result"], r["cpu_share"], r["measured_utc"], True, True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = measure()
+    threads = int(key["threads"])
     share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * threads, 1e-9)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     keep = path is not None and share >= MIN_CPU_SHARE

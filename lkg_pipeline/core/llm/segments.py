@@ -406,8 +406,8 @@ def _measured_attention(
         return {"kernel_ms": seconds["kernel"] * 1e3, "matmul_ms": seconds["matmul"] * 1e3}
 
     window = (PROBE_QUERIES, keys, heads, kv_heads, head_dim)
-    key = machine_key("attention", dtype=dtype, window=window, backward=backward)
-    probed = kept_or_measured(key, measure, threads)
+    key = machine_key("attention", threads, dtype=dtype, window=window, backward=backward)
+    probed = kept_or_measured(key, measure)
     kernel_ms, matmul_ms = probed.result["kernel_ms"], probed.result["matmul_ms"]
     speedup = kernel_ms / matmul_ms
     chosen = "matmul" if speedup >= MIN_MATMUL_SPEEDUP else "kernel"

@@ -91,6 +91,6 @@ def test_off_measures_every_time_and_keeps_nothing(store, monkeypatch) -> None:
 
 def test_the_cpu_share_of_a_real_measurement_is_a_fraction(store) -> None:
     probed = probes.kept_or_measured(
-        probes.machine_key("test", n=1), lambda: {"x": sum(range(200_000))}, threads=1
+        probes.machine_key("test", 1, n=1), lambda: {"x": sum(range(200_000))}
     )
     assert 0.0 < probed.cpu_share <= 1.5 and probed.result == {"x": sum(range(200_000))}
