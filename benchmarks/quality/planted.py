@@ -735,7 +735,7 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> None:
         ref = next((r for r in rows if r["variant"] == REFERENCE_VARIANT), None)
         if ref:
             ax.axhline(ref["metrics"][key]["value"], color="tab:green", ls=":", label="llamarec")
-        ax.set(xlabel="dose (share of examples whose true item gets the studio)", ylabel=key)
+        ax.set(xlabel="dose (share of the plantable examples planted)", ylabel=key)
         ax.set_title(f"test, {population}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
