@@ -351,14 +351,19 @@ def rankings_file(lake: Path, variant: str) -> Path:
 
 
 def preference_weight(lake: Path) -> dict[str, Any]:
-    """The preference module's type weight on the studio, and where it stands among types."""
-    model = load_preference(lake / "models" / "preference" / DATASET)
+    """The preference module's type weight on the studio, where it stands among types, and the
+    module's own validation NDCG@10 (its ranking of the candidates by their paths)."""
+    folder = lake / "models" / "preference" / DATASET
+    model = load_preference(folder)
+    trained = json.loads((folder / "training.json").read_text())
+    val_ndcg10 = trained["val_ndcg10_by_encoder"][trained["encoder"]]
     effective = (model.type_weight() * model.idf).detach().numpy()
     order = np.argsort(-effective)
     if PATH_TYPE not in model.path_types:
-        return {"path_types": len(model.path_types), "weight": None}
+        return {"path_types": len(model.path_types), "weight": None, "val_ndcg10": val_ndcg10}
     t = model.path_types.index(PATH_TYPE)
     return {
+        "val_ndcg10": val_ndcg10,
         "path_types": len(model.path_types),
         "weight": float(model.type_weight()[t].detach()),
         "idf": float(model.idf[t]),
@@ -663,9 +668,7 @@ def report(lake: Path) -> dict[str, Any]:
         "decoy_rate": DECOY_RATE,
         "seed": SEED,
         "conditions": rows,
-        "preference": {
-            f"{d:g}": read_json(results_dir(root) / f"p{d:g}.preference.json") for d in doses
-        },
+        "preference": {f"{d:g}": preference_of(root, d) for d in doses},
         "planting": {
             f"{d:g}": read_json(results_dir(root) / f"p{d:g}.planting.json") for d in doses
         },
@@ -681,6 +684,15 @@ def report(lake: Path) -> dict[str, Any]:
     save_results_section(RESULTS_JSON, "planted", section)
     PAGE.write_text(page(section))
     return section
+
+
+def preference_of(root: Path, dose: float) -> dict[str, Any] | None:
+    """What was kept when the dose's KG stages ran, brought up to date from its lake."""
+    kept = read_json(results_dir(root) / f"p{dose:g}.preference.json")
+    lake = lake_of(root, dose)
+    if kept is None or not (lake / "models" / "preference" / DATASET).exists():
+        return kept
+    return kept | preference_weight(lake)
 
 
 def detection_floor(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -825,7 +837,7 @@ def page(section: dict[str, Any]) -> str:
             "",
             table(cases) if cases else "–",
             "",
-            "## The preference module's weight on the planted path type",
+            "## The preference module: its weight on the planted path type, its validation NDCG@10",
             "",
             table(weights) if weights else "–",
             "",
