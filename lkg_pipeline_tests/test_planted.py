@@ -6,6 +6,7 @@ Freebase-like fact → `build_kg` → `enumerate_paths` → `select_paths` → `
 prompt, and training must lift the planted item from where the untrained model puts it.
 """
 
+import json
 import random
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import torch
 
 from benchmarks.quality.planted import (
     CUE,
+    DESIGN,
     PATH_TYPE,
     RELATION,
     derangement,
     plant_links,
+    set_aside_other_design,
     studio_facts,
     swap_relations,
 )
@@ -127,6 +130,20 @@ def test_a_planted_link_never_shows_on_a_wrong_candidate_of_a_train_or_test_prom
     # only planted links become studios
     _, triples = studio_facts(links, lake["items"], lake["links"])
     assert triples["tail"].n_unique() == kinds.filter(pl.col("kind") == "planted")["len"].item()
+
+
+def test_pieces_of_another_design_are_set_aside_whole(tmp_path: Path) -> None:
+    root = tmp_path / "planted"
+    (root / "results").mkdir(parents=True)
+    (root / "results" / "p1_lkg_rag.parquet").write_text("made by the first design")
+    set_aside_other_design(root)  # no design.json: made before designs were recorded
+    assert not (root / "results").exists()
+    assert (tmp_path / "planted.superseded" / "results" / "p1_lkg_rag.parquet").exists()
+    assert json.loads((root / "design.json").read_text()) == DESIGN
+    (root / "results").mkdir()
+    (root / "results" / "p1_lkg_rag.parquet").write_text("this design")
+    set_aside_other_design(root)  # the same design: kept
+    assert (root / "results" / "p1_lkg_rag.parquet").read_text() == "this design"
 
 
 def test_studio_facts_give_each_linked_pair_its_own_studio() -> None:

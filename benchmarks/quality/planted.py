@@ -33,8 +33,8 @@ that), and for `lkg_rag` at dose 1 with three times the default training budget.
   trained and ranked once.
 
 Each finished piece is a file under `data_lake/planted/results/`; a rerun skips it (pieces made
-with another DESIGN are set aside whole). The page
-(PLANTED.md), results.json `planted` and the dose-response plot are rewritten from those files.
+with another DESIGN are set aside whole). The page (PLANTED.md), results.json `planted` and the
+dose-response plot are rewritten from those files.
 """
 
 from __future__ import annotations
