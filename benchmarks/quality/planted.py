@@ -668,7 +668,9 @@ def report(lake: Path) -> dict[str, Any]:
         "decoy_rate": DECOY_RATE,
         "seed": SEED,
         "conditions": rows,
-        "preference": {f"{d:g}": preference_of(root, d) for d in doses},
+        "preference": {
+            f"{d:g}": read_json(results_dir(root) / f"p{d:g}.preference.json") for d in doses
+        },
         "planting": {
             f"{d:g}": read_json(results_dir(root) / f"p{d:g}.planting.json") for d in doses
         },
@@ -684,15 +686,6 @@ def report(lake: Path) -> dict[str, Any]:
     save_results_section(RESULTS_JSON, "planted", section)
     PAGE.write_text(page(section))
     return section
-
-
-def preference_of(root: Path, dose: float) -> dict[str, Any] | None:
-    """What was kept when the dose's KG stages ran, brought up to date from its lake."""
-    kept = read_json(results_dir(root) / f"p{dose:g}.preference.json")
-    lake = lake_of(root, dose)
-    if kept is None or not (lake / "models" / "preference" / DATASET).exists():
-        return kept
-    return kept | preference_weight(lake)
 
 
 def detection_floor(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
