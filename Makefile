@@ -6,7 +6,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 PARTITION ?= ml-100k
 
 .PHONY: venv run ablation test lint ui clean-lake bench bench-e2e quality bench-dtype \
-	bench-after-paths bench-lora-layers tune-retriever sanity
+	bench-levers bench-after-paths bench-lora-layers tune-retriever sanity
 
 venv: $(VENV)/.installed
 
@@ -90,6 +90,11 @@ sanity: venv
 ## (results.json `llm_dtype`; ~15 min on 2 CPU cores).
 bench-dtype: venv
 	$(BIN)/python -m benchmarks.llm.dtype
+
+## Where the bf16 ranking forward spends its time on this machine, and what torch.compile and
+## int8 weights buy there (results.json `llm_levers`; ~7 min on 2 CPU cores).
+bench-levers: venv
+	$(BIN)/python -m benchmarks.llm.levers
 
 ## LoRA in the top 5, 10, 15 or every decoder layer: training tokens/s against validation
 ## NDCG@10 (needs the lake of `make run`; results.json `lora_layers`; ~30 min on 2 CPU cores).

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from benchmarks import end_to_end, run
 from benchmarks.harness import ceiling, machine_info, with_saved_sections
@@ -491,3 +492,66 @@ def test_fractions_of_ceiling_count_the_linear_layers_by_hand() -> None:
     assert out["training_fraction_of_ceiling"] == {
         "float32": round(100 * forward * 4 / 3 / 200, 3), "bfloat16": None
     }  # fmt: skip
+
+
+def test_levers_measure_each_lever_on_real_code_paths(tiny_base: Path, tmp_path: Path) -> None:
+    """`make bench-levers` profiles, compiles and quantizes the ranker on real code paths (tiny
+    model, a random adapter, segments prompts): every configuration is timed and scored, and
+    the profile's op families hold the whole forward."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.llm.levers import measure
+    from lkg_pipeline.core.llm.train.config import lora_config
+    from lkg_pipeline_tests.core.llm.test_segments import marked_prompts, marked_training
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    attention_only = marked_training(target_modules=("q_proj", "v_proj"))  # as the pipeline's
+    get_peft_model(model, lora_config(attention_only)).save_pretrained(tmp_path / "adapter")
+    prompts = marked_prompts(n_train=0, n_val=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    out = measure(tiny_base, tmp_path / "adapter", prompts, tokenizer, quick=True)
+    configs = {"fp32", "bf16 (now)", "int8, all but down_proj", "int8, every linear"}
+    configs.add("bf16 + compiled MLPs")
+    assert set(out["s_per_prompt"]) == set(out["quality"]) == configs
+    assert all(s > 0 for s in out["s_per_prompt"].values())
+    assert out["quality"]["fp32"]["top1_agreement_with_fp32"] == 1.0
+    assert sum(out["profile_bf16"]["share"].values()) == pytest.approx(1.0, abs=0.01)
+    assert out["profile_bf16"]["ms_per_prompt"]["linear_gemms"] > 0
+    assert out["compile"]["buckets"] >= 1 and out["compile"]["compile_s"] > 0
+    micro = out["compile_mlp_micro"]
+    assert set(micro["compile_s"]) == {"compiled", "compiled, frozen weights"}
+    assert all(ms > 0 for ms in micro["ms"].values())
+
+
+def test_compiled_mlps_pad_rows_to_a_bucket_and_return_the_eager_values(tiny_base: Path) -> None:
+    """The compiled MLP pads a call's rows to a whole bucket and cuts the padding off again:
+    for a row count that is no multiple of the bucket it gives what the eager MLP gives."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.llm.levers import compile_mlps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = mlp(x)
+        warm = compile_mlps(model, bucket=16)
+        assert warm(37) > 0
+        compiled = mlp(x)
+    assert compiled.shape == eager.shape == (1, 37, model.config.hidden_size)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_op_families_sort_profiler_ops_into_gemms_attention_softmax_and_the_rest() -> None:
+    from benchmarks.llm.levers import op_families
+
+    families = op_families(
+        {"aten::mm": 5.0, "aten::bmm": 2.0, "aten::_softmax": 1.0, "aten::mul": 0.5, "x": 0.25}
+    )
+    assert families == {
+        "linear_gemms": 5.0,
+        "attention_products": 2.0,
+        "softmax": 1.0,
+        "other": 0.75,
+    }
