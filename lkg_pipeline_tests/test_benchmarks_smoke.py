@@ -501,7 +501,7 @@ def test_levers_measure_each_lever_on_real_code_paths(tiny_base: Path, tmp_path:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.llm.levers import measure
+    from benchmarks.llm.levers import INT8_ROUNDINGS, measure
     from lkg_pipeline.core.llm.train.config import lora_config
     from lkg_pipeline_tests.core.llm.test_segments import marked_prompts, marked_training
 
@@ -515,7 +515,9 @@ def test_levers_measure_each_lever_on_real_code_paths(tiny_base: Path, tmp_path:
     configs.add("bf16 + compiled MLPs")
     assert set(out["s_per_prompt"]) == set(out["quality"]) == configs
     assert all(s > 0 for s in out["s_per_prompt"].values())
-    assert out["quality"]["fp32"]["top1_agreement_with_fp32"] == 1.0
+    assert out["quality"]["fp32"]["top1_agreement"] == 1.0
+    assert out["quality"]["fp32"]["rank_correlation"] == pytest.approx(1.0)
+    assert set(out["int8_rounding"]) == set(INT8_ROUNDINGS)
     assert sum(out["profile_bf16"]["share"].values()) == pytest.approx(1.0, abs=0.01)
     assert out["profile_bf16"]["ms_per_prompt"]["linear_gemms"] > 0
     assert out["compile"]["buckets"] >= 1 and out["compile"]["compile_s"] > 0
@@ -541,6 +543,22 @@ def test_compiled_mlps_pad_rows_to_a_bucket_and_return_the_eager_values(tiny_bas
         compiled = mlp(x)
     assert compiled.shape == eager.shape == (1, 37, model.config.hidden_size)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_agreement_and_fake_int8_on_hand_made_scores() -> None:
+    from benchmarks.llm.levers import agreement, fake_int8
+
+    reference = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert agreement(reference * 2 + 1, reference) == {
+        "top1_agreement": 1.0,
+        "rank_correlation": 1.0,
+    }
+    reversed_first = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    assert agreement(reversed_first, reference) == {"top1_agreement": 0.5, "rank_correlation": 0.0}
+    x = torch.tensor([[127.0, 0.4, -63.6], [1.0, 0.5, 0.26]])
+    torch.testing.assert_close(
+        fake_int8(x, dim=1), torch.tensor([[127.0, 0.0, -64.0], [1.0, 0.5039370, 0.2598425]])
+    )
 
 
 def test_op_families_sort_profiler_ops_into_gemms_attention_softmax_and_the_rest() -> None:

@@ -9,8 +9,9 @@ candidate (the prompts and adapter of `make bench-dtype`), inductor's caches in 
 (every compile is timed cold):
 
 1. Profiles: torch.profiler's self time by op family of a bf16 ranking forward (`rankings`'
-   path: folded adapter, fused norms, windowed attention as the probe chose), with the rate
-   its linear GEMMs reach against the GEMM ceiling of the model's own shapes, and of
+   path: folded adapter, fused norms, windowed attention on the path the probe chooses here;
+   then on the other path), with the rate its linear GEMMs reach against the GEMM ceiling of
+   the model's own shapes, and of
    `lora_adapter`'s bf16 training step. The time outside the linear GEMMs bounds what any
    fusion or compiler can take.
 2. torch.compile (inductor) on the decoder MLPs without an adapter (the pipeline's adapter
@@ -54,6 +55,7 @@ from lkg_pipeline.core.llm.probes import cpu_flags, cpu_model
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments
 from lkg_pipeline.core.llm.segments import (
     answer_token_ids,
+    choose_attention,
     segment_batch,
     segment_scores,
     tokenize_segments,
@@ -319,6 +321,68 @@ def int8_ranker(fp32_ranker: Any, skip_down_proj: bool) -> Any:
     return model
 
 
+def fake_int8(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """`x` rounded to symmetric int8 with one scale per slice reduced over `dim` (the max
+    magnitude maps to 127), returned in its own dtype: int8's rounding without its kernels."""
+    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / 127
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+# What each fake-quantised configuration rounds: weights per output channel, and the
+# activations entering each linear layer per token or per call (per tensor)
+INT8_ROUNDINGS = {
+    "weights per channel only": (True, None, False),
+    "weights + activations per token": (True, "token", False),
+    "weights + activations per token, down_proj kept": (True, "token", True),
+    "weights + activations per tensor": (True, "tensor", False),
+}
+
+
+def int8_rounding_quality(
+    fp32_ranker: Any, rows: list[Any], answers: tuple[int, int], reference: torch.Tensor
+) -> dict[str, Any]:
+    """Which int8 rounding costs the ranking its order: the fp32 ranker's decoder linears
+    with int8-rounded weights and/or inputs (`fake_int8`, in fp32 arithmetic), each scored
+    against `reference` (the fp32 scores of `rows`). Depends on the model, not the machine:
+    int8 kernels (VNNI, AMX) compute these roundings exactly, accumulating in int32. The
+    agreement, top-1 and rank correlation, is with fp32 as in `quality`."""
+    linears = [
+        (name, module)
+        for name, module in fp32_ranker.model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    originals = {name: module.weight.data for name, module in linears}
+    out: dict[str, Any] = {}
+    for label, (weights, activations, keep_down) in INT8_ROUNDINGS.items():
+        hooks = []
+        for name, module in linears:
+            if keep_down and name.endswith("down_proj"):
+                continue
+            if weights:
+                module.weight.data = fake_int8(originals[name], dim=1)
+            if activations is not None:
+                dim = -1 if activations == "token" else None
+
+                def hook(_m: Any, args: tuple[torch.Tensor, ...], dim: Any = dim) -> tuple:
+                    x = args[0]
+                    return (fake_int8(x, tuple(range(x.dim())) if dim is None else dim),)
+
+                hooks.append(module.register_forward_pre_hook(hook))
+        try:
+            scores = torch.cat([scorer(fp32_ranker, answers)(row) for row in rows])
+        finally:
+            for h in hooks:
+                h.remove()
+            for name, module in linears:
+                module.weight.data = originals[name]
+        out[label] = quality(
+            {"fp32": reference, label: scores}, torch.zeros(len(rows), dtype=torch.long), "fp32"
+        )[label]
+        out[label].pop("ndcg10")
+        print(f"int8 rounding, {label}: {out[label]}", flush=True)
+    return out
+
+
 def alternating(
     configs: dict[str, Callable[[Any], torch.Tensor]], rows: list[Any]
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -346,29 +410,31 @@ def scorer(model: Any, answers: tuple[int, int]) -> Callable[[Any], torch.Tensor
     return step
 
 
+def agreement(scores: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How far (N, C) `scores` keep the order of `reference`: the share of prompts with the
+    same top candidate, and the mean over prompts of the rank correlation (Spearman) of the
+    C candidates' scores."""
+
+    def centred_ranks(s: torch.Tensor) -> torch.Tensor:
+        ranks = s.argsort(1).argsort(1).double()
+        return ranks - ranks.mean(1, keepdim=True)
+
+    a, b = centred_ranks(scores), centred_ranks(reference)
+    correlation = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    top1 = (scores.argmax(1) == reference.argmax(1)).double().mean()
+    return {
+        "top1_agreement": round(float(top1), 3),
+        "rank_correlation": round(float(correlation.mean()), 3),
+    }
+
+
 def quality(scores: dict[str, torch.Tensor], target: torch.Tensor, reference: str) -> dict:
-    """NDCG@10 of each configuration's scores, its top-1 agreement with `reference` and the
-    mean over prompts of the rank correlation of its 20 scores with the reference's."""
-    top = {name: s.argmax(1) for name, s in scores.items()}
-
-    def order(s: torch.Tensor) -> torch.Tensor:
-        return s.argsort(1).argsort(1).double()
-
-    def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-        a, b = order(a), order(b)
-        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-        return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
-
+    """NDCG@10 of each configuration's scores and its `agreement` with `reference`'s."""
     out = {}
     for name, s in scores.items():
         ranks = rank_of_target(s, target, tie_break="index").double().numpy()
-        out[name] = {
-            "ndcg10": round(ranking_metrics(ranks, (10,))["NDCG@10"], 4),
-            "top1_agreement_with_" + reference: round(
-                float((top[name] == top[reference]).float().mean()), 3
-            ),
-            "rank_correlation_with_" + reference: round(spearman(s, scores[reference]), 3),
-        }
+        ndcg = ranking_metrics(ranks, (10,))["NDCG@10"]
+        out[name] = {"ndcg10": round(ndcg, 4), **agreement(s, scores[reference])}
     return out
 
 
@@ -387,30 +453,41 @@ def measure(
     tokens = [r.n_tokens for r in rows]
     out: dict[str, Any] = {"prompts": len(rows), "tokens_per_prompt": float(np.mean(tokens))}
 
-    bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16)
+    # the attention path `rankings` takes here (the probe's choice), and the other one profiled too
+    choice = choose_attention("auto", torch.bfloat16, "cpu", config, backward=False)
+    out["attention"] = choice.metadata()
+    bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16, choice.chosen)
     if not any(mlp_weights(m) is not None for m in bf16.modules()):
         raise ValueError(
             f"no decoder MLP of {base} with {adapter} is a plain SiLU-gated one, the only kind "
             "the compile lever replaces: the adapter adapts every layer's MLP (the pipeline's "
             "adapts the top layers only)"
         )
-    scorer(bf16, answers)(rows[0])  # warm-up: kernels, allocator
-    profiled = profile_forward(bf16, rows[1 : 1 + min(10, len(rows) - 1)], answers)
     ceiling = max(s["bfloat16_gflops"] for s in ceilings(config).values())
-    gemm_s = profiled["ms_per_prompt"]["linear_gemms"] / 1e3
-    per_prompt_gflop = gflop_per_token(config) * float(np.mean(tokens[1 : 1 + profiled["prompts"]]))
-    profiled["linear_gemm_gflops"] = round(per_prompt_gflop / gemm_s, 1) if gemm_s else None
-    profiled["bf16_ceiling_gflops"] = ceiling
-    out["profile_bf16"] = profiled
-    print(f"profile: {json.dumps(profiled)}", flush=True)
-
+    profiled_rows = rows[1 : 1 + min(10, len(rows) - 1)]
+    gflop = gflop_per_token(config) * float(np.mean([r.n_tokens for r in profiled_rows]))
+    other = "matmul" if choice.chosen == "kernel" else "kernel"
+    for key, path in (("profile_bf16", choice.chosen), ("profile_bf16_other_attention", other)):
+        model = (
+            bf16
+            if path == choice.chosen
+            else load_ranker(base, adapter, "cpu", torch.bfloat16, path)
+        )
+        scorer(model, answers)(rows[0])  # warm-up: kernels, allocator
+        profiled = {"attention": path, **profile_forward(model, profiled_rows, answers)}
+        gemm_s = profiled["ms_per_prompt"]["linear_gemms"] / 1e3
+        profiled["linear_gemm_gflops"] = round(gflop / gemm_s, 1) if gemm_s else None
+        profiled["bf16_ceiling_gflops"] = ceiling
+        out[key] = profiled
+        print(f"{key}: {json.dumps(profiled)}", flush=True)
+        del model
     out["profile_training_bf16"] = profile_training(
         base, rows[: 1 + min(8, len(rows) - 1)], answers
     )
     print(f"training profile: {json.dumps(out['profile_training_bf16'])}", flush=True)
     out["compile_mlp_micro"] = mlp_micro(bf16, int(np.median(tokens)), quick)
     print(f"compile, one MLP: {out['compile_mlp_micro']}", flush=True)
-    compiled_bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16)
+    compiled_bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16, choice.chosen)
     warm = compile_mlps(compiled_bf16)
     buckets = sorted({-(-t // BUCKET) * BUCKET for t in tokens})
     compile_s = sum(warm(b) for b in buckets)
@@ -424,6 +501,7 @@ def measure(
     out["s_per_prompt"] = {k: round(v, 4) for k, v in medians.items()}
     out["speed_vs_bf16_now"] = {k: round(medians["bf16 (now)"] / v, 3) for k, v in medians.items()}
     out["quality"] = quality(scores, target[: len(rows)], "fp32")
+    out["int8_rounding"] = int8_rounding_quality(fp32, rows, answers, scores["fp32"])
     out["compile"] = {
         "buckets": len(buckets),
         "bucket_tokens": BUCKET,
