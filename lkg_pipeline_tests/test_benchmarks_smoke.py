@@ -518,6 +518,7 @@ def test_levers_measure_each_lever_on_real_code_paths(tiny_base: Path, tmp_path:
     assert out["quality"]["fp32"]["top1_agreement"] == 1.0
     assert out["quality"]["fp32"]["rank_correlation"] == pytest.approx(1.0)
     assert set(out["int8_rounding"]) == set(INT8_ROUNDINGS)
+    assert out["int8_weight_only_gemm"]["int8_weights_ms"] > 0
     assert sum(out["profile_bf16"]["share"].values()) == pytest.approx(1.0, abs=0.01)
     assert out["profile_bf16"]["ms_per_prompt"]["linear_gemms"] > 0
     assert out["compile"]["buckets"] >= 1 and out["compile"]["compile_s"] > 0

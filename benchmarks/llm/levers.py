@@ -25,7 +25,9 @@ candidate (the prompts and adapter of `make bench-dtype`), inductor's caches in 
    per call; VNNI/AMX-int8 kernels) of the fp32 ranker's decoder linears, every one or all but
    the MLP down-projections, whose inputs carry outliers thousands of times their mean (the
    ratio is reported); its speed beside fp32 and bf16 and its top-1 agreement with fp32, the
-   quality guard `make bench-dtype` applies to bf16.
+   quality guard `make bench-dtype` applies to bf16. Which rounding costs the order, by fake
+   quantisation (weights alone, activations per token or per call); and one GEMM with int8
+   weights alone (bf16 activations) against bf16.
 
 None of the levers is in the pipeline; the section says, per machine, whether one would pay
 (benchmarks/README.md#what-is-left-in-the-bf16-forward). Writes `llm_levers` in results.json.
@@ -281,6 +283,31 @@ def mlp_micro(model: Any, rows: int, quick: bool, rounds: int = 2) -> dict[str, 
     return out
 
 
+def weight_only_int8_gemm(model: Any, rows: int) -> dict[str, float]:
+    """One MLP up-projection at `rows` rows, bf16 weights against int8 weights per output
+    channel (torch's weight-only kernel, `_weight_int8pack_mm`: bf16 inputs, the weights
+    widened in the kernel), best of 30 calls each in the better of two rounds."""
+    mlp = next(m for m in model.modules() if mlp_weights(m) is not None)
+    weight = mlp.up_proj.weight.detach()  # (out, in), bf16
+    scale = weight.float().abs().amax(1).clamp(min=1e-12) / 127
+    packed = (weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = x.to(weight.dtype)
+    calls = {
+        "bf16_ms": lambda: F.linear(x, weight),
+        "int8_weights_ms": lambda: torch._weight_int8pack_mm(x, packed, scale.to(x.dtype)),
+    }
+    best = {name: float("inf") for name in calls}
+    with torch.inference_mode():
+        for _ in range(2):
+            for name, call in calls.items():
+                for _ in range(30):
+                    tick = time.perf_counter()
+                    call()
+                    best[name] = min(best[name], time.perf_counter() - tick)
+    return {"rows": rows, **{name: round(s * 1e3, 2) for name, s in best.items()}}
+
+
 def down_proj_outliers(model: Any, row: Any) -> float:
     """Largest |input| over mean |input| of any MLP down-projection on one prompt: what a
     per-call int8 scale of its activations must span."""
@@ -487,6 +514,8 @@ def measure(
     print(f"training profile: {json.dumps(out['profile_training_bf16'])}", flush=True)
     out["compile_mlp_micro"] = mlp_micro(bf16, int(np.median(tokens)), quick)
     print(f"compile, one MLP: {out['compile_mlp_micro']}", flush=True)
+    out["int8_weight_only_gemm"] = weight_only_int8_gemm(bf16, int(np.median(tokens)))
+    print(f"int8 weights only, one GEMM: {out['int8_weight_only_gemm']}", flush=True)
     compiled_bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16, choice.chosen)
     warm = compile_mlps(compiled_bf16)
     buckets = sorted({-(-t // BUCKET) * BUCKET for t in tokens})
