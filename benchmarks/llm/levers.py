@@ -402,10 +402,7 @@ def int8_rounding_quality(
                 h.remove()
             for name, module in linears:
                 module.weight.data = originals[name]
-        out[label] = quality(
-            {"fp32": reference, label: scores}, torch.zeros(len(rows), dtype=torch.long), "fp32"
-        )[label]
-        out[label].pop("ndcg10")
+        out[label] = agreement(scores, reference)
         print(f"int8 rounding, {label}: {out[label]}", flush=True)
     return out
 
@@ -507,7 +504,6 @@ def measure(
         profiled["bf16_ceiling_gflops"] = ceiling
         out[key] = profiled
         print(f"{key}: {json.dumps(profiled)}", flush=True)
-        del model
     out["profile_training_bf16"] = profile_training(
         base, rows[: 1 + min(8, len(rows) - 1)], answers
     )
