@@ -43,6 +43,7 @@ from benchmarks.quality.rankers import EVERY_LAYER_RECIPE, Row, base_model, prom
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
 from lkg_pipeline.core.llm.precision import choose_dtype, gemm_gflops, model_gemm_shape
 from lkg_pipeline.core.llm.probes import cpu_flags, cpu_model
+from lkg_pipeline.core.llm.rank.job import choose_paths
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments, rank_prompts
 from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
 from lkg_pipeline.core.llm.train.loop import training_function
@@ -369,13 +370,16 @@ def run(
         },
     }
     for dtype in DTYPES:
-        model = load_ranker(base, adapter, "cpu", getattr(torch, dtype))
+        # the attention path `rankings` takes for this dtype here (the probe's choice)
+        _, attention = choose_paths(base, dtype, "auto", "cpu")
+        model = load_ranker(base, adapter, "cpu", getattr(torch, dtype), attention.chosen)
         rank_prompts(model, tokenizer, prompts.head(2))  # warm-up: kernels, allocator
         tick = time.perf_counter()
         ranked[dtype] = rank_prompts(model, tokenizer, prompts)
         seconds = time.perf_counter() - tick
         ranks = ranked[dtype]["target_rank"].cast(pl.Float64).to_numpy()
         section[dtype] = {
+            "attention": attention.chosen,
             "ranking_prompts_per_s": prompts.height / seconds,
             "ranking_tokens_per_s": float(prompts["n_tokens"].sum()) / seconds,
             "ndcg10": ranking_metrics(ranks, (10,))["NDCG@10"],

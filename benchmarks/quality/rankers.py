@@ -80,8 +80,8 @@ from lkg_pipeline.core.evaluate.serving import (
 )
 from lkg_pipeline.core.io.fingerprints import content_digest
 from lkg_pipeline.core.io.storage import replace_atomically, write_parquet_atomic
-from lkg_pipeline.core.llm.precision import choose_dtype, model_gemm_shape
 from lkg_pipeline.core.llm.rank.fusion import cross_fitted_val_ranks, fused_ranks
+from lkg_pipeline.core.llm.rank.job import choose_paths
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, rank_prompts, trained_over
 from lkg_pipeline.core.llm.train.config import RunPaths, TrainConfig
 from lkg_pipeline.core.llm.train.loop import training_function
@@ -374,14 +374,14 @@ def score_row(lake: Path, row: Row, adapter: Path | None, dtype: str = "auto") -
     target = lake / "quality" / row.name / "rankings.parquet"
     if target.exists():
         return pl.read_parquet(target)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     base = base_model(lake)
-    choice = choose_dtype(dtype, "cpu", model_gemm_shape(AutoConfig.from_pretrained(base)))
+    choice, attention = choose_paths(base, dtype, "auto", "cpu")  # as `rankings` chooses
     prompts = pl.read_parquet(prompts_file(lake, row.variant, row.format)).filter(
         pl.col("split").is_in(["val", "test"]) & (pl.col("target_index") >= 0)
     )
-    model = load_ranker(base, adapter, "cpu", choice.torch_dtype)
+    model = load_ranker(base, adapter, "cpu", choice.torch_dtype, attention.chosen)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tick = time.perf_counter()
     ranked = rank_prompts(model, tokenizer, prompts, retriever_prior=trained_over(adapter))
