@@ -7,10 +7,11 @@ ranks the same.
 
 Measured in one process, one dtype after the other, with nothing else running: the GEMM
 ceilings of the model's own shapes, ranking prompts/s on the real ml-100k test prompts whose
-true item is a candidate, LoRA training tokens/s (a few optimizer steps of the pipeline's
-recipe), and the quality guard: subset NDCG@10 of each dtype's rankings and the share of
-prompts whose top candidate agrees. Then the ablation (`--ablation-prompts`, default 12): what
-each bf16 technique of the LLM stages buys, the configurations taking turns on the same prompts.
+true item is a candidate (on the attention path the probe picks here, as `rankings`), LoRA
+training tokens/s (a few optimizer steps of the pipeline's recipe), and the quality guard:
+subset NDCG@10 of each dtype's rankings and the share of prompts whose top candidate agrees.
+Then the ablation (`--ablation-prompts`, default 12): what each bf16 technique of the LLM
+stages buys, the configurations taking turns on the same prompts.
 Prompts and adapter: `make quality`'s for the row where it ran, else the pipeline's own
 (`make run`). Writes the `llm_dtype` section of benchmarks/results.json.
 """
