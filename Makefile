@@ -92,7 +92,7 @@ bench-dtype: venv
 	$(BIN)/python -m benchmarks.llm.dtype
 
 ## Where the bf16 ranking forward spends its time on this machine, and what torch.compile and
-## int8 weights buy there (results.json `llm_levers`; ~7 min on 2 CPU cores).
+## int8 weights buy there (results.json `llm_levers`; ~15 min on 2 CPU cores).
 bench-levers: venv
 	$(BIN)/python -m benchmarks.llm.levers
 
