@@ -26,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import psutil
 
@@ -316,6 +318,23 @@ def current_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def taking_turns(
+    configs: dict[str, Callable[[Any], Any]], rows: Sequence[Any]
+) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """Median seconds per row of each configuration, the configurations taking turns on every
+    row (a drift of the machine's speed hits all alike; the first row only warms kernels and
+    the allocator), and what each returned for every row."""
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    returned: dict[str, list[Any]] = {name: [] for name in configs}
+    for i, row in enumerate(rows):
+        for name, step in configs.items():
+            tick = time.perf_counter()
+            returned[name].append(step(row))
+            if i:
+                seconds[name].append(time.perf_counter() - tick)
+    return {name: float(np.median(s)) for name, s in seconds.items()}, returned
 
 
 def table(rows: list[dict[str, Any]]) -> str:

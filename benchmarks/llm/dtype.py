@@ -39,6 +39,7 @@ from benchmarks.harness import (
     lake_root,
     machine_info,
     save_results_section,
+    taking_turns,
 )
 from benchmarks.quality.rankers import EVERY_LAYER_RECIPE, Row, base_model, prompts_file
 from lkg_pipeline.core.evaluate.metrics import ranking_metrics
@@ -80,6 +81,18 @@ def _segment_rows(tokenizer: Any, prompts: pl.DataFrame) -> tuple[list[Any], tup
     return rows, answer_token_ids(tokenizer, segments[0][0])
 
 
+def training_precision(model: Any, autocast: torch.dtype | None) -> Any:
+    """The context `lora_adapter`'s training forward runs in on CPU (`Run.low_precision`:
+    autocast to `autocast` with peft's input casts off; None: fp32 as it is), for a step
+    timed outside a training run."""
+    from lkg_pipeline.core.llm.train.loop import Run
+
+    holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
+    holder.model, holder.autocast = model, autocast
+    holder.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
+    return holder.low_precision()
+
+
 def ablation(
     base: Path, adapter: Path | None, prompts: pl.DataFrame, tokenizer: Any
 ) -> dict[str, Any]:
@@ -102,7 +115,6 @@ def ablation(
     from lkg_pipeline.core.llm.model import fuse_rms_norms
     from lkg_pipeline.core.llm.segments import segment_batch, segment_scores, use_segment_attention
     from lkg_pipeline.core.llm.train.config import lora_config
-    from lkg_pipeline.core.llm.train.loop import Run
     from lkg_pipeline.core.llm.train.lora_dropout import use_word_dropout
 
     rows, answers = _segment_rows(tokenizer, prompts)
@@ -118,14 +130,8 @@ def ablation(
         return out if windowed else {k: v for k, v in out.items() if not k.startswith("segment_")}
 
     def timed(configs: dict[str, Any]) -> dict[str, float]:
-        seconds: dict[str, list[float]] = {name: [] for name in configs}
-        for i, row in enumerate(rows):
-            for name, step in configs.items():
-                tick = time.perf_counter()
-                step(row)
-                if i:  # the first prompt warms kernels and the allocator
-                    seconds[name].append(time.perf_counter() - tick)
-        return {name: round(float(np.median(s)), 4) for name, s in seconds.items()}
+        medians, _ = taking_turns(configs, rows)
+        return {name: round(m, 4) for name, m in medians.items()}
 
     out: dict[str, Any] = {"prompts": len(rows) - 1, "adapter": str(adapter)}
     # (model, attention): "dense" (the T×T block mask on SDPA), "kernel" (the windows on
@@ -189,9 +195,6 @@ def ablation(
         if dropout == "word":
             use_word_dropout(model)
         model.train()
-        holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
-        holder.model, holder.autocast = model, torch.bfloat16 if autocast else None
-        holder.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
 
         def step(row: Any) -> None:
             with contextlib.ExitStack() as stack:
@@ -203,7 +206,7 @@ def ablation(
                     stack.enter_context(
                         mock.patch.object(segments, "grouped_attention", attention_over_fp32_scores)
                     )
-                stack.enter_context(holder.low_precision())
+                stack.enter_context(training_precision(model, torch.bfloat16 if autocast else None))
                 scores = segment_scores(model, batch(row, True), answers)
             torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
             model.zero_grad()

@@ -49,15 +49,21 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import RESULTS_JSON, lake_root, machine_info, save_results_section
+from benchmarks.harness import (
+    RESULTS_JSON,
+    lake_root,
+    machine_info,
+    save_results_section,
+    taking_turns,
+)
 from benchmarks.llm.dtype import ceilings, gflop_per_token, inputs
 from benchmarks.quality.rankers import Row, base_model
 from lkg_pipeline.core.evaluate.metrics import rank_of_target, ranking_metrics
 from lkg_pipeline.core.llm.probes import cpu_flags, cpu_model
+from lkg_pipeline.core.llm.rank.job import choose_paths
 from lkg_pipeline.core.llm.rank.scoring import load_ranker, prompt_segments
 from lkg_pipeline.core.llm.segments import (
     answer_token_ids,
-    choose_attention,
     segment_batch,
     segment_scores,
     tokenize_segments,
@@ -94,18 +100,26 @@ def profile_forward(model: Any, rows: list[Any], answers: tuple[int, int]) -> di
         for row in rows:
             segment_scores(model, segment_batch([row], 0), answers)
         wall = time.perf_counter() - tick
-    # the profiler's self times are microseconds; wrappers (aten::matmul, aten::linear) hold
-    # none of their kernels' time, so the families sum to the forward
+    return {
+        "prompts": len(rows),
+        "wall_s_per_prompt": wall / len(rows),
+        **by_family(prof, len(rows)),
+    }
+
+
+def by_family(prof: Any, n_prompts: int) -> dict[str, Any]:
+    """A profile's self time per prompt by op family (`op_families`), each family's share,
+    and the ten costliest ops. The profiler's self times are microseconds; wrappers
+    (aten::matmul, aten::linear) hold none of their kernels' time, so the families sum to
+    the whole of what was profiled."""
     self_ms = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
     families = op_families(self_ms)
     total = sum(families.values())
     top = sorted(self_ms.items(), key=lambda kv: -kv[1])[:10]
     return {
-        "prompts": len(rows),
-        "wall_s_per_prompt": wall / len(rows),
-        "ms_per_prompt": {k: round(v / len(rows), 1) for k, v in families.items()},
+        "ms_per_prompt": {k: round(v / n_prompts, 1) for k, v in families.items()},
         "share": {k: round(v / total, 3) for k, v in families.items()},
-        "top_ops_ms_per_prompt": {k: round(v / len(rows), 1) for k, v in top},
+        "top_ops_ms_per_prompt": {k: round(v / n_prompts, 1) for k, v in top},
     }
 
 
@@ -114,17 +128,14 @@ def profile_training(base: Path, rows: list[Any], answers: tuple[int, int]) -> d
     autocast over the bf16 base, fused norms, attention on the path the probe picks for a
     backward, word-mask LoRA dropout, AdamW every `grad_accum` prompts), over `rows` after
     one untimed step; with the tokens/s and the GEMM work that rate does per second."""
-    import types
-
     from peft import get_peft_model
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.llm.dtype import pipeline_recipe
+    from benchmarks.llm.dtype import pipeline_recipe, training_precision
     from lkg_pipeline.core.llm.model import fuse_rms_norms
     from lkg_pipeline.core.llm.segments import choose_attention, use_segment_attention
     from lkg_pipeline.core.llm.train.config import lora_config
-    from lkg_pipeline.core.llm.train.loop import Run
     from lkg_pipeline.core.llm.train.lora_dropout import use_word_dropout
 
     recipe = pipeline_recipe()
@@ -141,12 +152,9 @@ def profile_training(base: Path, rows: list[Any], answers: tuple[int, int]) -> d
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr)
-    holder = Run.__new__(Run)  # only its low_precision() and the fields it reads
-    holder.model, holder.autocast = model, torch.bfloat16
-    holder.accelerator = types.SimpleNamespace(device=torch.device("cpu"))
 
     def step(i: int, row: Any) -> None:
-        with holder.low_precision():
+        with training_precision(model, torch.bfloat16):
             scores = segment_scores(model, segment_batch([row], 0), answers)
         F.cross_entropy(scores, torch.tensor([0])).backward()
         if (i + 1) % recipe.grad_accum == 0:
@@ -161,21 +169,15 @@ def profile_training(base: Path, rows: list[Any], answers: tuple[int, int]) -> d
         for i, row in enumerate(timed):
             step(i, row)
         wall = time.perf_counter() - tick
-    self_ms = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
-    families = op_families(self_ms)
-    total = sum(families.values())
     tokens = sum(r.n_tokens for r in timed)
     layers = recipe.lora_layers or config.num_hidden_layers
-    top = sorted(self_ms.items(), key=lambda kv: -kv[1])[:10]
     return {
         "prompts": len(timed),
         "attention": attention.chosen,
         "recipe": {"lora_layers": layers, "target_modules": list(recipe.target_modules)},
         "tokens_per_s_profiled": round(tokens / wall, 1),
         "achieved_gemm_gflops": round(tokens / wall * gflop_per_token(config, layers), 1),
-        "ms_per_prompt": {k: round(v / len(timed), 1) for k, v in families.items()},
-        "share": {k: round(v / total, 3) for k, v in families.items()},
-        "top_ops_ms_per_prompt": {k: round(v / len(timed), 1) for k, v in top},
+        **by_family(prof, len(timed)),
     }
 
 
@@ -407,23 +409,6 @@ def int8_rounding_quality(
     return out
 
 
-def alternating(
-    configs: dict[str, Callable[[Any], torch.Tensor]], rows: list[Any]
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Median seconds per prompt of each configuration, taking turns on every prompt (a drift
-    of the machine's speed hits all alike; the first prompt only warms), and its scores."""
-    seconds: dict[str, list[float]] = {name: [] for name in configs}
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in configs}
-    for i, row in enumerate(rows):
-        for name, step in configs.items():
-            tick = time.perf_counter()
-            scores[name].append(step(row))
-            if i:
-                seconds[name].append(time.perf_counter() - tick)
-    medians = {name: float(np.median(s)) for name, s in seconds.items()}
-    return medians, {name: torch.cat(s) for name, s in scores.items()}
-
-
 def scorer(model: Any, answers: tuple[int, int]) -> Callable[[Any], torch.Tensor]:
     model.eval()
 
@@ -478,7 +463,7 @@ def measure(
     out: dict[str, Any] = {"prompts": len(rows), "tokens_per_prompt": float(np.mean(tokens))}
 
     # the attention path `rankings` takes here (the probe's choice), and the other one profiled too
-    choice = choose_attention("auto", torch.bfloat16, "cpu", config, backward=False)
+    _, choice = choose_paths(base, "bfloat16", "auto", "cpu")
     out["attention"] = choice.metadata()
     bf16 = load_ranker(base, adapter, "cpu", torch.bfloat16, choice.chosen)
     if not any(mlp_weights(m) is not None for m in bf16.modules()):
@@ -522,7 +507,8 @@ def measure(
     for name, skip in (("int8, all but down_proj", True), ("int8, every linear", False)):
         configs[name] = scorer(int8_ranker(fp32, skip), answers)
     configs["bf16 + compiled MLPs"] = scorer(compiled_bf16, answers)
-    medians, scores = alternating(configs, rows)
+    medians, returned = taking_turns(configs, rows)
+    scores = {name: torch.cat(s) for name, s in returned.items()}
     out["s_per_prompt"] = {k: round(v, 4) for k, v in medians.items()}
     out["speed_vs_bf16_now"] = {k: round(medians["bf16 (now)"] / v, 3) for k, v in medians.items()}
     out["quality"] = quality(scores, target[: len(rows)], "fp32")
