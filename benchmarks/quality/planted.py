@@ -373,37 +373,9 @@ def preference_weight(lake: Path) -> dict[str, Any]:
     }
 
 
-def cue_shares(lake: Path, variant: str) -> dict[str, Any]:
-    """How often the cue reached the test prompts: on the true item when it was planted there,
-    and on the other candidates (decoys and links that other examples planted)."""
-    prompts = pl.read_parquet(prompts_file(lake, variant)).filter(
-        (pl.col("split") == "test") & (pl.col("target_index") >= 0)
-    )
-    planted = pl.read_parquet(lake / "planted_links.parquet").filter(pl.col("kind") == "planted")
-    planted_ids = set(planted["example_id"].to_list())
-    on_target, on_others, n_planted, with_cue = 0, 0, 0, 0
-    for row in prompts.iter_rows(named=True):
-        shows = [CUE in segment for segment in row["segments"]]
-        target = row["target_index"]
-        with_cue += shows[target]
-        on_others += sum(shows) - shows[target]
-        if row["example_id"] in planted_ids:
-            n_planted += 1
-            on_target += shows[target]
-    return {
-        "test_prompts": prompts.height,
-        "planted_test_prompts": n_planted,
-        "cue_on_planted_target": on_target / n_planted if n_planted else None,
-        "cue_on_target": with_cue / prompts.height,
-        "cue_per_other_candidate": on_others / (prompts.height * 19),
-    }
-
-
-CASES = ("on the true item only", "on the true item and others", "on others only", "nowhere")
-
-
-def cue_cases(lake: Path, variant: str) -> pl.DataFrame:
-    """(example_id, case) of each test prompt: where the cue shows (CASES)."""
+def cue_places(lake: Path, variant: str) -> pl.DataFrame:
+    """(example_id, on_target, on_others) of each test prompt whose true item is a candidate:
+    whether the cue shows on the true item, and on how many of the other 19 candidates."""
     prompts = pl.read_parquet(prompts_file(lake, variant)).filter(
         (pl.col("split") == "test") & (pl.col("target_index") >= 0)
     )
@@ -412,10 +384,43 @@ def cue_cases(lake: Path, variant: str) -> pl.DataFrame:
         "example_id", "segments", "target_index"
     ).iter_rows():
         shows = [CUE in segment for segment in segments]
-        others = sum(shows) - shows[target]
-        case = (2 if others else 3) if not shows[target] else (1 if others else 0)
-        rows.append((example, CASES[case]))
-    return pl.DataFrame(rows, schema={"example_id": pl.Int64, "case": pl.String}, orient="row")
+        rows.append((example, shows[target], sum(shows) - shows[target]))
+    schema = {"example_id": pl.Int64, "on_target": pl.Boolean, "on_others": pl.Int64}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def cue_shares(lake: Path, variant: str) -> dict[str, Any]:
+    """How often the cue reached the test prompts: on the true item when it was planted there,
+    and on the other candidates (decoys and links that other examples planted)."""
+    places = cue_places(lake, variant)
+    planted = pl.read_parquet(lake / "planted_links.parquet").filter(pl.col("kind") == "planted")
+    on_planted = places.filter(pl.col("example_id").is_in(planted["example_id"].implode()))
+    n = places.height
+    return {
+        "test_prompts": n,
+        "planted_test_prompts": on_planted.height,
+        "cue_on_planted_target": on_planted["on_target"].mean() if on_planted.height else None,
+        "cue_on_target": places["on_target"].sum() / n,
+        "cue_per_other_candidate": places["on_others"].sum() / (n * 19),
+    }
+
+
+CASES = ("on the true item only", "on the true item and others", "on others only", "nowhere")
+
+
+def cue_cases(lake: Path, variant: str) -> pl.DataFrame:
+    """(example_id, case) of each test prompt: where the cue shows (CASES)."""
+    places = cue_places(lake, variant)
+    case = (
+        pl.when(pl.col("on_target") & (pl.col("on_others") == 0))
+        .then(pl.lit(CASES[0]))
+        .when(pl.col("on_target"))
+        .then(pl.lit(CASES[1]))
+        .when(pl.col("on_others") > 0)
+        .then(pl.lit(CASES[2]))
+        .otherwise(pl.lit(CASES[3]))
+    )
+    return places.select("example_id", case.alias("case"))
 
 
 def by_case(rankings: pl.DataFrame, cases: pl.DataFrame) -> list[dict[str, Any]]:
