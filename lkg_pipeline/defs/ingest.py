@@ -40,7 +40,7 @@ class IngestConfig(dg.Config):
         ),
     )
     max_bad_lines: int = Field(
-        default=0, description="Malformed lines tolerated (and skipped) per file; 0 = strict."
+        default=0, ge=0, description="Malformed lines tolerated (and skipped) per file; 0 = strict."
     )
     max_unknown_item_share: float = Field(
         default=MAX_UNKNOWN_ITEM_SHARE,

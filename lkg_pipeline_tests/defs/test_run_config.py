@@ -107,3 +107,13 @@ def test_the_retriever_takes_the_datasets_tuned_defaults_unless_a_run_sets_them(
     # the asset's run config, as JSON, round-trips to the same core config
     again = RetrieverRunConfig.model_validate_json(chosen.model_dump_json(exclude_unset=True))
     assert again.to_core("ml-100k", n_items=50) == mine
+
+
+def test_a_negative_bad_line_tolerance_is_refused_at_configuration() -> None:
+    """-1 used to reach the reader and fail a clean file with '0 malformed line(s)'."""
+    import pydantic
+
+    from lkg_pipeline.defs.ingest import IngestConfig
+
+    with pytest.raises(pydantic.ValidationError, match="max_bad_lines"):
+        IngestConfig(max_bad_lines=-1)

@@ -8,6 +8,7 @@ strings (ASINs, reviewer ids) for Amazon; everything else is typed identically.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -185,10 +186,11 @@ def read_ml_100k(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
 
 def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
     files = require(tree, "ml-100k", ["ml-100k.inter", "ml-100k.item", "ml-100k.user"])
-    tsv = {"separator": "\t", "header": True, "max_bad_lines": max_bad_lines}
+    tsv = {"separator": "\t", "max_bad_lines": max_bad_lines}
     inter, r1 = read_delimited(
         files["ml-100k.inter"],
         interaction_columns(pl.Int64),
+        header=("user_id", "item_id", "rating", "timestamp"),
         **tsv,
     )
     inter = _nonempty(inter, r1, "ratings")
@@ -200,12 +202,14 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
             Column("year", pl.String, required=False),
             Column("genres", pl.String, required=False),
         ],
+        header=("item_id", "movie_title", "release_year", "class"),
         **tsv,
     )
     items = _nonempty(items, r2, "items")
     users, r3 = read_delimited(
         files["ml-100k.user"],
         ML100K_USER_COLUMNS,
+        header=("user_id", "age", "gender", "occupation", "zip_code"),
         **tsv,
     )
     users = _nonempty(users, r3, "users")
@@ -226,6 +230,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
                 Column("item_id", pl.Int64),
                 Column("entity_id", pl.String),
             ],
+            header=("item_id", "entity_id"),
             **tsv,
         )
         frames["entity_triples"], r5 = read_delimited(
@@ -235,6 +240,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
                 Column("relation", pl.String),
                 Column("tail", pl.String),
             ],
+            header=("head_id", "relation_id", "tail_id"),
             **tsv,
         )
         reports += [r4, r5]
@@ -323,10 +329,11 @@ def _split_title_year(items: pl.DataFrame) -> pl.DataFrame:
 
 def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
     files = require(tree, "ml-latest-small", ["ratings.csv", "movies.csv"])
-    csv_opts = {"separator": ",", "header": True, "quoted": True, "max_bad_lines": max_bad_lines}
+    csv_opts = {"separator": ",", "quoted": True, "max_bad_lines": max_bad_lines}
     inter, r1 = read_delimited(
         files["ratings.csv"],
         interaction_columns(pl.Int64),
+        header=("userId", "movieId", "rating", "timestamp"),
         **csv_opts,
     )
     inter = _nonempty(inter, r1, "ratings")
@@ -337,6 +344,7 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
             Column("title", pl.String, required=False),
             Column("genres", pl.String, required=False),
         ],
+        header=("movieId", "title", "genres"),
         **csv_opts,
     )
     items = _nonempty(items, r2, "items")
@@ -358,6 +366,7 @@ def read_ml_latest_small(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset
                 Column("tag", pl.String),
                 Column("timestamp", pl.Int64),
             ],
+            header=("userId", "movieId", "tag", "timestamp"),
             **csv_opts,
         )
         reports.append(r3)
@@ -424,24 +433,35 @@ def _amazon_row(record: dict) -> tuple[dict, str | None]:
         or not isinstance(categories, list)
     ):
         return {}, "'related', 'salesRank' or 'categories' has the wrong type"
+    # A string where a list is meant would otherwise be read letter by letter.
+    if not all(isinstance(path, list | tuple) for path in categories):
+        return {}, "'categories' is not a list of category paths (lists)"
+    links = {key: related.get(key, []) for key in ("also_bought", "also_viewed", "bought_together")}
+    wrong = [key for key, value in links.items() if not isinstance(value, list | tuple)]
+    if wrong:
+        return {}, f"'related' {', '.join(wrong)} is not a list of ASINs"
     try:
         rank_category, rank_value = next(iter(rank.items())) if rank else (None, None)
-        row = {
-            "item_id": asin.strip(),
-            "title": _text(record.get("title")),
-            "year": None,
-            "genres": None,
-            "brand": _text(record.get("brand")),
-            "categories": [[_text(str(c)) or "" for c in path] for path in categories],
-            "also_bought": [str(a) for a in related.get("also_bought", [])],
-            "also_viewed": [str(a) for a in related.get("also_viewed", [])],
-            "bought_together": [str(a) for a in related.get("bought_together", [])],
-            "sales_rank_category": _text(rank_category),
-            "sales_rank": int(rank_value) if rank_value is not None else None,
-            "price": float(price) if price is not None else None,
-        }
-    except (TypeError, ValueError) as exc:
+        sales_rank = int(rank_value) if rank_value is not None else None
+        price_value = float(price) if price is not None else None
+    except (TypeError, ValueError, OverflowError) as exc:
         return {}, f"bad field value ({exc})"
+    if sales_rank is not None and not -(2**63) <= sales_rank < 2**63:
+        return {}, f"salesRank {sales_rank} does not fit a 64-bit integer"
+    if price_value is not None and not math.isfinite(price_value):
+        return {}, f"price {price!r} is not a finite number"
+    row = {
+        "item_id": asin.strip(),
+        "title": _text(record.get("title")),
+        "year": None,
+        "genres": None,
+        "brand": _text(record.get("brand")),
+        "categories": [[_text(str(c)) or "" for c in path] for path in categories],
+        **{key: [str(a) for a in value] for key, value in links.items()},
+        "sales_rank_category": _text(rank_category),
+        "sales_rank": sales_rank,
+        "price": price_value,
+    }
     return row, None
 
 

@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,12 +51,19 @@ class ParseReport:
 class MalformedInputError(ValueError):
     """More bad lines than the configured tolerance; the message lists where they are."""
 
-    def __init__(self, report: ParseReport, max_bad_lines: int):
+    def __init__(self, report: ParseReport, max_bad_lines: int, skippable: bool = True):
         self.report = report
-        super().__init__(
-            f"{report.summary()}. Fix the file, or allow skipping with the ingest config "
-            f"max_bad_lines >= {len(report.issues)} (now {max_bad_lines})."
-        )
+        if skippable:
+            advice = (
+                "Fix the file, or allow skipping with the ingest config "
+                f"max_bad_lines >= {len(report.issues)} (now {max_bad_lines})."
+            )
+        else:
+            advice = (
+                "The quote opened there is never closed, so the lines after it cannot be read "
+                "whatever max_bad_lines allows: fix the file."
+            )
+        super().__init__(f"{report.summary()}. {advice}")
 
 
 class EmptyInputError(ValueError):
@@ -81,6 +89,7 @@ class Column:
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class CorruptFileError(ValueError):
@@ -103,7 +112,10 @@ def decode_lines(raw: RawFile, encoding: str | Sequence[str], report: ParseRepor
         except UnicodeDecodeError:
             continue
         report.encoding = candidate
-        return text.splitlines()
+        # Only \n, \r\n and \r end a line, as in the bytes below: str.splitlines also splits
+        # at U+0085 (Latin-1's byte 0x85, "…" in Windows-1252 titles), U+2028 and form feeds.
+        lines = _LINE_BREAK.split(text)
+        return lines[:-1] if lines[-1] == "" else lines
     encoding = report.encoding = encodings[-1]
     lines = []
     for number, chunk in enumerate(data.splitlines(), start=1):
@@ -115,13 +127,36 @@ def decode_lines(raw: RawFile, encoding: str | Sequence[str], report: ParseRepor
     return lines
 
 
+class HeaderError(ValueError):
+    """A first line that is not the format's header: what the file holds is not known."""
+
+
+def header_order(
+    label: str, lines: Sequence[str], names: Sequence[str], separator: str, quoting: int
+) -> tuple[list[int], int]:
+    """The field index of each of `names` in the header line `lines[0]` (case-insensitive, a
+    RecBole `:type` suffix dropped), and how many fields the header has."""
+    first = next(csv.reader(lines[:1], delimiter=separator, quoting=quoting), [])
+    found = [field.split(":", 1)[0].strip().lower() for field in first]
+    missing = [name for name in names if name.lower() not in found]
+    if missing:
+        shown = separator.join(first) if first else "(nothing)"
+        raise HeaderError(
+            f"{label}: line 1 should be the header naming the columns "
+            f"{', '.join(names)}; it is {shown[:200]!r}, without {', '.join(missing)}. "
+            "A file without its header line would lose its first row: add the header (or "
+            "rename its columns to these names)."
+        )
+    return [found.index(name.lower()) for name in names], len(found)
+
+
 def read_delimited(
     raw: RawFile,
     columns: Sequence[Column],
     *,
     separator: str,
     encoding: str | Sequence[str] = "utf-8",
-    header: bool = False,
+    header: Sequence[str] = (),
     quoted: bool = False,
     extra_columns_ok: bool = False,
     max_bad_lines: int = 0,
@@ -130,39 +165,54 @@ def read_delimited(
 
     Wrong field counts, undecodable bytes and values that do not parse as their column's type
     are issues; rows with issues are dropped if the tolerance allows, else the whole file fails.
-    The header, when present, is skipped, not trusted: the column order is the format's.
+    `header`: the format's names of `columns` in the file's first line (RecBole's `name:type`
+    is read as `name`), matched by name, so a file with its columns in another order or with
+    extra ones is read right; a first line without them fails (`HeaderError`): a file without
+    its header would otherwise lose its first row, one with other columns be misread.
     """
     report = ParseReport(raw.label)
     lines = decode_lines(raw, encoding, report)
     bad_lines = {i.line for i in report.issues}
     quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
-    width = len(columns)
-    cells: list[list[str]] = [[] for _ in range(width)]
+    width, order = len(columns), None
+    if header and lines:  # an empty file is refused by the caller (EmptyInputError)
+        order, width = header_order(raw.label, lines, header, separator, quoting)
+        extra_columns_ok = False  # the header says how many fields a row has
+    cells: list[list[str]] = [[] for _ in columns]
     numbers: list[int] = []
-    start = 2 if header else 1
-    rows = csv.reader(lines[start - 1 :], delimiter=separator, quoting=quoting, strict=quoted)
-    consumed = 0  # physical lines the reader has used up to the end of the last good row
-    try:
-        for row in rows:
-            number = start - 1 + rows.line_num  # right even when a quoted field spans lines
-            consumed = rows.line_num
-            if not row or row == [""]:
-                report.lines_read += number in bad_lines  # undecodable lines were blanked
-                continue
-            report.lines_read += 1
-            if len(row) != width and not (extra_columns_ok and len(row) > width):
-                report.issues.append(ParseIssue(number, f"expected {width} fields, got {len(row)}"))
-                continue
-            for store, value in zip(cells, row):
-                store.append(value)
-            numbers.append(number)
-    except csv.Error as exc:  # an unterminated quote: nothing after it can be trusted
-        # The record that failed begins on the line after the last good one; an unclosed quote
-        # makes the reader run on to the end of the file, which is not where the damage is.
-        report.issues.append(
-            ParseIssue(start + consumed, f"CSV error in the record starting here: {exc}")
-        )
-        raise MalformedInputError(report, max_bad_lines) from exc
+    position = 1 if header else 0  # lines before the reader's first
+    while True:
+        rows = csv.reader(lines[position:], delimiter=separator, quoting=quoting, strict=quoted)
+        consumed = 0  # lines the reader has used up to the end of the last good row
+        try:
+            for row in rows:
+                number = position + rows.line_num  # right even when a quoted field spans lines
+                consumed = rows.line_num
+                if not row or row == [""]:
+                    report.lines_read += number in bad_lines  # undecodable lines were blanked
+                    continue
+                report.lines_read += 1
+                if len(row) != width and not (extra_columns_ok and len(row) > width):
+                    report.issues.append(
+                        ParseIssue(number, f"expected {width} fields, got {len(row)}")
+                    )
+                    continue
+                for store, value in zip(cells, row if order is None else [row[i] for i in order]):
+                    store.append(value)
+                numbers.append(number)
+            break
+        except csv.Error as exc:
+            # The record that failed begins on the line after the last good one.
+            issue = ParseIssue(
+                position + consumed + 1, f"CSV error in the record starting here: {exc}"
+            )
+            report.issues.append(issue)
+            if "unexpected end of data" in str(exc):
+                # An unclosed quote: the reader ran on to the end of the file, so no line after
+                # the record's start can be trusted, whatever max_bad_lines allows.
+                raise MalformedInputError(report, max_bad_lines, skippable=False) from exc
+            report.lines_read += 1  # a record-local error (`"Heat" (1995)`): skip that record
+            position += rows.line_num
     text = pl.DataFrame(
         {c.name: store for c, store in zip(columns, cells)} | {LINE: numbers},
         schema={c.name: pl.String for c in columns} | {LINE: pl.Int64},
@@ -186,8 +236,9 @@ def _typed(text: pl.DataFrame, columns: Sequence[Column], report: ParseReport) -
                 as_float.cast(c.dtype, strict=False)
             )
             casts.append(pl.coalesce(value.cast(c.dtype, strict=False), integral).alias(c.name))
-        else:
-            casts.append(value.cast(c.dtype, strict=False).alias(c.name))
+        else:  # a float: "nan", "inf" or a value beyond the type's range is not a number
+            as_float = value.cast(c.dtype, strict=False)
+            casts.append(pl.when(as_float.is_finite()).then(as_float).alias(c.name))
     typed = text.select(*casts, LINE)
     problems = []
     for c in columns:

@@ -45,7 +45,9 @@ ARTICLES = (
     "Os",
 )
 _YEAR_TAIL = re.compile(r"\s*\(\d{4}(?:[-–]\d{0,4})?\)\s*$")
-_PARENTHESISED = re.compile(r"\s*\([^()]*\)")
+# A parenthesised part after the main title is an alternate ("Seven (Se7en)"); one that opens
+# the title is part of it ("(500) Days of Summer").
+_PARENTHESISED = re.compile(r"(?<=\S)\s+\([^()]*\)")
 _TRAILING_ARTICLE = re.compile(
     r"^(?P<body>.+?),\s*(?P<article>" + "|".join(re.escape(a) for a in ARTICLES) + r")$"
 )
@@ -73,6 +75,8 @@ def clean_title(
     text = " ".join(title.split())
     if not text or (drop_placeholders and text.lower() in PLACEHOLDER_TITLES):
         return None
+    if text.lower() in PLACEHOLDER_TITLES:  # kept: one spelling for both ML-100K layouts
+        text = "unknown"
     text = _YEAR_TAIL.sub("", text)
     without_alternates = _PARENTHESISED.sub("", text).strip()
     text = without_alternates or text  # a title that is all parentheses stays as it is
@@ -272,11 +276,13 @@ def _rated_at_least(inter: pl.DataFrame, min_rating: float | None) -> pl.DataFra
 
 
 def _first_rating_per_pair(inter: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """The earliest rating of each (user, item) pair, and how many later ones were dropped."""
+    """The earliest rating of each (user, item) pair (of two in the same second, the higher:
+    a rule on the values, so the file's row order cannot change the result), and how many
+    later ones were dropped."""
     n_before_dedup = inter.height
-    inter = inter.sort("user_id", "item_id", "timestamp").unique(
-        ["user_id", "item_id"], keep="first", maintain_order=True
-    )
+    inter = inter.sort(
+        "user_id", "item_id", "timestamp", "rating", descending=[False, False, False, True]
+    ).unique(["user_id", "item_id"], keep="first", maintain_order=True)
     duplicates = n_before_dedup - inter.height
     return inter, duplicates
 

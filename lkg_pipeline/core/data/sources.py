@@ -224,12 +224,16 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
 
 
 def download(url: str, cache_dir: Path, timeout_s: float = 60.0) -> Path:
-    """`url` saved once into `cache_dir` under its base name; a partial file is never kept."""
-    target = cache_dir / url.rstrip("/").rsplit("/", 1)[-1]
+    """`url` saved once under its base name, in a folder of `cache_dir` named by the whole URL
+    (two URLs ending in the same name are two files; a file is found by its name); a partial
+    file is never kept. Delete the folder to fetch a URL again."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_dir / key / url.rstrip("/").rsplit("/", 1)[-1]
     if target.exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (target.parent / "url.txt").write_text(url + "\n")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as resp:
             shutil.copyfileobj(resp, out, length=1 << 20)

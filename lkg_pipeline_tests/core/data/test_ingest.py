@@ -174,6 +174,27 @@ def test_meta_with_wrong_field_types_is_an_issue() -> None:
         read_amazon_meta(RawFile("m.gz", data))
 
 
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ("'salesRank': {'Beauty': 1e400}", "bad field value"),  # inf: int() overflows
+        ("'salesRank': {'Beauty': 10000000000000000000}", "does not fit a 64-bit integer"),
+        (f"'price': 1{'0' * 400}", "bad field value"),  # float() overflows
+        ("'price': 1e400", "not a finite number"),
+        ("'categories': ['Beauty', 'Skin Care']", "not a list of category paths"),
+        ("'related': {'also_bought': 'B002'}", "also_bought is not a list of ASINs"),
+    ],
+)
+def test_meta_values_that_do_not_fit_are_an_issue_on_their_line(fields: str, reason: str) -> None:
+    """Each used to crash without file or line, or be read letter by letter."""
+    lines = ["{'asin': 'B0', 'title': 'Soap'}", f"{{'asin': 'B1', 'title': 'Lotion', {fields}}}"]
+    data = gzip.compress("\n".join(lines).encode())
+    with pytest.raises(MalformedInputError, match=rf"m.gz: 1 malformed line.*line 2: .*{reason}"):
+        read_amazon_meta(RawFile("m.gz", data))
+    frame, report = read_amazon_meta(RawFile("m.gz", data), max_bad_lines=1)
+    assert frame["item_id"].to_list() == ["B0"] and [i.line for i in report.issues] == [2]
+
+
 def test_missing_files_say_what_to_provide(tmp_path: Path) -> None:
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
     with pytest.raises(
@@ -324,9 +345,24 @@ def test_downloads_are_read_as_exactly_the_files_fetched(
     stale.parent.mkdir(parents=True)
     stale.write_text("X,Y,1.0,1\n")
     raw = read_dataset("beauty", resolve_in(lake, "beauty", "default"))
-    cache = lake / "cache" / "beauty"
-    assert raw.files_read == [str(cache / "ratings_Beauty.csv"), str(cache / "meta_Beauty.json.gz")]
+    assert [Path(f).name for f in raw.files_read] == ["ratings_Beauty.csv", "meta_Beauty.json.gz"]
+    assert all(Path(f).is_relative_to(lake / "cache" / "beauty") for f in raw.files_read)
+    assert str(stale) not in raw.files_read
     assert raw.frames["interactions"].height == 2
+
+    # Another URL ending in the same name is fetched, not answered from the cache.
+    (served / "v2").mkdir()
+    write_beauty(served / "v2")
+    ratings = (served / "v2" / "ratings_Beauty.csv").read_text()
+    (served / "v2" / "ratings_Beauty.csv").write_text(ratings + "U9,0205616461,5.0,1400000000\n")
+    monkeypatch.setitem(
+        sources.DEFAULT_URLS,
+        "beauty",
+        (f"{base}/v2/ratings_Beauty.csv", f"{base}/v2/meta_Beauty.json.gz"),
+    )
+    again = read_dataset("beauty", resolve_in(lake, "beauty", "default"))
+    assert again.frames["interactions"].height == 3
+    assert set(again.files_read).isdisjoint(raw.files_read)
 
     (served / "broken.zip").write_bytes(b"<html>not found</html>")
     with pytest.raises(

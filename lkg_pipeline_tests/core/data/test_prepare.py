@@ -47,6 +47,12 @@ from lkg_pipeline.core.data.sources import DATASETS, FolderTree, ZipTree
         ("  ", 1990, None),
         (None, 1990, None),
         ("unkonwn", None, None),
+        ("(500) Days of Summer", 2009, "(500) Days of Summer (2009)"),  # not an alternate
+        (
+            "City of Lost Children, The (Cité des enfants perdus, La)",
+            1995,
+            "The City of Lost Children (1995)",
+        ),
     ],
 )
 def test_clean_title(raw: str | None, year: int | None, clean: str | None) -> None:
@@ -145,6 +151,26 @@ def test_duplicate_pairs_keep_the_earliest_rating() -> None:
     out = prepare(inter, items_for([1, 2, 3]), PrepareConfig(3, 1), title_style="movielens")
     assert out.sequences.sort("position")["item_id"].to_list() == [1, 2, 3]
     assert out.stats["duplicate_pairs_dropped"] == 1
+
+
+def test_duplicates_in_the_same_second_keep_the_higher_rating_in_any_file_order() -> None:
+    rows = [(1, 1, 1), (1, 2, 2), (1, 3, 3)]
+    inter = interactions(rows).with_columns(pl.col("rating").cast(pl.Float32))
+    twice = pl.concat(
+        [inter, inter.filter(pl.col("item_id") == 2).with_columns(rating=pl.lit(5.0, pl.Float32))]
+    )
+    kept = [
+        prepare(frame, items_for([1, 2, 3]), PrepareConfig(3, 1), title_style="movielens")
+        .sequences.filter(pl.col("item_id") == 2)["rating"]
+        .to_list()
+        for frame in (twice, twice.reverse())
+    ]
+    assert kept == [[5.0], [5.0]]
+
+
+def test_placeholder_titles_kept_read_unknown() -> None:
+    """RecBole spells the placeholder 'unkonwn', GroupLens 'unknown': kept, both read 'unknown'."""
+    assert clean_title("unkonwn", None, False) == clean_title("unknown", None, False) == "unknown"
 
 
 def test_validators_catch_broken_splits_and_ids() -> None:
