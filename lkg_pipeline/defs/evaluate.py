@@ -299,8 +299,11 @@ def evaluation_report(
     ranks = [retriever_ranks(candidates), *llm.ranks]
     if config.include_preference:
         ranks.append(_preference_ranks(lake.path, dataset, candidates))
-    ltr = _ltr_rankers(context, lake.path, dataset, candidates, sequences, items, by_variant)
-    ltr = ltr if config.include_ltr else []
+    ltr = (
+        _ltr_rankers(context, lake.path, dataset, candidates, sequences, items, by_variant)
+        if config.include_ltr
+        else []
+    )
     ranks += [example_based_ranks(candidates, r.ranks, r.name) for r in ltr]
     evaluation = evaluate(pl.concat(ranks), config.to_core())
     choice = choose_served(
@@ -440,7 +443,9 @@ def _ltr_rankers(
     pairs = read_pair_features(folder, evaluated["example_id"])
     preference = _preference_scores(lake, dataset, evaluated, pairs)
     path_types = read_path_types(folder)
-    return ltr_rankers(evaluated, sequences, items, pairs, preference, path_types, by_variant)
+    return ltr_rankers(
+        evaluated, sequences, items, pairs, preference, path_types, by_variant, context.log.warning
+    )
 
 
 def _served_holds(served: dict[str, Any]) -> dg.AssetCheckResult:
@@ -719,14 +724,21 @@ def _prompts_and_reasons(
     the reasons (selected KG paths) per candidate; no LLM runs here."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake))
     # The adapter knows only prompts made as its training prompts were: every setting that
     # made them (prompt format and budgets, path enumeration, path selection) is read back
     # from the prompts file, never taken from defaults.
     trained = prompts_file(lake, dataset, variant)
+    if not trained.exists():
+        raise FileNotFoundError(
+            f"{trained} does not exist: recommendations take their KG-path explanations (and, "
+            f"for an LLM ranker, their prompts) as the variant's prompts were made; "
+            f"materialise `prompts` for partition '{dataset}|{variant}' first, or name another "
+            "variant in this stage's `variant`"
+        )
     settings = PromptSettings.from_dict(
         recorded_settings(pl.read_parquet_metadata(trained), SETTINGS_KEY, str(trained))
     )
+    tokenizer = AutoTokenizer.from_pretrained(current_base_model(lake))
     titles = dict(items.select("item_idx", "title").iter_rows())
     kg, preferences = None, None
     if variant != "llamarec":

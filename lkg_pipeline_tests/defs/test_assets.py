@@ -700,6 +700,27 @@ def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -
     )
     assert "reused_from" not in changed.asset_materializations_for_node("rankings")[0].metadata
     assert set(pl.read_parquet(ranked_file)["split"]) == {"test"}
+    # A test-only ranking of lkg_rag still gets a report: ltr+llm takes llamarec's val ranks
+    # (it crashed fitting on lkg_rag's none), and with llamarec test-only too it is left out.
+    for test_only in ([], ["llamarec"]):
+        for variant in test_only:
+            key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+            config = {"splits": ["test"], "use_adapter": False, **FIXED_DTYPE}
+            assert dg.materialize(
+                EVALUATED,
+                selection=[rankings],
+                partition_key=key,
+                resources=resources(lake),
+                run_config={"ops": {"rankings": {"config": config}}},
+            ).success
+        reported = dg.materialize(
+            EVALUATED, selection=[evaluation_report], partition_key="ml-100k",
+            resources=resources(lake),
+        )  # fmt: skip
+        report = json.loads((lake / "reports" / "ml-100k" / "evaluation.json").read_text())
+        ltr = {r["ranker"]: r["llm_variant"] for r in report["ltr"]}
+        assert ltr == ({"ltr": None, "ltr+llm": "llamarec"} if not test_only else {"ltr": None})
+        assert reported.success
 
 
 def data_version(result: dg.ExecuteInProcessResult, node: str) -> str:

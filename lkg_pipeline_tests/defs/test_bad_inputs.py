@@ -150,3 +150,15 @@ def test_beauty_titles_are_unescaped_and_kept_as_written(lake: Path, tmp_path: P
     }
     assert prepared["items"]["title_style"].value == "amazon"
     assert prepared["sequences"]["interactions_unknown_item"].value == 1
+
+
+def test_recommendations_without_the_variants_prompts_say_which_asset_to_make(tmp_path) -> None:
+    """Even the retriever needs the prompts' settings for its explanations; a missing file was
+    a bare polars error."""
+    from lkg_pipeline.defs.evaluate import _prompts_and_reasons
+
+    empty = pl.DataFrame()
+    with pytest.raises(
+        FileNotFoundError, match=r"materialise `prompts` for partition 'ml-100k\|lkg_rag'"
+    ):
+        _prompts_and_reasons(tmp_path, "ml-100k", "lkg_rag", empty, empty, empty)

@@ -1,6 +1,6 @@
 """Readers that turn each dataset's native files into one raw schema.
 
-Every dataset ends up as the same frames (`RAW_SCHEMAS`), so preparation and the knowledge
+Every dataset ends up as the same frames (`raw_schemas`), so preparation and the knowledge
 graph never branch on the source format. Ids keep their native type: integers for MovieLens,
 strings (ASINs, reviewer ids) for Amazon; everything else is typed identically.
 """

@@ -31,6 +31,7 @@ RETRIEVER = "retriever"
 PREFERENCE = "preference"
 REFERENCE_VARIANT = "llamarec"  # the ranker without the knowledge graph
 SIGNIFICANCE = 0.05  # a verdict says "beats" only below this paired p-value, on every metric
+MAX_K = 20  # the candidates a reranker orders: the cutoffs the rankers can be compared at
 PRIOR_SUFFIX = "+prior"  # a variant's scores fused with the retriever's (core.llm.rank.fusion)
 # One row per (ranker, split, user): what every comparison starts from.
 RANK_COLUMNS = {
@@ -51,7 +52,14 @@ class EvaluationConfig:
     seed: int = 0  # the resamples and flips; the same seed gives the same report
 
     def __post_init__(self) -> None:
-        assert self.ks and all(k >= 1 for k in self.ks), f"ks must be >= 1, got {self.ks}"
+        assert self.ks and all(1 <= k <= MAX_K for k in self.ks), (
+            f"ks must be in 1..{MAX_K}, got {self.ks}: the rerankers order {MAX_K} candidates, "
+            "so beyond them every one but the retriever misses by construction"
+        )
+        assert {1, 10} <= set(self.ks), (
+            f"ks must include 1 and 10, got {self.ks}: the verdicts and the served-ranker "
+            "choice read MRR@1 and NDCG@10"
+        )
         assert self.n_bootstrap >= 10, f"n_bootstrap={self.n_bootstrap} is too few"
         assert self.n_permutations >= 10, f"n_permutations={self.n_permutations} is too few"
         assert 0 < self.confidence < 1, f"confidence={self.confidence} must be in (0, 1)"
@@ -155,9 +163,17 @@ def paired_randomization_test(
     assert a.shape == b.shape, f"paired values differ in shape: {a.shape} vs {b.shape}"
     d = a - b  # (U, M)
     observed = np.abs(d.mean(axis=0))  # (M,)
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(n_permutations, d.shape[0]))  # (R, U)
-    null = np.abs(signs @ d / d.shape[0])  # (R, M)
-    exceed = (null >= observed[None, :] - 1e-12).sum(axis=0)
+    users = d.shape[0]
+    # Flips drawn a block of rows at a time (~16M signs, 128 MB): one (R, U) matrix was 1.8 GB
+    # at 22k users. An even number of draws per block keeps numpy's stream (it draws these in
+    # pairs), so the p-values are those of one matrix.
+    rows = max(2, (1 << 24) // max(users, 1)) // 2 * 2
+    exceed = np.zeros(d.shape[1], dtype=np.int64)
+    for start in range(0, n_permutations, rows):
+        block = min(rows, n_permutations - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(block, users))  # (r, U)
+        null = np.abs(signs @ d / users)  # (r, M)
+        exceed += (null >= observed[None, :] - 1e-12).sum(axis=0)
     return (exceed + 1) / (n_permutations + 1)
 
 
@@ -317,9 +333,10 @@ def verdicts(
             parts.append(f"{name} {change} (p = {row['p_value']:.3g})")
         n = rows["n_users"][0]
         better = rows.filter((pl.col("difference") > 0) & (pl.col("p_value") < SIGNIFICANCE))
+        worse = rows.filter((pl.col("difference") < 0) & (pl.col("p_value") < SIGNIFICANCE))
         if better.height == len(metrics):
             word = "BEATS"
-        elif (rows["difference"] < 0).any() and (rows["p_value"] < SIGNIFICANCE).any():
+        elif worse.height:
             word = "is WORSE than" if better.height == 0 else "is MIXED against"
         else:
             word = "does NOT significantly beat"
@@ -396,6 +413,11 @@ def report_markdown(
             "",
             markdown_table(metrics_wide(evaluation, split, name)),
         ]
+        if split == "val" and report.get("fusion"):
+            lines += [
+                "",
+                "`+prior` rows: λ chosen on these users (in-sample); `ltr` rows: cross-fitted.",
+            ]
     if report.get("fusion"):
         lines += ["", "## Retriever prior (λ chosen on validation)", ""]
         lines += [f"- {f['ranker']}: {f['choice']}" for f in report["fusion"]]

@@ -9,7 +9,7 @@ cross-fitted validation ranks for those instead (`choice_ranks`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,10 +120,15 @@ def ltr_rankers(
     preference: pl.DataFrame,
     path_types: list[str],
     by_variant: Mapping[str, pl.DataFrame],
+    log: Callable[[str], None] = lambda _: None,
 ) -> list[LtrRanker]:
-    """`ltr` and, when a variant was ranked (lkg_rag first), `ltr+llm` with that LLM's score
-    as one more feature, fitted on val (cross-fitted there) and scored on test."""
-    llm_variant = next((v for v in ("lkg_rag", *VARIANTS) if v in by_variant), None)
+    """`ltr` and, when a variant was ranked (lkg_rag first, one that ranked val before one
+    that did not), `ltr+llm` with that LLM's score as one more feature, fitted on val
+    (cross-fitted there) and scored on test; `ltr+llm` is left out (said through `log`) where
+    the LLM ranked too few val examples to fit it on (test-only ranking runs)."""
+    ranked = [v for v in ("lkg_rag", *VARIANTS) if v in by_variant]
+    with_val = [v for v in ranked if (by_variant[v]["split"] == "val").any()]
+    llm_variant = next(iter(with_val or ranked), None)
     llm = None if llm_variant is None else llm_scores(by_variant[llm_variant])
     out = []
     for name, with_llm in ((LTR, False), (LTR_LLM, True)):
@@ -132,6 +137,14 @@ def ltr_rankers(
         rows = evaluated
         if with_llm:  # the LLM scored only the examples whose true item is a candidate
             rows = evaluated.join(llm.select("example_id").unique(), on="example_id", how="semi")
+            learnable = learnable_val_examples(rows)
+            if learnable < MIN_LTR_EXAMPLES:
+                log(
+                    f"{LTR_LLM} skipped: {llm_variant} ranked {learnable} validation examples "
+                    f"with their true item among the candidates, fewer than the "
+                    f"{MIN_LTR_EXAMPLES} it needs to fit and cross-fit (rank the val split too)"
+                )
+                continue
         features = feature_table(
             rows, sequences, pairs, items, preference, llm if with_llm else None,
             path_types=path_types,

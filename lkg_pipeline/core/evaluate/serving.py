@@ -232,7 +232,14 @@ def served_lines(summary: dict[str, Any]) -> list[str]:
     elif "note" in test:
         lines.append(f"- On test: {test['note']}.")
     evidence = pl.DataFrame(summary["evidence"])
-    lines += ["", "Validation evidence (overall population, every user):", ""]
+    lines += [
+        "",
+        "Validation evidence (overall population, every user). Rankers fitted on validation "
+        "(`+prior` fusions' λ, `ltr`) are judged on cross-fitted ranks: each user ranked by a "
+        "fit that did not see them. The val tables below show `+prior` with λ fitted on all "
+        "of validation, so their figures for it can differ from these.",
+        "",
+    ]
     lines += [markdown_table(evidence.with_columns(pl.selectors.float().round(4))), ""]
     return lines
 

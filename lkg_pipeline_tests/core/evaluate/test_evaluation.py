@@ -216,6 +216,11 @@ def test_verdicts_say_plainly_who_won() -> None:
                 ("c", "NDCG@10", -0.01, 0.20),
                 ("d", "MRR@1", 0.02, 0.01),
                 ("d", "NDCG@10", -0.02, 0.01),
+                # better at p < 0.05 on one, worse without significance on the other
+                ("e", "MRR@1", 0.05, 0.01),
+                ("e", "NDCG@10", -0.001, 0.80),
+                ("f", "MRR@1", -0.001, 0.60),  # and the other way round
+                ("f", "NDCG@10", 0.01, 0.01),
             ]
         )
     )
@@ -224,8 +229,21 @@ def test_verdicts_say_plainly_who_won() -> None:
         "b does NOT significantly beat retriever",
         "c is WORSE than retriever",
         "d is MIXED against retriever",
+        "e does NOT significantly beat retriever",
+        "f does NOT significantly beat retriever",
     ]
     assert lines[0].endswith("MRR@1 +20.0% (p = 0.01), NDCG@10 +10.0% (p = 0.03)")
+
+
+@pytest.mark.parametrize(
+    ("ks", "says"),
+    [((1, 10, 50), r"ks must be in 1\.\.20"), ((5, 20), "ks must include 1 and 10"), ((), "1..20")],
+)
+def test_cutoffs_the_comparison_cannot_use_are_refused(ks: tuple[int, ...], says: str) -> None:
+    """k > 20 made every reranker lose to the retriever by construction; without 1 and 10 the
+    verdicts and the served-ranker choice had nothing to read."""
+    with pytest.raises(AssertionError, match=says):
+        EvaluationConfig(ks=ks)
 
 
 def test_fused_rankers_are_compared_with_their_own_scores_and_the_fused_reference() -> None:
