@@ -79,6 +79,8 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: Da
     for report in raw.reports:
         if report.issues:
             context.log.warning(f"skipped {report.summary()}")
+    for note in raw.notes:
+        context.log.warning(note)
     if raw.unknown_item_ratings:
         context.log.warning(
             f"{raw.interactions_file}: {raw.unknown_item_ratings} rating(s) name items not in "
@@ -99,6 +101,7 @@ def _source_metadata(raw: RawDataset) -> dict[str, dg.MetadataValue]:
         "layout": dg.MetadataValue.text(raw.layout),
         "skipped_lines": dg.MetadataValue.int(raw.skipped_lines),
         "unknown_item_ratings": dg.MetadataValue.int(raw.unknown_item_ratings),
+        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in raw.notes) or "(none)"),
         "files": dg.MetadataValue.md(
             "| file | encoding | lines | rows kept | skipped |\n|---|---|---|---|---|\n" + rows
         ),

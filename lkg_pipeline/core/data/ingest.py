@@ -128,6 +128,7 @@ class RawDataset:
     interactions_file: str = ""  # the file `frames["interactions"]` was read from
     items_file: str = ""  # the file `frames["items"]` was read from
     unknown_item_ratings: int = 0  # ratings whose item the item file lacks (set by read_dataset)
+    notes: list[str] = field(default_factory=list)  # what the reader did that a user must know
 
     @property
     def skipped_lines(self) -> int:
@@ -244,7 +245,101 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
             **tsv,
         )
         reports += [r4, r5]
-    return _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports)
+        frames["entity_links"], note, r6 = links_to_items(
+            frames["entity_links"], items, tree, max_bad_lines
+        )
+        reports += [r6] if r6 is not None else []
+        notes = [note]
+    else:
+        notes = []
+    raw = _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports)
+    raw.notes = notes
+    return raw
+
+
+# RecBole's ml-100k.link names its films by MovieLens movieId (ML-1M's numbering, which later
+# MovieLens releases keep: 296 is Pulp Fiction), not by ML-100K's item ids (56 is Pulp
+# Fiction). Read as it is, every Freebase fact lands on another film: "Return of the Jedi has
+# the sequel Flirt" (RUCAIBox/RecSysDatasets#130). A MovieLens movie list holding those ids
+# and titles (ML-1M's movies.dat, or the movies.csv of ML-latest, ML-20M or ML-25M) beside
+# the files translates them by title and year; without one, no link is kept.
+MOVIE_LISTS = ("movies.dat", "movies.csv")
+
+
+def links_to_items(
+    links: pl.DataFrame, items: pl.DataFrame, tree: SourceTree, max_bad_lines: int = 0
+) -> tuple[pl.DataFrame, str, ParseReport | None]:
+    """RecBole's links (movieId → MID) as ML-100K item ids, through a movie list in `tree`;
+    what was done, in words; the list's parse report."""
+    found = next(((n, f) for n in MOVIE_LISTS if (f := tree.find(n)) is not None), None)
+    if found is None:
+        return (
+            links.head(0),
+            f"ml-100k.link: its {links.height:,} links are set aside: they name films by "
+            "MovieLens movieId, not ML-100K item id, so read as they are every Freebase fact "
+            "would describe another film. Put a MovieLens movie list with those ids "
+            f"({' or '.join(MOVIE_LISTS)}) beside the files to map them by title and year.",
+            None,
+        )
+    name, raw = found
+    movies, report = read_movie_list(name, raw, max_bad_lines)
+    ids = movie_ids_to_items(movies, items)
+    mapped = links.join(ids, left_on="item_id", right_on="movie_id").select(
+        item_id=pl.col("item_id_right"), entity_id="entity_id"
+    )
+    mapped = mapped.sort("item_id", "entity_id")
+    return (
+        mapped,
+        f"ml-100k.link: {mapped.height:,} of {links.height:,} links mapped from MovieLens "
+        f"movieId to ML-100K item id through {name} ({ids.height:,} of {items.height:,} "
+        "items matched by title and year); the others are set aside.",
+        report,
+    )
+
+
+def read_movie_list(
+    name: str, raw: RawFile, max_bad_lines: int = 0
+) -> tuple[pl.DataFrame, ParseReport]:
+    """(movie_id, title, year) from ML-1M's `movies.dat` (`id::title::genres`, Latin-1) or a
+    GroupLens `movies.csv`."""
+    columns = [
+        Column("movie_id", pl.Int64),
+        Column("title", pl.String),
+        Column("genres", pl.String, required=False),
+    ]
+    if name == "movies.csv":
+        movies, report = read_delimited(
+            raw, columns, separator=",", quoted=True, header=("movieId", "title", "genres"),
+            encoding=("utf-8", "latin-1"), max_bad_lines=max_bad_lines,
+        )  # fmt: skip
+    else:  # "::" is no single-character separator; no title of ML-1M holds one
+        text = raw.data.replace(b"::", b"\t")
+        movies, report = read_delimited(
+            RawFile(raw.label, text), columns, separator="\t",
+            encoding=("utf-8", "latin-1"), max_bad_lines=max_bad_lines,
+        )  # fmt: skip
+    return _split_title_year(movies.select("movie_id", "title")), report
+
+
+def movie_ids_to_items(movies: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """(movie_id, item_id) of the films whose title and year name one item on each side."""
+    from lkg_pipeline.core.data.prepare import clean_title  # prepare imports this module
+
+    def keyed(frame: pl.DataFrame, id_column: str) -> pl.DataFrame:
+        keys = [
+            (clean_title(title, None, drop_placeholders=False) or "").lower()
+            for title in frame["title"].to_list()
+        ]
+        out = frame.select(id_column, "year").with_columns(key=pl.Series(keys, dtype=pl.String))
+        out = out.filter((pl.col("key") != "") & pl.col("year").is_not_null())
+        return out.filter(pl.len().over("key", "year") == 1)  # an ambiguous title maps nothing
+
+    return (
+        keyed(movies, "movie_id")
+        .join(keyed(items, "item_id"), on=["key", "year"])
+        .select("movie_id", "item_id")
+        .sort("movie_id")
+    )
 
 
 def _read_ml_100k_grouplens(tree: SourceTree, max_bad_lines: int) -> RawDataset:

@@ -94,8 +94,52 @@ def test_recbole_layout_keeps_kg_files(tmp_path: Path) -> None:
     raw = read_dataset("ml-100k", FolderTree(d))
     assert raw.layout == "recbole"
     assert raw.frames["items"]["year"].to_list() == [1995, None]
-    assert raw.frames["entity_links"].rows() == [(1, "m.0dyb1")]
+    # Without a movie list the links (MovieLens movieIds, not ML-100K ids) are set aside.
+    assert raw.frames["entity_links"].is_empty() and "set aside" in raw.notes[0]
     assert raw.frames["entity_triples"].rows() == [("m.0dyb1", "film.film.directed_by", "m.0jw67")]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("movies.dat", "1::Toy Story (1995)::Animation\n296::Pulp Fiction (1994)::Crime\n"),
+        (
+            "movies.csv",
+            "movieId,title,genres\n1,Toy Story (1995),Animation\n"
+            '296,Pulp Fiction (1994),Crime\n1089,"Usual Suspects, The (1995)",Crime\n',
+        ),
+    ],
+)
+def test_recbole_links_are_mapped_to_ml100k_items_through_a_movie_list(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    """RecBole's ml-100k.link keys films by MovieLens movieId: 296 is Pulp Fiction there and
+    in ML-1M, 56 in ML-100K; read as ML-100K ids the fact would land on another film."""
+    d = tmp_path / "rb"
+    d.mkdir()
+    (d / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t56\t5\t881250949\n"
+    )
+    (d / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "1\tToy Story\t1995\tAnimation\n56\tPulp Fiction\t1994\tCrime\n"
+        "12\tUsual Suspects, The\t1995\tCrime\n296\tPromesse, La\t1996\tDrama\n"
+    )
+    (d / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        "1\t24\tM\ttechnician\t85711\n"
+    )
+    (d / "ml-100k.link").write_text(
+        "item_id:token\tentity_id:token\n1\tm.0dyb1\n296\tm.0f4_l\n1089\tm.suspects\n7\tm.x\n"
+    )
+    (d / "ml-100k.kg").write_text("head_id:token\trelation_id:token\ttail_id:token\n")
+    (d / name).write_text(text, encoding="latin-1")
+    raw = read_dataset("ml-100k", FolderTree(d))
+    expected = [(1, "m.0dyb1"), (56, "m.0f4_l")]  # Pulp Fiction's MID on Pulp Fiction
+    if name == "movies.csv":
+        expected.insert(1, (12, "m.suspects"))  # the article moved on both sides
+    assert raw.frames["entity_links"].rows() == expected
+    assert f"{len(expected)} of 4 links mapped" in raw.notes[0] and name in raw.notes[0]
 
 
 def test_ml_latest_small_csv_with_tags(tmp_path: Path) -> None:
@@ -227,7 +271,7 @@ def test_real_ml100k_from_the_recbole_wheel(recbole_wheel: Path) -> None:
         "items": 1682,
         "users": 943,
         "tags": 0,
-        "entity_links": 1598,
+        "entity_links": 0,  # MovieLens movieIds, set aside without a movie list to map them
         "entity_triples": 91_631,
     }
     assert raw.skipped_lines == 0
