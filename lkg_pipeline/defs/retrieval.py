@@ -300,6 +300,12 @@ def candidates(
     data = user_sequences(sequences, n_items=items.height)
     device = resolve_device(config.device)
     model = load_retriever(retriever_dir(lake.path, dataset)).to(device)
+    if model.config.n_items != items.height:  # out-of-range ids, or an IndexError, otherwise
+        raise ValueError(
+            f"the stored retriever for {dataset} knows {model.config.n_items} items, `items` "
+            f"has {items.height}: it was trained on another preparation; materialise "
+            f"`retriever` for {dataset} again"
+        )
     evaluated = retrieve_candidates(model, data, k=config.k)
     train = train_examples(context, config, data, model)
     table = candidate_table(evaluated, train, data)

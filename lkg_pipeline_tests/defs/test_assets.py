@@ -300,6 +300,13 @@ def test_candidates_scored_by_held_out_retrievers(built: dict, tmp_path: Path) -
         assert not failed.success
         assert says in str(failed.failure_data_for_node("candidates").error)
     assert read(lake, "retrieval", "candidates", "ml-100k.parquet").equals(table)  # kept
+    # items re-prepared without re-training the retriever: refused (it gave ids out of range)
+    items_file = lake / "prepare" / "items" / "ml-100k.parquet"
+    read(lake, "prepare", "items", "ml-100k.parquet").head(-1).write_parquet(items_file)
+    stale = materialize({})
+    assert "knows 1348 items, `items` has 1347" in str(
+        stale.failure_data_for_node("candidates").error
+    )
 
 
 def test_paths_selection_and_preferences(built: dict) -> None:

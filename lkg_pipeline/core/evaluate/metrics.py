@@ -76,6 +76,11 @@ def rank_of_target(
     )
     assert bool(((target >= 0) & (target < scores.shape[1])).all()), "target index out of range"
     t = scores.gather(1, target[:, None])  # (U, 1)
+    if bool(torch.isnan(t).any()):  # nothing is above NaN: it would rank first
+        raise FloatingPointError(
+            f"{int(torch.isnan(t).sum())} of {len(t)} targets have a NaN score: the model's "
+            "scores are not numbers (a diverged model?)"
+        )
     rank = 1 + row_counts(scores > t)  # (U,)
     if tie_break == "index":
         # Only rows where another item shares the target's score need the index comparison

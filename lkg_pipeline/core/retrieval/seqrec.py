@@ -59,22 +59,42 @@ class RetrieverConfig:
     seed: int = 42  # seeds init, dropout and shuffling: CPU runs are repeatable
 
     def __post_init__(self) -> None:
-        assert self.n_items >= 1, f"n_items must be >= 1, got {self.n_items}"
-        assert self.architecture in ARCHITECTURES, (
-            f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
-        )
-        assert 0.0 < self.r_min < self.r_max < 1.0, f"need 0 < r_min < r_max < 1, got {self}"
-        assert self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"
-        assert self.d_model % self.n_heads == 0, (
-            f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}"
-        )
-        assert self.sliding_step is None or self.sliding_step >= 1, "sliding_step must be >= 1"
-        assert self.selection_metric in get_args(SelectionMetric), (
-            f"selection_metric must be one of {get_args(SelectionMetric)}"
-        )
-        assert self.sampled_negatives is None or 1 <= self.sampled_negatives < self.n_items, (
-            f"sampled_negatives must be in [1, n_items), got {self.sampled_negatives}"
-        )
+        """Refuse a setting that cannot train: a ValueError naming it (not an assert, which
+        `python -O` would drop), before any epoch runs."""
+        at_least_one = (
+            "n_items", "d_model", "n_layers", "n_heads", "max_len", "batch_size", "max_epochs",
+            "patience", "eval_batch_size",
+        )  # fmt: skip
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in at_least_one
+                    if getattr(self, name) < 1]  # fmt: skip
+        if self.architecture not in ARCHITECTURES:
+            problems.append(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        if not 0.0 < self.r_min < self.r_max < 1.0:
+            problems.append(
+                f"need 0 < r_min < r_max < 1, got r_min={self.r_min}, r_max={self.r_max}"
+            )
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            problems.append(
+                f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if not self.grad_clip > 0:  # 0 froze training, a negative one trained it backwards
+            problems.append(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.sliding_step is not None and self.sliding_step < 1:
+            problems.append(f"sliding_step must be >= 1, got {self.sliding_step}")
+        if self.selection_metric not in get_args(SelectionMetric):
+            problems.append(f"selection_metric must be one of {get_args(SelectionMetric)}")
+        if self.sampled_negatives is not None and not 1 <= self.sampled_negatives < self.n_items:
+            problems.append(
+                f"sampled_negatives must be in [1, n_items), got {self.sampled_negatives}"
+            )
+        if problems:
+            raise ValueError("retriever config: " + "; ".join(problems))
 
 
 class SequentialRecommender(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,13 @@ def train_retriever(
             loss_sum += loss * n
             n_targets += n
 
+        if not math.isfinite(loss_sum):
+            # NaN scores rank every target first (no score is above NaN): validation would
+            # call a diverged model perfect and keep it.
+            raise FloatingPointError(
+                f"retriever training diverged in epoch {epoch} (loss {loss_sum / n_targets}); "
+                f"lower lr (now {config.lr}) or keep grad_clip (now {config.grad_clip})"
+            )
         val = evaluate_model(model, val_inputs, val_targets, batch_size=config.eval_batch_size)
         record = {"epoch": epoch, "step": step, "loss": loss_sum / n_targets}
         record |= {f"val_{k}": v for k, v in val.items()}

@@ -242,6 +242,44 @@ def test_stop_crash_and_resume_continue_the_same_run(
     assert not paths.partial.exists()
 
 
+def test_a_run_resumed_mid_epoch_with_dropout_reproduces_the_uninterrupted_one(
+    tiny_base: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    """The loader drew its iterator seed from torch's global RNG: one more draw on resume
+    shifted every later dropout mask."""
+    config = quick(lora_dropout=0.05, epochs=1)
+    reference = training_function(config, RunPaths(prompts_file, tiny_base, tmp_path / "ref"))
+    paths = RunPaths(prompts_file, tiny_base, tmp_path / "adapter")
+
+    def kill_at_5(record: dict[str, Any]) -> None:
+        if record["step"] == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        training_function(config, paths, on_log=kill_at_5)
+    assert sorted(p.name for p in (paths.partial / "checkpoints").iterdir()) == ["step_3"]
+    logged: list[dict[str, Any]] = []
+    resumed = training_function(config, paths, on_log=logged.append)
+    assert logged[0]["step"] == 4  # resumed from the step-3 checkpoint
+    losses = {h["step"]: h["loss"] for h in resumed.history if "loss" in h}
+    expected = {h["step"]: h["loss"] for h in reference.history if "loss" in h}
+    assert losses == pytest.approx(expected, rel=1e-6)
+
+
+def test_settings_that_cannot_train_fail_and_leave_nothing_in_the_way(
+    tiny_base: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\), got 1.5"):
+        quick(lora_dropout=1.5)
+    paths = RunPaths(prompts_file, tiny_base, tmp_path / "adapter")
+    # a typo beside a right name used to train q_proj alone
+    with pytest.raises(ValueError, match=r"target_modules \['q_prj'\] name no module"):
+        training_function(quick(target_modules=["q_prj", "v_proj"], max_steps=1), paths)
+    # the failed run made no checkpoint: the corrected command starts, no "different run"
+    fixed = training_function(quick(target_modules=["q_proj", "v_proj"], max_steps=1), paths)
+    assert fixed.step == 1
+
+
 def test_lm_loss_trains_and_unknown_loss_is_refused(
     tiny_base: Path, prompts_file: Path, tmp_path: Path
 ) -> None:

@@ -384,3 +384,33 @@ def test_the_retriever_on_cuda_ranks_as_on_the_cpu() -> None:
 def test_training_candidates_unknown_policy() -> None:
     with pytest.raises(ValueError, match="random"):
         training_candidates(random_data(), "popular")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"grad_clip": 0.0}, "grad_clip must be > 0"),  # froze training
+        ({"grad_clip": -1.0}, "grad_clip must be > 0"),  # trained it backwards
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),  # failed after an epoch
+        ({"n_heads": 0}, "n_heads must be >= 1"),
+        ({"d_model": 0, "patience": 0}, "d_model must be >= 1.*patience must be >= 1"),
+        ({"r_min": 0.99, "r_max": 0.5}, "r_min < r_max"),
+    ],
+)
+def test_a_retriever_setting_that_cannot_train_is_refused_naming_it(
+    setting: dict, says: str
+) -> None:
+    with pytest.raises(ValueError, match=f"retriever config: .*{says}"):
+        RetrieverConfig(n_items=60, **setting)
+
+
+def test_a_diverged_retriever_fails_instead_of_scoring_perfectly() -> None:
+    """NaN scores ranked every target first: a diverged model was kept as the best epoch."""
+    data = random_data()
+    config = RetrieverConfig(n_items=data.n_items, lr=1e6, max_epochs=3, max_len=10, d_model=8)
+    # The loss or the validation scores, whichever turns first
+    with pytest.raises(FloatingPointError, match="diverged in epoch|have a NaN score"):
+        train_retriever(data, config)
+    with pytest.raises(FloatingPointError, match="2 of 2 targets have a NaN score"):
+        rank_of_target(torch.full((2, 5), float("nan")), torch.tensor([0, 3]))

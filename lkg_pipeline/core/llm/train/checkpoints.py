@@ -75,7 +75,8 @@ def prepare_partial(
     """
     run_file = paths.partial / "run.json"
     latest = None
-    if resume and run_file.exists():
+    # a run that failed before its first checkpoint left nothing to resume or to protect
+    if resume and run_file.exists() and _checkpoints(paths.partial / "checkpoints"):
         before = json.loads(run_file.read_text())
         if before != identity:
             changed = sorted(k for k in identity if before.get(k) != identity[k])

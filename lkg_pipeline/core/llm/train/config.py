@@ -74,6 +74,8 @@ class TrainConfig:
             assert value is None or value >= 1, f"{name} must be None or >= 1, got {value}"
         assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
         assert self.target_modules, "target_modules must name at least one module"
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.retriever_prior and self.loss != "letters":
             raise ValueError("retriever_prior needs loss 'letters' (a score per candidate)")
         if self.dtype not in DTYPES:

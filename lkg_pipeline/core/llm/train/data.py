@@ -160,6 +160,9 @@ def get_dataloaders(
         batch_size=config.batch_size,
         sampler=EpochShuffle(len(rows), config.seed),
         collate_fn=lambda batch: collate(batch, pad_id),
+        # Its own generator: every new iterator draws a seed from it, which from torch's global
+        # RNG would shift a resumed run's dropout masks against the interrupted run's.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     seen = sorted({tuple(r.get("letter_ids", r.get("answer_ids"))) for r in rows})
     return loader, val, [list(s) for s in seen]

@@ -303,6 +303,14 @@ def _prepare_run(
         base, lora_config(config, base.config.num_hidden_layers), autocast_adapter_dtype=True
     )
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    # peft fails only when no name matches: a typo beside a right name would train without it
+    adapted = {name.rsplit(".", 1)[-1] for name in model.targeted_module_names}
+    unmatched = sorted(set(config.target_modules) - adapted)
+    if unmatched:
+        raise ValueError(
+            f"target_modules {unmatched} name no module of {paths.base_model} (adapted: "
+            f"{sorted(adapted)})"
+        )
     use_word_dropout(model)  # LoRA dropout's masks at a fraction of torch's CPU cost
     counts = model.get_nb_trainable_parameters()
     train_dl, val, letter_ids = get_dataloaders(
