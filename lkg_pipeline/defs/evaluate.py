@@ -11,6 +11,7 @@ import matplotlib
 import numpy as np
 import polars as pl
 
+from lkg_pipeline.core.data.sources import sha256_of
 from lkg_pipeline.core.evaluate.compare import (
     PREFERENCE,
     RETRIEVER,
@@ -159,6 +160,16 @@ def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path 
     return adapter
 
 
+def _trained_on_these_prompts(adapter: Path | None, prompts: Path) -> bool | None:
+    """Whether `adapter` was trained on the prompts file as it is now (its training.json
+    records the file's sha256); None without an adapter or a record."""
+    record = adapter / "training.json" if adapter is not None else None
+    if record is None or not record.exists() or not prompts.exists():
+        return None
+    trained = json.loads(record.read_text()).get("prompts_sha256")
+    return None if trained is None else trained == sha256_of(prompts)
+
+
 def _previous_table(path: Path) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
 
@@ -201,6 +212,15 @@ def rankings(
 
     def rank() -> Made:
         adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
+        trained_on_these = _trained_on_these_prompts(
+            adapter, prompts_file(lake.path, dataset, variant)
+        )
+        if trained_on_these is False:
+            context.log.warning(
+                f"the adapter of {dataset}|{variant} was trained on other prompts than the "
+                "stored ones (`prompts` was made again since): its scores are for another "
+                "prompt; materialise lora_adapter again"
+            )
         context.log.info(f"ranking {chosen.height} prompts of {dataset}|{variant}")
         # an adapter trained over the retriever ranks by retriever prior + LLM (core.llm.rank)
         table, launched = launch_ranking(
@@ -208,6 +228,7 @@ def rankings(
         )
         metadata = {
             "adapter": str(adapter) if adapter else "none (base model)",
+            "adapter_trained_on_these_prompts": str(trained_on_these),
             "scope": config.scope,
             **launched,  # scores, device, processes, prompts, seconds, rates, dtype
             "ranked_prompt_metrics": dg.MetadataValue.md(markdown_table(split_summary(table))),

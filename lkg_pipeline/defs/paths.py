@@ -10,7 +10,7 @@ import dagster as dg
 import matplotlib
 import polars as pl
 
-from lkg_pipeline.core.io.storage import ParquetParts, replace_dir_atomically
+from lkg_pipeline.core.io.storage import ParquetParts, replace_atomically, replace_dir_atomically
 from lkg_pipeline.core.kg.warehouse import read_parquet
 from lkg_pipeline.core.llm.prompts import PATHS_KEY, path_settings_json
 from lkg_pipeline.core.paths.batches import read_users
@@ -113,10 +113,19 @@ def kg_paths(
     """Per-type path counts for every (example, candidate) and a capped sample of paths."""
     dataset = context.partition_key
     kg = read_parquet(kg_folder(lake.path, dataset))
+    graph_items = kg.entities.filter(pl.col("type") == "item").height
+    if graph_items != items.height:  # else item ids past the graph's would read as users
+        raise ValueError(
+            f"the stored graph for {dataset} has {graph_items} items, `items` has "
+            f"{items.height}: it was built from another preparation; materialise `kg_triples` "
+            f"for {dataset} again"
+        )
     folder = paths_folder(lake.path, dataset)
     stats: dict[str, float | int] = {}
 
-    def write(staging: Path) -> None:
+    database = warehouse_path(lake.path, dataset, "paths")
+
+    def write(staging: Path, database_tmp: Path) -> None:
         stats.update(
             write_paths(
                 candidates,
@@ -130,10 +139,13 @@ def kg_paths(
                 config.users_per_batch,
             )
         )
+        write_paths_warehouse(staging, database_tmp)  # tables copied: no path to the staging
 
-    replace_dir_atomically(folder, write)
-    database = warehouse_path(lake.path, dataset, "paths")
-    write_paths_warehouse(folder, database)
+    # Both copies written in full before either replaces the old one, then swapped in back to
+    # back (as `kg.warehouse.write_kg`): a failure leaves both of the previous build.
+    replace_atomically(
+        database, lambda tmp: replace_dir_atomically(folder, lambda staging: write(staging, tmp))
+    )
     context.log.info(f"{dataset}: {stats}")
     yield dg.MaterializeResult(
         metadata=_paths_metadata(folder, database, stats, candidates, config.users_per_batch)

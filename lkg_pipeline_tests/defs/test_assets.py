@@ -370,6 +370,39 @@ def materializer(lake: Path) -> Callable[..., dg.ExecuteInProcessResult]:
     return materialize
 
 
+def test_a_failed_paths_run_keeps_both_copies_of_the_previous_paths(
+    built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Parquet folder was swapped in before the DuckDB copy was written: a failure there
+    left the two of different builds, and later stages read the Parquet."""
+    import lkg_pipeline.defs.paths as paths_defs
+
+    lake = tmp_path / "lake"
+    for part in ("prepare", "kg", "retrieval", "paths", "warehouse"):
+        shutil.copytree(built["lake"] / part, lake / part)
+    folder = lake / "paths" / "kg_paths" / "ml-100k"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    database = lake / "warehouse" / "ml-100k_paths.duckdb"
+    database_before = database.read_bytes()
+
+    def disk_full(*_: object) -> None:
+        raise OSError("simulated: disk full while writing the paths DuckDB")
+
+    monkeypatch.setattr(paths_defs, "write_paths_warehouse", disk_full)
+    failed = materializer(lake)(kg_paths, "ml-100k", {"max_paths_per_pair": 1})
+    assert not failed.success
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert database.read_bytes() == database_before
+    assert not [p for p in (lake / "paths" / "kg_paths").iterdir() if p.name != "ml-100k"]
+    # items re-prepared without rebuilding the graph: refused (its item ids read as users)
+    items_file = lake / "prepare" / "items" / "ml-100k.parquet"
+    read(lake, "prepare", "items", "ml-100k.parquet").head(-1).write_parquet(items_file)
+    stale = materializer(lake)(kg_paths, "ml-100k", {})
+    assert "graph for ml-100k has 1348 items, `items` has 1347" in str(
+        stale.failure_data_for_node("kg_paths").error
+    )
+
+
 def test_selected_paths_and_prompts_in_small_batches_are_the_same_tables(
     built: dict, tmp_path: Path
 ) -> None:
@@ -685,6 +718,8 @@ def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -
     )
     event = forced.asset_materializations_for_node("rankings")[0]
     assert "reused_from" not in event.metadata
+    # prompts made again with the same settings are the same bytes: the adapter's own
+    assert event.metadata["adapter_trained_on_these_prompts"].value == "True"
     # Recomputed: the same ranks; the measured seconds differ, hence a new data version, and
     # on the Intel Xeon with AMX of 2026-12-02 the fp32 scores differed in their last bits
     # between two launches (the ranks did not), so scores are compared to 1e-5.
