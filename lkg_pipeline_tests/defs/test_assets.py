@@ -126,15 +126,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, recbole_wheel: Path) -> dict
     assert out["trained"].success
     # rankings of two variants (llamarec zero-shot), the report, recommendations.
     for variant, use_adapter in (("lkg_rag", True), ("llamarec", False)):
-        key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
-        config = {"splits": ["val", "test"], "use_adapter": use_adapter, **FIXED_DTYPE}
-        assert dg.materialize(
-            EVALUATED,
-            selection=[rankings],
-            partition_key=key,
-            resources=resources(lake),
-            run_config={"ops": {"rankings": {"config": config}}},
-        ).success
+        assert rank(lake, variant, {"splits": ["val", "test"], "use_adapter": use_adapter})
     out["reported"] = dg.materialize(
         EVALUATED,
         selection=[evaluation_report, recommendations],
@@ -144,6 +136,18 @@ def built(tmp_path_factory: pytest.TempPathFactory, recbole_wheel: Path) -> dict
     )
     assert out["reported"].success
     return out
+
+
+def rank(lake: Path, variant: str, config: dict) -> bool:
+    """`rankings` of ml-100k|`variant` in fp32 (compared across runs); whether it succeeded."""
+    key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
+    return dg.materialize(
+        EVALUATED,
+        selection=[rankings],
+        partition_key=key,
+        resources=resources(lake),
+        run_config={"ops": {"rankings": {"config": {**config, **FIXED_DTYPE}}}},
+    ).success
 
 
 def read(lake: Path, *parts: str) -> pl.DataFrame:
@@ -746,15 +750,7 @@ def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -
     # (it crashed fitting on lkg_rag's none), and with llamarec test-only too it is left out.
     for test_only in ([], ["llamarec"]):
         for variant in test_only:
-            key = dg.MultiPartitionKey({"dataset": "ml-100k", "variant": variant})
-            config = {"splits": ["test"], "use_adapter": False, **FIXED_DTYPE}
-            assert dg.materialize(
-                EVALUATED,
-                selection=[rankings],
-                partition_key=key,
-                resources=resources(lake),
-                run_config={"ops": {"rankings": {"config": config}}},
-            ).success
+            assert rank(lake, variant, {"splits": ["test"], "use_adapter": False})
         reported = dg.materialize(
             EVALUATED, selection=[evaluation_report], partition_key="ml-100k",
             resources=resources(lake),

@@ -73,23 +73,31 @@ def test_grouplens_ml100k_folder_and_zip_read_the_same(tmp_path: Path) -> None:
     assert a.frames["users"]["occupation"].to_list() == ["technician", "other"]
 
 
+RECBOLE_HEADERS = {
+    "inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+    "item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq",
+    "user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
+    "link": "item_id:token\tentity_id:token",
+    "kg": "head_id:token\trelation_id:token\ttail_id:token",
+}
+
+
+def recbole_folder(folder: Path, **rows: str) -> Path:
+    """RecBole's ml-100k atomic files (`inter=...` rows after each typed header; one user)."""
+    folder.mkdir()
+    rows = {"user": "1\t24\tM\ttechnician\t85711\n", **rows}
+    for suffix, header in RECBOLE_HEADERS.items():
+        (folder / f"ml-100k.{suffix}").write_text(f"{header}\n{rows.get(suffix, '')}")
+    return folder
+
+
 def test_recbole_layout_keeps_kg_files(tmp_path: Path) -> None:
-    d = tmp_path / "rb"
-    d.mkdir()
-    (d / "ml-100k.inter").write_text(
-        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t881250949\n"
-    )
-    (d / "ml-100k.item").write_text(
-        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-        "1\tToy Story\t1995\tAnimation Children's Comedy\n267\tunkonwn\tunkonwn\tunknown\n"
-    )
-    (d / "ml-100k.user").write_text(
-        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-        "1\t24\tM\ttechnician\t85711\n"
-    )
-    (d / "ml-100k.link").write_text("item_id:token\tentity_id:token\n1\tm.0dyb1\n")
-    (d / "ml-100k.kg").write_text(
-        "head_id:token\trelation_id:token\ttail_id:token\nm.0dyb1\tfilm.film.directed_by\tm.0jw67\n"
+    d = recbole_folder(
+        tmp_path / "rb",
+        inter="1\t1\t5\t881250949\n",
+        item="1\tToy Story\t1995\tAnimation Children's Comedy\n267\tunkonwn\tunkonwn\tunknown\n",
+        link="1\tm.0dyb1\n",
+        kg="m.0dyb1\tfilm.film.directed_by\tm.0jw67\n",
     )
     raw = read_dataset("ml-100k", FolderTree(d))
     assert raw.layout == "recbole"
@@ -115,24 +123,13 @@ def test_recbole_links_are_mapped_to_ml100k_items_through_a_movie_list(
 ) -> None:
     """RecBole's ml-100k.link keys films by MovieLens movieId: 296 is Pulp Fiction there and
     in ML-1M, 56 in ML-100K; read as ML-100K ids the fact would land on another film."""
-    d = tmp_path / "rb"
-    d.mkdir()
-    (d / "ml-100k.inter").write_text(
-        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t56\t5\t881250949\n"
+    d = recbole_folder(
+        tmp_path / "rb",
+        inter="1\t56\t5\t881250949\n",
+        item="1\tToy Story\t1995\tAnimation\n56\tPulp Fiction\t1994\tCrime\n"
+        "12\tUsual Suspects, The\t1995\tCrime\n296\tPromesse, La\t1996\tDrama\n",
+        link="1\tm.0dyb1\n296\tm.0f4_l\n1089\tm.suspects\n7\tm.x\n",
     )
-    (d / "ml-100k.item").write_text(
-        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-        "1\tToy Story\t1995\tAnimation\n56\tPulp Fiction\t1994\tCrime\n"
-        "12\tUsual Suspects, The\t1995\tCrime\n296\tPromesse, La\t1996\tDrama\n"
-    )
-    (d / "ml-100k.user").write_text(
-        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-        "1\t24\tM\ttechnician\t85711\n"
-    )
-    (d / "ml-100k.link").write_text(
-        "item_id:token\tentity_id:token\n1\tm.0dyb1\n296\tm.0f4_l\n1089\tm.suspects\n7\tm.x\n"
-    )
-    (d / "ml-100k.kg").write_text("head_id:token\trelation_id:token\ttail_id:token\n")
     (d / name).write_text(text, encoding="latin-1")
     raw = read_dataset("ml-100k", FolderTree(d))
     expected = [(1, "m.0dyb1"), (56, "m.0f4_l")]  # Pulp Fiction's MID on Pulp Fiction
