@@ -298,7 +298,6 @@ def candidates(
 ):
     """Top-k retriever candidates for val/test and the ranker's training examples."""
     dataset = context.partition_key
-    data = user_sequences(sequences, n_items=items.height)
     device = resolve_device(config.device)
     model = load_retriever(retriever_dir(lake.path, dataset)).to(device)
     if model.config.n_items != items.height:  # out-of-range ids, or an IndexError, otherwise
@@ -307,6 +306,7 @@ def candidates(
             f"has {items.height}: it was trained on another preparation; materialise "
             f"`retriever` for {dataset} again"
         )
+    data = user_sequences(sequences, n_items=items.height)
     evaluated = retrieve_candidates(model, data, k=config.k)
     train = train_examples(context, config, data, model)
     table = candidate_table(evaluated, train, data)
