@@ -161,6 +161,7 @@ def _finish(
     id_type: pl.DataType,
     frames: dict[str, pl.DataFrame],
     reports: list[ParseReport],
+    notes: list[str] | None = None,
 ) -> RawDataset:
     """The frames in the raw schema; by convention `reports[0]` is the ratings file and
     `reports[1]` the item file."""
@@ -169,7 +170,8 @@ def _finish(
         name: conform(frames[name], schema) if name in frames else pl.DataFrame(schema=schema)
         for name, schema in schemas.items()
     }
-    return RawDataset(dataset, layout, tree.label, out, reports, reports[0].file, reports[1].file)
+    first, second = reports[0].file, reports[1].file
+    return RawDataset(dataset, layout, tree.label, out, reports, first, second, notes=notes or [])
 
 
 # --- MovieLens-100K -------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         )
     )
     frames = {"interactions": inter, "items": items, "users": users}
-    reports = [r1, r2, r3]
+    reports, notes = [r1, r2, r3], []
     links, kg = tree.find("ml-100k.link"), tree.find("ml-100k.kg")
     if links is not None and kg is not None:
         frames["entity_links"], r4 = read_delimited(
@@ -249,12 +251,8 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
             frames["entity_links"], items, tree, max_bad_lines
         )
         reports += [r6] if r6 is not None else []
-        notes = [note]
-    else:
-        notes = []
-    raw = _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports)
-    raw.notes = notes
-    return raw
+        notes.append(note)
+    return _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports, notes)
 
 
 # RecBole's ml-100k.link names its films by MovieLens movieId (ML-1M's numbering, which later
