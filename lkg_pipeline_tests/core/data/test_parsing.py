@@ -106,6 +106,18 @@ MOVIE_COLUMNS = [Column("id", pl.Int64), Column("title", pl.String), Column("gen
 MOVIE_HEADER = ("movieId", "title", "genres")
 
 
+def read_movies(text: str, max_bad_lines: int = 0) -> tuple[pl.DataFrame, ParseReport]:
+    """`text` read as GroupLens' movies.csv (quoted CSV with its header)."""
+    return read_delimited(
+        raw(text, "movies.csv"),
+        MOVIE_COLUMNS,
+        separator=",",
+        header=MOVIE_HEADER,
+        quoted=True,
+        max_bad_lines=max_bad_lines,
+    )
+
+
 def test_header_columns_are_matched_by_name() -> None:
     """RecBole's typed header in another order, with an extra column: read by name."""
     text = "rating:float\tuser:token\tnote:token_seq\titem:token\n4\t1\tok\t10\n3.5\t2\t\t20\n"
@@ -152,9 +164,7 @@ def test_unclosed_quote_is_reported_on_the_line_where_its_record_starts(cut_at: 
         match=rf"movies.csv: 1 malformed line\(s\) \(line {cut_at}: CSV error in the record "
         r"starting here: ",  # then the csv module's reason, which depends on what follows
     ):
-        read_delimited(
-            raw(text, "movies.csv"), MOVIE_COLUMNS, separator=",", header=MOVIE_HEADER, quoted=True
-        )
+        read_movies(text)
 
 
 def test_encodings_are_tried_in_order_and_the_one_used_is_reported() -> None:
@@ -196,17 +206,8 @@ def test_a_stray_quote_is_one_skippable_bad_line() -> None:
     with pytest.raises(
         MalformedInputError, match=r"line 2: CSV error .*max_bad_lines >= 1 \(now 0\)"
     ):
-        read_delimited(
-            raw(text, "movies.csv"), MOVIE_COLUMNS, separator=",", header=MOVIE_HEADER, quoted=True
-        )
-    frame, report = read_delimited(
-        raw(text, "movies.csv"),
-        MOVIE_COLUMNS,
-        separator=",",
-        header=MOVIE_HEADER,
-        quoted=True,
-        max_bad_lines=1,
-    )
+        read_movies(text)
+    frame, report = read_movies(text, max_bad_lines=1)
     assert frame["id"].to_list() == [11, 12] and frame["__line"].to_list() == [3, 4]
     assert frame["title"].to_list() == ["Ronin (1998)", "Fargo, (1996)"]
     assert [i.line for i in report.issues] == [2] and report.lines_read == 3
@@ -215,12 +216,5 @@ def test_a_stray_quote_is_one_skippable_bad_line() -> None:
 def test_an_unclosed_quote_fails_whatever_max_bad_lines_allows() -> None:
     text = 'movieId,title,genres\n10,"Heat (1995),Action\n11,Ronin (1998),Action\n'
     with pytest.raises(MalformedInputError, match=r"line 2: CSV error .*never closed") as err:
-        read_delimited(
-            raw(text, "movies.csv"),
-            MOVIE_COLUMNS,
-            separator=",",
-            header=MOVIE_HEADER,
-            quoted=True,
-            max_bad_lines=5,
-        )
+        read_movies(text, max_bad_lines=5)
     assert "max_bad_lines >=" not in str(err.value)
