@@ -90,7 +90,7 @@ def read_path_config(lake: Path, dataset: str) -> PathConfig:
 @dg.asset(
     group_name="paths",
     partitions_def=dataset_partitions,
-    code_version=versioned("4", __name__),  # 4: pair_features carries user_idx
+    code_version=versioned("5", __name__),  # 5: three-hop paths name their intermediate item
     kinds={"duckdb", "parquet"},
     deps=["kg_triples"],
     ins={"candidates": dg.AssetIn(), "sequences": dg.AssetIn(), "items": dg.AssetIn()},

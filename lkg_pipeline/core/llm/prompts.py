@@ -62,6 +62,10 @@ SEGMENT_QUESTION = ANSWER_CUE
 # prompts exactly as an older adapter's training prompts were.
 LEGACY_SEGMENT_QUESTION = "Is it the {noun} they will {verb} next? Answer:"
 
+# A path as a prompt shows it: (history index or number, candidate index, the path's relations,
+# the intermediate node's name, the intermediate item's name: three-hop paths only).
+ShownPath = tuple[int, int, list[str], str | None, str | None]
+
 # How a path of each type reads between two items. `{via}` is the intermediate node's name.
 PATH_PHRASES: dict[str, str] = {
     "co_rated": "often rated by the same people",
@@ -171,12 +175,34 @@ def instruction(config: PromptConfig, with_relations: bool) -> str:
     )
 
 
-def path_phrase(relations: Sequence[str], via_name: str | None, first: str, second: str) -> str:
+def path_phrase(
+    relations: Sequence[str],
+    via_name: str | None,
+    first: str,
+    second: str,
+    via_item_name: str | None = None,
+) -> str:
     """How a path from `first` to `second` reads: "same director", "both Comedy".
 
     A path whose two edges differ in role (the director of one wrote the other) says so rather
-    than "same director", which would be false.
+    than "same director", which would be false. A three-hop path goes through another item
+    (`via_item_name`) and reads as its two legs, "through Heat (1995): often rated by the same
+    people, then same director": its first relation alone would claim of `first` and `second`
+    what holds only between one of them and the intermediate item.
     """
+    if len(relations) == 3:
+        if via_item_name is None:
+            raise ValueError(
+                f"the three-hop path {list(relations)} names no intermediate item: it was "
+                "enumerated before paths recorded it; re-materialise kg_paths and selected_paths"
+            )
+        # item → item first (h -co_rated-> m, then m and `second` share an attribute), or
+        # the attribute first (`first` and m share it, then m -co_rated-> `second`)
+        item_first = RELATIONS[relations[0]].tail_type == "item"
+        legs = (relations[:1], relations[1:]) if item_first else (relations[:2], relations[2:])
+        one = path_phrase(legs[0], via_name, first, via_item_name)
+        two = path_phrase(legs[1], via_name, via_item_name, second)
+        return f"through {via_item_name}: {one}, then {two}"
     head = relations[0]
     phrase = PATH_PHRASES.get(head, head.replace("_", " ")).format(via=via_name or "")
     if len(relations) == 2:
@@ -187,27 +213,31 @@ def path_phrase(relations: Sequence[str], via_name: str | None, first: str, seco
 
 
 def relation_line(
-    history_number: int, letter: str, relations: Sequence[str], via_name: str | None
+    history_number: int,
+    letter: str,
+    relations: Sequence[str],
+    via_name: str | None,
+    via_item_name: str | None = None,
 ) -> str:
     """ "(3) and (C): same director": numbers and letters point at the lists above, which keeps
     twenty lines short enough to leave room for the history."""
-    phrase = path_phrase(relations, via_name, f"({history_number})", f"({letter})")
+    phrase = path_phrase(relations, via_name, f"({history_number})", f"({letter})", via_item_name)
     return f"({history_number}) and ({letter}): {phrase}"
 
 
 def render(
     history_titles: Sequence[str],
     candidate_titles: Sequence[str],
-    relations: Sequence[tuple[int, int, list[str], str | None]],
+    relations: Sequence[ShownPath],
     config: PromptConfig,
     count_tokens: Callable[[str], int],
     with_relations: bool,
 ) -> tuple[str, int]:
     """The prompt and its token count, within `max_prompt_tokens`.
 
-    `relations` holds (history index into `history_titles`, candidate index, the path's
-    relations, via name). Over budget, the oldest history item goes first, with its relation
-    lines; the candidate pool is never cut: a pool that cannot fit is an error.
+    `relations` holds `ShownPath`s, indexing `history_titles` and `candidate_titles`. Over
+    budget, the oldest history item goes first, with its relation lines; the candidate pool
+    is never cut: a pool that cannot fit is an error.
     """
     assert len(candidate_titles) <= len(LETTERS), f"{len(candidate_titles)} candidates > 20"
 
@@ -217,7 +247,7 @@ def render(
         if with_relations:
             kept = [r for r in relations if r[0] in number]
             lines += ["", "Relations:"]
-            lines += [relation_line(number[h], LETTERS[c], r, v) for h, c, r, v in kept]
+            lines += [relation_line(number[h], LETTERS[c], r, v, m) for h, c, r, v, m in kept]
         lines += ["", "Candidate pool:"]
         lines += [f"({LETTERS[c]}) {title}" for c, title in enumerate(candidate_titles)]
         lines += [ANSWER_CUE]
@@ -267,14 +297,15 @@ def segment_instruction(config: PromptConfig, with_relations: bool) -> str:
 
 def segment_text(
     title: str,
-    relations: Sequence[tuple[int, list[str], str | None]],
+    relations: Sequence[tuple[int, list[str], str | None, str | None]],
     config: PromptConfig,
 ) -> str:
     """One candidate's segment: its title, how it relates to numbered history items, the
-    question. `relations` holds (history number, the path's relations, via name)."""
+    question. `relations` holds (history number, the path's relations, via name,
+    intermediate item's name)."""
     lines = ["", f"Candidate: {title}"]
     if relations:
-        phrases = [f"({n}) {path_phrase(r, v, f'({n})', 'it')}" for n, r, v in relations]
+        phrases = [f"({n}) {path_phrase(r, v, f'({n})', 'it', m)}" for n, r, v, m in relations]
         lines.append("Relations: " + "; ".join(phrases))
     lines.append(config.segment_question.format(noun=config.item_noun, verb=config.item_verb))
     return "\n".join(lines)
@@ -283,7 +314,7 @@ def segment_text(
 def render_segments(
     history_titles: Sequence[str],
     candidate_titles: Sequence[str],
-    relations: Sequence[tuple[int, int, list[str], str | None]],
+    relations: Sequence[ShownPath],
     config: PromptConfig,
     count_tokens: Callable[[str], int],
     with_relations: bool,
@@ -301,7 +332,7 @@ def render_segments(
         prefix = "\n".join(lines)
         segments = []
         for c, title in enumerate(candidate_titles):
-            mine = [(number[h], r, v) for h, cc, r, v in relations if cc == c and h in number]
+            mine = [(number[h], r, v, m) for h, cc, r, v, m in relations if cc == c and h in number]
             segments.append(segment_text(title, mine if with_relations else [], config))
         return (prefix, segments), count_tokens(prefix) + sum(map(count_tokens, segments))
 
@@ -331,15 +362,22 @@ def build_prompts(
         sequences.sort("user_idx", "position").group_by("user_idx").agg(items=pl.col("item_idx"))
     )
     items_of = dict(per_user.iter_rows())
-    paths_of: dict[int, list[tuple[int, int, list[str], str | None]]] = {}
+    paths_of: dict[int, list[ShownPath]] = {}
     if with_relations:
         chosen = selected_paths.filter(pl.col("variant") == variant).sort(
             "example_id", "selection_rank"
         )
-        for ex, hist_item, cand_item, ptype, via in chosen.select(
-            "example_id", "history_item_idx", "candidate_item_idx", "relations", "via_name"
+        if "via_item_name" not in chosen.columns:  # paths enumerated before it was recorded
+            chosen = chosen.with_columns(via_item_name=pl.lit(None, pl.String))
+        for ex, hist_item, cand_item, ptype, via, via_item in chosen.select(
+            "example_id",
+            "history_item_idx",
+            "candidate_item_idx",
+            "relations",
+            "via_name",
+            "via_item_name",
         ).iter_rows():
-            paths_of.setdefault(ex, []).append((hist_item, cand_item, ptype, via))
+            paths_of.setdefault(ex, []).append((hist_item, cand_item, ptype, via, via_item))
     rows = []
     for ex in examples.iter_rows(named=True):
         history = items_of[ex["user_idx"]][: ex["prefix_len"]][-config.max_history :]
@@ -347,8 +385,8 @@ def build_prompts(
         position = {item: i for i, item in enumerate(history)}
         slot = {item: c for c, item in enumerate(candidates)}
         relations = [
-            (position[h], slot[c], t, v)
-            for h, c, t, v in paths_of.get(ex["example_id"], [])
+            (position[h], slot[c], t, v, m)
+            for h, c, t, v, m in paths_of.get(ex["example_id"], [])
             if h in position and c in slot
         ]
         shown = ([titles[i] for i in history], [titles[i] for i in candidates], relations)

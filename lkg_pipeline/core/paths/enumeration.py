@@ -104,11 +104,11 @@ create or replace temp table pairs as
 
 create or replace temp table pair_paths as
     select p.h, p.c, 1 as hops, e.relation as path_type, [e.relation] as relations,
-           null::bigint as via, 0::bigint as via_degree
+           null::bigint as via, 0::bigint as via_degree, null::bigint as via_item
     from pairs p join item_edges e on e.item = p.h and e.other = p.c
     union all
     select p.h, p.c, 2 as hops, a.relation as path_type, [a.relation, b.inverse] as relations,
-           a.node as via, a.degree as via_degree
+           a.node as via, a.degree as via_degree, null::bigint as via_item
     from pairs p
     join attr_edges a on a.item = p.h
     join attr_with_inverse b on b.item = p.c and b.node = a.node
@@ -116,15 +116,18 @@ create or replace temp table pair_paths as
 
 -- 3 hops: a direct item–item step before or after a shared rare attribute, e.g.
 -- h -co_rated-> m -directed_by-> person <-directed_by- c. Hubs are excluded here: through a
--- genre, one extra step would link nearly every pair.
+-- genre, one extra step would link nearly every pair. The intermediate item m (`via_item`) is
+-- part of the path: two paths through the same attribute differ by it.
 insert into pair_paths
-    select p.h, p.c, 3, e.relation, [e.relation, a.relation, b.inverse], a.node, a.degree
+    select p.h, p.c, 3, e.relation, [e.relation, a.relation, b.inverse], a.node, a.degree,
+           e.other
     from pairs p
     join item_edges e on e.item = p.h and e.other <> p.c
     join rare_attr_with_inverse a on a.item = e.other
     join rare_attr_with_inverse b on b.item = p.c and b.node = a.node
     union all
-    select p.h, p.c, 3, a.relation, [a.relation, b.inverse, e.relation], a.node, a.degree
+    select p.h, p.c, 3, a.relation, [a.relation, b.inverse, e.relation], a.node, a.degree,
+           b.item
     from pairs p
     join rare_attr_with_inverse a on a.item = p.h
     join rare_attr_with_inverse b on b.node = a.node and b.item <> p.h and b.item <> p.c
@@ -142,21 +145,23 @@ PAIR_FEATURES_QUERY = """
 """
 
 
-# The last `relations` key makes the order total: two paths through the same node by
-# different relations (directed_by / written_by the same person) would otherwise tie, and which
-# of them survives the cap would change from run to run.
+# The last keys make the order total: two paths through the same node by different relations
+# (directed_by / written_by the same person), or through the same node and different
+# intermediate items (3 hops), would otherwise tie, and which of them survives the cap would
+# change from run to run.
 KEPT_PATHS_QUERY = """
-    select k.* exclude (path_rank), n.name as via_name from (
+    select k.* exclude (path_rank), n.name as via_name, m.name as via_item_name from (
         select c.example_id, h.user_idx, h.history_position, h.item_idx as history_item_idx,
                c.candidate_position, c.candidate_item_idx, pp.hops, pp.path_type,
-               pp.relations, pp.via, pp.via_degree,
+               pp.relations, pp.via, pp.via_degree, pp.via_item,
                row_number() over (
                    partition by c.example_id, h.item_idx, c.candidate_item_idx
-                   order by pp.hops, pp.via_degree, pp.path_type, pp.via, pp.relations
+                   order by pp.hops, pp.via_degree, pp.path_type, pp.via, pp.via_item,
+                            pp.relations
                ) as path_rank
         from cand c join hist h using (example_id)
         join pair_paths pp on pp.h = h.item_idx and pp.c = c.candidate_item_idx
-    ) k left join names n on n.entity_id = k.via
+    ) k left join names n on n.entity_id = k.via left join names m on m.entity_id = k.via_item
     where k.path_rank <= {cap}
     order by k.example_id, k.history_position desc, k.candidate_position, k.path_rank
 """

@@ -99,6 +99,7 @@ def examples_changed_by_candidate_order(
         return select_paths(table, preferences, selection).select(
             "example_id", "history_item_idx", "candidate_item_idx",
             pl.col("via").fill_null(-1), pl.col("relations").list.join(">"),
+            *([pl.col("via_item").fill_null(-1)] if "via_item" in table.columns else []),
         )  # fmt: skip
 
     as_listed = shown(paths)

@@ -10,7 +10,7 @@ PATH_TABLES = ("paths", "pair_features", "history_profile")
 PATHS_DDL = """
 create table paths as select * from read_parquet({paths})
     order by example_id, history_position desc, candidate_position, hops, path_type, via,
-        relations, via_name;
+        via_item, relations;
 create table pair_features as select * from read_parquet({pair_features}) order by all;
 create table history_profile as select * from read_parquet({history_profile}) order by all;
 """

@@ -123,6 +123,26 @@ def test_mixed_role_paths_say_both_roles() -> None:
     )
 
 
+def test_three_hop_paths_read_as_their_two_legs() -> None:
+    from lkg_pipeline.core.llm.prompts import path_phrase, relation_line
+
+    item_first = ["co_rated", "directed_by", "directed"]  # (3) ~ Heat, Heat's director made (C)
+    assert relation_line(3, "C", item_first, "Michael Mann", "Heat (1995)") == (
+        "(3) and (C): through Heat (1995): often rated by the same people, then same director"
+    )
+    attribute_first = [
+        "directed_by",
+        "wrote",
+        "has_sequel",
+    ]  # (3)'s director wrote M; (C) follows M
+    assert relation_line(3, "C", attribute_first, "X", "M") == (
+        "(3) and (C): through M: the director of (3) is the writer of M, then the second is its "
+        "sequel"
+    )
+    with pytest.raises(ValueError, match="re-materialise kg_paths"):  # paths from before
+        path_phrase(item_first, "Michael Mann", "(3)", "(C)")
+
+
 def test_budget_drops_the_oldest_history_first_never_candidates() -> None:
     examples, sequences, selected = frames()
     full = words(GOLDEN_LKG)

@@ -85,12 +85,15 @@ def test_paths_of_a_hand_made_graph() -> None:
     three = run(EXAMPLE, PathConfig(max_hops=3))
     extra = three.paths.filter(pl.col("hops") == 3).sort("history_item_idx", "path_type")
     # A -co_rated-> B -has_genre-> Comedy <- C; A -has_genre-> Drama <- B -co_rated-> C;
-    # B -co_rated-> A -released_in-> 2000 <- C
-    assert extra.select("history_item_idx", "path_type", "relations", "via_name").rows() == [
-        (0, "co_rated", ["co_rated", "has_genre", "genre_of"], "Comedy"),
-        (0, "has_genre", ["has_genre", "genre_of", "co_rated"], "Drama"),
-        (1, "co_rated", ["co_rated", "released_in", "release_year_of"], "2000"),
+    # B -co_rated-> A -released_in-> 2000 <- C: each names the item it goes through
+    assert extra.select(
+        "history_item_idx", "path_type", "relations", "via_name", "via_item", "via_item_name"
+    ).rows() == [
+        (0, "co_rated", ["co_rated", "has_genre", "genre_of"], "Comedy", 1, "B (2001)"),
+        (0, "has_genre", ["has_genre", "genre_of", "co_rated"], "Drama", 1, "B (2001)"),
+        (1, "co_rated", ["co_rated", "released_in", "release_year_of"], "2000", 0, "A (2000)"),
     ]
+    assert three.paths.filter(pl.col("hops") < 3)["via_item"].is_null().all()
     assert (
         run(EXAMPLE, PathConfig(max_hops=3, three_hop_max_degree=1))
         .paths.filter(pl.col("hops") == 3)
@@ -121,6 +124,10 @@ def test_write_paths_in_user_batches_equals_enumerate_paths(tmp_path: Path, shap
     graph = (inputs.entities, inputs.triples, inputs.relations, inputs.n_items)
     whole = enumerate_paths(inputs.examples, inputs.sequences, *graph, config)
     assert whole.paths.height > 0 and whole.history_profile.height > 0
+    # Three-hop paths through the same rare node and different intermediate items are
+    # different paths (1,953 identical rows here when the intermediate item was dropped).
+    assert whole.paths.filter(pl.col("hops") == 3).height > 0
+    assert whole.paths.height == whole.paths.unique().height
     tables = {
         "paths": whole.paths,
         "pair_features": whole.pair_features,
