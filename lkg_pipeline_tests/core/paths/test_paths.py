@@ -199,3 +199,25 @@ def graph_of_tiny(seqs: pl.DataFrame | None = None) -> tuple:
     seqs = default_seqs if seqs is None else seqs
     kg = build_kg(items, seqs)
     return seqs, kg.entities, kg.triples, kg.relations, items.height
+
+
+def test_three_hop_paths_reach_the_prompt_through_their_item() -> None:
+    from lkg_pipeline.core.llm.prompts import PromptConfig, build_prompts
+    from lkg_pipeline.core.paths.selection import PathSelection, select_paths
+
+    items, seqs = tiny_graph_inputs()
+    three = run(EXAMPLE, PathConfig(max_hops=3, max_paths_per_pair=10))
+    selected = select_paths(
+        three.paths.filter(pl.col("hops") == 3), None, PathSelection(per_history_item=3)
+    ).with_columns(variant=pl.lit("kg_rag"))
+    titles = dict(items.select("item_idx", "title").iter_rows())
+    prompt = build_prompts(
+        EXAMPLE, seqs, titles, selected, "kg_rag", PromptConfig(), lambda t: len(t.split())
+    )["prompt"][0]
+    # history (1) A, (2) B; candidates (A) C, (B) D
+    assert "(1) and (A): through B (2001): often rated by the same people, then both Comedy" in (
+        prompt
+    )
+    assert "(2) and (A): through A (2000): often rated by the same people, then both from 2000" in (
+        prompt
+    )
