@@ -15,6 +15,7 @@ IR evaluation recommends for paired system comparisons (Smucker et al., CIKM 200
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -198,6 +199,14 @@ def _population(rows: pl.DataFrame, population: str) -> pl.DataFrame:
     return rows.filter(pl.col("in_candidates")) if population == "subset" else rows
 
 
+def random_stream(seed: int, *about: str) -> np.random.Generator:
+    """The random draws of one interval or test, named by what it is about (split,
+    population, ranker, baseline): one stream shared in turn by every ranker made a ranker's
+    interval and p-value move when another ranker was added to or left out of the report."""
+    name = hashlib.sha256("\x1f".join(about).encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(name[:8], "little")])
+
+
 def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig()) -> Evaluation:
     """Metrics with intervals for every ranker, and each ranker against the baselines.
 
@@ -208,7 +217,6 @@ def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig())
     ranks = ranks.select([pl.col(c).cast(t) for c, t in RANK_COLUMNS.items()])
     dupes = ranks.group_by("ranker", "split", "user_idx").len().filter(pl.col("len") > 1)
     assert dupes.height == 0, f"several ranks for one user: {dupes.head(3).to_dicts()}"
-    rng = np.random.default_rng(config.seed)
     names = config.metric_names
     rankers = list(dict.fromkeys(ranks["ranker"].to_list()))
     metric_rows, compare_rows, population_rows = [], [], []
@@ -225,6 +233,7 @@ def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig())
             by_ranker = {r: groups[(r,)] for r in rankers if (r,) in groups}
             for ranker, rows in by_ranker.items():
                 values = _matrix(rows, config)
+                rng = random_stream(config.seed, split, population, ranker)
                 low, high = bootstrap_intervals(values, config.n_bootstrap, config.confidence, rng)
                 for j, name in enumerate(names):
                     metric_rows.append(
@@ -246,6 +255,7 @@ def evaluate(ranks: pl.DataFrame, config: EvaluationConfig = EvaluationConfig())
                     both = rows.join(by_ranker[baseline], on="user_idx", suffix="_base")
                     a = _matrix(both, config)
                     b = _matrix(both.select("user_idx", rank="rank_base"), config)
+                    rng = random_stream(config.seed, split, population, ranker, baseline)
                     p = paired_randomization_test(a, b, config.n_permutations, rng)
                     for j, name in enumerate(names):
                         mine, theirs = float(a[:, j].mean()), float(b[:, j].mean())

@@ -173,6 +173,12 @@ def test_report_is_deterministic_json_and_markdown() -> None:
         ("lkg_rag", "llamarec"),
         ("lkg_rag", "retriever"),
     }
+    # A ranker's figures are its own: leaving another ranker out of the report moves none of
+    # them (one stream drawn in turn by every ranker did).
+    alone = evaluate(pl.concat([parts[0], parts[2]]), config)
+    mine = (pl.col("ranker") == "lkg_rag") & (pl.col("baseline") != "llamarec")
+    assert alone.metrics.equals(first.metrics.filter(pl.col("ranker") != "llamarec"))
+    assert alone.comparisons.equals(first.comparisons.filter(mine))
     report = report_dict(first, {"dataset": "toy", "latency": [{"variant": "x", "mean_s": 0.1}]})
     parsed = json.loads(dumps(report))
     assert parsed["verdicts"] == first.verdicts and len(parsed["metrics"]) == first.metrics.height
