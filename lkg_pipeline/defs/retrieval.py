@@ -329,8 +329,16 @@ def _candidates_metadata(table: pl.DataFrame, config: CandidatesRunConfig, devic
         # Train prefixes are ones the retriever was fitted on: its top-k holds their
         # target more often than val's (ml-100k, SASRec: 0.54 vs 0.35), and the rest get the
         # target put in. A ranker trained over the retriever's scores sees that prior.
-        "train_retrieved": train_retrieved(table, config.k),
+        "train_retrieved": _or_why_not(train_retrieved(table, config.k), config),
     }
+
+
+def _or_why_not(share: float | None, config: CandidatesRunConfig) -> float | str:
+    if share is not None:
+        return share
+    if config.train_policy == "random":
+        return "not applicable: train candidates are drawn at random (train_policy: random)"
+    return "not applicable: no train examples"
 
 
 def _candidates_check(table: pl.DataFrame, sequences: pl.DataFrame, k: int) -> dg.AssetCheckResult:

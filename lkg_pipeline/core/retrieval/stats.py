@@ -13,9 +13,9 @@ def coverage_by_split(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def train_retrieved(table: pl.DataFrame, k: int) -> float:
-    """Share of train examples whose true item the retriever ranked in its top k (0 if none)."""
-    return float(
-        table.filter(pl.col("split") == "train").select((pl.col("target_rank") <= k).mean()).item()
-        or 0.0
-    )
+def train_retrieved(table: pl.DataFrame, k: int) -> float | None:
+    """Share of train examples whose true item the retriever ranked in its top k; None when
+    no train example has a retriever rank (no train examples, or candidates drawn at random):
+    0.0 would read as a retriever that never finds the target."""
+    ranks = table.filter(pl.col("split") == "train")["target_rank"].drop_nulls()
+    return float((ranks <= k).mean()) if ranks.len() else None

@@ -414,3 +414,16 @@ def test_a_diverged_retriever_fails_instead_of_scoring_perfectly() -> None:
         train_retriever(data, config)
     with pytest.raises(FloatingPointError, match="2 of 2 targets have a NaN score"):
         rank_of_target(torch.full((2, 5), float("nan")), torch.tensor([0, 3]))
+
+
+def test_train_retrieved_is_none_where_no_train_example_has_a_retriever_rank() -> None:
+    from lkg_pipeline.core.retrieval.stats import train_retrieved
+
+    data, model = random_data(), random_model(max_len=8)
+    uniform = training_candidates(data, "random", model=model, seed=3)
+    assert uniform["target_rank"].null_count() == uniform.height
+    table = uniform.with_columns(split=pl.lit("train"))
+    assert train_retrieved(table, 20) is None  # not 0.0: nothing was retrieved
+    ranked = pl.DataFrame({"split": ["train", "train", "val"], "target_rank": [3, 40, 1]})
+    assert train_retrieved(ranked, 20) == 0.5
+    assert train_retrieved(ranked.filter(pl.col("split") == "val"), 20) is None
