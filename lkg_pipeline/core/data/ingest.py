@@ -585,7 +585,8 @@ def read_dataset(
     """
     if dataset not in READERS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
-    assert 0.0 <= max_unknown_item_share <= 1.0, f"{max_unknown_item_share=}"
+    if not (0.0 <= max_unknown_item_share <= 1.0):
+        raise ValueError(f"{max_unknown_item_share=}")
     raw = READERS[dataset](tree, max_bad_lines)
     raw.unknown_item_ratings = check_catalogue(raw, max_unknown_item_share)
     return raw

@@ -126,12 +126,15 @@ class PrepareConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        assert self.max_users is None or self.max_users >= 1, f"max_users={self.max_users}"
-        assert self.min_user_interactions >= 3, (
-            f"min_user_interactions={self.min_user_interactions}: leave-one-out needs at least "
-            "3 interactions per user (train, val, test)"
-        )
-        assert self.min_item_interactions >= 1, "min_item_interactions must be ≥ 1"
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"max_users={self.max_users} must be ≥ 1, or None (all users)")
+        if self.min_user_interactions < 3:
+            raise ValueError(
+                f"min_user_interactions={self.min_user_interactions}: leave-one-out needs at least "
+                "3 interactions per user (train, val, test)"
+            )
+        if self.min_item_interactions < 1:
+            raise ValueError("min_item_interactions must be ≥ 1")
 
 
 @dataclass

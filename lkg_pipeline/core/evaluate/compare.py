@@ -53,17 +53,22 @@ class EvaluationConfig:
     seed: int = 0  # the resamples and flips; the same seed gives the same report
 
     def __post_init__(self) -> None:
-        assert self.ks and all(1 <= k <= MAX_K for k in self.ks), (
-            f"ks must be in 1..{MAX_K}, got {self.ks}: the rerankers order {MAX_K} candidates, "
-            "so beyond them every one but the retriever misses by construction"
-        )
-        assert {1, 10} <= set(self.ks), (
-            f"ks must include 1 and 10, got {self.ks}: the verdicts and the served-ranker "
-            "choice read MRR@1 and NDCG@10"
-        )
-        assert self.n_bootstrap >= 10, f"n_bootstrap={self.n_bootstrap} is too few"
-        assert self.n_permutations >= 10, f"n_permutations={self.n_permutations} is too few"
-        assert 0 < self.confidence < 1, f"confidence={self.confidence} must be in (0, 1)"
+        if not (self.ks and all(1 <= k <= MAX_K for k in self.ks)):
+            raise ValueError(
+                f"ks must be in 1..{MAX_K}, got {self.ks}: the rerankers order {MAX_K} candidates, "
+                "so beyond them every one but the retriever misses by construction"
+            )
+        if not ({1, 10} <= set(self.ks)):
+            raise ValueError(
+                f"ks must include 1 and 10, got {self.ks}: the verdicts and the served-ranker "
+                "choice read MRR@1 and NDCG@10"
+            )
+        if self.n_bootstrap < 10:
+            raise ValueError(f"n_bootstrap={self.n_bootstrap} is too few")
+        if self.n_permutations < 10:
+            raise ValueError(f"n_permutations={self.n_permutations} is too few")
+        if not (0 < self.confidence < 1):
+            raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
 
     @property
     def metric_names(self) -> list[str]:

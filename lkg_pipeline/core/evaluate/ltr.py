@@ -70,12 +70,18 @@ class LtrConfig:
     verbose: int = -1
 
     def __post_init__(self) -> None:
-        assert self.n_folds >= 3, f"n_folds={self.n_folds}: one fold scores, one stops, ≥1 fits"
-        assert self.num_leaves >= 2, f"num_leaves={self.num_leaves} must be ≥ 2"
-        assert self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0"
-        assert self.n_estimators >= 1, f"n_estimators={self.n_estimators} must be ≥ 1"
-        assert self.early_stopping_rounds >= 1, "early_stopping_rounds must be ≥ 1"
-        assert self.eval_at >= 1, f"eval_at={self.eval_at} must be ≥ 1"
+        if self.n_folds < 3:
+            raise ValueError(f"n_folds={self.n_folds}: one fold scores, one stops, ≥1 fits")
+        if self.num_leaves < 2:
+            raise ValueError(f"num_leaves={self.num_leaves} must be ≥ 2")
+        if not (self.learning_rate > 0):
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.n_estimators < 1:
+            raise ValueError(f"n_estimators={self.n_estimators} must be ≥ 1")
+        if self.early_stopping_rounds < 1:
+            raise ValueError("early_stopping_rounds must be ≥ 1")
+        if self.eval_at < 1:
+            raise ValueError(f"eval_at={self.eval_at} must be ≥ 1")
 
     def params(self) -> dict:
         """LightGBM's parameters for this config."""

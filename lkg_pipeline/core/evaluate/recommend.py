@@ -52,10 +52,12 @@ class RecommendConfig:
     max_users: int | None = None  # the first N users (None: every user)
 
     def __post_init__(self) -> None:
-        assert 1 <= self.top_n <= self.n_candidates <= 20, (
-            f"need 1 <= top_n ({self.top_n}) <= n_candidates ({self.n_candidates}) <= 20"
-        )
-        assert self.max_users is None or self.max_users >= 1, f"max_users={self.max_users}"
+        if not (1 <= self.top_n <= self.n_candidates <= 20):
+            raise ValueError(
+                f"need 1 <= top_n ({self.top_n}) <= n_candidates ({self.n_candidates}) <= 20"
+            )
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"max_users={self.max_users} must be ≥ 1, or None (all users)")
 
 
 def full_histories(sequences: pl.DataFrame, max_users: int | None = None) -> list[list[int]]:

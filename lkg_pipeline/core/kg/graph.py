@@ -49,7 +49,8 @@ class KGConfig:
     freebase: bool = True  # RecBole's Freebase facts for ml-100k, when present
 
     def __post_init__(self) -> None:
-        assert self.co_rated_top_n >= 0, f"co_rated_top_n={self.co_rated_top_n} must be ≥ 0"
+        if self.co_rated_top_n < 0:
+            raise ValueError(f"co_rated_top_n={self.co_rated_top_n} must be ≥ 0")
 
 
 @dataclass

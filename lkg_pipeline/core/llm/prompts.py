@@ -99,8 +99,16 @@ class PromptConfig:
     segment_question: str = SEGMENT_QUESTION  # the end of each segment (segments format)
 
     def __post_init__(self) -> None:
-        assert self.max_history >= 0 and self.max_title_tokens >= 1
-        assert self.max_prompt_tokens >= 64, f"max_prompt_tokens={self.max_prompt_tokens}"
+        if not (self.max_history >= 0 and self.max_title_tokens >= 1):
+            raise ValueError(
+                f"max_history={self.max_history} must be ≥ 0 and "
+                f"max_title_tokens={self.max_title_tokens} ≥ 1"
+            )
+        if self.max_prompt_tokens < 64:
+            raise ValueError(
+                f"max_prompt_tokens={self.max_prompt_tokens} must be ≥ 64: the instruction "
+                "and the candidates alone need more"
+            )
         if self.format not in FORMATS:
             raise ValueError(f"unknown prompt format {self.format!r}; choose one of {FORMATS}")
         try:
@@ -426,7 +434,8 @@ def prompts_in_batches(
     with memory bounded by a slice. Only the slice's users' selected paths are read (the
     selection is written a batch of users at a time, so the scan skips the rest); token counts
     are cached across slices, as candidate segments recur across users."""
-    assert examples_per_batch >= 1, f"examples_per_batch={examples_per_batch} must be >= 1"
+    if examples_per_batch < 1:
+        raise ValueError(f"examples_per_batch={examples_per_batch} must be >= 1")
     count_tokens = functools.lru_cache(maxsize=1 << 18)(count_tokens)
     for start in range(0, max(examples.height, 1), examples_per_batch):
         batch = examples.slice(start, examples_per_batch)

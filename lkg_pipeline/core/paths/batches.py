@@ -13,7 +13,8 @@ import polars as pl
 def user_batches(examples: pl.DataFrame, users_per_batch: int) -> list[pl.Series]:
     """The users of `examples` in ascending order, cut into batches. By user, not by example:
     a user's history profile needs all of their training examples in one batch."""
-    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
+    if users_per_batch < 1:
+        raise ValueError(f"users_per_batch={users_per_batch} must be ≥ 1")
     users = examples["user_idx"].unique().sort()
     return [users.slice(i, users_per_batch) for i in range(0, users.len(), users_per_batch)]
 
@@ -26,10 +27,10 @@ def bounded_user_batches(
     alone). A row budget is what bounds a stage's memory: a user count alone lets the batch
     grow with the graph's density (2,500 Beauty-like users hold 1.4M paths, 2,500 ml-100k-like
     ones ~9M)."""
-    assert users_per_batch >= 1, f"users_per_batch={users_per_batch} must be ≥ 1"
-    assert rows_per_batch is None or rows_per_batch >= 1, (
-        f"rows_per_batch={rows_per_batch} must be ≥ 1 (or None: no row budget)"
-    )
+    if users_per_batch < 1:
+        raise ValueError(f"users_per_batch={users_per_batch} must be ≥ 1")
+    if rows_per_batch is not None and rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch={rows_per_batch} must be ≥ 1 (or None: no row budget)")
     ordered = rows_per_user.sort("user_idx")
     users, rows = ordered["user_idx"], ordered["rows"].to_numpy()
     # A greedy cut has to be sequential (each cut depends on where the last one fell); one pass

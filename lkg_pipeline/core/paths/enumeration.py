@@ -41,11 +41,12 @@ class PathConfig:
     max_attribute_degree: int | None = None  # ignore attribute nodes linking more items (None: all)
 
     def __post_init__(self) -> None:
-        assert self.history_len >= 1, f"history_len={self.history_len} must be ≥ 1"
-        assert self.max_hops in (1, 2, 3), (
-            f"max_hops={self.max_hops}: paths of 1, 2 or 3 hops are implemented"
-        )
-        assert self.max_paths_per_pair >= 1, "max_paths_per_pair must be ≥ 1"
+        if self.history_len < 1:
+            raise ValueError(f"history_len={self.history_len} must be ≥ 1")
+        if self.max_hops not in (1, 2, 3):
+            raise ValueError(f"max_hops={self.max_hops}: paths of 1, 2 or 3 hops are implemented")
+        if self.max_paths_per_pair < 1:
+            raise ValueError("max_paths_per_pair must be ≥ 1")
 
 
 @dataclass

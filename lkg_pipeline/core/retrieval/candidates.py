@@ -109,14 +109,16 @@ def _train_prefixes(
     train: list[list[int]], examples_per_user: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user, prefix_len, target) of the last `examples_per_user` prefixes of each user."""
-    assert examples_per_user is None or examples_per_user >= 1, "examples_per_user >= 1"
+    if examples_per_user is not None and examples_per_user < 1:
+        raise ValueError(f"examples_per_user={examples_per_user} must be ≥ 1")
     users, prefix_lens = [], []
     for u, seq in enumerate(train):
         first = 1 if examples_per_user is None else max(1, len(seq) - examples_per_user)
         prefix_lens.append(np.arange(first, len(seq)))
         users.append(np.full(len(prefix_lens[-1]), u))
     user_arr, len_arr = np.concatenate(users), np.concatenate(prefix_lens)
-    assert len(user_arr) > 0, "no user has >= 2 train items: no training examples"
+    if len(user_arr) == 0:
+        raise ValueError("no user has >= 2 train items: no training examples")
     targets = np.array([train[u][p] for u, p in zip(user_arr, len_arr, strict=True)])
     return user_arr, len_arr, targets.astype(np.int64)
 
@@ -224,7 +226,8 @@ def held_out_training_candidates(
     examples look like the scored val/test subset.
     Same columns and order as `training_candidates`.
     """
-    assert examples_per_user >= 1, "examples_per_user >= 1"
+    if examples_per_user < 1:
+        raise ValueError(f"examples_per_user={examples_per_user} must be ≥ 1")
     frames = []
     for shift in range(1, examples_per_user + 1):
         # users with a target at this shift and >= 1 item before it
@@ -255,7 +258,8 @@ def held_out_training_candidates(
                 upto, "retriever", model, n_candidates, examples_per_user=1, seed=seed + shift - 1
             )
         )
-    assert frames, "no user has >= 2 train items: no training examples"
+    if not frames:
+        raise ValueError("no user has >= 2 train items: no training examples")
     table = pl.concat(frames).sort("user_idx", "prefix_len")
     if retrieved_only:
         table = table.filter(pl.col("target_rank") <= n_candidates)

@@ -335,7 +335,7 @@ def test_lora_in_the_top_layers_only_trains_there_and_backward_stops_there(
     assert lora_config(quick(lora_layers=3), n_layers=2).layers_to_transform == [0, 1]
     with pytest.raises(ValueError, match="needs the model's number of decoder layers"):
         lora_config(quick(lora_layers=3))
-    with pytest.raises(AssertionError, match="lora_layers must be None or >= 1"):
+    with pytest.raises(ValueError, match="lora_layers must be None or >= 1"):
         quick(lora_layers=0)
 
 

@@ -63,5 +63,5 @@ def test_bounded_user_batches_cut_by_users_and_by_rows() -> None:
     assert cut(10, 4) == [[1], [2, 3], [4], [5]]
     assert cut(10, 10**9) == [[1, 2, 3, 4, 5]]
     assert bounded_user_batches(counts.head(0), 3, 5) == []
-    with pytest.raises(AssertionError, match="rows_per_batch=0"):
+    with pytest.raises(ValueError, match="rows_per_batch=0"):
         bounded_user_batches(counts, 3, 0)

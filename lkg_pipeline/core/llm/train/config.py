@@ -68,12 +68,16 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
         ):
-            assert getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}"
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_val_examples", "max_steps", "lora_layers"):
             value = getattr(self, name)
-            assert value is None or value >= 1, f"{name} must be None or >= 1, got {value}"
-        assert self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"
-        assert self.target_modules, "target_modules must name at least one module"
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {value}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.retriever_prior and self.loss != "letters":

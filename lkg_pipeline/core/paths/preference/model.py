@@ -71,8 +71,12 @@ class PreferenceConfig:
             raise ValueError(
                 f"unknown user_encoder {self.user_encoder!r}; choose one of {ENCODERS}"
             )
-        assert self.hidden >= 1 and self.epochs >= 0 and self.lr > 0, f"bad config {self}"
-        assert self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1 or None"
+        if not (self.hidden >= 1 and self.epochs >= 0 and self.lr > 0):
+            raise ValueError(
+                f"hidden={self.hidden} must be ≥ 1, epochs={self.epochs} ≥ 0 and lr={self.lr} > 0"
+            )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be ≥ 1, or None (one batch)")
 
 
 class PreferenceModel(nn.Module):
