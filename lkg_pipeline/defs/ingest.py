@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from lkg_pipeline.core.data.ingest import MAX_UNKNOWN_ITEM_SHARE, RawDataset, read_dataset
-from lkg_pipeline.core.data.sources import EXPECTED_FILES, resolve_source
+from lkg_pipeline.core.data.sources import EXPECTED_FILES, resolve_movie_list, resolve_source
 from lkg_pipeline.defs.layout import cache_dir, sources_dir
 from lkg_pipeline.defs.partitions import dataset_partitions
 from lkg_pipeline.defs.resources import DataLake
@@ -52,6 +52,16 @@ class IngestConfig(dg.Config):
             "catalogue that does not match its ratings is usually the wrong file."
         ),
     )
+    movie_list: str | None = Field(
+        default=None,
+        description=(
+            "ml-100k only: the MovieLens movie list that maps RecBole's Freebase links "
+            "(keyed by MovieLens movieId) to ML-100K items by title and year: a movies.dat "
+            "or movies.csv, a folder or .zip holding one, or an http(s) URL, e.g. "
+            "https://files.grouplens.org/datasets/movielens/ml-1m.zip. None: a list beside "
+            "the source's files, else the links are set aside (the offline default)."
+        ),
+    )
 
 
 @dg.multi_asset(
@@ -74,7 +84,14 @@ def raw_tables(context: dg.AssetExecutionContext, config: IngestConfig, lake: Da
     tree = resolve_source(
         dataset, config.source, sources_dir(lake.path, dataset), cache_dir(lake.path)
     )
-    raw = read_dataset(dataset, tree, config.max_bad_lines, config.max_unknown_item_share)
+    movie_list = (
+        resolve_movie_list(config.movie_list, cache_dir(lake.path))
+        if config.movie_list is not None
+        else None
+    )
+    raw = read_dataset(
+        dataset, tree, config.max_bad_lines, config.max_unknown_item_share, movie_list
+    )
     context.log.info(f"{dataset}: read {raw.layout} layout: {', '.join(raw.files_read)}")
     for report in raw.reports:
         if report.issues:

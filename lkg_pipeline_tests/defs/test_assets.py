@@ -862,6 +862,27 @@ def test_malformed_source_fails_and_keeps_the_previous_output(lake: Path, tmp_pa
     assert pl.read_parquet(target).height == 10
 
 
+def test_ingest_maps_freebase_links_through_the_configured_movie_list(
+    lake: Path, tmp_path: Path
+) -> None:
+    from lkg_pipeline_tests.core.data.test_ingest import ML_1M_MOVIES, pulp_fiction_folder
+
+    movies = tmp_path / "movies.dat"
+    movies.write_bytes(ML_1M_MOVIES.encode("latin-1"))
+    source = {"source": str(pulp_fiction_folder(tmp_path)), "movie_list": str(movies)}
+    result = dg.materialize(
+        [raw_tables],
+        partition_key="ml-100k",
+        run_config={"ops": {"raw_tables": {"config": source}}},
+        resources=resources(lake),
+    )
+    assert result.success
+    links = pl.read_parquet(lake / "ingest" / "raw_entity_links" / "ml-100k.parquet")
+    assert links.rows() == [(56, "m.0f4_l")]  # Pulp Fiction's MID on Pulp Fiction
+    meta = result.asset_materializations_for_node("raw_tables")[0].metadata
+    assert "1 of 1 links mapped" in meta["notes"].value and "movies.dat" in meta["notes"].value
+
+
 def test_cli_materializes_two_partitions_at_once(lake: Path, tmp_path: Path) -> None:
     """The real `dagster asset materialize`, ml-100k and ml-latest-small concurrently."""
     src = tmp_path / "latest"

@@ -24,7 +24,7 @@ from lkg_pipeline.core.data.parsing import (
     iter_literal_lines,
     read_delimited,
 )
-from lkg_pipeline.core.data.sources import RawFile, SourceTree, require
+from lkg_pipeline.core.data.sources import RawFile, SourceTree, SourceUnavailableError, require
 
 # GroupLens ML-100K `u.item`: the 19 genre flags, in file order.
 ML100K_GENRES = (
@@ -177,17 +177,30 @@ def _finish(
 # --- MovieLens-100K -------------------------------------------------------------------------
 
 
-def read_ml_100k(tree: SourceTree, max_bad_lines: int = 0) -> RawDataset:
-    """ML-100K from RecBole's atomic files if present, else from GroupLens' `u.*` files."""
+def read_ml_100k(
+    tree: SourceTree, max_bad_lines: int = 0, movie_list: SourceTree | None = None
+) -> RawDataset:
+    """ML-100K from RecBole's atomic files if present, else from GroupLens' `u.*` files.
+
+    `movie_list`: where RecBole's Freebase links find MovieLens movieIds (`links_to_items`),
+    if not beside the files."""
     if tree.find("ml-100k.inter") is not None:
-        return _read_ml_100k_recbole(tree, max_bad_lines)
+        return _read_ml_100k_recbole(tree, max_bad_lines, movie_list)
     if tree.find("u.data") is not None:
-        return _read_ml_100k_grouplens(tree, max_bad_lines)
+        raw = _read_ml_100k_grouplens(tree, max_bad_lines)
+        if movie_list is not None:
+            raw.notes.append(
+                f"movie_list {movie_list.label} is not used: GroupLens' ml-100k layout has no "
+                "Freebase links to map (RecBole's has: ml-100k.link, ml-100k.kg)."
+            )
+        return raw
     require(tree, "ml-100k", ["ml-100k.inter", "u.data"])  # raises, naming both layouts
     raise AssertionError("unreachable")
 
 
-def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
+def _read_ml_100k_recbole(
+    tree: SourceTree, max_bad_lines: int, movie_list: SourceTree | None
+) -> RawDataset:
     files = require(tree, "ml-100k", ["ml-100k.inter", "ml-100k.item", "ml-100k.user"])
     tsv = {"separator": "\t", "max_bad_lines": max_bad_lines}
     inter, r1 = read_delimited(
@@ -248,10 +261,15 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
         )
         reports += [r4, r5]
         frames["entity_links"], note, r6 = links_to_items(
-            frames["entity_links"], items, tree, max_bad_lines
+            frames["entity_links"], items, movie_list or tree, max_bad_lines, movie_list is None
         )
         reports += [r6] if r6 is not None else []
         notes.append(note)
+    elif movie_list is not None:
+        notes.append(
+            f"movie_list {movie_list.label} is not used: the source has no Freebase links "
+            "(ml-100k.link and ml-100k.kg)."
+        )
     return _finish("ml-100k", "recbole", tree, pl.Int64, frames, reports, notes)
 
 
@@ -260,16 +278,28 @@ def _read_ml_100k_recbole(tree: SourceTree, max_bad_lines: int) -> RawDataset:
 # Fiction). Read as it is, every Freebase fact lands on another film: "Return of the Jedi has
 # the sequel Flirt" (RUCAIBox/RecSysDatasets#130). A MovieLens movie list holding those ids
 # and titles (ML-1M's movies.dat, or the movies.csv of ML-latest, ML-20M or ML-25M) beside
-# the files translates them by title and year; without one, no link is kept.
+# the files, or named by the ingest config `movie_list`, translates them by title and year;
+# without one, no link is kept.
 MOVIE_LISTS = ("movies.dat", "movies.csv")
 
 
 def links_to_items(
-    links: pl.DataFrame, items: pl.DataFrame, tree: SourceTree, max_bad_lines: int = 0
+    links: pl.DataFrame,
+    items: pl.DataFrame,
+    tree: SourceTree,
+    max_bad_lines: int = 0,
+    optional: bool = True,
 ) -> tuple[pl.DataFrame, str, ParseReport | None]:
     """RecBole's links (movieId → MID) as ML-100K item ids, through a movie list in `tree`;
-    what was done, in words; the list's parse report."""
+    what was done, in words; the list's parse report. Without a list in `tree` the links are
+    set aside, or, unless `optional` (a list the user named), it is an error."""
     found = next(((n, f) for n in MOVIE_LISTS if (f := tree.find(n)) is not None), None)
+    if found is None and not optional:
+        raise SourceUnavailableError(
+            f"movie_list {tree.label}: holds no MovieLens movie list ({' or '.join(MOVIE_LISTS)}"
+            "; a file of another name is not read): give ML-1M's zip or movies.dat, or an "
+            "ML-latest movies.csv"
+        )
     if found is None:
         return (
             links.head(0),
@@ -565,7 +595,7 @@ def _text(value: object) -> str | None:
     return " ".join(html.unescape(value).split()) or None if isinstance(value, str) else None
 
 
-READERS: dict[str, Callable[[SourceTree, int], RawDataset]] = {
+READERS: dict[str, Callable[..., RawDataset]] = {
     "ml-100k": read_ml_100k,
     "ml-latest-small": read_ml_latest_small,
     "beauty": read_beauty,
@@ -577,8 +607,11 @@ def read_dataset(
     tree: SourceTree,
     max_bad_lines: int = 0,
     max_unknown_item_share: float = MAX_UNKNOWN_ITEM_SHARE,
+    movie_list: SourceTree | None = None,
 ) -> RawDataset:
     """Every raw frame of `dataset` from `tree`, or an error naming the file and the reason.
+
+    `movie_list` (ml-100k only) is where RecBole's Freebase links find MovieLens movieIds.
 
     Everything is checked here, before a caller writes anything: malformed lines beyond the
     tolerance, required files without data, and a catalogue that does not match its ratings.
@@ -587,7 +620,10 @@ def read_dataset(
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
     if not (0.0 <= max_unknown_item_share <= 1.0):
         raise ValueError(f"{max_unknown_item_share=}")
-    raw = READERS[dataset](tree, max_bad_lines)
+    if movie_list is not None and dataset != "ml-100k":
+        raise ValueError(f"movie_list is for ml-100k's Freebase links; {dataset} has none to map")
+    extra = {"movie_list": movie_list} if movie_list is not None else {}
+    raw = READERS[dataset](tree, max_bad_lines, **extra)
     raw.unknown_item_ratings = check_catalogue(raw, max_unknown_item_share)
     return raw
 

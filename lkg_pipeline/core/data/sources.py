@@ -269,6 +269,21 @@ def resolve_source(dataset: str, source: str, drop_folder: Path, cache: Path) ->
     return _downloaded(dataset, DEFAULT_URLS[dataset], downloads, hint)
 
 
+def resolve_movie_list(spec: str, cache: Path) -> SourceTree:
+    """The MovieLens movie list ml-100k's Freebase links are mapped through: a `movies.dat` or
+    `movies.csv` file, a folder or zip holding one (GroupLens' `ml-1m.zip`), or an http(s)
+    URL to either (downloaded once under `cache/movie-lists`)."""
+    if spec.startswith(("http://", "https://")):
+        path = download(spec, cache / "movie-lists")
+    else:
+        path = Path(spec).expanduser()
+    if path.is_file() and not zipfile.is_zipfile(path) and path.suffix != ".zip":
+        return FilesTree((path,))  # the file alone; the reader checks its name
+    return open_tree(
+        path, "movie_list is a movies.dat or movies.csv, or a folder or .zip holding one."
+    )
+
+
 def _downloaded(dataset: str, urls: Sequence[str], cache_dir: Path, hint: str) -> SourceTree:
     """The downloaded files as a tree: one zip's contents, or exactly the files fetched (never
     the whole cache folder, which may hold other downloads)."""

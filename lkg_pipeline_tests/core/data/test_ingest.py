@@ -139,6 +139,59 @@ def test_recbole_links_are_mapped_to_ml100k_items_through_a_movie_list(
     assert f"{len(expected)} of 4 links mapped" in raw.notes[0] and name in raw.notes[0]
 
 
+ML_1M_MOVIES = "1::Toy Story (1995)::Animation\n296::Pulp Fiction (1994)::Crime\n"
+
+
+def pulp_fiction_folder(tmp_path: Path) -> Path:
+    """RecBole files whose link names Pulp Fiction by its MovieLens movieId (296), without a
+    movie list beside them."""
+    return recbole_folder(
+        tmp_path / "rb",
+        inter="1\t56\t5\t881250949\n",
+        item="1\tToy Story\t1995\tAnimation\n56\tPulp Fiction\t1994\tCrime\n",
+        link="296\tm.0f4_l\n",
+        kg="m.0f4_l\tfilm.film.directed_by\tm.0693l\n",
+    )
+
+
+def test_a_movie_list_named_in_the_config_maps_the_links(
+    tmp_path: Path, http_folder: tuple[Path, str]
+) -> None:
+    """`movie_list`: GroupLens' ml-1m.zip (here a small one), a local file, or a URL."""
+    rb = pulp_fiction_folder(tmp_path)
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ml-1m/movies.dat", ML_1M_MOVIES.encode("latin-1"))
+        z.writestr("ml-1m/ratings.dat", "1::1::5::978300760\n")
+    served, base = http_folder
+    (served / "movies.csv").write_text("movieId,title,genres\n296,Pulp Fiction (1994),Crime\n")
+    lake = tmp_path / "lake"
+    for spec in (str(archive), f"{base}/movies.csv"):
+        movie_list = sources.resolve_movie_list(spec, cache_dir(lake))
+        raw = read_dataset("ml-100k", FolderTree(rb), movie_list=movie_list)
+        assert raw.frames["entity_links"].rows() == [(56, "m.0f4_l")], spec
+        assert "1 of 1 links mapped" in raw.notes[0]
+    assert list((cache_dir(lake) / "movie-lists").rglob("movies.csv"))  # fetched once, kept
+    # Named, the list must be there: a file of another name, or a folder without one, fails.
+    (tmp_path / "films.dat").write_text(ML_1M_MOVIES)
+    (tmp_path / "empty").mkdir()
+    for wrong in (tmp_path / "films.dat", tmp_path / "empty"):
+        with pytest.raises(SourceUnavailableError, match="holds no MovieLens movie list"):
+            read_dataset(
+                "ml-100k",
+                FolderTree(rb),
+                movie_list=sources.resolve_movie_list(str(wrong), cache_dir(lake)),
+            )
+    with pytest.raises(SourceUnavailableError, match="does not exist"):
+        sources.resolve_movie_list(str(tmp_path / "nowhere.dat"), cache_dir(lake))
+    with pytest.raises(ValueError, match="movie_list is for ml-100k"):
+        read_dataset("ml-latest-small", FolderTree(rb), movie_list=FolderTree(tmp_path))
+    grouplens = read_dataset(
+        "ml-100k", FolderTree(write_grouplens(tmp_path / "gl")), movie_list=ZipTree(archive)
+    )
+    assert "is not used" in grouplens.notes[-1]
+
+
 def test_ml_latest_small_csv_with_tags(tmp_path: Path) -> None:
     (tmp_path / "ratings.csv").write_text(
         "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,3.5,964981247\n"
