@@ -108,8 +108,10 @@ def freebase_edges(
 def attribute_names(edges: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Names for Freebase nodes, which have only a MID: "director of Heat (1995)" (+N more).
 
-    The item shown is the node's most-rated item in training (ties: lower index), so the name
-    is stable and refers to a film people know.
+    The role is the node's most frequent one (ties: by name), and the item shown is the
+    most-rated item in training (ties: lower index) among those it has that role in, so the
+    name is stable, refers to a film people know, and is true: a person who acted in most of
+    their films and directed the most popular one is not "actor of" that one.
     """
     fb = edges.filter(pl.col("relation").is_in(list(ENTITY_NOUNS)))
     if fb.is_empty():
@@ -120,13 +122,21 @@ def attribute_names(edges: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
         pop=pl.col("n_train_interactions"),
         item_idx=pl.col("item_idx"),
     )
-    ranked = fb.join(popularity, on="head_key").sort(
-        ["tail_key", "pop", "item_idx"], descending=[False, True, False]
+    ranked = fb.join(popularity, on="head_key")
+    role = (
+        ranked.group_by("tail_key", "relation")
+        .agg(films=pl.col("head_key").n_unique())
+        .sort(["tail_key", "films", "relation"], descending=[False, True, False])
+        .group_by("tail_key", maintain_order=True)
+        .first()
+        .select("tail_key", "relation")
     )
-    per_node = ranked.group_by("tail_key", maintain_order=True).agg(
-        relation=pl.col("relation").mode().sort().first(),
-        title=pl.col("title").first(),
-        n=pl.col("head_key").n_unique(),
+    per_node = (
+        ranked.join(role, on=["tail_key", "relation"])
+        .sort(["tail_key", "pop", "item_idx"], descending=[False, True, False])
+        .group_by("tail_key", maintain_order=True)
+        .agg(relation=pl.col("relation").first(), title=pl.col("title").first())
+        .join(ranked.group_by("tail_key").agg(n=pl.col("head_key").n_unique()), on="tail_key")
     )
     nouns = pl.col("relation").replace_strict(ENTITY_NOUNS)
     more = (

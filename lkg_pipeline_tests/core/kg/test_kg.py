@@ -220,6 +220,31 @@ def test_freebase_facts_are_oriented_named_and_deduplicated() -> None:
     assert "m.x" not in " ".join(names)  # facts about films outside the catalogue are dropped
 
 
+def test_a_freebase_name_pairs_the_role_with_a_film_of_that_role() -> None:
+    """Mann directed Ronin (the most rated) and acted in both Heats: he is named by his most
+    frequent role and a film he has it in, never "actor of Ronin"."""
+    items = items_frame(
+        [
+            (0, 1, "Heat (1995)", 1995, [], 5),
+            (1, 2, "Ronin (1998)", 1998, [], 9),
+            (2, 3, "Heat 2 (2000)", 2000, [], 1),
+        ]
+    )
+    links = pl.DataFrame({"item_id": [1, 2, 3], "entity_id": ["m.heat", "m.ronin", "m.heat2"]})
+    triples = pl.DataFrame(
+        {
+            "head": ["m.ronin", "m.heat", "m.heat2"],
+            "relation": ["film.film.directed_by", "film.film.actor", "film.film.actor"],
+            "tail": ["m.mann"] * 3,
+        }
+    )
+    kg = build_kg(
+        items, sequences_frame({0: [0, 1, 2]}), entity_links=links, entity_triples=triples
+    )
+    names = dict(kg.entities.select("key", "name").iter_rows())
+    assert names["person:m.mann"] == "actor of Heat (1995) and 2 more"
+
+
 def test_tags_exclude_a_users_own_held_out_items() -> None:
     items, seqs = tiny_graph_inputs()
     tags = pl.DataFrame(
