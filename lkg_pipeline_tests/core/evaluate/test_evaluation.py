@@ -140,6 +140,16 @@ def test_bootstrap_intervals_cover_the_true_mean() -> None:
     assert 0.89 <= covered / reps <= 0.99, covered / reps
 
 
+def test_bootstrap_in_blocks_is_the_bootstrap_of_one_draw() -> None:
+    """50,000 users: the resamples come in blocks, with the intervals of one (B, U) draw."""
+    values = np.random.default_rng(4).random((50_000, 2))
+    picks = np.random.default_rng(9).integers(0, 50_000, size=(100, 50_000))
+    means = np.stack([values[row].mean(axis=0) for row in picks])  # (B, M), one draw
+    low, high = bootstrap_intervals(values, 100, 0.9, np.random.default_rng(9))
+    np.testing.assert_allclose(low, np.percentile(means, 5, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(high, np.percentile(means, 95, axis=0), rtol=1e-12)
+
+
 def test_paired_randomization_test_has_its_level_and_power() -> None:
     rng = np.random.default_rng(1)
     same = rng.random((200, 2))
