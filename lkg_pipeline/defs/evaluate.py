@@ -55,6 +55,7 @@ from lkg_pipeline.core.evaluate.serving import (
     served_summary,
     serving_plan,
 )
+from lkg_pipeline.core.io.fingerprints import folder_digest
 from lkg_pipeline.core.io.storage import replace_dir_atomically
 from lkg_pipeline.core.kg.warehouse import read_parquet, write_tables
 from lkg_pipeline.core.llm.prompts import (
@@ -160,6 +161,22 @@ def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path 
     return adapter
 
 
+def _check_base_model(adapter: Path | None, base: Path) -> None:
+    """An adapter on a base model other than its own ranks with meaningless scores (or fails
+    deep in peft when the shapes differ): refused, naming what to materialise. Adapters whose
+    training.json predates the record are not checked."""
+    record = adapter / "training.json" if adapter is not None else None
+    if record is None or not record.exists():
+        return
+    trained = json.loads(record.read_text())
+    if trained.get("base_model_sha256") not in (None, folder_digest(base)):
+        raise ValueError(
+            f"{adapter} was trained on the base model {trained.get('base_model')} as it was "
+            f"then; the current base_model ({base}) is another: materialise lora_adapter "
+            "again (or base_model with the source the adapter was trained on)"
+        )
+
+
 def _trained_on_these_prompts(adapter: Path | None, prompts: Path) -> bool | None:
     """Whether `adapter` was trained on the prompts file as it is now (its training.json
     records the file's sha256); None without an adapter or a record."""
@@ -212,6 +229,7 @@ def rankings(
 
     def rank() -> Made:
         adapter = _adapter(lake.path, dataset, variant, config.use_adapter)
+        _check_base_model(adapter, current_base_model(lake.path))
         trained_on_these = _trained_on_these_prompts(
             adapter, prompts_file(lake.path, dataset, variant)
         )

@@ -22,6 +22,7 @@ from lkg_pipeline.core.retrieval.seqrec import load_retriever
 from lkg_pipeline.defs.evaluate import evaluation_report, rankings, recommendations
 from lkg_pipeline.defs.ingest import raw_tables
 from lkg_pipeline.defs.kg import kg_triples
+from lkg_pipeline.defs.layout import adapter_dir
 from lkg_pipeline.defs.llm import base_model, lora_adapter, prompts
 from lkg_pipeline.defs.paths import kg_paths, preference_model, selected_paths
 from lkg_pipeline.defs.prepare import prepared_tables
@@ -726,6 +727,23 @@ def test_unchanged_stages_reuse_forced_and_changed_ones_recompute(built: dict) -
     assert "reused_from" not in event.metadata
     # prompts made again with the same settings are the same bytes: the adapter's own
     assert event.metadata["adapter_trained_on_these_prompts"].value == "True"
+    # An adapter is never put on a base model other than its own.
+    record = adapter_dir(lake, "ml-100k", "lkg_rag") / "training.json"
+    trained = json.loads(record.read_text())
+    record.write_text(json.dumps({**trained, "base_model_sha256": "0" * 64}))
+    try:
+        with pytest.raises(
+            Exception, match="trained on the base model .* materialise lora_adapter"
+        ):
+            dg.materialize(
+                EVALUATED,
+                selection=[rankings],
+                partition_key=LKG_RAG,
+                resources=resources(lake),
+                run_config={"ops": {"rankings": {"config": {**same, "recompute": True}}}},
+            )
+    finally:
+        record.write_text(json.dumps(trained))
     # Recomputed: the same ranks; the measured seconds differ, hence a new data version, and
     # on the Intel Xeon with AMX of 2026-12-02 the fp32 scores differed in their last bits
     # between two launches (the ranks did not), so scores are compared to 1e-5.

@@ -356,6 +356,7 @@ def _summary(
         "prompts": identity["prompts"],
         "prompts_sha256": identity["prompts_sha256"],
         "base_model": identity["base_model"],
+        "base_model_sha256": identity["base_model_sha256"],  # what `rankings` checks
         "letter_token_ids": letter_ids,
         "n_train": len(run.train_dl.dataset),
         "n_val": len(run.val.prompts),
