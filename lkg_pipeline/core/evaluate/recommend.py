@@ -21,6 +21,7 @@ from lkg_pipeline.core.llm.prompts import (
     PromptSettings,
     build_prompts,
     path_phrase,
+    shown_paths,
     truncate_titles,
 )
 from lkg_pipeline.core.paths.enumeration import enumerate_paths
@@ -152,17 +153,7 @@ def explanation_texts(
     salient first ("because you watched Heat (1995): same director")."""
     past = {"watch": "watched", "buy": "bought"}.get(item_verb, f"{item_verb}ed")
     rows = []
-    if "via_item_name" not in selected_paths.columns:  # paths enumerated before it was recorded
-        selected_paths = selected_paths.with_columns(via_item_name=pl.lit(None, pl.String))
-    for ex, hist, cand, relations, via, via_item, order in selected_paths.select(
-        "example_id",
-        "history_item_idx",
-        "candidate_item_idx",
-        "relations",
-        "via_name",
-        "via_item_name",
-        "selection_rank",
-    ).iter_rows():
+    for ex, hist, cand, relations, via, via_item, order in shown_paths(selected_paths).iter_rows():
         phrase = path_phrase(relations, via, titles[hist], titles[cand], via_item)
         rows.append((ex, cand, order, f"because you {past} {titles[hist]}: {phrase}"))
     frame = pl.DataFrame(

@@ -348,6 +348,22 @@ def render_segments(
     return prefix, segments, n
 
 
+def shown_paths(selected_paths: pl.DataFrame) -> pl.DataFrame:
+    """(example_id, the `ShownPath` fields, selection_rank) of selected paths; paths
+    enumerated before the intermediate item was recorded have none (two hops at most)."""
+    if "via_item_name" not in selected_paths.columns:
+        selected_paths = selected_paths.with_columns(via_item_name=pl.lit(None, pl.String))
+    return selected_paths.select(
+        "example_id",
+        "history_item_idx",
+        "candidate_item_idx",
+        "relations",
+        "via_name",
+        "via_item_name",
+        "selection_rank",
+    )
+
+
 def build_prompts(
     examples: pl.DataFrame,
     sequences: pl.DataFrame,
@@ -375,17 +391,8 @@ def build_prompts(
         chosen = selected_paths.filter(pl.col("variant") == variant).sort(
             "example_id", "selection_rank"
         )
-        if "via_item_name" not in chosen.columns:  # paths enumerated before it was recorded
-            chosen = chosen.with_columns(via_item_name=pl.lit(None, pl.String))
-        for ex, hist_item, cand_item, ptype, via, via_item in chosen.select(
-            "example_id",
-            "history_item_idx",
-            "candidate_item_idx",
-            "relations",
-            "via_name",
-            "via_item_name",
-        ).iter_rows():
-            paths_of.setdefault(ex, []).append((hist_item, cand_item, ptype, via, via_item))
+        for ex, h, c, relations, via, via_item, _ in shown_paths(chosen).iter_rows():
+            paths_of.setdefault(ex, []).append((h, c, relations, via, via_item))
     rows = []
     for ex in examples.iter_rows(named=True):
         history = items_of[ex["user_idx"]][: ex["prefix_len"]][-config.max_history :]
