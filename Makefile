@@ -41,9 +41,9 @@ config = $(if $(1),--config-json '$(1)')
 
 ## The whole graph for one dataset (default ml-100k) and one variant (default lkg_rag):
 ## dataset stages, base model, prompts → LoRA adapter → rankings, report and recommendations.
-## On 2 cores of an AMD EPYC: 18-22 minutes cold, under 2 when nothing changed, as re-running it
-## then reuses the expensive stages' outputs (benchmarks/README.md#end-to-end;
-## docs/operations.md#reuse-re-running-when-nothing-changed).
+## On 2 cores of an AMD EPYC: 18-22 minutes cold (35 without AVX-512: fp32), under 2 when
+## nothing changed, as re-running it then reuses the expensive stages' outputs
+## (benchmarks/README.md#end-to-end; docs/operations.md#reuse-re-running-when-nothing-changed).
 run: venv $(DAGSTER_HOME)/dagster.yaml
 	$(REAP)
 	$(MATERIALIZE) --select $(DATASET_STAGES) --partition $(PARTITION) $(call config,$(DATASET_CONFIG))
