@@ -619,7 +619,7 @@ def read_dataset(
     if dataset not in READERS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(READERS)}.")
     if not (0.0 <= max_unknown_item_share <= 1.0):
-        raise ValueError(f"{max_unknown_item_share=}")
+        raise ValueError(f"max_unknown_item_share={max_unknown_item_share} must be in [0, 1]")
     if movie_list is not None and dataset != "ml-100k":
         raise ValueError(f"movie_list is for ml-100k's Freebase links; {dataset} has none to map")
     extra = {"movie_list": movie_list} if movie_list is not None else {}

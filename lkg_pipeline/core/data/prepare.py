@@ -134,7 +134,7 @@ class PrepareConfig:
                 "3 interactions per user (train, val, test)"
             )
         if self.min_item_interactions < 1:
-            raise ValueError("min_item_interactions must be ≥ 1")
+            raise ValueError(f"min_item_interactions={self.min_item_interactions} must be ≥ 1")
 
 
 @dataclass
