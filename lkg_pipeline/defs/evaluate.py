@@ -161,15 +161,19 @@ def _adapter(lake: Path, dataset: str, variant: str, use_adapter: bool) -> Path 
     return adapter
 
 
+def _training_record(adapter: Path | None) -> dict:
+    """The adapter's training.json; empty without an adapter or a record."""
+    record = adapter / "training.json" if adapter is not None else None
+    return json.loads(record.read_text()) if record is not None and record.exists() else {}
+
+
 def _check_base_model(adapter: Path | None, base: Path) -> None:
     """An adapter on a base model other than its own ranks with meaningless scores (or fails
     deep in peft when the shapes differ): refused, naming what to materialise. Adapters whose
     training.json predates the record are not checked."""
-    record = adapter / "training.json" if adapter is not None else None
-    if record is None or not record.exists():
-        return
-    trained = json.loads(record.read_text())
-    if trained.get("base_model_sha256") not in (None, folder_digest(base)):
+    trained = _training_record(adapter)
+    recorded = trained.get("base_model_sha256")
+    if recorded is not None and recorded != folder_digest(base):
         raise ValueError(
             f"{adapter} was trained on the base model {trained.get('base_model')} as it was "
             f"then; the current base_model ({base}) is another: materialise lora_adapter "
@@ -180,11 +184,10 @@ def _check_base_model(adapter: Path | None, base: Path) -> None:
 def _trained_on_these_prompts(adapter: Path | None, prompts: Path) -> bool | None:
     """Whether `adapter` was trained on the prompts file as it is now (its training.json
     records the file's sha256); None without an adapter or a record."""
-    record = adapter / "training.json" if adapter is not None else None
-    if record is None or not record.exists() or not prompts.exists():
+    trained = _training_record(adapter).get("prompts_sha256")
+    if trained is None or not prompts.exists():
         return None
-    trained = json.loads(record.read_text()).get("prompts_sha256")
-    return None if trained is None else trained == sha256_of(prompts)
+    return trained == sha256_of(prompts)
 
 
 def _previous_table(path: Path) -> pl.DataFrame | None:

@@ -130,11 +130,8 @@ def test_three_hop_paths_read_as_their_two_legs() -> None:
     assert relation_line(3, "C", item_first, "Michael Mann", "Heat (1995)") == (
         "(3) and (C): through Heat (1995): often rated by the same people, then same director"
     )
-    attribute_first = [
-        "directed_by",
-        "wrote",
-        "has_sequel",
-    ]  # (3)'s director wrote M; (C) follows M
+    # (3)'s director wrote M; (C) follows M
+    attribute_first = ["directed_by", "wrote", "has_sequel"]
     assert relation_line(3, "C", attribute_first, "X", "M") == (
         "(3) and (C): through M: the director of (3) is the writer of M, then the second is its "
         "sequel"
